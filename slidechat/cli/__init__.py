@@ -1,0 +1,1 @@
+"""The `slidechat` console script and its subcommands."""

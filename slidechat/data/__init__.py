@@ -1,0 +1,1 @@
+"""Training/test datasets, chat templates and collation."""

@@ -1,0 +1,1 @@
+"""xtuner/mmengine glue: the only place that imports them (configs, train/test loops)."""

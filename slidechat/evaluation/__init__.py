@@ -1,0 +1,1 @@
+"""Answer extraction, accuracy tables and caption metrics."""

@@ -1,0 +1,1 @@
+"""Patch encoders, the extraction pipeline, and feature-file I/O."""

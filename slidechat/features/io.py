@@ -1,0 +1,167 @@
+"""Per-slide feature files: CLAM/TRIDENT-style H5 and SlideChat-style CSV.
+
+``load_features`` is the single entry point every later stage (datasets, tests, chat) uses to read
+features, whatever format they were written in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from slidechat.utils.atomic import atomic_path
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".csv", ".pt")
+
+
+def write_feature_h5(path: PathLike, features: np.ndarray, coords: np.ndarray,
+                     coords_attrs: Optional[Mapping[str, Any]] = None,
+                     file_attrs: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``features`` (N×D float32) and ``coords`` (N×2 int64, level-0 top-left x, y) atomically.
+
+    Patch attributes go on the ``coords`` dataset, where CLAM and TRIDENT readers look for them;
+    provenance goes on the file root.
+    """
+    import h5py
+
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    coords = np.ascontiguousarray(coords, dtype=np.int64)
+    if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(features):
+        raise SlideChatError(
+            f"features {features.shape} and coords {coords.shape} must be N×D and N×2", path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            dc = f.create_dataset("coords", data=coords)
+            f.create_dataset("features", data=features)
+            for k, v in (coords_attrs or {}).items():
+                dc.attrs[k] = _h5_attr(v)
+            for k, v in (file_attrs or {}).items():
+                f.attrs[k] = _h5_attr(v)
+
+
+def _h5_attr(v: Any) -> Any:
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return np.asarray(v)
+    return v
+
+
+def write_slidechat_csv(path: PathLike, features: np.ndarray) -> None:
+    """SlideChat's layout: header ``0,1,…,D-1``, one row per patch, ``%.4f``, no coordinates."""
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2:
+        raise SlideChatError(f"features must be N×D, got {features.shape}", path)
+    header = ",".join(str(i) for i in range(features.shape[1]))
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, features, fmt="%.4f", delimiter=",", header=header, comments="")
+
+
+def read_h5_attrs(path: PathLike) -> dict:
+    """Root attributes and ``coords`` attributes of a feature H5, merged (root wins)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out = {k: _plain(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+        out.update({k: _plain(v) for k, v in f.attrs.items()})
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def load_features(path: PathLike, num_columns: Optional[int] = None
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read any slidechat feature file into ``(features float32 N×D, coords int64 N×2 or None)``.
+
+    Accepts ``.h5``/``.hdf5`` (datasets ``features`` and optional ``coords``), SlideChat ``.csv``
+    (header row, one patch per row; the first ``num_columns`` columns are taken when given) and CLAM
+    ``.pt`` tensors. Raises :class:`SlideChatError` naming the file for anything unreadable.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SlideChatError("feature file not found", p)
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".h5", ".hdf5"):
+            feats, coords = _load_h5(p)
+        elif suffix == ".csv":
+            feats, coords = _load_csv(p), None
+        elif suffix == ".pt":
+            feats, coords = _load_pt(p), None
+        else:
+            raise SlideChatError(f"unknown feature format '{suffix}' (expected one of "
+                                 f"{', '.join(FEATURE_SUFFIXES)})", p)
+    except SlideChatError:
+        raise
+    except Exception as e:  # h5py/pandas raise many types; name the file either way
+        raise SlideChatError(f"cannot read feature file: {type(e).__name__}: {e}", p) from e
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise SlideChatError(f"expected a non-empty N×D feature matrix, got shape {feats.shape}", p)
+    if num_columns is not None:
+        if feats.shape[1] < num_columns:
+            raise SlideChatError(f"has {feats.shape[1]} feature columns, need {num_columns}", p)
+        feats = feats[:, :num_columns]
+    return np.ascontiguousarray(feats, dtype=np.float32), coords
+
+
+def _load_h5(p: Path) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    import h5py
+
+    with h5py.File(p, "r") as f:
+        if "features" not in f:
+            raise SlideChatError(f"H5 has no 'features' dataset (has: {', '.join(f.keys()) or 'nothing'})", p)
+        feats = f["features"][()]
+        coords = f["coords"][()] if "coords" in f else None
+    if feats.ndim == 3 and feats.shape[0] == 1:  # some toolkits store 1×N×D
+        feats = feats[0]
+    if coords is not None:
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+        if coords.shape != (feats.shape[0], 2):
+            raise SlideChatError(f"coords shape {coords.shape} does not match features {feats.shape}", p)
+        coords = coords.astype(np.int64)
+    return feats, coords
+
+
+def _load_csv(p: Path) -> np.ndarray:
+    import pandas as pd
+
+    df = pd.read_csv(p, engine="c", dtype=np.float32)
+    return df.to_numpy(dtype=np.float32)
+
+
+def _load_pt(p: Path) -> np.ndarray:
+    import torch
+
+    t = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(t, torch.Tensor):
+        raise SlideChatError(f".pt file holds {type(t).__name__}, expected a tensor", p)
+    return t.float().numpy()
+
+
+def find_feature_file(stem: PathLike) -> Optional[Path]:
+    """Resolve ``stem`` (with or without suffix) to an existing feature file, preferring H5."""
+    stem = Path(stem)
+    if stem.suffix.lower() in FEATURE_SUFFIXES and stem.is_file():
+        return stem
+    for suf in FEATURE_SUFFIXES:
+        cand = stem.with_name(stem.name + suf)
+        if cand.is_file():
+            return cand
+    return None

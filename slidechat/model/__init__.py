@@ -1,0 +1,1 @@
+"""Slide encoder, projector and the LLM wrapper (plain PyTorch + transformers)."""

@@ -1,0 +1,55 @@
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def temp_path_for(final: PathLike) -> Path:
+    """A unique temporary name in the final file's folder (same filesystem, so rename is atomic).
+
+    The name starts with ``.`` and ends with ``.partial`` so globs for finished outputs never match it.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed onto ``final``, on error removed."""
+    final = Path(final)
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(final: PathLike, text: str, encoding: str = "utf-8") -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text, encoding=encoding)
+
+
+def remove_stale_partials(folder: PathLike) -> int:
+    """Delete ``.*.partial`` leftovers of a killed run; returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for p in folder.glob(".*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n += 1
+    return n

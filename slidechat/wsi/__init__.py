@@ -1,0 +1,1 @@
+"""Open slides, segment tissue, and lay patch grids."""
