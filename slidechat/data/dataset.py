@@ -1,0 +1,220 @@
+"""SlideInstruction-style training data: JSON/JSONL rows -> token ids, labels and slide features.
+
+Cheap checks (JSON structure, roles, ``<image>``, empty answers, feature file present) run at
+construction so a bad file fails before any GPU time is spent; NaN/Inf features are only seen when a
+slide is loaded. Either way the error names the file and the row (``id`` or index). With
+``skip_bad=True`` such rows are skipped and counted instead.
+
+Sequence budget: each patch becomes one visual token replacing the single ``<image>`` id, so an
+example costs ``len(text) - 1 + n_patches`` positions. Patches are first capped at ``max_patches``
+(uniform ``np.linspace`` over rows, as the original), then, if the total still exceeds
+``max_length``, further subsampled uniformly to fit. Text is truncated (from the end) only when the
+text alone leaves fewer than ``min_patches`` positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from slidechat.data.template import ConversationError, encode_conversation, normalize_conversation
+from slidechat.features.io import FEATURE_SUFFIXES, find_feature_file, load_features
+from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+def build_object(obj: Any) -> Any:
+    """Build an mmengine/xtuner-style ``dict(type=callable, **kwargs)``; anything else as is."""
+    if isinstance(obj, dict) and "type" in obj:
+        kwargs = {k: v for k, v in obj.items() if k != "type"}
+        fn = obj["type"]
+        if not callable(fn):
+            raise SlideChatError(f"cannot build object of type {fn!r}: not callable")
+        return fn(**kwargs)
+    return obj
+
+
+def read_rows(data_path: PathLike) -> List[Any]:
+    """A JSON list, or JSONL (one object per line); errors name the file (and line for JSONL)."""
+    p = Path(data_path)
+    if not p.is_file():
+        raise SlideChatError("training data file not found", p)
+    text = p.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SlideChatError(f"malformed JSON: {e}", p) from e
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SlideChatError(f"malformed JSON on line {lineno}: {e}", p) from e
+    if not rows:
+        raise SlideChatError("no rows (expected a JSON list or JSON lines)", p)
+    return rows
+
+
+def resolve_feature_path(name: str, feature_root: Optional[PathLike]) -> Optional[Path]:
+    """``name`` (e.g. ``TCGA-XX.csv``, with or without suffix) under ``feature_root``, H5 preferred."""
+    p = Path(name)
+    if not p.is_absolute() and feature_root is not None:
+        p = Path(feature_root) / p
+    if p.suffix.lower() in FEATURE_SUFFIXES:
+        p = p.with_suffix("")
+    return find_feature_file(p)
+
+
+def uniform_indices(n: int, k: int) -> np.ndarray:
+    """``k`` row indices spread evenly over ``n`` rows (all rows when ``n <= k``)."""
+    if n <= k:
+        return np.arange(n)
+    return np.linspace(0, n - 1, num=k, dtype=np.int64)
+
+
+class SlideInstructionDataset(Dataset):
+    """SlideChat training JSON (``id``, ``image: [name]``, ``conversations``) for any stage.
+
+    ``tokenizer`` may be a tokenizer or an xtuner-style config dict. ``feature_root`` replaces the
+    original's ignored ``image_folder``.
+    """
+
+    def __init__(self, data_path: PathLike, tokenizer: Any, feature_root: Optional[PathLike] = None,
+                 max_length: int = 51200, max_patches: int = 10240, min_patches: int = 1,
+                 feature_dim: int = 512, template: str = "qwen_chat", system: str = "",
+                 skip_bad: bool = False, check_files: bool = True) -> None:
+        self.data_path = Path(data_path)
+        self.tokenizer = build_object(tokenizer)
+        self.feature_root = None if feature_root is None else Path(feature_root)
+        if max_patches < 1 or min_patches < 1 or max_length < min_patches + 1:
+            raise SlideChatError(f"bad limits: max_length={max_length}, max_patches={max_patches}, "
+                                 f"min_patches={min_patches}", self.data_path)
+        self.max_length = int(max_length)
+        self.max_patches = int(max_patches)
+        self.min_patches = int(min_patches)
+        self.feature_dim = feature_dim
+        self.template = template
+        self.system = system
+        self.skip_bad = skip_bad
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.rows: List[Dict[str, Any]] = []
+        self.num_skipped = 0
+        self.num_skipped_at_load = 0
+        for index, row in enumerate(read_rows(self.data_path)):
+            try:
+                self.rows.append(self._validate(index, row, check_files))
+            except SlideChatError as e:
+                if not skip_bad:
+                    raise
+                self.num_skipped += 1
+                logger.warning("skipping bad row: %s", e)
+        if self.num_skipped:
+            logger.warning("%s: skipped %d bad row(s) of %d", self.data_path, self.num_skipped,
+                           self.num_skipped + len(self.rows))
+        if not self.rows:
+            raise SlideChatError("no usable rows", self.data_path)
+
+    def _row_name(self, index: int, row: Any) -> str:
+        rid = row.get("id") if isinstance(row, dict) else None
+        return f"row {index} (id {rid})" if rid is not None else f"row {index}"
+
+    def _error(self, index: int, row: Any, reason: str) -> SlideChatError:
+        return SlideChatError(f"{self._row_name(index, row)}: {reason}", self.data_path)
+
+    def _validate(self, index: int, row: Any, check_files: bool) -> Dict[str, Any]:
+        if not isinstance(row, dict):
+            raise self._error(index, row, f"expected an object, got {type(row).__name__}")
+        image = row.get("image")
+        if isinstance(image, list):
+            if len(image) != 1 or not isinstance(image[0], str):
+                raise self._error(index, row, f"'image' must list exactly one slide, got {image!r}")
+            image = image[0]
+        if not isinstance(image, str) or not image:
+            raise self._error(index, row, "missing 'image' (the slide's feature file name)")
+        try:
+            normalize_conversation(row.get("conversations"))
+        except ConversationError as e:
+            raise self._error(index, row, str(e)) from None
+        path = resolve_feature_path(image, self.feature_root)
+        if path is None and check_files:
+            where = self.feature_root if self.feature_root is not None else "the current directory"
+            raise self._error(index, row, f"feature file for '{image}' not found under {where} "
+                                          f"(tried {', '.join(FEATURE_SUFFIXES)})")
+        return {"index": index, "id": str(row.get("id", index)), "image": image,
+                "path": path, "conversations": row["conversations"]}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fit_lengths(self, n_text: int, n_patches: int) -> tuple:
+        """``(text_tokens_kept, patches_kept)`` under ``max_patches`` and ``max_length``."""
+        n_patches = min(n_patches, self.max_patches)
+        text_budget = self.max_length - self.min_patches + 1  # the placeholder is not a position
+        n_text_kept = min(n_text, text_budget)
+        n_patches = min(n_patches, self.max_length - (n_text_kept - 1))
+        return n_text_kept, n_patches
+
+    def load_item(self, i: int) -> Dict[str, Any]:
+        """Load row ``i``; raises SlideChatError on unreadable or non-finite features."""
+        rec = self.rows[i]
+        path = rec["path"] or resolve_feature_path(rec["image"], self.feature_root)
+        if path is None:
+            raise self._error(rec["index"], rec, f"feature file for '{rec['image']}' not found")
+        feats, coords = load_features(path, num_columns=self.feature_dim)
+        if not np.isfinite(feats).all():
+            bad = int((~np.isfinite(feats).any(axis=1)).sum() + 0)
+            raise SlideChatError(f"{self._row_name(rec['index'], rec)}: features contain NaN/Inf "
+                                 f"({bad} of {len(feats)} patches)", path)
+        enc = encode_conversation(self.tokenizer, rec["conversations"], self.template, self.system)
+        input_ids, labels = enc["input_ids"], enc["labels"]
+        n_text, n_patches = self.fit_lengths(len(input_ids), len(feats))
+        if n_text < len(input_ids):
+            logger.warning("%s %s: text of %d tokens truncated to %d to fit max_length=%d",
+                           self.data_path, self._row_name(rec["index"], rec), len(input_ids),
+                           n_text, self.max_length)
+            input_ids, labels = input_ids[:n_text], labels[:n_text]
+            if IMAGE_TOKEN_INDEX not in input_ids:
+                raise self._error(rec["index"], rec, "max_length too small to keep the slide")
+            if all(x == IGNORE_INDEX for x in labels):
+                logger.warning("%s %s: no answer token left after truncation",
+                               self.data_path, self._row_name(rec["index"], rec))
+        idx = uniform_indices(len(feats), n_patches)
+        feats = feats[idx]
+        if coords is not None:
+            coords = coords[idx]
+        return {
+            "id": rec["id"],
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "features": torch.from_numpy(np.ascontiguousarray(feats)),
+            "coords": None if coords is None else torch.from_numpy(np.ascontiguousarray(coords)),
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if not self.skip_bad:
+            return self.load_item(i)
+        for k in range(len(self.rows)):  # a bad slide is replaced by the next good one
+            try:
+                return self.load_item((i + k) % len(self.rows))
+            except SlideChatError as e:
+                self.num_skipped_at_load += 1
+                logger.warning("skipping bad row at load time: %s", e)
+        raise SlideChatError("every row failed to load", self.data_path)
