@@ -1,0 +1,524 @@
+"""SlideBench CSV I/O: read the three question formats, build prompts, find features, write answers.
+
+Formats (detected from the header, or forced with ``kind=``):
+
+* ``tcga``  (SlideBench-VQA-TCGA): ``ID, Slide, Tumor, Broad Category, Narrow Category, Question,
+  A, B, C, D, Answer``. Required: ``Slide, Question, A, B``.
+* ``bcnb``  (SlideBench-VQA-BCNB): ``Slide`` (patient id), ``Task``, ``Question``, ``A``-``D``,
+  ``Answer``; no ``Tumor``/``ID``. Required: ``Slide, Question, A, B``.
+* ``vqa``   any other multiple-choice CSV with ``Slide, Question, A, B`` (+ optional ``C``.. ``J``).
+* ``caption`` (SlideBench-Caption style): ``Slide`` plus an optional reference text column, the first
+  of :data:`CAPTION_REF_COLUMNS` present (``Caption``, ``Report``, ``Answer``, ``Reference``,
+  ``Text``). An optional ``Question`` column overrides the instruction per row.
+
+All columns are read as text (``dtype=str``, no NA parsing): an empty cell stays ``""`` and is written
+back as an empty cell, ``"None"``/``"NA"`` stay literal, numbers keep their spelling, column order is
+kept. ``Answer`` is needed only for scoring, not for generating.
+
+Output CSV (:class:`SlideBenchWriter`): the input columns untouched, then ``Output`` (generated text),
+``Pred`` (parsed option letter, multiple-choice only, empty when unparseable) and ``Error`` (empty
+unless the row failed, e.g. missing features). Rows are appended in input order and fsynced per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import pandas as pd
+
+from slidechat.features.io import find_feature_file
+from slidechat.model.constants import IMAGE_TOKEN
+from slidechat.utils.atomic import atomic_path
+from slidechat.utils.errors import SlideChatError
+
+try:  # POSIX advisory lock: a second writer on the same output is refused, not interleaved.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+KINDS = ("tcga", "bcnb", "vqa", "caption")
+OPTION_LETTERS = tuple("ABCDEFGHIJ")
+MCQ_REQUIRED = ("Slide", "Question", "A", "B")
+CAPTION_REF_COLUMNS = ("Caption", "Report", "Answer", "Reference", "Text")
+OUTPUT_COLUMN = "Output"
+PRED_COLUMN = "Pred"
+ERROR_COLUMN = "Error"
+ADDED_COLUMNS = (OUTPUT_COLUMN, PRED_COLUMN, ERROR_COLUMN)
+
+#: Instruction for caption CSVs without a ``Question`` column (override with ``caption_prompt=``).
+DEFAULT_CAPTION_PROMPT = ("Please write a detailed pathology report describing this whole-slide image, "
+                          "including the tissue type, the main findings and the diagnosis.")
+
+#: Feature-path templates; any CSV column can be used as ``{Column}``; ``{feature_root}`` is given.
+DEFAULT_TEMPLATES = {
+    "tcga": "{feature_root}/{Tumor}/{Slide}",  # the original tool's TCGA_patch_feat/{Tumor}/{Slide}
+    "bcnb": "{feature_root}/{Slide}",
+    "vqa": "{feature_root}/{Slide}",
+    "caption": "{feature_root}/{Slide}",
+}
+
+
+@dataclass
+class SlideBenchTable:
+    """One SlideBench CSV as read: the frame (all text) plus what was detected about it."""
+
+    path: Path
+    kind: str
+    df: pd.DataFrame
+    option_columns: Tuple[str, ...] = ()
+    ref_column: Optional[str] = None
+
+    @property
+    def is_mcq(self) -> bool:
+        return self.kind != "caption"
+
+    @property
+    def columns(self) -> List[str]:
+        return list(self.df.columns)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def row(self, index: int) -> Dict[str, str]:
+        return {c: _cell(v) for c, v in self.df.iloc[index].items()}
+
+    def options(self, index: int) -> Dict[str, str]:
+        """Non-empty options of a row, letter -> text, in letter order."""
+        r = self.df.iloc[index]
+        return {c: _cell(r[c]) for c in self.option_columns if _cell(r[c]).strip()}
+
+    def row_keys(self) -> List[str]:
+        """``ID`` when the column exists and is unique, else the 0-based row index."""
+        if "ID" in self.df.columns and self.df["ID"].is_unique:
+            return [_cell(v) for v in self.df["ID"]]
+        return [str(i) for i in range(len(self.df))]
+
+
+def _cell(v: object) -> str:
+    return "" if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
+def read_csv_text(path: PathLike) -> pd.DataFrame:
+    """Every cell as text, no NA guessing (``""`` stays ``""``, ``"NA"`` stays ``"NA"``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SlideChatError("file not found", p)
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SlideChatError(f"not a readable CSV: {e}", p) from e
+    dup = [c for c in df.columns if str(c).endswith(".1") and str(c)[:-2] in df.columns]
+    if dup:
+        raise SlideChatError(f"duplicated column names {[c[:-2] for c in dup]}", p)
+    return df
+
+
+def detect_kind(columns: Sequence[str]) -> str:
+    cols = set(columns)
+    if {"Question", "A", "B"} <= cols:
+        if "Tumor" in cols:
+            return "tcga"
+        if "Task" in cols:
+            return "bcnb"
+        return "vqa"
+    return "caption"
+
+
+def read_slidebench(path: PathLike, kind: Optional[str] = None,
+                    ref_column: Optional[str] = None) -> SlideBenchTable:
+    """Read and validate a SlideBench question CSV (or an output CSV of one)."""
+    p = Path(path)
+    df = read_csv_text(p)
+    cols = [str(c) for c in df.columns]
+    if kind is None:
+        kind = detect_kind(cols)
+    elif kind not in KINDS:
+        raise SlideChatError(f"unknown SlideBench kind {kind!r}", p, hint=f"one of {', '.join(KINDS)}")
+    if kind == "caption":
+        missing = [] if "Slide" in cols else ["Slide"]
+        if ref_column is not None and ref_column not in cols:
+            missing.append(ref_column)
+        if missing:
+            raise SlideChatError(f"missing required column(s) {missing} for a caption CSV", p,
+                                 hint=f"columns found: {cols}")
+        if ref_column is None:
+            ref_column = next((c for c in CAPTION_REF_COLUMNS if c in cols), None)
+        return SlideBenchTable(p, kind, df, (), ref_column)
+    required = list(MCQ_REQUIRED) + (["Tumor"] if kind == "tcga" else []) + (
+        ["Task"] if kind == "bcnb" else [])
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise SlideChatError(f"missing required column(s) {missing} for a SlideBench-VQA ({kind}) CSV",
+                             p, hint=f"columns found: {cols}")
+    options = tuple(c for c in OPTION_LETTERS if c in cols)
+    return SlideBenchTable(p, kind, df, options, None)
+
+
+# --------------------------------------------------------------------------- prompts
+
+def build_mcq_prompt(question: str, options: Mapping[str, str]) -> str:
+    """``<image>\\n{Question}\\nA. {A}\\nB. {B}...``: the released tool's format; empty options skipped."""
+    lines = [f"{IMAGE_TOKEN}\n{question}"]
+    for letter, text in options.items():
+        text = _cell(text)
+        if text.strip():
+            lines.append(f"{letter}. {text}")
+    return "\n".join(lines)
+
+
+def build_caption_prompt(instruction: Optional[str] = None) -> str:
+    """``<image>\\n{instruction}`` (default :data:`DEFAULT_CAPTION_PROMPT`)."""
+    return f"{IMAGE_TOKEN}\n{instruction if instruction else DEFAULT_CAPTION_PROMPT}"
+
+
+def build_prompt(table: SlideBenchTable, index: int, caption_prompt: Optional[str] = None) -> str:
+    """Prompt for one row; for caption CSVs a non-empty ``Question`` cell wins over ``caption_prompt``."""
+    r = table.df.iloc[index]
+    if table.is_mcq:
+        return build_mcq_prompt(_cell(r["Question"]), table.options(index))
+    q = _cell(r["Question"]) if "Question" in table.df.columns else ""
+    return build_caption_prompt(q if q.strip() else caption_prompt)
+
+
+# --------------------------------------------------------------------------- features
+
+def template_fields(template: str) -> List[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def check_template(template: str, columns: Sequence[str], path: Optional[PathLike] = None) -> None:
+    """Fail before any work when the template names a column the CSV lacks."""
+    unknown = [f for f in template_fields(template) if f != "feature_root" and f not in columns]
+    if unknown:
+        raise SlideChatError(f"feature template {template!r} uses {unknown}, not columns of the CSV",
+                             path, hint=f"columns: {list(columns)}")
+
+
+def resolve_feature_path(row: Mapping[str, str], template: str, feature_root: PathLike = ""
+                         ) -> Tuple[Optional[Path], Optional[str]]:
+    """(existing feature file, None) or (None, reason); ``.h5`` preferred over ``.csv``/``.pt``.
+
+    The slide value may already carry a suffix. A missing file is a per-row error, not an exception.
+    """
+    values = {k: _cell(v) for k, v in row.items()}
+    values["feature_root"] = os.fspath(feature_root)
+    try:
+        stem = template.format_map(values)
+    except KeyError as e:
+        raise SlideChatError(f"feature template {template!r} uses {e}, not a column of the CSV") from e
+    found = find_feature_file(stem)
+    if found is None:
+        return None, f"feature file not found: {stem}(.h5|.csv|.pt)"
+    return found, None
+
+
+# --------------------------------------------------------------------------- writer
+
+@dataclass
+class SlideBenchItem:
+    """One pending row: what the generator needs, and where it puts its answer."""
+
+    index: int  # 0-based row of the input CSV
+    key: str  # ID or row index, for messages
+    row: Dict[str, str]
+    prompt: str
+    feature_path: Optional[Path]
+    error: Optional[str] = None  # set when the row cannot be run (e.g. missing features)
+    options: Dict[str, str] = field(default_factory=dict)
+    output: Optional[str] = None  # filled by the caller
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def shard_path(out_path: PathLike, rank: int, world_size: int) -> Path:
+    p = Path(out_path)
+    return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
+
+
+def _csv_line(values: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+def _complete_records(data: bytes, ncols: int) -> Tuple[List[List[str]], int]:
+    """Parse CSV bytes into complete records; returns (records, byte offset after the last one).
+
+    A record counts only when it has ``ncols`` fields and its last line ends with a newline, so a
+    record torn anywhere (inside a quoted multi-line field included) is left out.
+    """
+    lines = data.splitlines(keepends=True)
+    state = {"consumed": 0, "last_nl": True}
+
+    def feed() -> Iterator[str]:
+        for ln in lines:
+            state["consumed"] += len(ln)
+            state["last_nl"] = ln.endswith(b"\n")
+            yield ln.decode("utf-8", errors="replace")
+
+    records: List[List[str]] = []
+    good_end = 0
+    reader = csv.reader(feed())
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            break
+        if len(rec) != ncols or not state["last_nl"]:
+            break
+        records.append(rec)
+        good_end = state["consumed"]
+    return records, good_end
+
+
+class SlideBenchWriter:
+    """Resumable, append-only answer writer for one SlideBench CSV (one process per output file).
+
+    Caller protocol::
+
+        with SlideBenchWriter(table, "out.csv", feature_root="feats") as w:
+            for batch in w.pending_batches(8):
+                runnable = [it for it in batch if it.ok]
+                for it, text in zip(runnable, generate(runnable)):
+                    it.output = text
+                w.write(batch)  # every item of the batch, failed ones too
+
+    ``write`` must receive exactly the next pending rows (any order inside the batch); rows are
+    appended in input order and flushed + fsynced, so a killed run loses at most the batch in flight.
+    Re-opening resumes after the last complete row (a torn last record is cut off); ``overwrite=True``
+    starts fresh. An output written for another input raises :class:`SlideChatError`.
+
+    Concurrency: one writer per file, enforced with an advisory ``flock`` where available. For several
+    ranks, give each ``shard=(rank, world_size)``: it handles rows ``rank, rank+world, ...`` and writes
+    ``shard_path(out, rank, world)``; :func:`merge_shards` then builds the single output.
+    """
+
+    def __init__(self, table: SlideBenchTable, out_path: PathLike, *, overwrite: bool = False,
+                 feature_root: Optional[PathLike] = None, feature_template: Optional[str] = None,
+                 caption_prompt: Optional[str] = None,
+                 shard: Optional[Tuple[int, int]] = None) -> None:
+        self.table = table
+        clash = [c for c in ADDED_COLUMNS if c in table.columns]
+        if clash:
+            raise SlideChatError(f"input already has column(s) {clash}; pass the question CSV, "
+                                 "not an output CSV", table.path)
+        self.added = [OUTPUT_COLUMN, PRED_COLUMN, ERROR_COLUMN] if table.is_mcq else [
+            OUTPUT_COLUMN, ERROR_COLUMN]
+        self.columns = table.columns + self.added
+        self.final_path = Path(out_path)
+        if shard is not None:
+            rank, world = shard
+            if not (0 <= rank < world):
+                raise SlideChatError(f"bad shard {shard}: need 0 <= rank < world_size")
+            self.indices = list(range(rank, len(table), world))
+            self.path = shard_path(out_path, rank, world)
+        else:
+            self.indices = list(range(len(table)))
+            self.path = self.final_path
+        self.feature_root = feature_root
+        self.feature_template = feature_template or DEFAULT_TEMPLATES[table.kind]
+        if feature_root is not None:
+            check_template(self.feature_template, table.columns, table.path)
+        self.caption_prompt = caption_prompt
+        self._keys = table.row_keys()
+        self._fh = None
+        self._open(overwrite)
+
+    # -- opening / resuming
+    def _open(self, overwrite: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = _csv_line(self.columns)
+        if overwrite or not self.path.exists() or self.path.stat().st_size == 0:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(header, encoding="utf-8")
+            self.done = 0
+        else:
+            self.done = self._validate_existing()
+        self._fh = open(self.path, "ab")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                self._fh.close()
+                self._fh = None
+                raise SlideChatError("another process is writing this output", self.path,
+                                     hint="use one output file (or one shard) per process") from e
+        if self.done:
+            logger.info("%s: resuming after %d/%d rows", self.path, self.done, len(self.indices))
+
+    def _validate_existing(self) -> int:
+        data = self.path.read_bytes()
+        records, good_end = _complete_records(data, len(self.columns))
+        if not records:  # even the header is torn: nothing was done
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(_csv_line(self.columns), encoding="utf-8")
+            return 0
+        if records[0] != self.columns:
+            raise SlideChatError(
+                "existing output has different columns than this input would produce; it belongs to "
+                "another input", self.path, hint=f"expected {self.columns}, found {records[0]}; "
+                "use --overwrite to start fresh")
+        rows = records[1:]
+        if len(rows) > len(self.indices):
+            raise SlideChatError(f"existing output has {len(rows)} rows but the input has only "
+                                 f"{len(self.indices)}; it belongs to another input", self.path,
+                                 hint="use --overwrite to start fresh")
+        n_in = len(self.table.columns)
+        for j, rec in enumerate(rows):
+            i = self.indices[j]
+            expected = [_cell(v) for v in self.table.df.iloc[i]]
+            if rec[:n_in] != expected:
+                bad = next(c for c, a, b in zip(self.table.columns, rec, expected) if a != b)
+                raise SlideChatError(
+                    f"output row {j + 1} (key {self._keys[i]}) differs from input row {i + 1} in "
+                    f"column {bad!r}; the output belongs to another input", self.path,
+                    hint="use --overwrite to start fresh")
+        if good_end < len(data):
+            logger.warning("%s: dropping a torn last record (%d bytes)", self.path, len(data) - good_end)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+                fh.flush()
+                os.fsync(fh.fileno())
+        return len(rows)
+
+    # -- the loop
+    @property
+    def num_pending(self) -> int:
+        return len(self.indices) - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.num_pending == 0
+
+    def make_item(self, index: int) -> SlideBenchItem:
+        row = self.table.row(index)
+        feat, err = (None, None)
+        if self.feature_root is not None:
+            feat, err = resolve_feature_path(row, self.feature_template, self.feature_root)
+        return SlideBenchItem(index=index, key=self._keys[index], row=row,
+                              prompt=build_prompt(self.table, index, self.caption_prompt),
+                              feature_path=feat, error=err,
+                              options=self.table.options(index) if self.table.is_mcq else {})
+
+    def pending_batches(self, batch_size: int) -> Iterator[List[SlideBenchItem]]:
+        """Batches of not-yet-written rows in input order; write each before taking the next."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        while self.done < len(self.indices):
+            start = self.done
+            idx = self.indices[start:start + batch_size]
+            yield [self.make_item(i) for i in idx]
+            if self.done == start:
+                raise SlideChatError("pending_batches: the previous batch was not written", self.path,
+                                     hint="call writer.write(batch) inside the loop")
+
+    def write(self, items: Sequence[SlideBenchItem], outputs: Optional[Sequence[str]] = None) -> None:
+        """Append the next pending rows (``outputs`` optionally gives the texts in item order)."""
+        if self._fh is None:
+            raise SlideChatError("writer is closed", self.path)
+        items = list(items)
+        if outputs is not None:
+            if len(outputs) != len(items):
+                raise ValueError(f"{len(outputs)} outputs for {len(items)} items")
+            for it, o in zip(items, outputs):
+                it.output = o
+        items.sort(key=lambda it: it.index)
+        expected = self.indices[self.done:self.done + len(items)]
+        got = [it.index for it in items]
+        if got != expected:
+            raise SlideChatError(f"write() got rows {got}, expected the next pending rows {expected}",
+                                 self.path)
+        from slidechat.evaluation.mcq import parse_choice  # local: mcq imports nothing from here
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for it in items:
+            vals = [_cell(v) for v in self.table.df.iloc[it.index]]
+            if it.error is None and it.output is None:
+                raise SlideChatError(f"row {it.key} has neither an output nor an error", self.path)
+            out = "" if it.error is not None else _cell(it.output)
+            added = {OUTPUT_COLUMN: out, ERROR_COLUMN: it.error or ""}
+            if self.table.is_mcq:
+                pred = parse_choice(out, self.table.options(it.index)) if it.error is None else None
+                added[PRED_COLUMN] = pred or ""
+            w.writerow(vals + [added[c] for c in self.added])
+        self._fh.write(buf.getvalue().encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.done += len(items)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                if fcntl is not None:
+                    fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "SlideBenchWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def merge_shards(table: SlideBenchTable, out_path: PathLike, world_size: int,
+                 remove_shards: bool = False) -> Path:
+    """Interleave complete shard outputs back into input order and write ``out_path`` atomically."""
+    frames = []
+    for rank in range(world_size):
+        sp = shard_path(out_path, rank, world_size)
+        if not sp.exists():
+            raise SlideChatError("shard output missing", sp)
+        n_expected = len(range(rank, len(table), world_size))
+        df = read_csv_text(sp)
+        if len(df) != n_expected:
+            raise SlideChatError(f"shard has {len(df)} of {n_expected} rows; finish it first", sp)
+        frames.append(df)
+    cols = list(frames[0].columns)
+    if any(list(f.columns) != cols for f in frames):
+        raise SlideChatError("shards have different columns", out_path)
+    order = []
+    for rank, f in enumerate(frames):
+        for j in range(len(f)):
+            order.append((rank + j * world_size, rank, j))
+    order.sort()
+    if [o[0] for o in order] != list(range(len(table))):
+        raise SlideChatError("shards do not cover the input exactly once", out_path)
+    merged = pd.DataFrame([frames[r].iloc[j].tolist() for _, r, j in order], columns=cols, dtype=str)
+    n_in = len(table.columns)
+    if not merged.iloc[:, :n_in].equals(table.df.astype(str).reset_index(drop=True).set_axis(
+            cols[:n_in], axis=1)):
+        raise SlideChatError("merged shards do not match the input rows", out_path)
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        merged.to_csv(tmp, index=False, lineterminator="\n")
+    if remove_shards:
+        for rank in range(world_size):
+            shard_path(out_path, rank, world_size).unlink()
+    return out
+
+
+def read_output(path: PathLike, kind: Optional[str] = None) -> SlideBenchTable:
+    """Read an output CSV (input columns + ``Output``...) as a table; ``Output`` is required."""
+    t = read_slidebench(path, kind=kind)
+    if OUTPUT_COLUMN not in t.columns:
+        raise SlideChatError(f"missing column {OUTPUT_COLUMN!r}; is this a test output CSV?", path,
+                             hint=f"columns found: {t.columns}")
+    return t
