@@ -1,0 +1,441 @@
+"""SlideChat: patch features -> LongNet slide encoder -> projector -> any Hugging Face causal LM.
+
+Attribute names (``llm``, ``LongNet_encoder``, ``projector``) give ``state_dict()`` the released
+checkpoint's key names, so one loader serves released weights and ours. The slide contributes one visual
+token per patch, spliced in at the single ``IMAGE_TOKEN_INDEX`` placeholder of each prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from slidechat.model.checkpoint import load_state_dict_file
+from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from slidechat.model.projector import Projector
+from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig
+from slidechat.utils.atomic import atomic_path, atomic_write_text
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+SLIDE_MODULES_FILE = "slide_modules.safetensors"
+CONFIG_FILE = "slidechat_config.json"
+LLM_DIR = "llm"
+SLIDE_PREFIXES = ("LongNet_encoder.", "projector.")
+# parameters our encoder may add on top of the released layout: absent from released checkpoints by design
+OPTIONAL_SLIDE_KEYS = ("LongNet_encoder.coord_pos_embed.",)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SlideChatConfig:
+    feature_dim: int = 512
+    encoder: SlideEncoderConfig = field(default_factory=SlideEncoderConfig)
+    max_patches_train: int = 10240
+    max_patches_test: int = 38400
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):  # configs written as plain dicts (xtuner/mmengine, JSON)
+            self.encoder = SlideEncoderConfig.from_dict(self.encoder)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"feature_dim": self.feature_dim, "encoder": self.encoder.to_dict(),
+                "max_patches_train": self.max_patches_train, "max_patches_test": self.max_patches_test}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SlideChatConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint did not cover: ``missing`` slide-module keys, ``unexpected`` checkpoint keys and
+    ``missing_llm`` (LLM weights not in the checkpoint — normal for checkpoints of trainable parts only)."""
+
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    missing_llm: List[str] = field(default_factory=list)
+
+
+def _canonical_llm_key(key: str) -> str:
+    """Released-style name of an LLM parameter whether or not the LLM is wrapped by peft."""
+    if key.startswith("llm.base_model.model."):
+        key = "llm." + key[len("llm.base_model.model."):]
+    return key.replace(".base_layer.", ".")
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class SlideChatModel(nn.Module):
+    def __init__(self, llm: nn.Module, config: Optional[SlideChatConfig] = None, tokenizer: Any = None):
+        super().__init__()
+        config = config or SlideChatConfig()
+        if isinstance(config, dict):
+            config = SlideChatConfig.from_dict(config)
+        if config.feature_dim != config.encoder.embed_dim:
+            raise SlideChatError(f"feature_dim {config.feature_dim} must equal the encoder embed_dim "
+                                 f"{config.encoder.embed_dim} (the released model has no input projection)")
+        self.config = config
+        self.llm = llm
+        self.LongNet_encoder = LongNetEncoder(config.encoder)
+        self.projector = Projector(config.encoder.embed_dim, self._llm_hidden_size())
+        self.tokenizer = tokenizer  # optional, for default stop tokens and save_pretrained
+
+    # ---------------------------------------------------------------------------------------------------
+    # helpers
+
+    def _llm_hidden_size(self) -> int:
+        cfg = getattr(self.llm, "config", None)
+        hidden = getattr(cfg, "hidden_size", None)
+        if hidden is None:
+            hidden = self.llm.get_input_embeddings().weight.shape[1]
+        return int(hidden)
+
+    def _embed_tokens(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def _llm_dtype_device(self):
+        w = self._embed_tokens().weight
+        return w.dtype, w.device
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.llm.gradient_checkpointing_enable(**kwargs)
+
+    # ---------------------------------------------------------------------------------------------------
+    # slide tokens
+
+    def encode_slides(self, features: Sequence[Tensor],
+                      coords: Optional[Sequence[Optional[Tensor]]] = None) -> List[Tensor]:
+        """Per-slide visual tokens [Ni, H] in the LLM's dtype/device (slides padded to one encoder batch)."""
+        if len(features) == 0:
+            return []
+        enc_w = next(self.LongNet_encoder.parameters())
+        dev, dt = enc_w.device, enc_w.dtype
+        d = self.config.feature_dim
+        lens = []
+        for i, f in enumerate(features):
+            if f.dim() != 2 or f.shape[1] != d or f.shape[0] == 0:
+                raise SlideChatError(f"slide {i}: expected features [N>0, {d}], got {tuple(f.shape)}")
+            lens.append(int(f.shape[0]))
+        b, n = len(features), max(lens)
+        x = torch.zeros(b, n, d, dtype=dt, device=dev)
+        pad = torch.ones(b, n, dtype=torch.bool, device=dev)
+        for i, f in enumerate(features):
+            x[i, : lens[i]] = f.to(device=dev, dtype=dt)
+            pad[i, : lens[i]] = False
+        c = None
+        if coords is not None and any(cc is not None for cc in coords):
+            if len(coords) != b or any(cc is None for cc in coords):
+                logger.warning("coords given for only some slides; encoding the batch without coords")
+            else:
+                c = torch.zeros(b, n, 2, dtype=torch.float32, device=dev)
+                for i, cc in enumerate(coords):
+                    if cc.shape != (lens[i], 2):
+                        raise SlideChatError(f"slide {i}: coords shape {tuple(cc.shape)} != {(lens[i], 2)}")
+                    c[i, : lens[i]] = cc.to(device=dev, dtype=torch.float32)
+        y = self.LongNet_encoder(x, pad if pad.any() else None, c)
+        proj_w = self.projector.model[0].weight
+        y = self.projector(y.to(proj_w.dtype))
+        llm_dt, llm_dev = self._llm_dtype_device()
+        y = y.to(device=llm_dev, dtype=llm_dt)
+        return [y[i, : lens[i]] for i in range(b)]
+
+    @staticmethod
+    def _placeholder_index(ids: Tensor, row: int) -> int:
+        pos = (ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0]
+        if pos.numel() != 1:
+            raise SlideChatError(f"row {row} of input_ids has {pos.numel()} slide placeholders "
+                                 f"(token {IMAGE_TOKEN_INDEX}); exactly one is required")
+        return int(pos.item())
+
+    # ---------------------------------------------------------------------------------------------------
+    # training / scoring
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                features: Optional[Sequence[Tensor]] = None, coords: Optional[Sequence[Optional[Tensor]]] = None,
+                labels: Optional[Tensor] = None, **llm_kwargs: Any):
+        """Splice each row's visual tokens in at its placeholder, right-pad, run the LLM (loss if labels)."""
+        if input_ids.dim() != 2:
+            raise SlideChatError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+        if features is None or len(features) != input_ids.shape[0]:
+            raise SlideChatError(f"need one feature tensor per row: {input_ids.shape[0]} rows, "
+                                 f"{0 if features is None else len(features)} slides")
+        b, _ = input_ids.shape
+        places = [self._placeholder_index(input_ids[i], i) for i in range(b)]
+        vis = self.encode_slides(features, coords)
+        llm_dt, dev = self._llm_dtype_device()
+        input_ids = input_ids.to(dev)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(dev)
+        text = self._embed_tokens()(input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0))
+        rows, masks, labs = [], [], []
+        for i in range(b):
+            p, v = places[i], vis[i]
+            ones = torch.ones(v.shape[0], dtype=attention_mask.dtype, device=dev)
+            rows.append(torch.cat([text[i, :p], v.to(text.dtype), text[i, p + 1:]]))
+            masks.append(torch.cat([attention_mask[i, :p], ones, attention_mask[i, p + 1:]]))
+            if labels is not None:
+                lab = labels[i].to(dev)
+                ign = torch.full((v.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=dev)
+                labs.append(torch.cat([lab[:p], ign, lab[p + 1:]]))
+        new_len = max(r.shape[0] for r in rows)
+        emb = text.new_zeros(b, new_len, text.shape[-1])
+        mask = attention_mask.new_zeros(b, new_len)
+        lab_t = None if labels is None else torch.full((b, new_len), IGNORE_INDEX, dtype=labels.dtype, device=dev)
+        for i in range(b):
+            n = rows[i].shape[0]
+            emb[i, :n] = rows[i]
+            mask[i, :n] = masks[i]
+            if lab_t is not None:
+                lab_t[i, :n] = labs[i]
+        llm_kwargs.setdefault("use_cache", False)
+        return self.llm(inputs_embeds=emb, attention_mask=mask, labels=lab_t, **llm_kwargs)
+
+    # ---------------------------------------------------------------------------------------------------
+    # generation
+
+    def default_eos_token_ids(self) -> List[int]:
+        """Stop tokens: the LLM's generation/model config eos plus the tokenizer's eos and ``<|im_end|>``."""
+        ids: List[int] = []
+
+        def add(x: Any) -> None:
+            if x is None:
+                return
+            for t in (x if isinstance(x, (list, tuple)) else [x]):
+                if t is not None and int(t) not in ids and int(t) >= 0:
+                    ids.append(int(t))
+
+        add(getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None))
+        add(getattr(getattr(self.llm, "config", None), "eos_token_id", None))
+        tok = self.tokenizer
+        if tok is not None:
+            add(tok.eos_token_id)
+            im_end = tok.convert_tokens_to_ids("<|im_end|>")
+            if im_end is not None and im_end != tok.unk_token_id:
+                add(im_end)
+        return ids
+
+    def _default_pad_id(self, eos: List[int]) -> int:
+        for src in (getattr(self.llm, "generation_config", None), getattr(self.llm, "config", None),
+                    self.tokenizer):
+            pid = getattr(src, "pad_token_id", None)
+            if pid is not None:
+                return int(pid)
+        return eos[0] if eos else 0
+
+    @torch.no_grad()
+    def generate(self, input_ids: Sequence[Tensor], features: Sequence[Tensor],
+                 coords: Optional[Sequence[Optional[Tensor]]] = None, max_new_tokens: int = 500,
+                 do_sample: bool = False, eos_token_id: Optional[Union[int, List[int]]] = None,
+                 pad_token_id: Optional[int] = None, **gen_kwargs: Any) -> List[Tensor]:
+        """Answer a batch of prompts; returns each sample's new tokens, cut before the first stop token."""
+        if len(input_ids) != len(features):
+            raise SlideChatError(f"{len(input_ids)} prompts but {len(features)} slides")
+        if len(input_ids) == 0:
+            return []
+        b = len(input_ids)
+        places = [self._placeholder_index(ids.reshape(-1), i) for i, ids in enumerate(input_ids)]
+        vis = self.encode_slides(features, coords)
+        _, dev = self._llm_dtype_device()
+        embed = self._embed_tokens()
+        rows = []
+        for i in range(b):
+            ids = input_ids[i].reshape(-1).to(dev)
+            t = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
+            p = places[i]
+            rows.append(torch.cat([t[:p], vis[i].to(t.dtype), t[p + 1:]]))
+        new_len = max(r.shape[0] for r in rows)
+        emb = rows[0].new_zeros(b, new_len, rows[0].shape[-1])
+        mask = torch.zeros(b, new_len, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):  # left padding: every prompt ends where generation starts
+            emb[i, new_len - r.shape[0]:] = r
+            mask[i, new_len - r.shape[0]:] = 1
+        eos = self.default_eos_token_ids() if eos_token_id is None else (
+            list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)])
+        pad_id = self._default_pad_id(eos) if pad_token_id is None else int(pad_token_id)
+        if not do_sample:
+            gen_kwargs.setdefault("temperature", None)
+            gen_kwargs.setdefault("top_p", None)
+            gen_kwargs.setdefault("top_k", None)
+        out = self.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, eos_token_id=eos or None, pad_token_id=pad_id,
+                                **gen_kwargs)
+        if out.shape[1] > max_new_tokens:  # a model that echoed prompt ids (not the case for embeds-only)
+            out = out[:, -max_new_tokens:]
+        stop = torch.tensor(eos, device=out.device) if eos else None
+        results = []
+        for i in range(b):
+            seq = out[i]
+            if stop is not None:
+                hits = torch.isin(seq, stop).nonzero(as_tuple=True)[0]
+                if hits.numel():
+                    seq = seq[: int(hits[0])]
+            results.append(seq.detach().cpu())
+        return results
+
+    # ---------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def slide_state_dict(self) -> Dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(SLIDE_PREFIXES)}
+
+    def load_slidechat_state_dict(self, state_dict: Dict[str, Tensor], strict_llm: bool = False,
+                                  strict_slide: bool = True) -> LoadReport:
+        """Load a released or slidechat checkpoint dict; shape mismatches raise, gaps are reported.
+
+        Slide-module keys missing from the checkpoint raise when ``strict_slide`` (except parameters our
+        encoder adds on top of the released layout); absent ``llm.*`` keys are fine unless ``strict_llm``.
+        """
+        own = self.state_dict()
+        lookup: Dict[str, str] = {}
+        for k in own:
+            lookup[k] = k
+            if k.startswith("llm.") and "lora_" not in k:
+                lookup.setdefault(_canonical_llm_key(k), k)
+        mapped: Dict[str, Tensor] = {}
+        unexpected: List[str] = []
+        mismatched: List[str] = []
+        for k, v in state_dict.items():
+            target = lookup.get(k) or (lookup.get(_canonical_llm_key(k)) if k.startswith("llm.") else None)
+            if target is None:
+                unexpected.append(k)
+                continue
+            if tuple(own[target].shape) != tuple(v.shape):
+                mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[target].shape)}")
+                continue
+            mapped[target] = v
+        if mismatched:
+            shown = "; ".join(mismatched[:20]) + (f"; ... ({len(mismatched)} in all)" if len(mismatched) > 20 else "")
+            raise SlideChatError(f"checkpoint shapes do not match the model: {shown}",
+                                 hint="check the encoder config and the LLM (projector out = LLM hidden size)")
+        result = self.load_state_dict(mapped, strict=False)  # completeness is checked below, not ignored
+        report = LoadReport(unexpected=unexpected)
+        for k in result.missing_keys:
+            (report.missing_llm if k.startswith("llm.") else report.missing).append(k)
+        hard_missing = [k for k in report.missing if not k.startswith(OPTIONAL_SLIDE_KEYS)]
+        if unexpected:
+            logger.warning("checkpoint has %d keys the model does not use, e.g. %s", len(unexpected),
+                           unexpected[:5])
+        if report.missing:
+            logger.info("slide-module keys not in checkpoint: %s", report.missing[:10])
+        if report.missing_llm:
+            logger.info("%d LLM keys not in checkpoint (kept from the loaded LLM)", len(report.missing_llm))
+        if strict_slide and hard_missing:
+            raise SlideChatError(f"checkpoint lacks {len(hard_missing)} slide-module weights, e.g. "
+                                 f"{hard_missing[:5]}")
+        if strict_llm and [k for k in report.missing_llm if "lora_" not in k]:
+            raise SlideChatError(f"checkpoint lacks {len(report.missing_llm)} LLM weights, e.g. "
+                                 f"{report.missing_llm[:5]}")
+        logger.info("loaded %d tensors (%d unexpected, %d slide keys missing, %d llm keys missing)",
+                    len(mapped), len(unexpected), len(report.missing), len(report.missing_llm))
+        return report
+
+    def load_checkpoint(self, path: PathLike, strict_llm: bool = False, strict_slide: bool = True,
+                        allow_unsafe_pickle: bool = False) -> LoadReport:
+        """``load_slidechat_state_dict`` of a checkpoint file/folder (see ``load_state_dict_file``)."""
+        sd = load_state_dict_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
+        try:
+            return self.load_slidechat_state_dict(sd, strict_llm=strict_llm, strict_slide=strict_slide)
+        except SlideChatError as exc:
+            raise SlideChatError(exc.reason, path=path, hint=exc.hint) from exc
+
+    def save_pretrained(self, folder: PathLike, tokenizer: Any = None) -> Path:
+        """Write a self-contained folder: ``llm/`` (+ tokenizer), slide modules, config.
+
+        A peft-wrapped LLM is merged first (in place: afterwards ``self.llm`` is the merged model).
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if _is_peft(self.llm):
+            logger.warning("merging LoRA adapters into the LLM before saving")
+            self.llm = self.llm.merge_and_unload()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{LLM_DIR}.", suffix=".partial", dir=folder))
+        try:
+            self.llm.save_pretrained(tmp, safe_serialization=True)
+            tok = tokenizer if tokenizer is not None else self.tokenizer
+            if tok is not None:
+                tok.save_pretrained(tmp)
+            final = folder / LLM_DIR
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.slide_state_dict().items()}
+        with atomic_path(folder / SLIDE_MODULES_FILE) as p:
+            save_file(tensors, str(p), metadata={"format": "pt", "slidechat_format": str(FORMAT_VERSION)})
+        meta = {"format_version": FORMAT_VERSION, "llm_hidden_size": self._llm_hidden_size(),
+                **self.config.to_dict()}
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        logger.info("saved SlideChat model to %s", folder)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: PathLike, torch_dtype: Optional[torch.dtype] = None,
+                        device_map: Any = None, load_tokenizer: bool = True) -> "SlideChatModel":
+        """Load a folder written by ``save_pretrained``."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(folder)
+        cfg_path = folder / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise SlideChatError(f"not a SlideChat model folder (no {CONFIG_FILE})", path=folder)
+        try:
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+            config = SlideChatConfig.from_dict(meta)
+        except (ValueError, TypeError) as exc:
+            raise SlideChatError(f"invalid config: {exc}", path=cfg_path) from exc
+        llm_dir = folder / LLM_DIR
+        if not (llm_dir / "config.json").is_file():
+            raise SlideChatError("LLM folder missing or incomplete", path=llm_dir)
+        kwargs: Dict[str, Any] = {}
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, **kwargs)
+        tok = None
+        if load_tokenizer and ((llm_dir / "tokenizer.json").is_file() or (llm_dir / "tokenizer_config.json").is_file()):
+            tok = AutoTokenizer.from_pretrained(llm_dir)
+        model = cls(llm, config, tokenizer=tok)
+        slide_file = folder / SLIDE_MODULES_FILE
+        if not slide_file.is_file():
+            raise SlideChatError(f"missing {SLIDE_MODULES_FILE}", path=folder)
+        sd = load_file(str(slide_file), device="cpu")
+        if any(not k.startswith(SLIDE_PREFIXES) for k in sd):
+            raise SlideChatError("slide module file holds non-slide keys", path=slide_file)
+        try:
+            model.load_slidechat_state_dict(sd)
+        except SlideChatError as exc:
+            raise SlideChatError(exc.reason, path=slide_file, hint=exc.hint) from exc
+        _, dev = model._llm_dtype_device()
+        dt = torch_dtype if torch_dtype is not None else next(iter(sd.values())).dtype
+        model.LongNet_encoder.to(device=dev, dtype=dt)
+        model.projector.to(device=dev, dtype=dt)
+        model.eval()
+        return model
