@@ -62,12 +62,10 @@ DEFAULT_CAPTION_PROMPT = ("Please write a detailed pathology report describing t
                           "including the tissue type, the main findings and the diagnosis.")
 
 #: Feature-path templates; any CSV column can be used as ``{Column}``; ``{feature_root}`` is given.
-DEFAULT_TEMPLATES = {
-    "tcga": "{feature_root}/{Tumor}/{Slide}",  # the original tool's TCGA_patch_feat/{Tumor}/{Slide}
-    "bcnb": "{feature_root}/{Slide}",
-    "vqa": "{feature_root}/{Slide}",
-    "caption": "{feature_root}/{Slide}",
-}
+#: The first is the original tool's ``TCGA_patch_feat/{Tumor}/{Slide}``, used whenever a ``Tumor``
+#: column exists; otherwise (BCNB: ``Slide`` is the patient id) the flat one.
+TUMOR_TEMPLATE = "{feature_root}/{Tumor}/{Slide}"
+FLAT_TEMPLATE = "{feature_root}/{Slide}"
 
 
 @dataclass
@@ -193,6 +191,10 @@ def build_prompt(table: SlideBenchTable, index: int, caption_prompt: Optional[st
 
 
 # --------------------------------------------------------------------------- features
+
+def default_template(columns: Sequence[str]) -> str:
+    return TUMOR_TEMPLATE if "Tumor" in columns else FLAT_TEMPLATE
+
 
 def template_fields(template: str) -> List[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
@@ -332,7 +334,7 @@ class SlideBenchWriter:
             self.indices = list(range(len(table)))
             self.path = self.final_path
         self.feature_root = feature_root
-        self.feature_template = feature_template or DEFAULT_TEMPLATES[table.kind]
+        self.feature_template = feature_template or default_template(table.columns)
         if feature_root is not None:
             check_template(self.feature_template, table.columns, table.path)
         self.caption_prompt = caption_prompt
