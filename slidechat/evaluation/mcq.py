@@ -11,7 +11,9 @@ whitespace collapsed; only letters of the row's non-empty options are valid:
    (``"B"``, ``"b"``, ``"(B)"``, ``"B)"``, ``"B."``). A lowercase letter counts only here.
 3. An explicit statement: ``answer``/``option``/``choice`` (+ ``is``/``:``/``would be``...) followed by
    an UPPERCASE letter standing alone or bracketed (``"Answer: C"``, ``"The answer is C"``,
-   ``"The correct option is (D) ..."``, ``"Option B"``). All such statements must name the same letter.
+   ``"The correct option is (D) ..."``, ``"Option B"``; lowercase only when bracketed, ``"(b)"``), or
+   a letter followed by ``is correct/right/best/the answer``. All such statements must name the
+   same letter.
 4. A leading letter marker: the answer starts with ``B.``, ``B)``, ``(B)``, ``B:``, ``B -`` or
    ``B <option B's text>``. A bare ``"A "`` followed by other words is the English article and does not
    count (``"A tumor is seen"``). If the text after the marker is exactly another option's text the
@@ -20,6 +22,8 @@ whitespace collapsed; only letters of the row's non-empty options are valid:
    whole words in the answer likewise normalised; options whose text lies inside a longer matched
    option's text are dropped (longest match). Exactly one option left -> its letter; two or more ->
    ``None``.
+
+Known limit: negation is not understood (``"not positive"`` matches the option ``Positive``).
 
 In rules 3-4 a letter that is not one of the row's options (``"Answer: E"`` with options A-D) makes
 the answer ``None`` rather than falling through to a weaker rule.
@@ -45,6 +49,8 @@ _EXPLICIT = re.compile(
     r"(?:(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is)?\s*)?[:\-]?\s*"
     r"(?:\(([A-J])\)|\[([A-J])\]|([A-J])(?![A-Za-z0-9'\-]))",
     re.IGNORECASE)
+_STATED_AFTER = re.compile(
+    r"(?<![A-Za-z])(?:\(([A-J])\)|([A-J]))\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b")
 _LEAD = re.compile(r"^(?:\(([A-J])\)|\[([A-J])\]|([A-J])\s*(?:[.:)]|\s-\s|\s*$))\s*(.*)$", re.DOTALL)
 _LEAD_SPACE = re.compile(r"^([A-J])\s+(.+)$", re.DOTALL)
 _PUNCT = re.compile(r"[^\w\s]")
@@ -115,6 +121,8 @@ def parse_choice(text: Optional[str], options: Options) -> Optional[str]:
         x = bracketed or m.group(3)
         if bracketed or x.isupper():  # "the answer is a tumor": lowercase bare "a" is an article
             stated.add(x.upper())
+    for m in _STATED_AFTER.finditer(s):  # "B is correct", "(C) is the answer"
+        stated.add(m.group(1) or m.group(2))
     if stated:
         if len(stated) == 1:
             letter = stated.pop()

@@ -260,8 +260,8 @@ def _csv_line(values: Sequence[str]) -> str:
 def _complete_records(data: bytes, ncols: int) -> Tuple[List[List[str]], int]:
     """Parse CSV bytes into complete records; returns (records, byte offset after the last one).
 
-    A record counts only when it has ``ncols`` fields and its last line ends with a newline, so a
-    record torn anywhere (inside a quoted multi-line field included) is left out.
+    A record counts only when its last line ends with a newline and (after the header) it has
+    ``ncols`` fields, so a record torn anywhere (inside a quoted multi-line field included) is left out.
     """
     lines = data.splitlines(keepends=True)
     state = {"consumed": 0, "last_nl": True}
@@ -282,7 +282,7 @@ def _complete_records(data: bytes, ncols: int) -> Tuple[List[List[str]], int]:
             break
         except csv.Error:
             break
-        if len(rec) != ncols or not state["last_nl"]:
+        if not state["last_nl"] or (records and len(rec) != ncols):  # header: any width
             break
         records.append(rec)
         good_end = state["consumed"]
@@ -367,8 +367,11 @@ class SlideBenchWriter:
     def _validate_existing(self) -> int:
         data = self.path.read_bytes()
         records, good_end = _complete_records(data, len(self.columns))
-        if not records:  # even the header is torn: nothing was done
-            with atomic_path(self.path) as tmp:
+        if not records:
+            if not _csv_line(self.columns).encode("utf-8").startswith(data):
+                raise SlideChatError("existing file is not an output of this input (unreadable header)",
+                                     self.path, hint="use --overwrite to start fresh")
+            with atomic_path(self.path) as tmp:  # the header itself was torn: nothing was done
                 tmp.write_text(_csv_line(self.columns), encoding="utf-8")
             return 0
         if records[0] != self.columns:
