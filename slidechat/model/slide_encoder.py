@@ -196,7 +196,9 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
     """LongNet dilated attention. q, k, v: [B, N, H, d]; padding_mask [B, N] (True = padding).
 
     Each branch attends inside sparse segments; branches are mixed per position and head by a softmax over
-    their log-sum-exps, accumulated online so only one branch's dense output is alive at a time.
+    their log-sum-exps, accumulated online so only one branch's dense output is alive at a time. As in
+    torchscale, the mixing weights carry no gradient (fused kernels do not differentiate the lse), so the
+    fused and the plain-math paths train identically.
     """
     b, n, h, _ = q.shape
     acc: Optional[Tensor] = None
@@ -218,6 +220,7 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
             neg = torch.finfo(q.dtype).min / 2
             bias = torch.zeros(pm.shape, dtype=q.dtype, device=q.device).masked_fill_(pm, neg)
         out, lse = attention_with_lse(qs, ks, vs, bias, impl=impl)
+        lse = lse.detach()
         del qs, ks, vs, bias
         out_d = br.dense(out, b, 0.0).float()  # [B,N,H,d]
         lse_d = br.dense(lse.unsqueeze(-1), b, _UNCOVERED_LSE).squeeze(-1)  # [B,N,H]
