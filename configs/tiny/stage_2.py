@@ -1,0 +1,120 @@
+# Tiny CPU run of SlideChat stage 2 (everything trained, starting from the stage-1 weights) on the
+# synthetic demo VQA: same pipeline as configs/slidechat/stage_2.py, small sizes, fp32, no DeepSpeed.
+#   python tools/make_tiny_llm.py --out work_dirs/demo/tiny_llm
+#   python tools/make_synthetic_dataset.py --manifest <slides>/manifest.csv --out work_dirs/demo/data
+#   xtuner train configs/tiny/stage_1.py --work-dir work_dirs/demo/stage1
+#   xtuner train configs/tiny/stage_2.py --work-dir work_dirs/demo/stage2
+# Paths can be overridden: --cfg-options llm_name_or_path=... data_path=... feature_root=...
+import torch
+from mmengine.dataset import DefaultSampler
+from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook,
+                            ParamSchedulerHook)
+from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.runner import EpochBasedTrainLoop
+from mmengine.visualization import LocalVisBackend, Visualizer
+from torch.optim import AdamW
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slidechat.data.collate import slidechat_collate_fn
+from slidechat.data.dataset import SlideInstructionDataset
+from slidechat.engine.model import SlideChatTrainModel
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+llm_name_or_path = 'work_dirs/demo/tiny_llm'
+# a checkpoint file, a DeepSpeed checkpoint folder, or a work dir (its last checkpoint is used)
+pretrained_pth = 'work_dirs/demo/stage1'
+data_path = 'work_dirs/demo/data/stage2_vqa.json'
+feature_root = 'work_dirs/demo/features/h5_files'
+feature_dim = 512
+max_length = 1024
+max_patches = 256
+
+batch_size = 2
+accumulative_counts = 1
+dataloader_num_workers = 0
+max_epochs = 6
+lr = 1e-3
+betas = (0.9, 0.999)
+weight_decay = 0
+max_norm = 1
+warmup_epochs = 1
+save_epochs = 1
+save_total_limit = 2
+
+#######################################################################
+#                      PART 2  Model & Tokenizer                      #
+#######################################################################
+tokenizer = dict(type=AutoTokenizer.from_pretrained,
+                 pretrained_model_name_or_path=llm_name_or_path, padding_side='right')
+
+model = dict(
+    type=SlideChatTrainModel,
+    freeze_llm=False,
+    train_stage='2',
+    pretrained_pth=pretrained_pth,
+    llm_lora=None,
+    compat=None,
+    use_activation_checkpointing=False,
+    llm=dict(type=AutoModelForCausalLM.from_pretrained,
+             pretrained_model_name_or_path=llm_name_or_path, torch_dtype=torch.float32),
+    slidechat_config=dict(
+        feature_dim=feature_dim,
+        # the encoder works on the 512-d patch features directly (no input projection), so
+        # embed_dim stays 512; depth/width are cut instead
+        encoder=dict(embed_dim=512, ffn_dim=256, num_heads=8, num_layers=1,
+                     segment_lengths=[64, 128, 256], dilated_ratios=[1, 2, 4],
+                     dropout=0.0, drop_path=0.0),
+        max_patches_train=max_patches, max_patches_test=max_patches),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+train_dataset = dict(type=SlideInstructionDataset, data_path=data_path, feature_root=feature_root,
+                     tokenizer=tokenizer, max_length=max_length, max_patches=max_patches,
+                     feature_dim=feature_dim)
+
+train_dataloader = dict(batch_size=batch_size, num_workers=dataloader_num_workers,
+                        dataset=train_dataset, sampler=dict(type=DefaultSampler, shuffle=True),
+                        collate_fn=dict(type=slidechat_collate_fn))
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+optim_wrapper = dict(
+    type=OptimWrapper,
+    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts)
+
+# warmup of one epoch: 3% of a few dozen iterations would round to less than one iteration
+param_scheduler = [
+    dict(type=LinearLR, start_factor=0.1, by_epoch=True, begin=0, end=warmup_epochs,
+         convert_to_iter_based=True),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_epochs,
+         end=max_epochs, convert_to_iter_based=True),
+]
+
+train_cfg = dict(type=EpochBasedTrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=1),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(type=CheckpointHook, by_epoch=True, interval=save_epochs,
+                    max_keep_ckpts=save_total_limit),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='gloo'))
+visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend)])
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0, deterministic=False)
+log_processor = dict(by_epoch=False)

@@ -1,0 +1,32 @@
+"""``--cfg-options`` for the paths of our configs.
+
+mmengine resolves config variables when the file is read, so overriding the top-level
+``llm_name_or_path`` alone does not reach the dicts built from it; the nested keys must be set.
+This lists them for every config under ``configs/slidechat`` and ``configs/tiny`` (same layout).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+LLM_KEYS = ("llm_name_or_path", "tokenizer.pretrained_model_name_or_path",
+            "model.llm.pretrained_model_name_or_path",
+            "train_dataloader.dataset.tokenizer.pretrained_model_name_or_path")
+DATA_KEYS = ("data_path", "train_dataloader.dataset.data_path")
+FEATURE_KEYS = ("feature_root", "train_dataloader.dataset.feature_root")
+PRETRAINED_KEYS = ("pretrained_pth", "model.pretrained_pth")
+
+
+def path_overrides(llm_name_or_path: Optional[PathLike] = None, data_path: Optional[PathLike] = None,
+                   feature_root: Optional[PathLike] = None,
+                   pretrained_pth: Optional[PathLike] = None) -> List[str]:
+    """``['key=value', ...]`` to pass after ``--cfg-options`` (only for the paths given)."""
+    out: List[str] = []
+    for value, keys in ((llm_name_or_path, LLM_KEYS), (data_path, DATA_KEYS),
+                        (feature_root, FEATURE_KEYS), (pretrained_pth, PRETRAINED_KEYS)):
+        if value is not None:
+            out += [f"{k}={os.fspath(value)}" for k in keys]
+    return out
