@@ -210,8 +210,7 @@ def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
     has_id = "ID" in cols and df["ID"].is_unique
     recs = []
     unparsed, errors, bad_gold = [], [], []
-    for i in range(len(df)):
-        r = df.iloc[i]
+    for i, r in enumerate(df.to_dict("records")):
         key = _s(r["ID"]) if has_id else str(i)
         opts = {c: _s(r[c]) for c in letters if _s(r[c]).strip()}
         if not opts:

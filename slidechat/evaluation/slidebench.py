@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import os
@@ -89,13 +90,18 @@ class SlideBenchTable:
     def __len__(self) -> int:
         return len(self.df)
 
+    @functools.cached_property
+    def values(self) -> List[List[str]]:
+        """All cells as text, row by row (pandas row access is far too slow to use per row)."""
+        return [[_cell(v) for v in r] for r in self.df.itertuples(index=False, name=None)]
+
     def row(self, index: int) -> Dict[str, str]:
-        return {c: _cell(v) for c, v in self.df.iloc[index].items()}
+        return dict(zip(self.columns, self.values[index]))
 
     def options(self, index: int) -> Dict[str, str]:
         """Non-empty options of a row, letter -> text, in letter order."""
-        r = self.df.iloc[index]
-        return {c: _cell(r[c]) for c in self.option_columns if _cell(r[c]).strip()}
+        r = self.row(index)
+        return {c: r[c] for c in self.option_columns if r[c].strip()}
 
     def row_keys(self) -> List[str]:
         """``ID`` when the column exists and is unique, else the 0-based row index."""
@@ -183,10 +189,10 @@ def build_caption_prompt(instruction: Optional[str] = None) -> str:
 
 def build_prompt(table: SlideBenchTable, index: int, caption_prompt: Optional[str] = None) -> str:
     """Prompt for one row; for caption CSVs a non-empty ``Question`` cell wins over ``caption_prompt``."""
-    r = table.df.iloc[index]
+    r = table.row(index)
     if table.is_mcq:
-        return build_mcq_prompt(_cell(r["Question"]), table.options(index))
-    q = _cell(r["Question"]) if "Question" in table.df.columns else ""
+        return build_mcq_prompt(r["Question"], table.options(index))
+    q = r.get("Question", "")
     return build_caption_prompt(q if q.strip() else caption_prompt)
 
 
@@ -387,7 +393,7 @@ class SlideBenchWriter:
         n_in = len(self.table.columns)
         for j, rec in enumerate(rows):
             i = self.indices[j]
-            expected = [_cell(v) for v in self.table.df.iloc[i]]
+            expected = self.table.values[i]
             if rec[:n_in] != expected:
                 bad = next(c for c, a, b in zip(self.table.columns, rec, expected) if a != b)
                 raise SlideChatError(
@@ -454,7 +460,7 @@ class SlideBenchWriter:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         for it in items:
-            vals = [_cell(v) for v in self.table.df.iloc[it.index]]
+            vals = list(self.table.values[it.index])
             if it.error is None and it.output is None:
                 raise SlideChatError(f"row {it.key} has neither an output nor an error", self.path)
             out = "" if it.error is not None else _cell(it.output)
@@ -506,14 +512,17 @@ def merge_shards(table: SlideBenchTable, out_path: PathLike, world_size: int,
     order.sort()
     if [o[0] for o in order] != list(range(len(table))):
         raise SlideChatError("shards do not cover the input exactly once", out_path)
-    merged = pd.DataFrame([frames[r].iloc[j].tolist() for _, r, j in order], columns=cols, dtype=str)
+    shard_values = [[[_cell(v) for v in r] for r in f.itertuples(index=False, name=None)] for f in frames]
+    merged_rows = [shard_values[r][j] for _, r, j in order]
     n_in = len(table.columns)
-    if not merged.iloc[:, :n_in].equals(table.df.astype(str).reset_index(drop=True).set_axis(
-            cols[:n_in], axis=1)):
+    if [r[:n_in] for r in merged_rows] != table.values or cols[:n_in] != table.columns:
         raise SlideChatError("merged shards do not match the input rows", out_path)
     out = Path(out_path)
     with atomic_path(out) as tmp:
-        merged.to_csv(tmp, index=False, lineterminator="\n")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(cols)
+            w.writerows(merged_rows)
     if remove_shards:
         for rank in range(world_size):
             shard_path(out_path, rank, world_size).unlink()
