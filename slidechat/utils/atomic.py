@@ -11,6 +11,15 @@ from typing import Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def temp_path_for(final: PathLike) -> Path:
     """A unique temporary name in the final file's folder (same filesystem, so rename is atomic).
 
@@ -20,6 +29,7 @@ def temp_path_for(final: PathLike) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished outputs follow the umask
     return Path(tmp)
 
 
