@@ -60,8 +60,8 @@ def build_model_from_config(config_path: Union[str, os.PathLike], checkpoint: Op
             missing, unexpected = report["missing"], report["unexpected"]
         else:
             rep = model.core.load_slidechat_state_dict(sd)
-            missing = list(getattr(rep, "missing", getattr(rep, "missing_keys", [])))
-            unexpected = list(getattr(rep, "unexpected", getattr(rep, "unexpected_keys", [])))
+            missing = list(rep.missing) + list(getattr(rep, "missing_llm", []))
+            unexpected = list(rep.unexpected)
         logger.info("checkpoint %s: %d tensors; missing %s; unexpected %s", checkpoint, len(sd),
                     summarize_keys(missing), summarize_keys(unexpected))
         bad = [k for k in missing if not k.startswith("llm.")]

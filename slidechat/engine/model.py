@@ -22,6 +22,34 @@ logger = logging.getLogger(__name__)
 CORE_CHILDREN = ("llm", "LongNet_encoder", "projector")
 
 
+def allow_mmengine_checkpoint_globals() -> None:
+    """Let ``torch.load``'s weights-only default read mmengine checkpoints (needed for resume).
+
+    torch >= 2.6 loads with ``weights_only=True`` by default; xtuner 0.2.0 (``--resume`` seed lookup)
+    and mmengine 0.10 (``runner.resume``) call ``torch.load`` without ``weights_only``, and an
+    mmengine checkpoint's message hub holds ``HistoryBuffer`` objects and numpy arrays. These are the
+    only extra globals such a file needs (``getattr`` is how numpy 2 pickles its dtype classes); the
+    weights-only unpickler still refuses to call anything not on the list. Runs when a config
+    imports this module, i.e. only in processes that train or load our checkpoints.
+    """
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore
+    import numpy.dtypes as np_dtypes
+
+    dtype_classes = [getattr(np_dtypes, n) for n in dir(np_dtypes) if n.endswith("DType")]
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add([HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar, getattr] + dtype_classes)
+
+
+allow_mmengine_checkpoint_globals()
+
+
 def to_plain(obj: Any) -> Any:
     """ConfigDict/tuple trees -> plain dicts/lists (dataclass ``from_dict`` methods expect those)."""
     if isinstance(obj, Mapping):
@@ -199,8 +227,8 @@ class SlideChatTrainModel(BaseModel):
         path = resolve_checkpoint(path)
         sd = load_state_dict_file(path)
         report = self._core.load_slidechat_state_dict(sd)
-        missing = list(getattr(report, "missing", getattr(report, "missing_keys", [])))
-        unexpected = list(getattr(report, "unexpected", getattr(report, "unexpected_keys", [])))
+        missing = list(report.missing) + list(getattr(report, "missing_llm", []))
+        unexpected = list(report.unexpected)
         loaded = len(sd) - len(unexpected)
         logger.info("pretrained_pth %s: loaded %d keys; missing %s; unexpected %s", path, loaded,
                     summarize_keys(missing), summarize_keys(unexpected))

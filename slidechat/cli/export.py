@@ -1,0 +1,55 @@
+"""``slidechat export CONFIG --checkpoint CKPT --out DIR``: training checkpoint -> self-contained model folder.
+
+The folder (``SlideChatModel.save_pretrained``: LLM + tokenizer, slide modules, config) loads with
+``SlideChatModel.from_pretrained`` without xtuner, the config or the original LLM folder. LoRA
+adapters are merged into the LLM weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a trained checkpoint as a model folder",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("config", help="the training config (configs/slidechat/stage_2.py, ...)")
+    p.add_argument("--checkpoint", default=None,
+                   help="iter_N.pth / epoch_N.pth, a DeepSpeed checkpoint folder, a work dir "
+                        "(its last checkpoint) or a released-style state dict; omitted: the "
+                        "config's model as built (pretrained_pth loaded)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="config overrides, as for xtuner train")
+    p.set_defaults(func=run)
+
+
+def parse_cfg_options(items):
+    """``key=value`` strings -> dict, values parsed like mmengine's DictAction."""
+    if not items:
+        return None
+    from mmengine.config import DictAction
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            from slidechat.utils.errors import SlideChatError
+
+            raise SlideChatError(f"--cfg-options expects KEY=VALUE, got '{item}'")
+        key, val = item.split("=", 1)
+        out[key] = DictAction._parse_iterable(val)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidechat.engine.builder import build_model_from_config
+
+    core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
+                                              cfg_options=parse_cfg_options(args.cfg_options))
+    out = core.save_pretrained(args.out, tokenizer=tokenizer)
+    logger.info("exported to %s", out)
+    print(out)
+    return 0
