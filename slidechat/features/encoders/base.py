@@ -1,0 +1,147 @@
+"""What every patch encoder provides: its own preprocessing on uint8 batches, and ``forward``.
+
+Extraction workers hand over raw uint8 patches (cheap to pass between processes); the encoder turns a
+batch into its input tensor on the device, so resize/normalise runs batched (and on the GPU there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PatchEncoder(nn.Module):
+    """Base class. Subclasses set the attributes below and implement ``encode`` on the input tensor.
+
+    ``resize_to`` is the shorter-side resize and ``crop`` the centre crop (torchvision ``Resize`` +
+    ``CenterCrop`` semantics); ``None`` leaves patches at their size.
+    """
+
+    name: str = "base"
+    embed_dim: int = 0
+    resize_to: Optional[int] = None
+    crop: Optional[int] = None
+    interpolation: str = "bicubic"
+    mean: Sequence[float] = (0.0, 0.0, 0.0)
+    std: Sequence[float] = (1.0, 1.0, 1.0)
+    checkpoint_path: Optional[str] = None
+    checkpoint_sha256: str = "none"
+
+    def preprocess(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> float (B, 3, S, S), resized, cropped and normalised."""
+        x = patches.permute(0, 3, 1, 2).float()
+        if self.resize_to is not None:
+            h, w = x.shape[-2:]
+            s = self.resize_to / min(h, w)
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            if size != (h, w):
+                x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
+                                  antialias=s < 1 and self.interpolation in ("bilinear", "bicubic"))
+                x = x.clamp_(0, 255)
+        if self.crop is not None:
+            h, w = x.shape[-2:]
+            c = self.crop
+            if h < c or w < c:
+                raise SlideChatError(f"patch {h}x{w} smaller than {self.name}'s crop {c}")
+            top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+            x = x[..., top:top + c, left:left + c]
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        return (x - mean) / std
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> features (B, embed_dim)."""
+        return self.encode(self.preprocess(patches))
+
+    def provenance(self) -> Dict[str, str]:
+        return {"encoder": self.name, "encoder_checkpoint": self.checkpoint_path or "none",
+                "encoder_checkpoint_sha256": self.checkpoint_sha256,
+                "encoder_embed_dim": str(self.embed_dim)}
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def require_checkpoint(path: Optional[PathLike], encoder: str) -> Path:
+    """The checkpoint path, or a one-line error saying which flag to pass. Never downloads."""
+    if path is None or str(path) == "":
+        raise SlideChatError(f"encoder '{encoder}' needs local weights and none were given",
+                             hint="pass --checkpoint /path/to/weights (nothing is downloaded)")
+    p = Path(path)
+    if not p.is_file():
+        raise SlideChatError(f"checkpoint for encoder '{encoder}' not found", p,
+                             hint="pass --checkpoint with an existing local file")
+    return p
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """A flat tensor dict from ``.safetensors``/``.pt``/``.bin``/``.pth``.
+
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and strips a ``module.`` prefix.
+    """
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SlideChatError(f"cannot read checkpoint: {type(e).__name__}: {e}", p) from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise SlideChatError(f"checkpoint holds {type(sd).__name__}, expected a state dict", p)
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def load_checked(module: nn.Module, sd: Dict[str, torch.Tensor], path: PathLike, encoder: str,
+                 ignore_missing: Tuple[str, ...] = ()) -> None:
+    """``load_state_dict(strict=False)`` that logs unexpected keys and refuses missing ones.
+
+    A model with silently-random weights produces plausible-looking garbage, so any missing
+    parameter is an error.
+    """
+    result = module.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(ignore_missing or ("\0",))]
+    if result.unexpected_keys:
+        logger.warning("%s: %d unexpected keys ignored in %s (first: %s)", encoder,
+                       len(result.unexpected_keys), path, ", ".join(result.unexpected_keys[:5]))
+    if missing:
+        logger.error("%s: %d weights missing from %s: %s", encoder, len(missing), path,
+                     ", ".join(missing[:10]))
+        raise SlideChatError(f"checkpoint lacks {len(missing)} of {encoder}'s weights "
+                             f"(e.g. {missing[0]}); refusing to run with random weights", path,
+                             hint="is this the right --checkpoint for --encoder " + encoder + "?")

@@ -1,0 +1,53 @@
+"""``timm:<model_name>``: any timm model with a local weights file; preprocessing from its pretrained_cfg."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional, Union
+
+import torch
+
+from slidechat.features.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, load_checked,
+                                              load_state_dict_file, require_checkpoint, sha256_file)
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+
+class TimmEncoder(PatchEncoder):
+    def __init__(self, model_name: str, checkpoint: Optional[Union[str, os.PathLike]] = None,
+                 load_weights: bool = True) -> None:
+        super().__init__()
+        import timm
+
+        self.name = f"timm:{model_name}"
+        if load_weights:
+            path = require_checkpoint(checkpoint, self.name)
+        try:  # pretrained=False: never downloads
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        except Exception as e:
+            raise SlideChatError(f"timm cannot build model '{model_name}': {e}",
+                                 hint="see timm.list_models()") from e
+        cfg = dict(getattr(self.model, "pretrained_cfg", None) or {})
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        crop_pct = float(cfg.get("crop_pct", 1.0) or 1.0)
+        self.crop = size
+        self.resize_to = int(math.floor(size / crop_pct))
+        self.interpolation = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
+        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_STD))
+        self.embed_dim = int(self.model.num_features)
+        if load_weights:
+            sd = load_state_dict_file(path)
+            sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))
+                  or k in self.model.state_dict()}
+            load_checked(self.model, sd, str(path), self.name)
+            self.checkpoint_path = str(path)
+            self.checkpoint_sha256 = sha256_file(path)
+        self.requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out.flatten(1) if out.ndim > 2 else out

@@ -1,0 +1,239 @@
+"""One slide reader over OpenSlide (SVS, TIFF, NDPI, MRXS, DICOM, ...) and plain images (PNG/JPEG).
+
+Everything downstream (tissue segmentation, patching, the extraction workers) talks to :class:`Slide`
+only, so a plain field-of-view PNG and a 100k-pixel SVS go through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: Suffixes treated as slides when a folder is given as input.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
+                  ".bif", ".dcm", ".czi") + PLAIN_IMAGE_SUFFIXES
+_DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
+MPP_FLAG_HINT = "pass --base-mpp (micrometres per pixel at level 0) or --base-magnification"
+
+
+def slide_id(path: PathLike) -> str:
+    """File name without its extension; double suffixes such as ``.ome.tiff`` are removed whole.
+
+    Dots inside the name are kept: ``TCGA-XX.1.svs`` -> ``TCGA-XX.1``.
+    """
+    name = Path(path).name
+    low = name.lower()
+    for suf in _DOUBLE_SUFFIXES:
+        if low.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)]
+    stem = Path(name).stem
+    return stem or name
+
+
+class Slide:
+    """Common interface: level geometry, ``read_region`` (RGB uint8), thumbnails, metadata."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.name = slide_id(self.path)
+        self._osr = None
+        self._img: Optional[np.ndarray] = None
+        if not self.path.is_file():
+            raise SlideChatError("slide file not found", self.path)
+        if self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+            self._open_plain()
+        else:
+            self._open_openslide()
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _open_openslide(self) -> None:
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            try:  # e.g. a stripped (non-tiled) TIFF that PIL reads fine
+                self._open_plain()
+                return
+            except SlideChatError:
+                raise SlideChatError("unsupported or corrupt slide file (neither OpenSlide nor PIL "
+                                     "can open it)", self.path) from None
+        except Exception as e:  # OpenSlideError and friends
+            raise SlideChatError(f"cannot open slide: {type(e).__name__}: {e}", self.path) from e
+        self.level_dimensions: Tuple[Tuple[int, int], ...] = tuple(self._osr.level_dimensions)
+        self.level_downsamples: Tuple[float, ...] = tuple(float(d) for d in self._osr.level_downsamples)
+        props = self._osr.properties
+        self.vendor = props.get("openslide.vendor", "unknown")
+        self.mpp = _positive_float(props.get("openslide.mpp-x"))
+        self.objective = _positive_float(props.get("openslide.objective-power"))
+
+    def _open_plain(self) -> None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # large fields of view are legitimate here
+        try:
+            with Image.open(self.path) as im:
+                im.load()
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise SlideChatError(f"cannot open image: {type(e).__name__}: {e}", self.path) from e
+        self._img = np.ascontiguousarray(arr)
+        h, w = arr.shape[:2]
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        self.vendor = "image"
+        self.mpp = None
+        self.objective = None
+
+    # -- geometry --------------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> Tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Highest level whose downsample does not exceed ``downsample`` (1e-3 tolerance)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-3):
+                best = i
+        return best
+
+    # -- pixels ----------------------------------------------------------------------------------
+    def read_region(self, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3); ``location`` is level-0 top-left, ``size`` is at ``level``.
+
+        Pixels outside the image (or transparent in the file) come back white, like glass.
+        """
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        if self._img is not None:
+            out = np.full((h, w, 3), 255, np.uint8)
+            H, W = self._img.shape[:2]
+            x1, y1 = max(x, 0), max(y, 0)
+            x2, y2 = min(x + w, W), min(y + h, H)
+            if x2 > x1 and y2 > y1:
+                out[y1 - y:y2 - y, x1 - x:x2 - x] = self._img[y1:y2, x1:x2]
+            return out
+        try:
+            rgba = np.asarray(self._osr.read_region((x, y), level, (w, h)))
+        except Exception as e:
+            raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
+                                 f"{type(e).__name__}: {e}", self.path) from e
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() < 255:  # OpenSlide returns premultiplied RGBA; composite on white
+            rgb = rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))
+            rgb = np.minimum(rgb, 255).astype(np.uint8)
+        return np.ascontiguousarray(rgb)
+
+    def read_downsampled(self, downsample: float, chunk: int = 4096) -> np.ndarray:
+        """The whole slide as RGB at ``downsample`` (w.r.t. level 0), read chunk by chunk.
+
+        Uses the best pyramid level and resizes each chunk (area interpolation), so memory stays
+        bounded even when the nearest level is much larger than the output.
+        """
+        import cv2
+
+        W, H = self.dimensions
+        ow, oh = max(1, math.ceil(W / downsample)), max(1, math.ceil(H / downsample))
+        if self._img is not None and downsample == 1:
+            return self._img.copy()
+        level = self.best_level_for_downsample(downsample)
+        lds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        out = np.empty((oh, ow, 3), np.uint8)
+        f = lds / downsample  # level px -> output px
+        step = max(1, int(chunk))
+        for ly in range(0, lh, step):
+            for lx in range(0, lw, step):
+                cw, ch = min(step, lw - lx), min(step, lh - ly)
+                ox1, oy1 = int(round(lx * f)), int(round(ly * f))
+                ox2, oy2 = min(ow, int(round((lx + cw) * f))), min(oh, int(round((ly + ch) * f)))
+                if ox2 <= ox1 or oy2 <= oy1:
+                    continue
+                reg = self.read_region((int(lx * lds), int(ly * lds)), level, (cw, ch))
+                out[oy1:oy2, ox1:ox2] = cv2.resize(reg, (ox2 - ox1, oy2 - oy1),
+                                                   interpolation=cv2.INTER_AREA)
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        W, H = self.dimensions
+        ds = max(1.0, max(W, H) / max_size)
+        return self.read_downsampled(ds)
+
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+        self._img = None
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, " \
+               f"levels={self.level_count}, mpp={self.mpp}, objective={self.objective})"
+
+
+def open_slide(path: PathLike) -> Slide:
+    return Slide(path)
+
+
+def _positive_float(v: Optional[str]) -> Optional[float]:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 and math.isfinite(f) else None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Level-0 scale of a slide and where it came from (``metadata-mpp``, ``objective`` or ``user``)."""
+
+    mpp: float
+    magnification: float
+    source: str
+
+
+def resolve_resolution(slide: Slide, base_mpp: Optional[float] = None,
+                       base_magnification: Optional[float] = None) -> Resolution:
+    """Level-0 MPP: ``openslide.mpp-x``, else objective power (10/mag µm/px), else the user's values.
+
+    User values are the fallback for slides without metadata; the file's own metadata wins.
+    """
+    if slide.mpp is not None:
+        mag = slide.objective if slide.objective is not None else 10.0 / slide.mpp
+        return Resolution(slide.mpp, mag, "metadata-mpp")
+    if slide.objective is not None:
+        return Resolution(10.0 / slide.objective, slide.objective, "objective")
+    if base_mpp is not None:
+        if base_mpp <= 0:
+            raise SlideChatError(f"--base-mpp must be > 0, got {base_mpp}", slide.path)
+        return Resolution(float(base_mpp), 10.0 / float(base_mpp), "user")
+    if base_magnification is not None:
+        if base_magnification <= 0:
+            raise SlideChatError(f"--base-magnification must be > 0, got {base_magnification}",
+                                 slide.path)
+        return Resolution(10.0 / float(base_magnification), float(base_magnification), "user")
+    raise SlideChatError("slide has no resolution metadata (no openslide.mpp-x, no objective power)",
+                         slide.path, hint=MPP_FLAG_HINT)
