@@ -77,9 +77,9 @@ class ConchV1Encoder(PatchEncoder):
     def __init__(self, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  load_weights: bool = True) -> None:
         super().__init__()
+        path = require_checkpoint(checkpoint, self.name) if load_weights else None
         self.visual = ConchVisionTower(448)
-        if load_weights:
-            path = require_checkpoint(checkpoint, self.name)
+        if path is not None:
             self.load_conch_state_dict(load_state_dict_file(path), str(path))
             self.checkpoint_path = str(path)
             self.checkpoint_sha256 = sha256_file(path)

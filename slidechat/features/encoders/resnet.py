@@ -26,12 +26,13 @@ class ResNet50TruncEncoder(PatchEncoder):
         super().__init__()
         from torchvision.models import resnet50
 
+        path = require_checkpoint(checkpoint, self.name) if load_weights else None
+
         net = resnet50(weights=None)
         net.layer4 = nn.Identity()
         net.fc = nn.Identity()
         self.net = net
-        if load_weights:
-            path = require_checkpoint(checkpoint, self.name)
+        if path is not None:
             sd = {k: v for k, v in load_state_dict_file(path).items()
                   if not k.startswith(("layer4.", "fc."))}
             load_checked(self.net, sd, str(path), self.name)

@@ -1,0 +1,100 @@
+"""``slidechat extract-features``: raw slides -> per-slide patch features (H5, optional CSV, QC PNG)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+logger = logging.getLogger("slidechat.extract")
+
+EPILOG = """\
+outputs (under --out):
+  h5_files/<slide>.h5   datasets coords (N x 2 int64, level-0 top-left x,y) and features (N x D float32);
+                        CLAM/TRIDENT attributes on coords; encoder + checkpoint sha256 on the root
+  csv/<slide>.csv       SlideChat layout (with --save-csv): header 0..D-1, %.4f, no coordinates
+  qc/<slide>.png        thumbnail with tissue contour and patch grid
+  failures.csv          slide,path,stage,reason (failures_rank<r>.csv when sharded)
+
+examples:
+  slidechat extract-features slides/ --out work_dirs/feats --encoder conch_v1 \\
+      --checkpoint ckpts/conch/pytorch_model.bin --save-csv
+  slidechat extract-features "data/**/*.svs" --out feats --encoder tiny_test --limit 4
+  torchrun --nproc_per_node=4 tools/extract_features.py list.csv --out feats --encoder conch_v1 ...
+Slides without MPP/objective metadata need --base-mpp or --base-magnification.
+Rerunning skips slides whose H5 exists (--overwrite to redo). Nothing is ever downloaded."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="slide file(s), folder(s), glob(s) (quote them), or a CSV (column 'path' or "
+                        "'slide_path') / text list of slide paths")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder", default="tiny_test",
+                   help="tiny_test (test/demo stand-in, no weights), conch_v1 (SlideChat's features), "
+                        "resnet50_trunc (CLAM baseline) or timm:<model_name> (default: %(default)s)")
+    g.add_argument("--checkpoint", help="local weights file for the encoder (required except tiny_test)")
+    g = p.add_argument_group("patches")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--magnification", type=float, default=20.0,
+                   help="target magnification (default: %(default)s; 10/mag µm/px)")
+    x.add_argument("--mpp", type=float, help="target µm/px instead of --magnification")
+    g.add_argument("--patch-size", type=int, default=224, help="patch side at the target (default: 224)")
+    g.add_argument("--base-mpp", type=float,
+                   help="level-0 µm/px for slides without metadata (file metadata wins)")
+    g.add_argument("--base-magnification", type=float,
+                   help="level-0 magnification for slides without metadata")
+    g.add_argument("--tissue-threshold", type=float, default=0.5,
+                   help="keep patches with at least this tissue fraction (default: %(default)s)")
+    g = p.add_argument_group("tissue segmentation")
+    g.add_argument("--no-tissue-seg", action="store_true", help="use the whole image (no segmentation)")
+    g.add_argument("--seg-threshold", type=int,
+                   help="fixed saturation threshold 0-255 (default: Otsu, floored at 15)")
+    g.add_argument("--seg-downsample", type=float, help="mask downsample (default: auto, ~1-2k px mask)")
+    g.add_argument("--seg-min-tissue-area", type=float, default=4 * 256 * 256,
+                   help="drop tissue regions smaller than this, level-0 px² (default: %(default)g)")
+    g.add_argument("--seg-min-hole-area", type=float, default=256 * 256,
+                   help="fill holes smaller than this, level-0 px² (default: %(default)g)")
+    g = p.add_argument_group("run")
+    g.add_argument("--save-csv", action="store_true", help="also write SlideChat CSVs")
+    g.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--num-workers", type=int, default=2, help="patch-reading processes (default: 2)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    g.add_argument("--overwrite", action="store_true", help="redo slides whose H5 exists")
+    g.add_argument("--rank", type=int, help="this shard (default: $RANK or 0)")
+    g.add_argument("--world-size", type=int, help="number of shards (default: $WORLD_SIZE or 1)")
+    g.add_argument("--limit", type=int, help="only the first N slides of the list")
+    g.add_argument("--recursive", action="store_true", help="search input folders recursively")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("extract-features", help="raw slides -> patch features (H5/CSV)",
+                              description=__doc__.splitlines()[0], epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidechat.features.inputs import collect_slide_paths
+    from slidechat.features.pipeline import extract_slides
+
+    paths = collect_slide_paths(args.inputs, recursive=args.recursive)
+    summary = extract_slides(
+        paths, args.out, encoder=args.encoder, checkpoint=args.checkpoint, save_csv=args.save_csv,
+        save_qc=not args.no_qc, overwrite=args.overwrite, rank=args.rank, world_size=args.world_size,
+        limit=args.limit,
+        target_magnification=None if args.mpp else args.magnification, target_mpp=args.mpp,
+        patch_size=args.patch_size, base_mpp=args.base_mpp, base_magnification=args.base_magnification,
+        tissue_threshold=args.tissue_threshold, no_tissue_seg=args.no_tissue_seg,
+        seg_threshold=args.seg_threshold, seg_downsample=args.seg_downsample,
+        seg_min_tissue_area=args.seg_min_tissue_area, seg_min_hole_area=args.seg_min_hole_area,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        amp=not args.no_amp, progress=not args.no_progress)
+    for f in summary["failed"]:
+        logger.error("FAILED %s [%s]: %s", f["slide"], f["stage"], f["reason"])
+    return 1 if summary["failed"] else 0
