@@ -259,6 +259,55 @@ class SlideChatTrainModel(BaseModel):
         del result
         return {"missing": missing, "unexpected": unexpected}
 
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False):
+        """What ``xtuner test`` (``strict=False``) and DeepSpeed resume call: never silent.
+
+        Accepts our checkpoints (LoRA keys included) and released-style dicts (plain ``llm.model.*``
+        names are mapped onto a peft-wrapped LLM). A shape mismatch raises; missing and unexpected
+        keys are logged. "Missing" means keys of this module's ``state_dict()`` (the trained ones)
+        absent from the checkpoint; with ``strict=True`` any such key or any unexpected key raises.
+        """
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        own = super().state_dict()
+        direct = {k: v for k, v in sd.items() if k in own}
+        bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+               for k, v in direct.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise RuntimeError("checkpoint shapes do not match the model: " + "; ".join(bad[:20]))
+        # released-style names (llm.model.* onto a LoRA-wrapped LLM, ...) go through the core's mapper,
+        # which also raises on shape mismatch
+        rest = {k: v for k, v in sd.items() if k not in own}
+        unexpected: List[str] = []
+        if rest:
+            rep = self._core.load_slidechat_state_dict(rest, strict_slide=False)
+            unexpected = list(rep.unexpected)
+        super().load_state_dict(direct, strict=False, assign=assign)
+        loaded = len(sd) - len(unexpected)
+        from slidechat.model.slidechat_model import _canonical_llm_key
+
+        canon = {_canonical_llm_key(k) for k in sd}
+        missing = sorted(k for k in self.state_dict() if k not in sd and _canonical_llm_key(k) not in canon)
+        msg = (f"load_state_dict: {loaded} of {len(sd)} checkpoint tensors loaded; missing "
+               f"{summarize_keys(missing)}; unexpected {summarize_keys(unexpected)}")
+        level = logging.WARNING if (missing or unexpected) else logging.INFO
+        logger.log(level, msg)
+        try:
+            from mmengine.logging import print_log
+
+            print_log(msg, "current", level=level)
+        except Exception:  # logging only
+            pass
+        if not any(k.startswith(("LongNet_encoder.", "projector.")) for k in sd):
+            logger.warning("the checkpoint holds no slide encoder/projector weights: they stay as "
+                           "initialised (random unless pretrained_pth loaded them)")
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing "
+                               f"{summarize_keys(missing)}; unexpected {summarize_keys(unexpected)}")
+        return _IncompatibleKeys(missing, unexpected)
+
     # ------------------------------------------------------------------ forward
     def forward(self, data: Dict[str, Any], data_samples: Any = None, mode: str = "loss") -> Any:
         if mode == "loss":

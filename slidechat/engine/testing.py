@@ -1,0 +1,545 @@
+"""SlideBench testing through mmengine's test loop (``xtuner test`` and ``slidechat test``).
+
+``--cfg-options`` can only change a config's TOP-LEVEL keys after parsing (values were already
+copied into nested dicts), so the test set-up is read from top-level keys by
+:class:`SlideBenchTestLoop` when the runner builds it:
+
+==================  ==========================================================================
+``test_slide_csv``  SlideBench question CSV (required)
+``test_output_csv`` answers: input columns + ``Output`` (+ ``Pred``) + ``Error`` (required)
+``feature_root``    folder of feature files (required to find features)
+``feature_template`` e.g. ``{feature_root}/{Tumor}/{Slide}`` (default: from the CSV's columns)
+``test_batch_size`` rows per generation batch (default 8)
+``max_new_tokens``  default 500 (greedy decoding)
+``overwrite``       start the output afresh instead of resuming (default False)
+==================  ==========================================================================
+
+The loop owns a :class:`SlideBenchWriter`: its dataset holds only the rows not yet in the output,
+so a killed run resumes at the first missing row (no duplicates, nothing lost). Each batch's
+answers go through the evaluator (:class:`SlideBenchMetric`), which appends them to the output and,
+at the end, scores the whole file and writes ``<output>.report.json`` / ``.report.md``. A row whose
+features are missing or unreadable gets an ``Error`` entry; the other rows still run.
+
+:func:`run_test` is the same path for Python callers and ``slidechat test``: build the runner from
+the config with the top-level overrides, load the checkpoint through the model's
+``load_state_dict`` (as ``xtuner test`` does), ``runner.test()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from mmengine.evaluator import BaseMetric
+from mmengine.registry import LOOPS, METRICS
+from mmengine.runner import TestLoop
+from torch.utils.data import Dataset, SequentialSampler
+
+from slidechat.evaluation.slidebench import (SlideBenchItem, SlideBenchTable, SlideBenchWriter,
+                                             merge_shards, read_csv_text, read_slidebench)
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: top-level config keys read by the loop, with their defaults
+TEST_KEYS: Dict[str, Any] = {
+    "test_slide_csv": None,
+    "test_output_csv": None,
+    "feature_root": None,
+    "feature_template": None,
+    "test_batch_size": 8,
+    "max_new_tokens": 500,
+    "overwrite": False,
+    "test_caption_prompt": None,
+}
+
+
+def _log(msg: str, level: int = logging.INFO) -> None:
+    """To the runner's log file and console (mmengine logger) when one exists, else ``logging``."""
+    try:
+        from mmengine.logging import print_log
+
+        print_log(msg, logger="current", level=level)
+    except Exception:  # noqa: BLE001 - logging only
+        logger.log(level, msg)
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class TestSettings:
+    test_slide_csv: Path
+    test_output_csv: Path
+    feature_root: Optional[Path]
+    feature_template: Optional[str]
+    batch_size: int
+    max_new_tokens: int
+    overwrite: bool
+    caption_prompt: Optional[str] = None
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any], defaults: Optional[Mapping[str, Any]] = None
+                 ) -> "TestSettings":
+        """Top-level config keys win over ``defaults`` (the test loop's own arguments)."""
+        vals = dict(TEST_KEYS)
+        vals.update({k: v for k, v in (defaults or {}).items() if v is not None})
+        vals.update({k: cfg[k] for k in TEST_KEYS if k in cfg and cfg[k] is not None})
+        for key in ("test_slide_csv", "test_output_csv"):
+            if not vals[key]:
+                raise SlideChatError(f"config has no {key}",
+                                     hint=f"pass --cfg-options {key}=PATH (or slidechat test "
+                                          f"--{key} PATH)")
+        bs, mnt = int(vals["test_batch_size"]), int(vals["max_new_tokens"])
+        if bs < 1 or mnt < 1:
+            raise SlideChatError(f"test_batch_size ({bs}) and max_new_tokens ({mnt}) must be >= 1")
+        root = vals["feature_root"]
+        return cls(test_slide_csv=Path(vals["test_slide_csv"]), test_output_csv=Path(vals["test_output_csv"]),
+                   feature_root=None if root in (None, "") else Path(root),
+                   feature_template=vals["feature_template"] or None, batch_size=bs, max_new_tokens=mnt,
+                   overwrite=_as_bool(vals["overwrite"]), caption_prompt=vals["test_caption_prompt"])
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+# --------------------------------------------------------------------------- data
+
+def uniform_patch_indices(n: int, k: int) -> np.ndarray:
+    """``k`` rows spread evenly over ``n`` (``np.linspace``, as the original's test cap)."""
+    if n <= k:
+        return np.arange(n)
+    return np.linspace(0, n - 1, num=k, dtype=np.int64)
+
+
+class SlideBenchTestDataset(Dataset):
+    """Pending SlideBench rows -> prompt ids + slide features (errors become the row's ``Error``)."""
+
+    metainfo: Dict[str, Any] = {"name": "SlideBench"}
+
+    def __init__(self, items: Sequence[SlideBenchItem], tokenizer: Any, feature_dim: int = 512,
+                 max_patches: int = 38400, template: str = "qwen_chat", system: str = "") -> None:
+        from slidechat.data.dataset import build_object
+
+        self.items = list(items)
+        self.tokenizer = build_object(tokenizer)
+        self.feature_dim = int(feature_dim)
+        self.max_patches = int(max_patches)
+        self.template = template
+        self.system = system
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        from slidechat.data.template import encode_prompt
+        from slidechat.features.io import load_features
+
+        item = self.items[i]
+        out: Dict[str, Any] = {"item": item, "pad_token_id": self.pad_token_id}
+        if not item.ok:
+            return out
+        if item.feature_path is None:
+            item.error = "no feature_root given: cannot find the slide's features"
+            return out
+        try:
+            feats, coords = load_features(item.feature_path, num_columns=self.feature_dim)
+            if not np.isfinite(feats).all():
+                raise SlideChatError("features contain NaN/Inf", item.feature_path)
+        except SlideChatError as e:
+            item.error = str(e)
+            logger.warning("row %s: %s", item.key, e)
+            return out
+        idx = uniform_patch_indices(len(feats), self.max_patches)
+        if len(idx) < len(feats):
+            feats = feats[idx]
+            coords = None if coords is None else coords[idx]
+        ids = encode_prompt(self.tokenizer, [], item.prompt, self.template, self.system)
+        out.update(input_ids=torch.tensor(ids, dtype=torch.long),
+                   features=torch.from_numpy(np.ascontiguousarray(feats)),
+                   coords=None if coords is None else torch.from_numpy(np.ascontiguousarray(coords)))
+        return out
+
+
+def slidebench_collate_fn(instances: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """``{'data': <runnable rows, right-padded like training batches> | None, 'data_samples': items}``.
+
+    ``data['rows']`` maps each runnable row to its position in ``data_samples``.
+    """
+    items = [x["item"] for x in instances]
+    ok = [(j, x) for j, x in enumerate(instances) if x["item"].ok and "input_ids" in x]
+    if not ok:
+        return {"data": None, "data_samples": items}
+    pad = int(ok[0][1]["pad_token_id"])
+    max_len = max(len(x["input_ids"]) for _, x in ok)
+    input_ids = torch.full((len(ok), max_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(ok), max_len), dtype=torch.long)
+    for b, (_, x) in enumerate(ok):
+        n = len(x["input_ids"])
+        input_ids[b, :n] = x["input_ids"]
+        mask[b, :n] = 1
+    coords = [x["coords"] for _, x in ok]
+    data = {"input_ids": input_ids, "attention_mask": mask, "features": [x["features"] for _, x in ok],
+            "coords": None if all(c is None for c in coords) else coords,
+            "rows": [j for j, _ in ok]}
+    return {"data": data, "data_samples": items}
+
+
+# --------------------------------------------------------------------------- report
+
+@dataclass
+class TestReport:
+    """What a test run produced: the output CSV and its scores (MCQ accuracy or caption metrics)."""
+
+    output_csv: Path
+    kind: str
+    n_rows: int
+    n_errors: int
+    markdown: str
+    mcq: Any = None  # McqReport
+    caption: Optional[Dict[str, Any]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        return self.markdown
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"output_csv": str(self.output_csv), "kind": self.kind, "n_rows": self.n_rows,
+                             "n_errors": self.n_errors, **self.extra}
+        if self.mcq is not None:
+            d["mcq"] = self.mcq.to_dict()
+        if self.caption is not None:
+            d["caption"] = {k: v for k, v in self.caption.items() if k != "rows"}
+        return d
+
+    def metrics(self) -> Dict[str, float]:
+        """Flat scalars for mmengine's logger."""
+        m: Dict[str, float] = {"rows": float(self.n_rows), "errors": float(self.n_errors)}
+        if self.mcq is not None:
+            m["accuracy"] = float(self.mcq.overall["accuracy"])
+            m["unparsed"] = float(self.mcq.overall["unparsed"])
+        if self.caption is not None:
+            m.update({k: float(v) for k, v in self.caption["corpus"].items()})
+        return m
+
+
+def report_paths(output_csv: PathLike) -> Tuple[Path, Path]:
+    p = Path(output_csv)
+    return p.with_name(p.name + ".report.json"), p.with_name(p.name + ".report.md")
+
+
+def score_output(output_csv: PathLike, kind: str, write: bool = True) -> TestReport:
+    """Score a complete output CSV and (by default) write ``<output>.report.json/.md`` beside it."""
+    from slidechat.evaluation.tables import caption_markdown, write_reports
+
+    out = Path(output_csv)
+    df = read_csv_text(out)
+    n_err = int((df["Error"].str.strip() != "").sum()) if "Error" in df.columns else 0
+    mcq = caption = None
+    if kind != "caption":
+        if "Answer" in df.columns:
+            from slidechat.evaluation.mcq import score_mcq
+
+            mcq = score_mcq(df, source=str(out))
+            md = mcq.to_markdown()
+        else:
+            md = f"`{out.name}`: {len(df)} rows answered ({n_err} errors); no `Answer` column, not scored.\n"
+    else:
+        table = read_slidebench(out, kind="caption")
+        ref = next((c for c in ("Caption", "Report", "Answer", "Reference", "Text")
+                    if c in df.columns), None) if table.ref_column is None else table.ref_column
+        if ref is not None:
+            from slidechat.evaluation.captions import caption_metrics
+
+            caption = caption_metrics(df["Output"].tolist(), df[ref].tolist(), per_row=False)
+            caption.update(source=str(out), pred_column="Output", ref_column=ref)
+            md = caption_markdown(caption, str(out))
+        else:
+            md = f"`{out.name}`: {len(df)} captions written ({n_err} errors); no reference column.\n"
+    if n_err:
+        md += f"\n{n_err} row(s) failed (see the `Error` column of `{out.name}`).\n"
+    report = TestReport(output_csv=out, kind=kind, n_rows=len(df), n_errors=n_err, markdown=md, mcq=mcq,
+                        caption=caption)
+    if write:
+        js, mdp = report_paths(out)
+        write_reports(report.to_dict(), md, js, mdp)
+    return report
+
+
+# --------------------------------------------------------------------------- evaluator
+
+@METRICS.register_module(force=True)
+class SlideBenchMetric(BaseMetric):
+    """``test_evaluator``: appends each answered batch to the output CSV, scores it at the end.
+
+    The writer is attached by :class:`SlideBenchTestLoop` (which owns the resume state).
+    """
+
+    default_prefix = "slidebench"
+
+    def __init__(self, collect_device: str = "cpu", prefix: Optional[str] = None,
+                 write_reports: bool = True) -> None:
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        self.write_reports = write_reports
+        self.writer: Optional[SlideBenchWriter] = None
+        self.world_size = 1
+        self.report: Optional[TestReport] = None
+
+    def bind(self, writer: SlideBenchWriter, world_size: int = 1) -> None:
+        self.writer = writer
+        self.world_size = world_size
+        self.report = None
+
+    def process(self, data_batch: Any, data_samples: Sequence[Any]) -> None:
+        if self.writer is None:
+            raise SlideChatError("SlideBenchMetric needs test_cfg=dict(type=SlideBenchTestLoop)")
+        self.writer.write(list(data_samples))
+        self.results.append(len(data_samples))
+
+    def compute_metrics(self, results: list) -> Dict[str, float]:
+        assert self.writer is not None
+        table, final = self.writer.table, self.writer.final_path
+        if self.world_size > 1:
+            merge_shards(table, final, self.world_size)
+        self.report = score_output(final, table.kind, write=self.write_reports)
+        _log(f"SlideBench results ({final}):\n{self.report.to_markdown()}")
+        return self.report.metrics()
+
+    def evaluate(self, size: int) -> Dict[str, float]:
+        """Every rank wrote its own rows; rank 0 merges (if sharded), scores and shares the metrics."""
+        from mmengine.dist import barrier, broadcast_object_list, is_main_process
+
+        if self.writer is not None:
+            self.writer.close()
+        barrier()
+        metrics: List[Any] = [None]
+        if is_main_process():
+            m = self.compute_metrics(self.results)
+            metrics = [{f"{self.prefix}/{k}" if self.prefix else k: v for k, v in m.items()}]
+        if self.world_size > 1:
+            broadcast_object_list(metrics)
+        self.results.clear()
+        return metrics[0]
+
+
+# --------------------------------------------------------------------------- loop
+
+def _unwrap(model: Any) -> Any:
+    from mmengine.model import is_model_wrapper
+
+    return model.module if is_model_wrapper(model) else model
+
+
+@LOOPS.register_module(force=True)
+class SlideBenchTestLoop(TestLoop):
+    """mmengine test loop over the rows of ``test_slide_csv`` still missing from ``test_output_csv``.
+
+    Arguments given here are defaults; the config's top-level keys (see module doc) win, since
+    those are what ``--cfg-options`` can change. ``generation_kwargs`` go to ``generate`` (greedy by
+    default).
+    """
+
+    def __init__(self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False,
+                 batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                 generation_kwargs: Optional[Mapping[str, Any]] = None,
+                 template: str = "qwen_chat", system: str = "") -> None:
+        from mmengine.dist import get_dist_info
+
+        cfg = runner.cfg
+        self.settings = s = TestSettings.from_cfg(
+            cfg, {"test_batch_size": batch_size, "max_new_tokens": max_new_tokens})
+        if "tokenizer" not in cfg:
+            raise SlideChatError("config has no top-level 'tokenizer'")
+        model = _unwrap(runner.model)
+        core_cfg = model.core.config
+        table: SlideBenchTable = read_slidebench(s.test_slide_csv)
+        rank, world = get_dist_info()
+        self.world_size = world
+        self.writer = SlideBenchWriter(table, s.test_output_csv, overwrite=s.overwrite,
+                                       feature_root=s.feature_root, feature_template=s.feature_template,
+                                       caption_prompt=s.caption_prompt,
+                                       shard=(rank, world) if world > 1 else None)
+        pending_idx = self.writer.indices[self.writer.done:]
+        items = [self.writer.make_item(i) for i in pending_idx]
+        if s.feature_root is None:
+            _log("no feature_root: every row will get an Error", logging.WARNING)
+        dl = dict(dataloader) if isinstance(dataloader, Mapping) else {}
+        ds_cfg = dict(dl.get("dataset") or {})
+        ds_cfg.pop("type", None)
+        ds_cfg.update(items=items, tokenizer=cfg.tokenizer, feature_dim=core_cfg.feature_dim,
+                      max_patches=core_cfg.max_patches_test, template=template, system=system)
+        dataset = SlideBenchTestDataset(**ds_cfg)
+        dl.update(dataset=dataset, batch_size=s.batch_size, sampler=SequentialSampler(dataset),
+                  collate_fn=slidebench_collate_fn, shuffle=None)
+        dl.pop("shuffle")
+        dl.setdefault("num_workers", 0)
+        dl.pop("batch_sampler", None)
+        super().__init__(runner, dl, evaluator, fp16)
+        self.tokenizer = dataset.tokenizer
+        metrics = [m for m in self.evaluator.metrics if isinstance(m, SlideBenchMetric)]
+        if len(metrics) != 1:
+            raise SlideChatError("test_evaluator must hold one SlideBenchMetric "
+                                 "(test_evaluator = dict(type=SlideBenchMetric))")
+        self.metric = metrics[0]
+        self.metric.bind(self.writer, world)
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.generation_kwargs.setdefault("use_cache", True)
+        self.report: Optional[TestReport] = None
+        _log(f"SlideBench test: {table.path} ({table.kind}, {len(table)} rows) -> {self.writer.path}: "
+             f"{self.writer.done} done, {len(items)} to run, batch {s.batch_size}, "
+             f"max_new_tokens {s.max_new_tokens}, max_patches {core_cfg.max_patches_test}")
+
+    def run(self) -> Dict[str, float]:
+        try:
+            metrics = super().run()
+        finally:
+            self.writer.close()
+        self.report = self.metric.report
+        return metrics
+
+    @torch.no_grad()
+    def run_iter(self, idx: int, data_batch: Dict[str, Any]) -> None:
+        self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
+        items: List[SlideBenchItem] = data_batch["data_samples"]
+        if data_batch["data"] is not None:
+            model = _unwrap(self.runner.model)
+            data = model.data_preprocessor({"data": data_batch["data"], "data_samples": None}, False)["data"]
+            with torch.autocast(device_type=_device_type(model), enabled=self.fp16):
+                new_tokens = model.predict(data, max_new_tokens=self.settings.max_new_tokens,
+                                           **self.generation_kwargs)
+            texts = self.tokenizer.batch_decode([t.tolist() for t in new_tokens], skip_special_tokens=True)
+            for j, text in zip(data["rows"], texts):
+                items[j].output = text.strip()
+        self.evaluator.process(data_samples=items, data_batch=data_batch)
+        self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=items)
+
+
+def _device_type(model: Any) -> str:
+    try:
+        return next(model.parameters()).device.type
+    except StopIteration:
+        return "cpu"
+
+
+# --------------------------------------------------------------------------- entry point
+
+def is_exported_folder(path: PathLike) -> bool:
+    from slidechat.model.slidechat_model import CONFIG_FILE
+
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def _exported_overrides(folder: Path) -> Dict[str, Any]:
+    """Point the config's model at an exported folder (its LLM, tokenizer and slide config)."""
+    from slidechat.model.slidechat_model import CONFIG_FILE, LLM_DIR
+
+    meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    slide_cfg = {k: meta[k] for k in ("feature_dim", "encoder", "max_patches_train", "max_patches_test")
+                 if k in meta}
+    llm = str(folder / LLM_DIR)
+    return {"llm_name_or_path": llm, "tokenizer.pretrained_model_name_or_path": llm,
+            "model.llm.pretrained_model_name_or_path": llm, "model.slidechat_config": slide_cfg,
+            "model.llm_lora": None, "model.compat": None}
+
+
+def load_checkpoint_weights(checkpoint: PathLike) -> Dict[str, torch.Tensor]:
+    """Weights of a training checkpoint (.pth, DeepSpeed folder, work dir), a released-style
+    state dict, or an exported folder's slide modules."""
+    from slidechat.engine.model import resolve_checkpoint
+    from slidechat.model.checkpoint import load_state_dict_file
+    from slidechat.model.slidechat_model import SLIDE_MODULES_FILE
+
+    path = Path(resolve_checkpoint(os.fspath(checkpoint)))
+    if not path.exists():
+        raise SlideChatError("checkpoint not found", path)
+    if is_exported_folder(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path / SLIDE_MODULES_FILE), device="cpu")
+    return load_state_dict_file(path)
+
+
+def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
+                      overrides: Optional[Mapping[str, Any]] = None,
+                      cfg_options: Optional[Mapping[str, Any]] = None,
+                      work_dir: Optional[PathLike] = None, launcher: str = "none") -> Any:
+    """The mmengine Runner ``xtuner test`` would build, with the checkpoint loaded into its model."""
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    if not os.path.isfile(config):
+        raise SlideChatError("config file not found", config)
+    cfg = Config.fromfile(os.fspath(config))
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    if overrides:
+        cfg.merge_from_dict({k: v for k, v in overrides.items() if v is not None})
+    if checkpoint is not None:
+        if is_exported_folder(checkpoint):
+            cfg.merge_from_dict(_exported_overrides(Path(checkpoint)))
+        if "model" in cfg and "pretrained_pth" in cfg.model:
+            cfg.model.pretrained_pth = None  # the checkpoint holds the trained weights
+    for key in ("test_dataloader", "test_cfg", "test_evaluator"):
+        if cfg.get(key) is None:
+            raise SlideChatError(f"config has no {key}: it lacks the SlideBench test section", config,
+                                 hint="see configs/tiny/stage_2.py, PART 6")
+    try:  # as xtuner test does: plain functions in the config become registry names
+        from xtuner.tools.test import register_function
+
+        register_function(cfg._cfg_dict)
+    except ImportError:  # pragma: no cover - xtuner is a dependency of the engine
+        pass
+    if work_dir is not None:
+        cfg.work_dir = os.fspath(work_dir)
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = os.path.join("./work_dirs", os.path.splitext(os.path.basename(config))[0])
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    if checkpoint is not None:
+        sd = load_checkpoint_weights(checkpoint)
+        runner.model.load_state_dict(sd, strict=False)
+        runner.logger.info(f"Load checkpoint from {checkpoint}")
+    return runner
+
+
+def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: PathLike,
+             test_output_csv: PathLike, feature_root: Optional[PathLike] = None,
+             feature_template: Optional[str] = None, batch_size: Optional[int] = 8,
+             max_new_tokens: Optional[int] = None, overwrite: bool = False,
+             cfg_options: Optional[Mapping[str, Any]] = None, work_dir: Optional[PathLike] = None,
+             compat: Optional[str] = None, launcher: str = "none") -> TestReport:
+    """Answer a SlideBench CSV with a trained model and score it (the ``slidechat test`` path).
+
+    ``None`` arguments keep the config's values. Returns the report also written to
+    ``<test_output_csv>.report.json/.md``.
+    """
+    overrides: Dict[str, Any] = {
+        "test_slide_csv": os.fspath(test_slide_csv), "test_output_csv": os.fspath(test_output_csv),
+        "feature_root": None if feature_root is None else os.fspath(feature_root),
+        "feature_template": feature_template, "test_batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "overwrite": True if overwrite else None,
+    }
+    opts = dict(cfg_options or {})
+    if compat is not None:
+        opts["model.compat"] = compat
+    runner = build_test_runner(config, checkpoint, overrides, opts, work_dir, launcher)
+    runner.test()
+    loop = runner.test_loop
+    report = getattr(loop, "report", None)
+    if report is None:  # another rank, or a loop that did not score
+        s = TestSettings.from_cfg(runner.cfg)
+        report = score_output(s.test_output_csv, read_slidebench(s.test_slide_csv).kind, write=False)
+    return report
