@@ -52,9 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seg-threshold", type=int,
                    help="fixed saturation threshold 0-255 (default: Otsu, floored at 15)")
     g.add_argument("--seg-downsample", type=float, help="mask downsample (default: auto, ~1-2k px mask)")
-    g.add_argument("--seg-min-tissue-area", type=float, default=4 * 256 * 256,
+    g.add_argument("--seg-min-tissue-area", type=float, default=256 * 256,
                    help="drop tissue regions smaller than this, level-0 px² (default: %(default)g)")
-    g.add_argument("--seg-min-hole-area", type=float, default=256 * 256,
+    g.add_argument("--seg-min-hole-area", type=float, default=128 * 128,
                    help="fill holes smaller than this, level-0 px² (default: %(default)g)")
     g = p.add_argument_group("run")
     g.add_argument("--save-csv", action="store_true", help="also write SlideChat CSVs")

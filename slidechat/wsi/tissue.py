@@ -30,8 +30,8 @@ class TissueParams:
     threshold: Optional[int] = None   # saturation 0–255; None = Otsu
     min_saturation: int = 15          # floor for the Otsu threshold (white glass is ~0–8)
     close_kernel: int = 4             # mask pixels; 0 = no closing
-    min_tissue_area: float = 4 * 256 * 256   # level-0 px²
-    min_hole_area: float = 256 * 256         # level-0 px²
+    min_tissue_area: float = 256 * 256       # level-0 px² (one 256-px patch)
+    min_hole_area: float = 128 * 128         # level-0 px²
     max_holes: int = 8
 
 

@@ -41,7 +41,7 @@ class TinyTestEncoder(PatchEncoder):
         self.requires_grad_(False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / 255.0  # (B, 3, 224, 224) in [0, 1]
+        # x: (B, 3, 224, 224) in [0, 1] (preprocess divides by 255 via std=1)
         small = F.avg_pool2d(x, 2)                       # 112
         h = F.relu(self.conv1(small - 0.5))              # 56
         h = F.max_pool2d(h, 2)                           # 28

@@ -1,0 +1,181 @@
+"""The extraction pipeline end to end on generated slides (tiny_test encoder, real OpenSlide)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from slidechat.features.inputs import collect_slide_paths, rank_and_world, shard
+from slidechat.features.io import load_features
+from slidechat.features.pipeline import extract_slide_features, extract_slides
+from slidechat.utils.errors import SlideChatError
+
+GOOD = ["s20_tumor", "s20_inflamed", "s40_tumor", "odd name ü.v2"]
+
+
+def _failures(path: Path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["slide"]: r for r in csv.DictReader(fh)}
+
+
+def test_good_slides_done_bad_ones_reported(extracted):
+    out, summary = extracted
+    assert sorted(summary["done"]) == sorted(GOOD)
+    fails = _failures(out / "failures.csv")
+    assert set(fails) == {"s_corrupt", "s_blank"}
+    assert fails["s_corrupt"]["stage"] == "open"
+    assert fails["s_blank"]["stage"] == "patching" and "no tissue" in fails["s_blank"]["reason"]
+    for sid in GOOD:
+        assert (out / "h5_files" / f"{sid}.h5").is_file()
+        assert (out / "csv" / f"{sid}.csv").is_file()
+        assert (out / "qc" / f"{sid}.png").is_file()
+    assert not list(out.rglob("*.partial"))
+
+
+def test_h5_clam_layout(extracted):
+    out, _ = extracted
+    with h5py.File(out / "h5_files" / "s40_tumor.h5", "r") as f:
+        coords, feats = f["coords"][()], f["features"][()]
+        a, root = dict(f["coords"].attrs), dict(f.attrs)
+    assert coords.dtype == np.int64 and coords.shape[1] == 2
+    assert feats.dtype == np.float32 and feats.shape == (len(coords), 512)
+    assert a["patch_size"] == 224 and a["patch_level"] == 0 and a["patch_size_level0"] == 448
+    assert list(a["downsample"]) == [1.0, 1.0] and list(a["level_dim"]) == [2560, 2048]
+    assert a["target_mpp"] == pytest.approx(0.5) and a["base_mpp"] == pytest.approx(0.25)
+    assert a["target_magnification"] == pytest.approx(20) and a["base_magnification"] == pytest.approx(40)
+    assert root["encoder"] == "tiny_test" and root["encoder_checkpoint_sha256"] == "none"
+    assert "slidechat_version" in root
+    assert (coords % 448 == 0).all()
+    with h5py.File(out / "h5_files" / "s20_tumor.h5", "r") as f:
+        assert f["coords"].attrs["patch_size_level0"] == 224
+
+
+def test_csv_slidechat_layout_and_single_reader(extracted):
+    out, _ = extracted
+    csv_path = out / "csv" / "s20_tumor.csv"
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == ",".join(str(i) for i in range(512))
+    first = lines[1].split(",")
+    assert len(first) == 512 and all(len(v.split(".")[1]) == 4 for v in first)
+    fh, ch = load_features(out / "h5_files" / "s20_tumor.h5")
+    fc, cc = load_features(csv_path)
+    assert cc is None and ch is not None and ch.shape == (len(fh), 2)
+    assert fc.shape == fh.shape and np.abs(fc - fh).max() <= 5e-5 + 1e-6 * np.abs(fh).max()
+    assert len(lines) == len(fh) + 1
+
+
+def test_in_memory_api_matches_files(extracted, synthetic_slides):
+    out, _ = extracted
+    feats, coords, info = extract_slide_features(synthetic_slides["tumor20"], "tiny_test",
+                                                 num_workers=0, progress=False)
+    fh, ch = load_features(out / "h5_files" / "s20_tumor.h5")
+    assert np.array_equal(coords, ch)
+    np.testing.assert_allclose(feats, fh, rtol=1e-4, atol=1e-4)
+    assert info["coords_attrs"]["patch_size_level0"] == 224 and info["encoder"] == "tiny_test"
+
+
+def test_tiny_features_separate_classes(extracted):
+    out, _ = extracted
+    a, _ = load_features(out / "h5_files" / "s20_tumor.h5")
+    b, _ = load_features(out / "h5_files" / "s20_inflamed.h5")
+    ca, cb = a.mean(0), b.mean(0)
+    correct = (np.linalg.norm(a - ca, axis=1) < np.linalg.norm(a - cb, axis=1)).sum() + \
+              (np.linalg.norm(b - cb, axis=1) < np.linalg.norm(b - ca, axis=1)).sum()
+    assert correct / (len(a) + len(b)) >= 0.95
+
+
+def test_rerun_skips_and_cleans_stale_partials(extracted, synthetic_slides):
+    out, _ = extracted
+    h5 = out / "h5_files" / "s20_tumor.h5"
+    mtime = h5.stat().st_mtime_ns
+    stale = out / "h5_files" / ".s20_tumor.h5.abc123.partial"
+    stale.write_bytes(b"half")
+    s = extract_slides([synthetic_slides["tumor20"]], out, progress=False)
+    assert s["skipped"] == ["s20_tumor"] and not s["done"] and not s["failed"]
+    assert h5.stat().st_mtime_ns == mtime and not stale.exists()
+
+
+def test_failure_mid_write_leaves_no_partial(synthetic_slides, tmp_path, monkeypatch):
+    real = h5py.Group.create_dataset
+
+    def boom(self, name, *a, **k):
+        if name == "features":
+            raise OSError("simulated kill while writing")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, progress=False, num_workers=0)
+    assert s["failed"][0]["stage"] == "write" and "simulated kill" in s["failed"][0]["reason"]
+    assert not (tmp_path / "h5_files" / "s20_tumor.h5").exists()
+    assert not list(tmp_path.rglob("*.partial"))
+    monkeypatch.undo()
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, progress=False, num_workers=0)
+    assert s["done"] == ["s20_tumor"]
+
+
+def test_missing_metadata_fails_unless_base_mpp(synthetic_slides, tmp_path):
+    s = extract_slides([synthetic_slides["nometa"]], tmp_path, progress=False, num_workers=0)
+    f = s["failed"][0]
+    assert f["stage"] == "resolution" and "--base-mpp" in f["reason"]
+    s = extract_slides([synthetic_slides["nometa"]], tmp_path, progress=False, num_workers=0, base_mpp=0.5)
+    assert s["done"] == ["s_nometa"]
+    assert _failures(tmp_path / "failures.csv") == {}
+
+
+def test_rank_sharding_exactly_once(synthetic_slides, tmp_path, monkeypatch):
+    items = list(range(11))
+    for k in (1, 2, 3, 4):
+        parts = [shard(items, r, k) for r in range(k)]
+        assert sorted(sum(parts, [])) == items
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_and_world() == (1, 2)
+    assert rank_and_world(0, 3) == (0, 3)
+    with pytest.raises(SlideChatError):
+        rank_and_world(3, 3)
+    paths = [synthetic_slides["corrupt"], synthetic_slides["blank"]]
+    s1 = extract_slides(paths, tmp_path, progress=False)          # env: rank 1 of 2 -> blank only
+    s0 = extract_slides(paths, tmp_path, rank=0, world_size=2, progress=False)
+    assert [f["slide"] for f in s0["failed"]] == ["s_corrupt"]
+    assert [f["slide"] for f in s1["failed"]] == ["s_blank"]
+    assert set(_failures(tmp_path / "failures_rank0.csv")) == {"s_corrupt"}
+    assert set(_failures(tmp_path / "failures_rank1.csv")) == {"s_blank"}
+
+
+def test_input_forms(synthetic_slides, tmp_path):
+    d = synthetic_slides["dir"]
+    from_dir = collect_slide_paths(d)
+    assert len(from_dir) == 6 and all(p.suffix == ".svs" for p in from_dir)
+    assert collect_slide_paths(str(d / "s20_*.svs")) == sorted(d.glob("s20_*.svs"))
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"slide_path,label\n{synthetic_slides['odd']},x\ns20_tumor.svs,y\n", encoding="utf-8")
+    (tmp_path / "s20_tumor.svs").write_bytes(b"")
+    assert collect_slide_paths(lst) == [synthetic_slides["odd"], tmp_path / "s20_tumor.svs"]
+    txt = tmp_path / "list.txt"
+    txt.write_text(f"# slides\n{synthetic_slides['tumor20']}\n\n", encoding="utf-8")
+    assert collect_slide_paths(txt) == [synthetic_slides["tumor20"]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.svs\n")
+    with pytest.raises(SlideChatError, match="'path' or 'slide_path'"):
+        collect_slide_paths(bad)
+
+
+def test_cli_exit_codes(extracted, synthetic_slides, tmp_path):
+    from slidechat.cli.main import main
+
+    out, _ = extracted
+    # everything finished or failed before: good ones are skipped, the bad ones fail again -> 1
+    assert main(["extract-features", str(synthetic_slides["dir"]), "--out", str(out),
+                 "--no-progress"]) == 1
+    assert main(["extract-features", str(synthetic_slides["tumor20"]), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert main(["extract-features", str(tmp_path / "missing*.svs"), "--out", str(out)]) == 1
+    r = subprocess.run([sys.executable, "tools/extract_features.py", "--help"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "--base-mpp" in r.stdout and "--checkpoint" in r.stdout

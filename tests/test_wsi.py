@@ -1,0 +1,128 @@
+"""Slides, tissue segmentation and patch grids on generated slides opened with real OpenSlide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from slidechat.utils.errors import SlideChatError
+from slidechat.wsi.patching import plan_patches
+from slidechat.wsi.slide import Resolution, Slide, resolve_resolution, slide_id
+from slidechat.wsi.synthetic import MASK_DOWNSAMPLE
+from slidechat.wsi.tissue import TissueParams, segment_tissue, whole_slide_mask
+
+
+def _truth(path):
+    return np.asarray(Image.open(path)) > 0
+
+
+def test_synthetic_slides_have_aperio_metadata(synthetic_slides):
+    import openslide
+
+    o = openslide.OpenSlide(str(synthetic_slides["tumor20"]))
+    assert o.properties["openslide.vendor"] == "aperio"
+    assert float(o.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    assert float(o.properties["openslide.objective-power"]) == pytest.approx(20)
+    o40 = openslide.OpenSlide(str(synthetic_slides["tumor40"]))
+    assert float(o40.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+    assert o40.level_count >= 2 and o40.level_downsamples[1] == pytest.approx(4)
+    s = Slide(synthetic_slides["nometa"])
+    assert s.vendor == "aperio" and s.mpp is None and s.objective is None
+
+
+@pytest.mark.parametrize("key", ["tumor20", "tumor40", "inflamed20"])
+def test_tissue_mask_iou(synthetic_slides, key):
+    import cv2
+
+    truth = _truth(synthetic_slides[key + "_mask"])
+    with Slide(synthetic_slides[key]) as s:
+        tm = segment_tissue(s)
+    ours = cv2.resize(tm.mask.astype(np.float32), truth.shape[::-1], interpolation=cv2.INTER_AREA) > 0.5
+    iou = (ours & truth).sum() / (ours | truth).sum()
+    assert truth.mean() > 0.1
+    assert iou >= 0.9, iou
+
+
+def _truth_fraction(truth, x, y, ps0):
+    ds = MASK_DOWNSAMPLE
+    return truth[y // ds:(y + ps0) // ds, x // ds:(x + ps0) // ds].mean()
+
+
+@pytest.mark.parametrize("key,ps0", [("tumor20", 224), ("tumor40", 448)])
+def test_patches_lie_in_tissue_at_20x(synthetic_slides, key, ps0):
+    truth = _truth(synthetic_slides[key + "_mask"])
+    with Slide(synthetic_slides[key]) as s:
+        res = resolve_resolution(s)
+        grid = plan_patches(s, segment_tissue(s), res, target_magnification=20, patch_size=224)
+        assert res.source == "metadata-mpp"
+        assert grid.patch_size_level0 == ps0 and grid.read_level == 0 and grid.read_size == ps0
+        assert grid.target_mpp == pytest.approx(0.5)
+        assert len(grid) > 3 and grid.coords.dtype == np.int64
+        W, H = s.dimensions
+        for x, y in grid.coords:
+            assert 0 <= x <= W - ps0 and 0 <= y <= H - ps0
+            assert x % ps0 == 0 and y % ps0 == 0
+            assert _truth_fraction(truth, x, y, ps0) >= 0.4
+        # row-major order
+        order = np.lexsort((grid.coords[:, 0], grid.coords[:, 1]))
+        assert (order == np.arange(len(grid))).all()
+
+
+def test_target_mpp_and_pyramid_level(synthetic_slides):
+    with Slide(synthetic_slides["tumor40"]) as s:
+        grid = plan_patches(s, segment_tissue(s), resolve_resolution(s), target_mpp=1.0, patch_size=128)
+        # 1.0 / 0.25 = 4x: read from the 4x level at its native size
+        assert grid.patch_size_level0 == 512 and grid.read_level == 1 and grid.read_size == 128
+        assert grid.coords_attrs()["patch_level"] == 1
+
+
+def test_missing_metadata_needs_flag(synthetic_slides):
+    with Slide(synthetic_slides["nometa"]) as s:
+        with pytest.raises(SlideChatError) as e:
+            resolve_resolution(s)
+        assert "--base-mpp" in str(e.value) and "s_nometa" in str(e.value)
+        assert resolve_resolution(s, base_mpp=0.5) == Resolution(0.5, 20.0, "user")
+        assert resolve_resolution(s, base_magnification=40).mpp == pytest.approx(0.25)
+
+
+def test_blank_slide_has_no_tissue(synthetic_slides):
+    with Slide(synthetic_slides["blank"]) as s:
+        tm = segment_tissue(s)
+        assert tm.mask.mean() < 0.01
+        with pytest.raises(SlideChatError, match="no tissue"):
+            plan_patches(s, tm, resolve_resolution(s))
+        # whole-image mode keeps every grid position
+        g = plan_patches(s, whole_slide_mask(s), resolve_resolution(s))
+        assert len(g) == (1024 // 224) ** 2
+
+
+def test_corrupt_and_missing_files_name_the_file(synthetic_slides, tmp_path):
+    with pytest.raises(SlideChatError, match="s_corrupt.svs"):
+        Slide(synthetic_slides["corrupt"])
+    with pytest.raises(SlideChatError, match="not found"):
+        Slide(tmp_path / "nope.svs")
+
+
+def test_plain_image_and_too_small(synthetic_slides, tmp_path):
+    with Slide(synthetic_slides["fov"]) as s:
+        assert s.dimensions == (512, 512) and s.level_count == 1 and s.mpp is None
+        reg = s.read_region((500, 500), 0, (20, 20))
+        assert reg.shape == (20, 20, 3) and (reg[15:, 15:] == 255).all()  # outside = white
+        # scattered cells are below the slide-oriented default minimum area: lower it
+        tm = segment_tissue(s, TissueParams(min_tissue_area=500))
+        assert 0.05 < tm.tissue_fraction < 0.9
+        g = plan_patches(s, tm, Resolution(0.5, 20, "user"), tissue_threshold=0.1)
+        assert len(g) >= 1
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((100, 120, 3), 128, np.uint8)).save(small)
+    with Slide(small) as s:
+        with pytest.raises(SlideChatError, match="smaller than one patch"):
+            plan_patches(s, whole_slide_mask(s), Resolution(0.5, 20, "user"))
+
+
+def test_slide_id_suffixes():
+    assert slide_id("/a/TCGA-AB-1234.01.svs") == "TCGA-AB-1234.01"
+    assert slide_id("x/img.ome.tiff") == "img"
+    assert slide_id("odd name ü.v2.svs") == "odd name ü.v2"
+    assert slide_id("noext") == "noext"
