@@ -1,0 +1,88 @@
+"""SlideChatTrainModel without a runner: stage-1 freezing, checkpoint key names, LoRA keys and merge."""
+
+import pytest
+import torch
+
+from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+ENC = dict(embed_dim=512, ffn_dim=64, num_heads=8, num_layers=1, segment_lengths=[16, 32],
+           dilated_ratios=[1, 2], dropout=0.1, drop_path=0.0)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    from slidechat.model.tiny_llm import make_tiny_llm
+
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm_engine"))
+
+
+def _model(llm_dir, **kw):
+    from transformers import AutoModelForCausalLM
+
+    from slidechat.engine.model import SlideChatTrainModel
+
+    torch.manual_seed(0)
+    return SlideChatTrainModel(
+        llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(llm_dir)),
+        slidechat_config=dict(feature_dim=512, encoder=ENC), **kw)
+
+
+def _batch():
+    ids = torch.randint(0, 300, (2, 12))
+    ids[:, 2] = IMAGE_TOKEN_INDEX
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "features": [torch.randn(20, 512), torch.randn(7, 512)], "coords": None}
+
+
+def test_stage1_freezes_llm_and_saves_slide_modules_only(llm_dir):
+    m = _model(llm_dir, freeze_llm=True, train_stage="1").train()
+    assert not m.llm.training and m.LongNet_encoder.training and m.projector.training
+    assert not any(p.requires_grad for p in m.llm.parameters())
+    assert all(p.requires_grad for p in m.LongNet_encoder.parameters())
+    keys = list(m.state_dict())
+    assert keys and all(k.startswith(("LongNet_encoder.", "projector.model.")) for k in keys)
+    # the same names as the plain model: the file loads into SlideChatModel unchanged
+    assert set(keys) == {k for k in m.core.state_dict() if not k.startswith("llm.")}
+    out = m(_batch(), mode="loss")
+    out["loss"].backward()
+    assert m.projector.model[0].weight.grad is not None
+    full = _model(llm_dir, freeze_llm=False)
+    assert any(k.startswith("llm.model.layers.") for k in full.state_dict())
+
+
+def test_lora_state_dict_and_merge(llm_dir, monkeypatch):
+    import peft.tuners.lora.model as lora_model
+    from peft import LoraConfig
+
+    # bitsandbytes in this venv fails to import next to triton 3.x (triton.ops is gone); plain LoRA
+    # never needs it, so peft is told it is absent
+    monkeypatch.setattr(lora_model, "is_bnb_available", lambda: False)
+    monkeypatch.setattr(lora_model, "is_bnb_4bit_available", lambda: False)
+
+    m = _model(llm_dir, freeze_llm=True, llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8,
+                                                        task_type="CAUSAL_LM"))
+    keys = list(m.state_dict())
+    llm_keys = [k for k in keys if k.startswith("llm.")]
+    assert llm_keys and all("lora_" in k for k in llm_keys)
+    with torch.no_grad():  # make the adapters non-trivial
+        for n, p in m.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    m.eval()
+    data = _batch()
+    with torch.no_grad():
+        before = m(data, mode="tensor")
+    # a fresh LoRA model loads the saved dict and gives the same logits after merging
+    m2 = _model(llm_dir, freeze_llm=True, llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8,
+                                                         task_type="CAUSAL_LM"))
+    report = m2.load_trained_state_dict(sd)
+    assert report["missing"] == [] and report["unexpected"] == []
+    m2.merge_lora()
+    assert not any("lora_" in k for k in m2.core.state_dict())
+    m2.eval()
+    with torch.no_grad():
+        after = m2.core(**{k: data[k] for k in ("input_ids", "attention_mask", "features", "coords")}).logits
+    assert torch.allclose(before, after, atol=1e-4)
