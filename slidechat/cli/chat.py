@@ -1,0 +1,128 @@
+"""``slidechat chat --checkpoint CKPT (--features X.h5 | --slide X.svs)``: talk about one slide.
+
+Reads one question per line from stdin and prints each answer; ``exit``/``quit`` or end of input
+stops, ``reset`` clears the conversation. The conversation so far is part of every prompt. A raw
+slide is patched and encoded on the fly with the feature extraction pipeline (same options as
+``slidechat extract``). The checkpoint is an exported folder, or a training checkpoint with --config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+EXIT_WORDS = ("exit", "quit", ":q")
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser("chat", help="multi-turn chat about one slide in the terminal",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="exported model folder, or a training checkpoint (with --config)")
+    p.add_argument("--config", default=None, help="training config (needed for training checkpoints)")
+    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="config overrides, as for xtuner")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", help="feature file of the slide (.h5 / SlideChat .csv / .pt)")
+    src.add_argument("--slide", help="raw slide (.svs, .tiff, ...): features are extracted now")
+    ex = p.add_argument_group("extraction (with --slide)")
+    ex.add_argument("--encoder", default="conch_v1", help="patch encoder name (default: conch_v1)")
+    ex.add_argument("--encoder-checkpoint", default=None, help="patch encoder weights")
+    ex.add_argument("--magnification", type=float, default=None,
+                    help="target magnification (default 20)")
+    ex.add_argument("--mpp", type=float, default=None, help="target microns per pixel (instead of "
+                                                              "--magnification)")
+    ex.add_argument("--base-mpp", type=float, default=None,
+                    help="level-0 MPP for slides whose file does not say")
+    ex.add_argument("--patch-size", type=int, default=None, help="patch size in pixels (default 224)")
+    ex.add_argument("--tissue-threshold", type=float, default=None,
+                    help="minimum tissue fraction of a kept patch (default 0.5)")
+    ex.add_argument("--no-tissue-seg", action="store_true", help="use the whole image")
+    ex.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
+    ex.add_argument("--device", default="auto", help="device for the patch encoder")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=500)
+    g.add_argument("--max-patches", type=int, default=None,
+                   help="patch cap (uniform subsample; default: the model's max_patches_test)")
+    g.add_argument("--system", default="", help="system prompt (default empty, as in training)")
+    g.add_argument("--jsonl", action="store_true",
+                   help="print each turn as one JSON line {turn, question, answer} (for scripts)")
+    g.add_argument("--show-prompt", action="store_true",
+                   help="print each turn's full prompt (with the history) to stderr")
+    p.set_defaults(func=run)
+
+
+def _features(args: argparse.Namespace):
+    from slidechat.features.io import load_features
+
+    if args.features:
+        return load_features(args.features)
+    from slidechat.features.pipeline import extract_slide_features
+
+    opts = {"device": args.device, "progress": False}
+    if args.magnification is not None:
+        opts["target_magnification"] = args.magnification
+    if args.mpp is not None:
+        opts["target_mpp"], opts["target_magnification"] = args.mpp, None
+    if args.base_mpp is not None:
+        opts["base_mpp"] = args.base_mpp
+    if args.patch_size is not None:
+        opts["patch_size"] = args.patch_size
+    if args.tissue_threshold is not None:
+        opts["tissue_threshold"] = args.tissue_threshold
+    if args.no_tissue_seg:
+        opts["no_tissue_seg"] = True
+    if args.num_workers is not None:
+        opts["num_workers"] = args.num_workers
+    feats, coords, info = extract_slide_features(args.slide, encoder=args.encoder,
+                                                 checkpoint=args.encoder_checkpoint, **opts)
+    logger.info("%s: %d patches encoded with %s", args.slide, len(feats), args.encoder)
+    return feats, coords
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidechat.cli.export import parse_cfg_options
+    from slidechat.engine.chat import ChatSession, load_chat_model
+    from slidechat.utils.errors import SlideChatError
+
+    model, tok = load_chat_model(args.checkpoint, args.config, parse_cfg_options(args.cfg_options))
+    feats, coords = _features(args)
+    dim = model.config.feature_dim
+    if feats.shape[1] < dim:
+        raise SlideChatError(f"features have {feats.shape[1]} columns, the model needs {dim}",
+                             args.features or args.slide)
+    session = ChatSession(model, tok, feats[:, :dim], coords, max_new_tokens=args.max_new_tokens,
+                          max_patches=args.max_patches, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Slide loaded ({len(session.features)} patches). Ask a question; 'exit' to quit.",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        q = line.strip()
+        if not q:
+            continue
+        if q.lower() in EXIT_WORDS:
+            break
+        if q.lower() == "reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if args.show_prompt:
+            print(f"--- prompt (turn {len(session.history) + 1}) ---\n{session.prompt_text(q)}\n---",
+                  file=sys.stderr, flush=True)
+        answer = session.ask(q)
+        if args.jsonl:
+            print(json.dumps({"turn": len(session.history), "question": q, "answer": answer},
+                             ensure_ascii=False), flush=True)
+        else:
+            print(answer if not interactive else f"slidechat> {answer}", flush=True)
+    return 0

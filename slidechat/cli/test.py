@@ -1,0 +1,62 @@
+"""``slidechat test CONFIG --checkpoint CKPT --test_slide_csv A.csv --test_output_csv B.csv``.
+
+The same path as ``xtuner test CONFIG --checkpoint CKPT --cfg-options test_slide_csv=A.csv ...``: the
+mmengine Runner is built from the config with these flags as top-level overrides, the checkpoint is
+loaded through the model's ``load_state_dict`` and ``runner.test()`` runs the SlideBench test loop,
+so both give the same output CSV. An interrupted run resumes where it stopped (``--overwrite``
+starts afresh). The accuracy table is printed and written to ``<output>.report.json/.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser("test", help="answer a SlideBench CSV with a trained model and score it",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("config", help="training config with the SlideBench test section "
+                                  "(configs/slidechat/stage_2.py, ...)")
+    p.add_argument("--checkpoint", required=True,
+                   help="iter_N.pth / epoch_N.pth, a DeepSpeed checkpoint folder, a work dir (its last "
+                        "checkpoint), an exported model folder, or a released-style state dict")
+    p.add_argument("--test_slide_csv", "--test-slide-csv", required=True, help="SlideBench question CSV")
+    p.add_argument("--test_output_csv", "--test-output-csv", required=True, help="answers CSV to write")
+    p.add_argument("--feature_root", "--feature-root", default=None,
+                   help="folder of feature files (default: the config's feature_root)")
+    p.add_argument("--feature_template", "--feature-template", default=None,
+                   help="feature path template, e.g. '{feature_root}/{Tumor}/{Slide}' (default: that "
+                        "when the CSV has a Tumor column, else '{feature_root}/{Slide}')")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                   help="rows per generation batch (default: the config's test_batch_size, 8)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None,
+                   help="generation limit (default: the config's max_new_tokens, 500)")
+    p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
+    p.add_argument("--compat", default=None, choices=["slidechat_v1"],
+                   help="released-SlideChat encoder behaviour (for the released weights)")
+    p.add_argument("--work-dir", "--work_dir", default=None,
+                   help="mmengine log folder (default: ./work_dirs/<config name>, as xtuner test)")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="other config overrides, as for xtuner")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from slidechat.cli.export import parse_cfg_options
+    from slidechat.engine.testing import run_test
+
+    report = run_test(args.config, args.checkpoint, args.test_slide_csv, args.test_output_csv,
+                      feature_root=args.feature_root, feature_template=args.feature_template,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      overwrite=args.overwrite, cfg_options=parse_cfg_options(args.cfg_options),
+                      work_dir=args.work_dir, compat=args.compat, launcher=args.launcher)
+    print(report.to_markdown(), end="")
+    return 0

@@ -1,0 +1,126 @@
+"""Multi-turn conversation about one slide (``slidechat chat``), on the plain :class:`SlideChatModel`.
+
+The conversation is kept as ``[(question, answer), ...]`` and every turn's prompt is the whole
+history in the training template (``encode_prompt``), so the model sees what it said before.
+``SlideChatModel.generate`` takes raw features and encodes the slide on each call (it has no
+argument for precomputed visual tokens); the slide encoder is a small part of a turn's cost next to
+the LLM's prefill over one token per patch, so each turn re-runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
+                    cfg_options: Optional[dict] = None) -> Tuple[Any, Any]:
+    """``(SlideChatModel in eval mode, tokenizer)`` from an exported folder (no config needed) or a
+    config + training checkpoint."""
+    from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
+
+    ckpt = Path(checkpoint)
+    if config is None:
+        if not (ckpt.is_dir() and (ckpt / CONFIG_FILE).is_file()):
+            raise SlideChatError("not an exported model folder; pass --config with a training checkpoint",
+                                 ckpt, hint=f"an exported folder holds {CONFIG_FILE}")
+        model = SlideChatModel.from_pretrained(ckpt)
+        if model.tokenizer is None:
+            raise SlideChatError("exported folder has no tokenizer", ckpt / "llm")
+        return model, model.tokenizer
+    from slidechat.engine.builder import build_model_from_config
+    from slidechat.engine.testing import _exported_overrides, is_exported_folder
+
+    if is_exported_folder(ckpt):  # config + exported folder: the folder's LLM and slide config win
+        opts = dict(cfg_options or {})
+        opts.update(_exported_overrides(ckpt))
+        model, tok = build_model_from_config(config, checkpoint=None, cfg_options={
+            **opts, "model.pretrained_pth": None})
+        from safetensors.torch import load_file
+
+        from slidechat.model.slidechat_model import SLIDE_MODULES_FILE
+
+        model.load_slidechat_state_dict(load_file(str(ckpt / SLIDE_MODULES_FILE), device="cpu"))
+    else:
+        model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options)
+    if tok is None:
+        raise SlideChatError("config has no tokenizer", config)
+    model.tokenizer = tok
+    model.eval()
+    return model, tok
+
+
+class ChatSession:
+    """One slide, many turns: ``ask(question) -> answer``; ``history`` grows with each turn."""
+
+    def __init__(self, model: Any, tokenizer: Any, features: np.ndarray,
+                 coords: Optional[np.ndarray] = None, max_new_tokens: int = 500,
+                 max_patches: Optional[int] = None, template: str = "qwen_chat", system: str = "",
+                 **generation_kwargs: Any) -> None:
+        from slidechat.engine.testing import uniform_patch_indices
+
+        self.model = model
+        self.tokenizer = tokenizer
+        feats = np.asarray(features, dtype=np.float32)
+        cap = max_patches or getattr(getattr(model, "config", None), "max_patches_test", None)
+        if cap is not None and len(feats) > cap:
+            idx = uniform_patch_indices(len(feats), int(cap))
+            logger.info("slide has %d patches; using %d (uniform subsample)", len(feats), len(idx))
+            feats = feats[idx]
+            coords = None if coords is None else np.asarray(coords)[idx]
+        self.features = torch.from_numpy(np.ascontiguousarray(feats))
+        self.coords = None if coords is None else torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64))
+        self.max_new_tokens = int(max_new_tokens)
+        self.template = template
+        self.system = system
+        self.generation_kwargs = dict(generation_kwargs)
+        self.generation_kwargs.setdefault("use_cache", True)
+        self.history: List[Tuple[str, str]] = []
+
+    def prompt_ids(self, question: str) -> List[int]:
+        from slidechat.data.template import encode_prompt
+
+        return encode_prompt(self.tokenizer, self.history, question, self.template, self.system)
+
+    def prompt_text(self, question: str) -> str:
+        """The next turn's prompt as text (the slide shown as ``<image>``), for inspection."""
+        from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+        ids = self.prompt_ids(question)
+        parts, run = [], []
+        for t in ids:
+            if t == IMAGE_TOKEN_INDEX:
+                parts.append(self.tokenizer.decode(run))
+                parts.append(IMAGE_TOKEN)
+                run = []
+            else:
+                run.append(t)
+        parts.append(self.tokenizer.decode(run))
+        return "".join(parts)
+
+    @torch.no_grad()
+    def ask(self, question: str) -> str:
+        question = question.strip()
+        if not question:
+            raise ValueError("empty question")
+        ids = torch.tensor(self.prompt_ids(question), dtype=torch.long)
+        out = self.model.generate([ids], [self.features],
+                                  coords=None if self.coords is None else [self.coords],
+                                  max_new_tokens=self.max_new_tokens, **self.generation_kwargs)[0]
+        answer = self.tokenizer.decode(out.tolist(), skip_special_tokens=True).strip()
+        self.history.append((question, answer))
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
