@@ -244,3 +244,32 @@ def test_collate_batch_of_two(tokenizer, feature_root, tmp_path):
     assert [f.shape[0] for f in d["features"]] == [20, 20]
     assert d["coords"][0] is not None and d["coords"][1] is None
     assert d["ids"] == ["train::0", "train::1"]
+
+
+def test_synthetic_instructions_deterministic(tmp_path):
+    import csv as _csv
+
+    from slidechat.data.synthetic import VQA_COLUMNS, write_synthetic_dataset
+    from slidechat.data.template import normalize_conversation
+
+    man = tmp_path / "manifest.csv"
+    with open(man, "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(["slide", "path", "label"])
+        for i, lab in enumerate(["tumor", "normal", "inflamed", "necrotic"]):
+            w.writerow([f"s{i}", f"s{i}.tiff", lab])
+    a = write_synthetic_dataset(man, tmp_path / "a", seed=3)
+    b = write_synthetic_dataset(man, tmp_path / "b", seed=3)
+    for k in a:
+        assert a[k].read_bytes() == b[k].read_bytes()
+    stage2 = json.loads(a["stage2"].read_text())
+    for row in json.loads(a["stage1"].read_text()) + stage2:
+        normalize_conversation(row["conversations"])  # valid SlideChat rows
+    with open(a["test_vqa"]) as f:
+        rows = list(_csv.DictReader(f))
+    assert list(rows[0]) == VQA_COLUMNS
+    assert len({r["Broad Category"] for r in rows}) >= 2
+    for r in rows:
+        assert r["Answer"] in "ABCD" and r[r["Answer"]]
+    tumor_row = next(r for r in rows if r["Slide"] == "s0" and r["Narrow Category"] == "Tissue type")
+    assert tumor_row[tumor_row["Answer"]] == "tumor"
