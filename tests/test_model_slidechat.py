@@ -165,17 +165,14 @@ def test_export_reload_identical_logits(model, tokenizer, tmp_path):
     assert not list(folder.glob(".*.partial"))
 
 
-def test_export_merges_lora(tiny_dir, tokenizer, tmp_path, monkeypatch):
-    import peft.tuners.lora.model as lora_model
-    from peft import LoraConfig, get_peft_model
+def test_export_merges_lora(tiny_dir, tokenizer, tmp_path):
+    from peft import LoraConfig
 
-    # bitsandbytes 0.45.0 fails to import next to triton 3.x (triton.ops is gone); plain LoRA doesn't need it
-    monkeypatch.setattr(lora_model, "is_bnb_available", lambda: False)
-    monkeypatch.setattr(lora_model, "is_bnb_4bit_available", lambda: False)
+    from slidechat.model.lora import apply_lora
 
     torch.manual_seed(1)
-    llm = get_peft_model(load_llm(tiny_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                        init_lora_weights=False))
+    llm = apply_lora(load_llm(tiny_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
     m = SlideChatModel(llm, small_config()).eval()
     ids = prompt_ids(tokenizer, "Grade?")[None]
     feats = [torch.randn(6, 32)]
