@@ -164,13 +164,9 @@ class SlideChatTrainModel(BaseModel):
         self.llm = llm
 
     def _apply_lora(self, lora_cfg: Any) -> None:
-        from peft import get_peft_model
+        from slidechat.model.lora import apply_lora
 
-        lora = build_cfg(lora_cfg)
-        if getattr(lora, "target_modules", None) is None:
-            lora.target_modules = sorted({n.rsplit(".", 1)[-1] for n, m in self.llm.named_modules()
-                                          if isinstance(m, nn.Linear) and "lm_head" not in n})
-        self._set_llm(get_peft_model(self.llm, lora))
+        self._set_llm(apply_lora(self.llm, build_cfg(lora_cfg)))
 
     def _enable_checkpointing(self) -> None:
         kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
