@@ -53,9 +53,10 @@ def _xtuner_train(config: Path, work_dir: Path, overrides: List[str]) -> None:
         cmd += ["--cfg-options", *overrides]
     logger.info("$ %s", " ".join(cmd))
     res = subprocess.run(cmd, env=env)
-    if res.returncode != 0:
-        raise SlideChatError(f"xtuner train failed with exit code {res.returncode} (log in {work_dir})",
-                             config)
+    # xtuner's launcher returns 0 even when training failed: judge by the checkpoint it must leave
+    if res.returncode != 0 or not _trained(work_dir):
+        raise SlideChatError(f"xtuner train did not finish (exit code {res.returncode}, no "
+                             f"last_checkpoint; see the log under {work_dir})", config)
 
 
 def _trained(work_dir: Path) -> bool:
