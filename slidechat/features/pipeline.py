@@ -222,6 +222,9 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
     feats = np.empty((len(grid), encoder.embed_dim), np.float32)
     use_amp = opts.amp and device.type == "cuda"
     bar = tqdm(total=len(grid), desc=desc, unit="patch", leave=False, disable=not opts.progress)
+    prev_threads = torch.get_num_threads()
+    if device.type == "cpu" and nw > 0:  # leave the readers their cores: oversubscription is slower
+        torch.set_num_threads(max(1, min(prev_threads, (os.cpu_count() or 1) - nw)))
     try:
         with torch.inference_mode():
             for patches, idx in loader:
@@ -231,6 +234,7 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
                 feats[idx.numpy()] = out.float().cpu().numpy()
                 bar.update(len(idx))
     finally:
+        torch.set_num_threads(prev_threads)
         bar.close()
         if ds._slide is not None:
             ds._slide.close()
