@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -84,9 +85,11 @@ class Slide:
 
         Image.MAX_IMAGE_PIXELS = None  # large fields of view are legitimate here
         try:
-            with Image.open(self.path) as im:
-                im.load()
-                arr = np.asarray(im.convert("RGB"))
+            with warnings.catch_warnings():  # a corrupt file should fail with one clear error
+                warnings.simplefilter("ignore")
+                with Image.open(self.path) as im:
+                    im.load()
+                    arr = np.asarray(im.convert("RGB"))
         except Exception as e:
             raise SlideChatError(f"cannot open image: {type(e).__name__}: {e}", self.path) from e
         self._img = np.ascontiguousarray(arr)
@@ -137,7 +140,7 @@ class Slide:
                                  f"{type(e).__name__}: {e}", self.path) from e
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
-        if alpha.min() < 255:  # OpenSlide returns premultiplied RGBA; composite on white
+        if alpha.min() < 255:  # transparent (outside the scanned area) -> white
             rgb = rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))
             rgb = np.minimum(rgb, 255).astype(np.uint8)
         return np.ascontiguousarray(rgb)

@@ -337,7 +337,7 @@ def make_synthetic_dataset(out_dir: PathLike, n_slides: int = 8, width: int = 25
 
 
 def make_demo_slides(out_dir: PathLike, n_slides: int = 8, seed: int = 0) -> Path:
-    """Small 20x slides (2560×2048, ~35–70 tissue patches each at 20x/224), labels cycled over
+    """Small 20x slides (2560×2048, ~15–40 tissue patches each at 20x/224), labels cycled over
     :data:`LABELS`; returns ``<out_dir>/manifest.csv``. Existing slides are reused."""
     out = Path(out_dir)
     man = out / "manifest.csv"

@@ -78,9 +78,13 @@ class ConchV1Encoder(PatchEncoder):
                  load_weights: bool = True) -> None:
         super().__init__()
         path = require_checkpoint(checkpoint, self.name) if load_weights else None
+        sd = load_state_dict_file(path) if path is not None else None
+        if sd is not None and not any(k.startswith(VISION_PREFIX + "trunk.") for k in sd):
+            raise SlideChatError("checkpoint has no CONCH vision weights (no 'visual.trunk.*' keys)",
+                                 path, hint="pass the CONCH v1 pytorch_model.bin as --checkpoint")
         self.visual = ConchVisionTower(448)
-        if path is not None:
-            self.load_conch_state_dict(load_state_dict_file(path), str(path))
+        if path is not None and sd is not None:
+            self.load_conch_state_dict(sd, str(path))
             self.checkpoint_path = str(path)
             self.checkpoint_sha256 = sha256_file(path)
         self.requires_grad_(False)
