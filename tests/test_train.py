@@ -180,3 +180,30 @@ def test_export_reloads_with_identical_logits(demo, stage2, tmp_path):
     ref = llm_folder_tensors(demo["llm"])
     k = next(k for k in ref if k.endswith("mlp.down_proj.weight"))
     assert not torch.equal(reloaded.llm.state_dict()[k], ref[k])
+
+
+def test_stage2_lora_through_xtuner_train(demo, stage1, tmp_path):
+    """configs/tiny/stage_2_lora.py (extends stage_2.py): LLM frozen, LoRA adapters + slide modules
+    trained through the stock entry point; the checkpoint holds adapters only and merges on load."""
+    from slidechat.engine.builder import build_model_from_config
+
+    wd = tmp_path / "stage2_lora"
+    opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage1["work_dir"]) + [
+        "train_cfg.max_epochs=2"]
+    xtuner_train(REPO / "configs/tiny/stage_2_lora.py", wd, opts)
+    rows, log = logged(wd)
+    assert "Loaded pretrained_pth" in log
+    n_rows = len(json.loads(Path(demo["stage2"]).read_text()))
+    assert np.isfinite([r["loss"] for r in rows]).all() and len(rows) == 2 * -(-n_rows // 2)
+    sd = torch.load(_last_ckpt(wd), map_location="cpu", weights_only=False)["state_dict"]
+    llm_keys = [k for k in sd if k.startswith("llm.")]
+    assert llm_keys and all("lora_" in k for k in llm_keys)
+    # adapters start with lora_B = 0; training must have moved them
+    assert any(float(sd[k].abs().sum()) > 0 for k in llm_keys if "lora_B" in k)
+    core, _ = build_model_from_config(REPO / "configs/tiny/stage_2_lora.py", _last_ckpt(wd),
+                                      cfg_options=_as_dict(opts))
+    merged = core.llm.state_dict()
+    assert not any("lora_" in k for k in merged)
+    ref = llm_folder_tensors(demo["llm"])
+    k = next(k for k in ref if k.endswith("self_attn.q_proj.weight"))
+    assert not torch.equal(merged[k], ref[k])  # the merged LLM carries the trained adapters
