@@ -24,7 +24,11 @@ logger = logging.getLogger("slidechat")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slidechat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="slidechat",
+        description="slidechat: whole-slide pathology vision-language toolkit "
+                    "(feature extraction, SlideBench testing and scoring, chat, export).",
+        epilog="Training uses the stock `xtuner train CONFIG`; see README.md.")
     parser.add_argument("--version", action="version", version=f"slidechat {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
