@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -397,16 +398,25 @@ class SlideBenchTestLoop(TestLoop):
         self.generation_kwargs = dict(generation_kwargs or {})
         self.generation_kwargs.setdefault("use_cache", True)
         self.report: Optional[TestReport] = None
+        self.timings: Dict[str, float] = {"generate_s": 0.0, "new_tokens": 0, "rows_generated": 0,
+                                          "total_s": 0.0}
         _log(f"SlideBench test: {table.path} ({table.kind}, {len(table)} rows) -> {self.writer.path}: "
              f"{self.writer.done} done, {len(items)} to run, batch {s.batch_size}, "
              f"max_new_tokens {s.max_new_tokens}, max_patches {core_cfg.max_patches_test}")
 
     def run(self) -> Dict[str, float]:
+        t0 = time.perf_counter()
         try:
             metrics = super().run()
         finally:
             self.writer.close()
+        self.timings["total_s"] = time.perf_counter() - t0
         self.report = self.metric.report
+        t = self.timings
+        if t["rows_generated"]:
+            _log(f"generated {t['rows_generated']} rows ({t['new_tokens']} new tokens) in "
+                 f"{t['generate_s']:.1f} s of {t['total_s']:.1f} s; "
+                 f"{t['rows_generated'] / t['total_s']:.2f} rows/s")
         return metrics
 
     @torch.no_grad()
@@ -416,14 +426,27 @@ class SlideBenchTestLoop(TestLoop):
         if data_batch["data"] is not None:
             model = _unwrap(self.runner.model)
             data = model.data_preprocessor({"data": data_batch["data"], "data_samples": None}, False)["data"]
+            t0 = time.perf_counter()
             with torch.autocast(device_type=_device_type(model), enabled=self.fp16):
                 new_tokens = model.predict(data, max_new_tokens=self.settings.max_new_tokens,
                                            **self.generation_kwargs)
+            self.timings["generate_s"] += time.perf_counter() - t0
+            self.timings["new_tokens"] += sum(len(t) for t in new_tokens)
+            self.timings["rows_generated"] += len(new_tokens)
             texts = self.tokenizer.batch_decode([t.tolist() for t in new_tokens], skip_special_tokens=True)
             for j, text in zip(data["rows"], texts):
-                items[j].output = text.strip()
+                items[j].output = clean_output(text)
         self.evaluator.process(data_samples=items, data_batch=data_batch)
         self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=items)
+
+
+def clean_output(text: str) -> str:
+    """Generated text as written to the CSV: stripped, line breaks as ``\n``.
+
+    A bare ``\r`` (random or badly trained models emit one now and then) is not quoted by the csv
+    module when the line terminator is ``\n``, and readers then split the row in two.
+    """
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def _device_type(model: Any) -> str:
