@@ -123,3 +123,25 @@ load_from = None
 resume = False
 randomness = dict(seed=None, deterministic=False)
 log_processor = dict(by_epoch=False)
+
+#######################################################################
+#                     PART 6  SlideBench test                         #
+#######################################################################
+# xtuner test <this config> --checkpoint CKPT --cfg-options test_slide_csv=A.csv \
+#     test_output_csv=B.csv [feature_root=DIR feature_template=... test_batch_size=8 max_new_tokens=500]
+# (or: slidechat test <this config> --checkpoint CKPT --test_slide_csv A.csv --test_output_csv B.csv)
+# The loop reads these TOP-LEVEL keys (the only ones --cfg-options can change) and resumes an
+# interrupted output; feature_root above is reused unless overridden.
+from slidechat.engine.testing import SlideBenchMetric, SlideBenchTestDataset, SlideBenchTestLoop
+
+test_slide_csv = None
+test_output_csv = None
+feature_template = None  # default: {feature_root}/{Tumor}/{Slide} when a Tumor column exists
+test_batch_size = 1  # a 7B LLM with up to 38,400 visual tokens per row; raise it when slides are small
+max_new_tokens = 500
+overwrite = False
+test_dataloader = dict(batch_size=test_batch_size, num_workers=0,
+                       dataset=dict(type=SlideBenchTestDataset),  # rows/tokenizer filled in by the loop
+                       sampler=dict(type=DefaultSampler, shuffle=False))
+test_evaluator = dict(type=SlideBenchMetric)
+test_cfg = dict(type=SlideBenchTestLoop)
