@@ -273,3 +273,32 @@ def test_synthetic_instructions_deterministic(tmp_path):
         assert r["Answer"] in "ABCD" and r[r["Answer"]]
     tumor_row = next(r for r in rows if r["Slide"] == "s0" and r["Narrow Category"] == "Tissue type")
     assert tumor_row[tumor_row["Answer"]] == "tumor"
+
+
+def test_synthetic_holdout_keeps_test_slides_out_of_training(tmp_path):
+    import csv as _csv
+
+    from slidechat.data.synthetic import write_synthetic_dataset
+    from slidechat.utils.errors import SlideChatError
+
+    man = tmp_path / "manifest.csv"
+    labels = ["tumor", "normal", "inflamed", "necrotic"] * 3
+    with open(man, "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(["slide", "path", "label"])
+        for i, lab in enumerate(labels):
+            w.writerow([f"s{i}", f"s{i}.tiff", lab])
+    p = write_synthetic_dataset(man, tmp_path / "d", seed=0, holdout_every=3, mcq_variants=2)
+    train_slides = {r["image"][0][:-4] for k in ("stage1", "stage2")
+                    for r in json.loads(p[k].read_text())}
+    with open(p["test_vqa"]) as f:
+        test_slides = {r["Slide"] for r in _csv.DictReader(f)}
+    assert test_slides == {"s2", "s5", "s8", "s11"}
+    assert not (train_slides & test_slides) and len(train_slides) == 8
+    assert {labels[int(s[1:])] for s in test_slides} == set(labels)  # every class is tested
+    stage2 = json.loads(p["stage2"].read_text())
+    tissue = [r for r in stage2 if "Which tissue type" in r["conversations"][0]["value"]]
+    assert len(tissue) == 16  # 8 training slides x 2 variants, answered with the option text
+    assert all(r["conversations"][1]["value"] in labels for r in tissue)
+    with pytest.raises(SlideChatError):
+        write_synthetic_dataset(man, tmp_path / "e", holdout_every=20)

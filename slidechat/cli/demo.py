@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic slides and a tiny model (CPU)",
                        description=__doc__)
     p.add_argument("--work-dir", default="work_dirs/demo", help="where everything is written")
-    p.add_argument("--n-slides", type=int, default=8, help="number of synthetic slides")
+    p.add_argument("--n-slides", type=int, default=24,
+                   help="number of synthetic slides (every third is held out for the test)")
     p.add_argument("--fresh", action="store_true", help="delete the work dir first and start over")
     p.set_defaults(func=run)
 
@@ -96,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if not (llm_dir / "config.json").is_file():
         make_tiny_llm(llm_dir)
 
-    logger.info("[4/7] instruction data and test CSV")
-    data = write_synthetic_dataset(manifest, data_dir, seed=0)
+    logger.info("[4/7] instruction data (training slides) and test CSV (held-out slides)")
+    data = write_synthetic_dataset(manifest, data_dir, seed=0, holdout_every=3, mcq_variants=4)
 
     h5_root = feat_dir / "h5_files"
     common = dict(llm_name_or_path=llm_dir, feature_root=h5_root)

@@ -92,9 +92,19 @@ def _mcq_text(question: str, opts: Sequence[str]) -> str:
     return question + "\n" + "\n".join(f"{k}. {o}" for k, o in zip("ABCD", opts))
 
 
-def build_synthetic_instructions(manifest: PathLike, seed: int = 0) -> Dict[str, list]:
-    """``{'stage1': [...], 'stage2': [...], 'test_vqa': [...], 'test_caption': [...]}`` rows."""
+def build_synthetic_instructions(manifest: PathLike, seed: int = 0, holdout_every: int = 0,
+                                 mcq_variants: int = 1) -> Dict[str, list]:
+    """``{'stage1': [...], 'stage2': [...], 'test_vqa': [...], 'test_caption': [...]}`` rows.
+
+    ``holdout_every=k`` keeps every k-th slide (index k-1, 2k-1, ...) out of training and tests on
+    those alone, so the benchmark measures slides the model never saw; 0 tests on the training slides.
+    ``mcq_variants`` repeats each training MCQ with freshly shuffled options. MCQ answers are the
+    option's text (the scorer maps an option's text to its letter), which a tiny model can learn from
+    the visual tokens alone.
+    """
     rows = read_manifest(manifest)
+    if holdout_every < 0 or mcq_variants < 1:
+        raise ValueError("holdout_every must be >= 0 and mcq_variants >= 1")
     rng = random.Random(seed)
     labels = sorted({r["label"] for r in rows})
     pool = labels + [x for x in DESCRIPTIONS if x not in labels]
@@ -104,31 +114,49 @@ def build_synthetic_instructions(manifest: PathLike, seed: int = 0) -> Dict[str,
         slide, label = r["slide"], r["label"]
         d = _describe(label)
         image = [f"{slide}.csv"]  # SlideChat's naming; the dataset prefers the .h5 beside it
-        stage1.append({"id": f"caption::{i}", "image": image, "conversations": [
-            {"from": "human", "value": f"{rng.choice(CAPTION_PROMPTS)}\n<image>"},
-            {"from": "gpt", "value": caption_for(label)}]})
-        opts = _options(rng, label, pool)
-        letter = "ABCD"[opts.index(label)]
-        stage2.append({"id": f"vqa::{i}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + _mcq_text(
-                "Which tissue type dominates this slide?", opts)},
-            {"from": "gpt", "value": f"{letter}. {label}"},
-            {"from": "human", "value": rng.choice(OPEN_QUESTIONS)},
-            {"from": "gpt", "value": f"The slide shows {d['finding']}."}]})
-        stage2.append({"id": f"vqa::{i}::nuclei", "image": image, "conversations": [
-            {"from": "human", "value": "How do the nuclei look in this slide?\n<image>"},
-            {"from": "gpt", "value": f"The slide has {d['nuclei']}."}]})
+        is_test = holdout_every == 0 or (i + 1) % holdout_every == 0
+        is_train = holdout_every == 0 or not is_test
+        if is_train:
+            stage1.append({"id": f"caption::{i}", "image": image, "conversations": [
+                {"from": "human", "value": f"{rng.choice(CAPTION_PROMPTS)}\n<image>"},
+                {"from": "gpt", "value": caption_for(label)}]})
+            for v in range(mcq_variants):
+                opts = _options(rng, label, pool)
+                suffix = "" if v == 0 else f"::{v}"
+                stage2.append({"id": f"vqa::{i}{suffix}", "image": image, "conversations": [
+                    {"from": "human", "value": "<image>\n" + _mcq_text(
+                        "Which tissue type dominates this slide?", opts)},
+                    {"from": "gpt", "value": label}]})
+                copts = _options(rng, d["colour"], colours)
+                stage2.append({"id": f"vqa::{i}::colour{suffix}", "image": image, "conversations": [
+                    {"from": "human", "value": "<image>\n" + _mcq_text(
+                        "What is the dominant colour of the tissue?", copts)},
+                    {"from": "gpt", "value": d["colour"]}]})
+            stage2.append({"id": f"vqa::{i}::open", "image": image, "conversations": [
+                {"from": "human", "value": f"{rng.choice(OPEN_QUESTIONS)}\n<image>"},
+                {"from": "gpt", "value": f"The slide shows {d['finding']}."},
+                {"from": "human", "value": "How do the nuclei look?"},
+                {"from": "gpt", "value": f"The slide has {d['nuclei']}."}]})
+            stage2.append({"id": f"vqa::{i}::nuclei", "image": image, "conversations": [
+                {"from": "human", "value": "How do the nuclei look in this slide?\n<image>"},
+                {"from": "gpt", "value": f"The slide has {d['nuclei']}."}]})
+        if not is_test:
+            continue
         # SlideBench-VQA-TCGA style test rows: two broad categories
+        opts = _options(rng, label, pool)
         test_vqa.append({"ID": len(test_vqa), "Slide": slide, "Tumor": TUMOR,
                          "Broad Category": "Diagnosis", "Narrow Category": "Tissue type",
                          "Question": "Which tissue type dominates this slide?",
-                         **dict(zip("ABCD", opts)), "Answer": letter})
+                         **dict(zip("ABCD", opts)), "Answer": "ABCD"[opts.index(label)]})
         copts = _options(rng, d["colour"], colours)
         test_vqa.append({"ID": len(test_vqa), "Slide": slide, "Tumor": TUMOR,
                          "Broad Category": "Microscopy", "Narrow Category": "Colour",
                          "Question": "What is the dominant colour of the tissue?",
                          **dict(zip("ABCD", copts)), "Answer": "ABCD"[copts.index(d["colour"])]})
         test_caption.append({"ID": i, "Slide": slide, "Tumor": TUMOR, "Caption": caption_for(label)})
+    if not stage1 or not test_vqa:
+        raise SlideChatError(f"holdout_every={holdout_every} leaves no training or no test slide "
+                             f"among {len(rows)}", manifest)
     return {"stage1": stage1, "stage2": stage2, "test_vqa": test_vqa, "test_caption": test_caption}
 
 
@@ -147,11 +175,13 @@ def _csv_text(rows: List[dict], columns: List[str]) -> str:
     return buf.getvalue()
 
 
-def write_synthetic_dataset(manifest: PathLike, out_dir: PathLike, seed: int = 0) -> Dict[str, Path]:
+def write_synthetic_dataset(manifest: PathLike, out_dir: PathLike, seed: int = 0,
+                            holdout_every: int = 0, mcq_variants: int = 1) -> Dict[str, Path]:
     """Write ``stage1_caption.json``, ``stage2_vqa.json``, ``test_vqa.csv``, ``test_caption.csv``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_synthetic_instructions(manifest, seed=seed)
+    data = build_synthetic_instructions(manifest, seed=seed, holdout_every=holdout_every,
+                                        mcq_variants=mcq_variants)
     paths = {"stage1": out / "stage1_caption.json", "stage2": out / "stage2_vqa.json",
              "test_vqa": out / "test_vqa.csv", "test_caption": out / "test_caption.csv"}
     atomic_write_text(paths["stage1"], json.dumps(data["stage1"], indent=1))
