@@ -274,3 +274,26 @@ def test_example_outputs_are_consistent():
         o = read_output(EX / f"{name}.output.example.csv")
         assert o.columns[: len(t.columns)] == t.columns
         assert o.df[t.columns].values.tolist() == t.df.values.tolist()
+
+
+def test_writer_quotes_carriage_returns_so_rows_stay_whole(tcga_csv, tmp_path):
+    """Model answers can contain a lone "\\r": it must stay inside its cell, for pandas, the csv
+    module and the writer's own resume parser."""
+    t = read_slidebench(tcga_csv)
+    out = tmp_path / "out.csv"
+    answers = {0: "B\rtrailing", 1: "line\r\nbreak", 2: "B. \r", 3: "plain B"}
+    with SlideBenchWriter(t, out) as w:
+        for batch in w.pending_batches(2):
+            for it in batch:
+                it.output = answers.get(it.index, "B")
+            w.write(batch)
+            if w.done >= 4:
+                break
+    with SlideBenchWriter(t, out) as w:  # resume parser reads the same records back
+        assert w.done == 4 and w.num_pending == 3
+        list(_run(w, 3, _answer))
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert len(df) == 7 and df["ID"].tolist() == [str(10 + i) for i in range(7)]
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 8 and rows[1][t.columns.__len__()] == "B\rtrailing"

@@ -441,12 +441,9 @@ class SlideBenchTestLoop(TestLoop):
 
 
 def clean_output(text: str) -> str:
-    """Generated text as written to the CSV: stripped, line breaks as ``\n``.
-
-    A bare ``\r`` (random or badly trained models emit one now and then) is not quoted by the csv
-    module when the line terminator is ``\n``, and readers then split the row in two.
-    """
-    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    """Generated text as written to the CSV: surrounding whitespace stripped (the writer quotes any
+    line break inside, so the text is otherwise kept as generated)."""
+    return text.strip()
 
 
 def _device_type(model: Any) -> str:

@@ -31,7 +31,7 @@ import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -257,9 +257,16 @@ def shard_path(out_path: PathLike, rank: int, world_size: int) -> Path:
     return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
 
 
+def _csv_writer(fh: Any) -> Any:
+    """RFC 4180 records (CRLF): the csv module quotes only the characters of its line terminator,
+    so with a bare "\n" terminator a lone "\r" in a model's answer went out unquoted and split the
+    row for every reader."""
+    return csv.writer(fh, lineterminator="\r\n")
+
+
 def _csv_line(values: Sequence[str]) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
+    _csv_writer(buf).writerow(values)
     return buf.getvalue()
 
 
@@ -458,7 +465,7 @@ class SlideBenchWriter:
         from slidechat.evaluation.mcq import parse_choice  # local: mcq imports nothing from here
 
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        w = _csv_writer(buf)
         for it in items:
             vals = list(self.table.values[it.index])
             if it.error is None and it.output is None:
@@ -520,7 +527,7 @@ def merge_shards(table: SlideBenchTable, out_path: PathLike, world_size: int,
     out = Path(out_path)
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
+            w = _csv_writer(fh)
             w.writerow(cols)
             w.writerows(merged_rows)
     if remove_shards:
