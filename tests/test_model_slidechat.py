@@ -149,6 +149,29 @@ def test_generate_batch_equals_single(model, tokenizer):
     assert torch.equal(forced, batch[0][:1])
 
 
+def test_generate_with_precomputed_visual_tokens(model, tokenizer):
+    prompts = [prompt_ids(tokenizer, "What is the diagnosis?"), prompt_ids(tokenizer, "Grade?")]
+    feats = [torch.randn(11, 32), torch.randn(6, 32)]
+    with torch.no_grad():
+        vis = model.encode_slides(feats)
+    assert [v.shape[0] for v in vis] == [11, 6]
+    a = model.generate(prompts, feats, max_new_tokens=6)
+    b = model.generate(prompts, feats, visual_tokens=vis, max_new_tokens=6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_chat_session_encodes_the_slide_once(model, tokenizer, monkeypatch):
+    from slidechat.engine.chat import ChatSession
+
+    calls = []
+    real = model.encode_slides
+    monkeypatch.setattr(model, "encode_slides", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chat = ChatSession(model, tokenizer, torch.randn(9, 32).numpy(), max_new_tokens=4)
+    first = chat.ask("What is the diagnosis?")
+    chat.ask("Why?")
+    assert len(calls) == 1 and len(chat.history) == 2 and chat.history[0] == ("What is the diagnosis?", first)
+
+
 def test_export_reload_identical_logits(model, tokenizer, tmp_path):
     folder = model.save_pretrained(tmp_path / "export", tokenizer=tokenizer)
     assert (folder / "llm" / "config.json").is_file() and (folder / "llm" / "tokenizer.json").is_file()

@@ -2,9 +2,7 @@
 
 The conversation is kept as ``[(question, answer), ...]`` and every turn's prompt is the whole
 history in the training template (``encode_prompt``), so the model sees what it said before.
-``SlideChatModel.generate`` takes raw features and encodes the slide on each call (it has no
-argument for precomputed visual tokens); the slide encoder is a small part of a turn's cost next to
-the LLM's prefill over one token per patch, so each turn re-runs it.
+The slide is encoded once (slide encoder + projector) and its visual tokens are reused every turn.
 """
 
 from __future__ import annotations
@@ -87,6 +85,7 @@ class ChatSession:
         self.generation_kwargs = dict(generation_kwargs)
         self.generation_kwargs.setdefault("use_cache", True)
         self.history: List[Tuple[str, str]] = []
+        self._visual_tokens: Optional[List[torch.Tensor]] = None
 
     def prompt_ids(self, question: str) -> List[int]:
         from slidechat.data.template import encode_prompt
@@ -115,8 +114,10 @@ class ChatSession:
         if not question:
             raise ValueError("empty question")
         ids = torch.tensor(self.prompt_ids(question), dtype=torch.long)
-        out = self.model.generate([ids], [self.features],
-                                  coords=None if self.coords is None else [self.coords],
+        if self._visual_tokens is None:
+            self._visual_tokens = self.model.encode_slides(
+                [self.features], None if self.coords is None else [self.coords])
+        out = self.model.generate([ids], [self.features], visual_tokens=self._visual_tokens,
                                   max_new_tokens=self.max_new_tokens, **self.generation_kwargs)[0]
         answer = self.tokenizer.decode(out.tolist(), skip_special_tokens=True).strip()
         self.history.append((question, answer))

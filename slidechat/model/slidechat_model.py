@@ -248,15 +248,22 @@ class SlideChatModel(nn.Module):
     def generate(self, input_ids: Sequence[Tensor], features: Sequence[Tensor],
                  coords: Optional[Sequence[Optional[Tensor]]] = None, max_new_tokens: int = 500,
                  do_sample: bool = False, eos_token_id: Optional[Union[int, List[int]]] = None,
-                 pad_token_id: Optional[int] = None, **gen_kwargs: Any) -> List[Tensor]:
-        """Answer a batch of prompts; returns each sample's new tokens, cut before the first stop token."""
+                 pad_token_id: Optional[int] = None,
+                 visual_tokens: Optional[Sequence[Tensor]] = None, **gen_kwargs: Any) -> List[Tensor]:
+        """Answer a batch of prompts; returns each sample's new tokens, cut before the first stop token.
+
+        ``visual_tokens`` (``encode_slides`` output) replaces ``features`` when the same slides are
+        asked again, e.g. the turns of a chat, so the slide is encoded once.
+        """
+        if visual_tokens is not None:
+            features = visual_tokens
         if len(input_ids) != len(features):
             raise SlideChatError(f"{len(input_ids)} prompts but {len(features)} slides")
         if len(input_ids) == 0:
             return []
         b = len(input_ids)
         places = [self._placeholder_index(ids.reshape(-1), i) for i, ids in enumerate(input_ids)]
-        vis = self.encode_slides(features, coords)
+        vis = list(visual_tokens) if visual_tokens is not None else self.encode_slides(features, coords)
         _, dev = self._llm_dtype_device()
         embed = self._embed_tokens()
         rows = []
