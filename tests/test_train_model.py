@@ -82,3 +82,33 @@ def test_lora_state_dict_and_merge(llm_dir):
     with torch.no_grad():
         after = m2.core(**{k: data[k] for k in ("input_ids", "attention_mask", "features", "coords")}).logits
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_resume_allowlist_reads_message_hub_but_not_arbitrary_getattr():
+    """Weights-only torch.load must read an mmengine message hub (resume) without allow-listing the
+    real getattr, which would let any checkpoint in the process reach eval."""
+    import io
+    import pickle
+
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    import slidechat.engine.model  # noqa: F401  (registers the allow-list, as configs do)
+
+    hub = MessageHub.get_instance("allowlist_test")
+    hub.update_scalar("train/loss", 1.5)
+    hub.update_scalar("train/loss", 0.5)
+    buf = io.BytesIO()
+    torch.save({"message_hub": hub.state_dict(), "w": torch.ones(2)}, buf)
+    buf.seek(0)
+    back = torch.load(buf)  # torch's default: weights_only=True
+    assert back["message_hub"]["log_scalars"]["train/loss"].mean() == pytest.approx(1.0)
+
+    class Escape:
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer.__init__, "__globals__"))
+
+    buf = io.BytesIO()
+    torch.save({"x": Escape()}, buf)
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
+        torch.load(buf)

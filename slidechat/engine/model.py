@@ -22,15 +22,34 @@ logger = logging.getLogger(__name__)
 CORE_CHILDREN = ("llm", "LongNet_encoder", "projector")
 
 
+def history_buffer_getattr(obj: Any, name: str) -> Any:
+    """Stands in for ``builtins.getattr`` inside weights-only ``torch.load``, for one use only.
+
+    mmengine pickles the statistics methods of its ``HistoryBuffer`` (``min``, ``max``, ``mean``,
+    ``current`` ...) as ``getattr(HistoryBuffer, name)``. Allow-listing the real ``getattr`` would let
+    any checkpoint loaded in this process walk from an allowed class to ``eval``; this resolves those
+    registered method names on ``HistoryBuffer`` and refuses everything else.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    # the four defaults are only put in _statistics_methods when a first buffer is created
+    allowed = {"min", "max", "current", "mean"} | set(HistoryBuffer._statistics_methods)
+    if obj is HistoryBuffer and isinstance(name, str) and name in allowed:
+        return getattr(HistoryBuffer, name)
+    import pickle
+
+    raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a weights-only checkpoint")
+
+
 def allow_mmengine_checkpoint_globals() -> None:
     """Let ``torch.load``'s weights-only default read mmengine checkpoints (needed for resume).
 
     torch >= 2.6 loads with ``weights_only=True`` by default; xtuner 0.2.0 (``--resume`` seed lookup)
     and mmengine 0.10 (``runner.resume``) call ``torch.load`` without ``weights_only``, and an
     mmengine checkpoint's message hub holds ``HistoryBuffer`` objects and numpy arrays. These are the
-    only extra globals such a file needs (``getattr`` is how numpy 2 pickles its dtype classes); the
-    weights-only unpickler still refuses to call anything not on the list. Runs when a config
-    imports this module, i.e. only in processes that train or load our checkpoints.
+    only extra globals such a file needs; ``builtins.getattr`` is mapped to
+    :func:`history_buffer_getattr`, never to the real ``getattr``. Runs when a config imports this
+    module, i.e. only in processes that train or load our checkpoints.
     """
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
@@ -44,7 +63,8 @@ def allow_mmengine_checkpoint_globals() -> None:
     dtype_classes = [getattr(np_dtypes, n) for n in dir(np_dtypes) if n.endswith("DType")]
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
-        add([HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar, getattr] + dtype_classes)
+        add([HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar,
+             (history_buffer_getattr, "builtins.getattr")] + dtype_classes)
 
 
 allow_mmengine_checkpoint_globals()
