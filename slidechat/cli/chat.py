@@ -9,6 +9,7 @@ slide is patched and encoded on the fly with the feature extraction pipeline (sa
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -84,7 +85,17 @@ def _features(args: argparse.Namespace):
     return feats, coords
 
 
+def _keep_stdout_for_answers() -> None:
+    """DeepSpeed (imported by accelerate/transformers) logs "Setting accelerator to CPU" to stdout
+    when it finds no GPU; naming the CPU accelerator keeps a piped chat transcript clean."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def run(args: argparse.Namespace) -> int:
+    _keep_stdout_for_answers()
     from slidechat.cli.export import parse_cfg_options
     from slidechat.engine.chat import ChatSession, load_chat_model
     from slidechat.utils.errors import SlideChatError
