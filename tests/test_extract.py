@@ -119,6 +119,41 @@ def test_failure_mid_write_leaves_no_partial(synthetic_slides, tmp_path, monkeyp
     assert s["done"] == ["s20_tumor"]
 
 
+def test_sigkill_mid_write_leaves_no_final_file_and_rerun_recovers(synthetic_slides, tmp_path):
+    """A real kill (SIGKILL: no exception handler, no cleanup runs) while the H5 is being written."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent(f"""
+        import os, signal, h5py
+        from slidechat.features.pipeline import extract_slides
+        real = h5py.Group.create_dataset
+        def kill_mid_write(self, name, *a, **k):
+            out = real(self, name, *a, **k)
+            if name == "features":
+                self.file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        h5py.Group.create_dataset = kill_mid_write
+        extract_slides([{str(synthetic_slides["tumor20"])!r}], {str(tmp_path)!r}, progress=False,
+                       num_workers=0, save_csv=True)
+    """)
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr.decode()[-2000:]
+    final = tmp_path / "h5_files" / "s20_tumor.h5"
+    assert not final.exists()  # the H5 marks a finished slide: it must not exist half-written
+    assert list(tmp_path.rglob(".*.partial"))  # the torn temp file the kill left behind
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, progress=False, num_workers=0,
+                       save_csv=True)
+    assert s["done"] == ["s20_tumor"] and not list(tmp_path.rglob("*.partial"))
+    feats, coords = load_features(final)
+    csv_feats, _ = load_features(tmp_path / "csv" / "s20_tumor.csv")
+    assert len(feats) == len(coords) == len(csv_feats) > 0
+    assert np.allclose(feats, csv_feats, atol=6e-5)
+
+
 def test_missing_metadata_fails_unless_base_mpp(synthetic_slides, tmp_path):
     s = extract_slides([synthetic_slides["nometa"]], tmp_path, progress=False, num_workers=0)
     f = s["failed"][0]
