@@ -66,14 +66,14 @@ class ChatSession:
                  coords: Optional[np.ndarray] = None, max_new_tokens: int = 500,
                  max_patches: Optional[int] = None, template: str = "qwen_chat", system: str = "",
                  **generation_kwargs: Any) -> None:
-        from slidechat.engine.testing import uniform_patch_indices
+        from slidechat.data.dataset import uniform_indices
 
         self.model = model
         self.tokenizer = tokenizer
         feats = np.asarray(features, dtype=np.float32)
         cap = max_patches or getattr(getattr(model, "config", None), "max_patches_test", None)
         if cap is not None and len(feats) > cap:
-            idx = uniform_patch_indices(len(feats), int(cap))
+            idx = uniform_indices(len(feats), int(cap))
             logger.info("slide has %d patches; using %d (uniform subsample)", len(feats), len(idx))
             feats = feats[idx]
             coords = None if coords is None else np.asarray(coords)[idx]

@@ -42,6 +42,7 @@ from mmengine.registry import LOOPS, METRICS
 from mmengine.runner import TestLoop
 from torch.utils.data import Dataset, SequentialSampler
 
+from slidechat.data.dataset import uniform_indices
 from slidechat.evaluation.slidebench import (SlideBenchItem, SlideBenchTable, SlideBenchWriter,
                                              merge_shards, read_csv_text, read_slidebench)
 from slidechat.utils.errors import SlideChatError
@@ -116,13 +117,6 @@ def _as_bool(v: Any) -> bool:
 
 # --------------------------------------------------------------------------- data
 
-def uniform_patch_indices(n: int, k: int) -> np.ndarray:
-    """``k`` rows spread evenly over ``n`` (``np.linspace``, as the original's test cap)."""
-    if n <= k:
-        return np.arange(n)
-    return np.linspace(0, n - 1, num=k, dtype=np.int64)
-
-
 class SlideBenchTestDataset(Dataset):
     """Pending SlideBench rows -> prompt ids + slide features (errors become the row's ``Error``)."""
 
@@ -163,7 +157,7 @@ class SlideBenchTestDataset(Dataset):
             item.error = str(e)
             logger.warning("row %s: %s", item.key, e)
             return out
-        idx = uniform_patch_indices(len(feats), self.max_patches)
+        idx = uniform_indices(len(feats), self.max_patches)
         if len(idx) < len(feats):
             feats = feats[idx]
             coords = None if coords is None else coords[idx]
