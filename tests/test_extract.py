@@ -96,7 +96,7 @@ def test_rerun_skips_and_cleans_stale_partials(extracted, synthetic_slides):
     mtime = h5.stat().st_mtime_ns
     stale = out / "h5_files" / ".s20_tumor.h5.abc123.partial"
     stale.write_bytes(b"half")
-    s = extract_slides([synthetic_slides["tumor20"]], out, progress=False)
+    s = extract_slides([synthetic_slides["tumor20"]], out, encoder="tiny_test", progress=False)
     assert s["skipped"] == ["s20_tumor"] and not s["done"] and not s["failed"]
     assert h5.stat().st_mtime_ns == mtime and not stale.exists()
 
@@ -110,12 +110,12 @@ def test_failure_mid_write_leaves_no_partial(synthetic_slides, tmp_path, monkeyp
         return real(self, name, *a, **k)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", boom)
-    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, progress=False, num_workers=0)
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", progress=False, num_workers=0)
     assert s["failed"][0]["stage"] == "write" and "simulated kill" in s["failed"][0]["reason"]
     assert not (tmp_path / "h5_files" / "s20_tumor.h5").exists()
     assert not list(tmp_path.rglob("*.partial"))
     monkeypatch.undo()
-    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, progress=False, num_workers=0)
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", progress=False, num_workers=0)
     assert s["done"] == ["s20_tumor"]
 
 
@@ -137,7 +137,7 @@ def test_sigkill_mid_write_leaves_no_final_file_and_rerun_recovers(synthetic_sli
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         h5py.Group.create_dataset = kill_mid_write
-        extract_slides([{str(synthetic_slides["tumor20"])!r}], {str(tmp_path)!r}, progress=False,
+        extract_slides([{str(synthetic_slides["tumor20"])!r}], {str(tmp_path)!r}, encoder="tiny_test", progress=False,
                        num_workers=0, save_csv=True)
     """)
     res = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300)
@@ -145,7 +145,7 @@ def test_sigkill_mid_write_leaves_no_final_file_and_rerun_recovers(synthetic_sli
     final = tmp_path / "h5_files" / "s20_tumor.h5"
     assert not final.exists()  # the H5 marks a finished slide: it must not exist half-written
     assert list(tmp_path.rglob(".*.partial"))  # the torn temp file the kill left behind
-    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, progress=False, num_workers=0,
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", progress=False, num_workers=0,
                        save_csv=True)
     assert s["done"] == ["s20_tumor"] and not list(tmp_path.rglob("*.partial"))
     feats, coords = load_features(final)
@@ -155,10 +155,10 @@ def test_sigkill_mid_write_leaves_no_final_file_and_rerun_recovers(synthetic_sli
 
 
 def test_missing_metadata_fails_unless_base_mpp(synthetic_slides, tmp_path):
-    s = extract_slides([synthetic_slides["nometa"]], tmp_path, progress=False, num_workers=0)
+    s = extract_slides([synthetic_slides["nometa"]], tmp_path, encoder="tiny_test", progress=False, num_workers=0)
     f = s["failed"][0]
     assert f["stage"] == "resolution" and "--base-mpp" in f["reason"]
-    s = extract_slides([synthetic_slides["nometa"]], tmp_path, progress=False, num_workers=0, base_mpp=0.5)
+    s = extract_slides([synthetic_slides["nometa"]], tmp_path, encoder="tiny_test", progress=False, num_workers=0, base_mpp=0.5)
     assert s["done"] == ["s_nometa"]
     assert _failures(tmp_path / "failures.csv") == {}
 
@@ -175,8 +175,8 @@ def test_rank_sharding_exactly_once(synthetic_slides, tmp_path, monkeypatch):
     with pytest.raises(SlideChatError):
         rank_and_world(3, 3)
     paths = [synthetic_slides["corrupt"], synthetic_slides["blank"]]
-    s1 = extract_slides(paths, tmp_path, progress=False)          # env: rank 1 of 2 -> blank only
-    s0 = extract_slides(paths, tmp_path, rank=0, world_size=2, progress=False)
+    s1 = extract_slides(paths, tmp_path, encoder="tiny_test", progress=False)          # env: rank 1 of 2 -> blank only
+    s0 = extract_slides(paths, tmp_path, rank=0, world_size=2, encoder="tiny_test", progress=False)
     assert [f["slide"] for f in s0["failed"]] == ["s_corrupt"]
     assert [f["slide"] for f in s1["failed"]] == ["s_blank"]
     assert set(_failures(tmp_path / "failures_rank0.csv")) == {"s_corrupt"}
@@ -201,16 +201,22 @@ def test_input_forms(synthetic_slides, tmp_path):
         collect_slide_paths(bad)
 
 
-def test_cli_exit_codes(extracted, synthetic_slides, tmp_path):
+def test_cli_exit_codes(extracted, synthetic_slides, tmp_path, caplog):
     from slidechat.cli.main import main
 
     out, _ = extracted
     # everything finished or failed before: good ones are skipped, the bad ones fail again -> 1
     assert main(["extract-features", str(synthetic_slides["dir"]), "--out", str(out),
-                 "--no-progress"]) == 1
+                 "--encoder", "tiny_test", "--no-progress"]) == 1
     assert main(["extract-features", str(synthetic_slides["tumor20"]), "--out", str(out),
-                 "--no-progress"]) == 0
-    assert main(["extract-features", str(tmp_path / "missing*.svs"), "--out", str(out)]) == 1
+                 "--encoder", "tiny_test", "--no-progress"]) == 0
+    assert main(["extract-features", str(tmp_path / "missing*.svs"), "--out", str(out),
+                 "--encoder", "tiny_test"]) == 1
+    # the default encoder is CONCH v1: without its weights it says which flag to pass, and writes nothing
+    fresh = tmp_path / "fresh_out"
+    assert main(["extract-features", str(synthetic_slides["tumor20"]), "--out", str(fresh),
+                 "--no-progress"]) == 1
+    assert "--checkpoint" in caplog.text and not list(fresh.rglob("*.h5"))
     r = subprocess.run([sys.executable, "tools/extract_features.py", "--help"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0 and "--base-mpp" in r.stdout and "--checkpoint" in r.stdout

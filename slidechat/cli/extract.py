@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'slide_path') / text list of slide paths")
     p.add_argument("--out", "-o", required=True, help="output folder")
     g = p.add_argument_group("encoder")
-    g.add_argument("--encoder", default="tiny_test",
+    g.add_argument("--encoder", default="conch_v1",
                    help="tiny_test (test/demo stand-in, no weights), conch_v1 (SlideChat's features), "
                         "resnet50_trunc (CLAM baseline) or timm:<model_name> (default: %(default)s)")
     g.add_argument("--checkpoint", help="local weights file for the encoder (required except tiny_test)")

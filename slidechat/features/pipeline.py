@@ -271,7 +271,7 @@ def _process(path: Path, encoder: Any, opts: ExtractOptions, device: Any, want_t
     return SlideResult(slide_id(path), path, feats, grid.coords.copy(), grid, mask, dims, timings, thumb)
 
 
-def extract_slide_features(slide_path: PathLike, encoder: Any = "tiny_test",
+def extract_slide_features(slide_path: PathLike, encoder: Any = "conch_v1",
                            checkpoint: Optional[PathLike] = None, **options: Any
                            ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """Features of one slide in memory: ``(features float32 [N, D], coords int64 [N, 2], info)``.
@@ -376,7 +376,7 @@ def _write_failures(path: Path, failures: List[Dict[str, str]]) -> None:
 
 
 def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
-                   encoder: Any = "tiny_test", checkpoint: Optional[PathLike] = None,
+                   encoder: Any = "conch_v1", checkpoint: Optional[PathLike] = None,
                    save_csv: bool = False, save_qc: bool = True, overwrite: bool = False,
                    rank: Optional[int] = None, world_size: Optional[int] = None,
                    limit: Optional[int] = None, **options: Any) -> Dict[str, Any]:
