@@ -99,34 +99,6 @@ def require_checkpoint(path: Optional[PathLike], encoder: str) -> Path:
     return p
 
 
-def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
-    """A flat tensor dict from ``.safetensors``/``.pt``/``.bin``/``.pth``.
-
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and strips a ``module.`` prefix.
-    """
-    p = Path(path)
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SlideChatError(f"cannot read checkpoint: {type(e).__name__}: {e}", p) from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise SlideChatError(f"checkpoint holds {type(sd).__name__}, expected a state dict", p)
-    out = {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
-
-
 def load_checked(module: nn.Module, sd: Dict[str, torch.Tensor], path: PathLike, encoder: str,
                  ignore_missing: Tuple[str, ...] = ()) -> None:
     """``load_state_dict(strict=False)`` that logs unexpected keys and refuses missing ones.

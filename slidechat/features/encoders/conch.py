@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from slidechat.features.encoders.base import (CLIP_MEAN, CLIP_STD, PatchEncoder, load_checked,
-                                              load_state_dict_file, require_checkpoint, sha256_file)
+                                              require_checkpoint, sha256_file)
+from slidechat.model.checkpoint import load_state_dict_file
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)

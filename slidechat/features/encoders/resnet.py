@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from slidechat.features.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, load_checked,
-                                              load_state_dict_file, require_checkpoint, sha256_file)
+                                              require_checkpoint, sha256_file)
+from slidechat.model.checkpoint import load_state_dict_file
 
 
 class ResNet50TruncEncoder(PatchEncoder):

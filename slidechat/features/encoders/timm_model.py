@@ -10,7 +10,8 @@ from typing import Optional, Union
 import torch
 
 from slidechat.features.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, load_checked,
-                                              load_state_dict_file, require_checkpoint, sha256_file)
+                                              require_checkpoint, sha256_file)
+from slidechat.model.checkpoint import load_state_dict_file
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
