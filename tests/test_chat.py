@@ -56,7 +56,8 @@ def test_chat_session_config_checkpoint_matches_exported(setup):
     feats, coords = load_features(setup["feats"] / "LUAD" / "TCGA-01.h5")
     opts = parse_cfg_options([f"{k}={'None' if v is None else v}" for k, v in setup["overrides"].items()])
     answers = []
-    for ckpt, config in ((setup["ckpt"], CONFIG), (setup["exported"], None)):
+    # the exported folder alone, or with a config (its LLM and slide config then win)
+    for ckpt, config in ((setup["ckpt"], CONFIG), (setup["exported"], None), (setup["exported"], CONFIG)):
         model, tok = load_chat_model(ckpt, config, opts if config else None)
         s = ChatSession(model, tok, feats, coords, max_new_tokens=6)
         answers.append([s.ask("Describe the slide."), s.ask("Anything else?")])
@@ -65,7 +66,7 @@ def test_chat_session_config_checkpoint_matches_exported(setup):
         assert ids.count(-200) == 1
         s.reset()
         assert len(s.prompt_ids("Third?")) < len(ids)
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] == answers[2]
 
 
 def test_chat_session_caps_patches(setup):

@@ -26,32 +26,19 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
                     cfg_options: Optional[dict] = None) -> Tuple[Any, Any]:
     """``(SlideChatModel in eval mode, tokenizer)`` from an exported folder (no config needed) or a
     config + training checkpoint."""
+    from slidechat.engine.builder import build_model_from_config, is_exported_folder
     from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
 
     ckpt = Path(checkpoint)
     if config is None:
-        if not (ckpt.is_dir() and (ckpt / CONFIG_FILE).is_file()):
+        if not is_exported_folder(ckpt):
             raise SlideChatError("not an exported model folder; pass --config with a training checkpoint",
                                  ckpt, hint=f"an exported folder holds {CONFIG_FILE}")
         model = SlideChatModel.from_pretrained(ckpt)
         if model.tokenizer is None:
             raise SlideChatError("exported folder has no tokenizer", ckpt / "llm")
         return model, model.tokenizer
-    from slidechat.engine.builder import build_model_from_config
-    from slidechat.engine.testing import _exported_overrides, is_exported_folder
-
-    if is_exported_folder(ckpt):  # config + exported folder: the folder's LLM and slide config win
-        opts = dict(cfg_options or {})
-        opts.update(_exported_overrides(ckpt))
-        model, tok = build_model_from_config(config, checkpoint=None, cfg_options={
-            **opts, "model.pretrained_pth": None})
-        from safetensors.torch import load_file
-
-        from slidechat.model.slidechat_model import SLIDE_MODULES_FILE
-
-        model.load_slidechat_state_dict(load_file(str(ckpt / SLIDE_MODULES_FILE), device="cpu"))
-    else:
-        model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options)
+    model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options)
     if tok is None:
         raise SlideChatError("config has no tokenizer", config)
     model.tokenizer = tok

@@ -27,7 +27,6 @@ the config with the top-level overrides, load the checkpoint through the model's
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -449,62 +448,24 @@ def _device_type(model: Any) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
-def is_exported_folder(path: PathLike) -> bool:
-    from slidechat.model.slidechat_model import CONFIG_FILE
-
-    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
-
-
-def _exported_overrides(folder: Path) -> Dict[str, Any]:
-    """Point the config's model at an exported folder (its LLM, tokenizer and slide config)."""
-    from slidechat.model.slidechat_model import CONFIG_FILE, LLM_DIR
-
-    meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    slide_cfg = {k: meta[k] for k in ("feature_dim", "encoder", "max_patches_train", "max_patches_test")
-                 if k in meta}
-    llm = str(folder / LLM_DIR)
-    return {"llm_name_or_path": llm, "tokenizer.pretrained_model_name_or_path": llm,
-            "model.llm.pretrained_model_name_or_path": llm, "model.slidechat_config": slide_cfg,
-            "model.llm_lora": None, "model.compat": None}
-
-
-def load_checkpoint_weights(checkpoint: PathLike) -> Dict[str, torch.Tensor]:
-    """Weights of a training checkpoint (.pth, DeepSpeed folder, work dir), a released-style
-    state dict, or an exported folder's slide modules."""
-    from slidechat.engine.model import resolve_checkpoint
-    from slidechat.model.checkpoint import load_state_dict_file
-    from slidechat.model.slidechat_model import SLIDE_MODULES_FILE
-
-    path = Path(resolve_checkpoint(os.fspath(checkpoint)))
-    if not path.exists():
-        raise SlideChatError("checkpoint not found", path)
-    if is_exported_folder(path):
-        from safetensors.torch import load_file
-
-        return load_file(str(path / SLIDE_MODULES_FILE), device="cpu")
-    return load_state_dict_file(path)
-
-
 def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
                       overrides: Optional[Mapping[str, Any]] = None,
                       cfg_options: Optional[Mapping[str, Any]] = None,
                       work_dir: Optional[PathLike] = None, launcher: str = "none") -> Any:
     """The mmengine Runner ``xtuner test`` would build, with the checkpoint loaded into its model."""
-    from mmengine.config import Config
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    if not os.path.isfile(config):
-        raise SlideChatError("config file not found", config)
-    cfg = Config.fromfile(os.fspath(config))
+    from slidechat.engine.builder import (exported_folder_overrides, is_exported_folder,
+                                          load_checkpoint_weights, load_config)
+
+    cfg = load_config(config, dict(cfg_options) if cfg_options else None)
     cfg.launcher = launcher
-    if cfg_options:
-        cfg.merge_from_dict(dict(cfg_options))
     if overrides:
         cfg.merge_from_dict({k: v for k, v in overrides.items() if v is not None})
     if checkpoint is not None:
         if is_exported_folder(checkpoint):
-            cfg.merge_from_dict(_exported_overrides(Path(checkpoint)))
+            cfg.merge_from_dict(exported_folder_overrides(Path(checkpoint)))
         if "model" in cfg and "pretrained_pth" in cfg.model:
             cfg.model.pretrained_pth = None  # the checkpoint holds the trained weights
     for key in ("test_dataloader", "test_cfg", "test_evaluator"):
