@@ -49,7 +49,7 @@ def test_chat_two_turns_scripted_stdin(setup):
 
 def test_chat_session_config_checkpoint_matches_exported(setup):
     """Config + training checkpoint and the exported folder answer identically (greedy)."""
-    from slidechat.cli.export import parse_cfg_options
+    from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.chat import ChatSession, load_chat_model
     from slidechat.features.io import load_features
 

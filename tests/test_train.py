@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from slidechat.data.synthetic import write_synthetic_dataset
-from slidechat.engine.overrides import path_overrides
+from slidechat.engine.overrides import parse_cfg_options, path_overrides
 from slidechat.features.io import write_feature_h5
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_stage1_learns_and_keeps_llm_frozen(demo, stage1):
     from slidechat.engine.builder import build_model_from_config
 
     core, _ = build_model_from_config(TINY1, _last_ckpt(stage1["work_dir"]),
-                                      cfg_options=_as_dict(stage1["opts"]))
+                                      cfg_options=parse_cfg_options(stage1["opts"]))
     ref = llm_folder_tensors(demo["llm"])
     llm_sd = core.llm.state_dict()
     assert set(ref) <= set(llm_sd)
@@ -119,10 +119,6 @@ def test_stage1_learns_and_keeps_llm_frozen(demo, stage1):
     # ... and the encoder is the trained one from the checkpoint
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(core.state_dict()[k], v), k
-
-
-def _as_dict(opts):
-    return dict(o.split("=", 1) for o in opts)
 
 
 def test_resume_continues_from_checkpoint(demo, stage1, tmp_path):
@@ -167,7 +163,7 @@ def test_export_reloads_with_identical_logits(demo, stage2, tmp_path):
     rc = slidechat_main(["export", str(TINY2), "--checkpoint", ckpt, "--out", str(out),
                          "--cfg-options", *stage2["opts"]])
     assert rc == 0
-    trained, tok = build_model_from_config(TINY2, ckpt, cfg_options=_as_dict(stage2["opts"]))
+    trained, tok = build_model_from_config(TINY2, ckpt, cfg_options=parse_cfg_options(stage2["opts"]))
     reloaded = SlideChatModel.from_pretrained(out).eval()
     ds = SlideInstructionDataset(demo["stage2"], tok, feature_root=demo["features"], max_patches=256)
     batch = slidechat_collate_fn([ds[0], ds[3]])["data"]
@@ -201,7 +197,7 @@ def test_stage2_lora_through_xtuner_train(demo, stage1, tmp_path):
     # adapters start with lora_B = 0; training must have moved them
     assert any(float(sd[k].abs().sum()) > 0 for k in llm_keys if "lora_B" in k)
     core, _ = build_model_from_config(REPO / "configs/tiny/stage_2_lora.py", _last_ckpt(wd),
-                                      cfg_options=_as_dict(opts))
+                                      cfg_options=parse_cfg_options(opts))
     merged = core.llm.state_dict()
     assert not any("lora_" in k for k in merged)
     ref = llm_folder_tensors(demo["llm"])

@@ -96,7 +96,7 @@ def _keep_stdout_for_answers() -> None:
 
 def run(args: argparse.Namespace) -> int:
     _keep_stdout_for_answers()
-    from slidechat.cli.export import parse_cfg_options
+    from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.chat import ChatSession, load_chat_model
     from slidechat.utils.errors import SlideChatError
 

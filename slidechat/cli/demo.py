@@ -66,7 +66,7 @@ def _trained(work_dir: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from slidechat.data.synthetic import FEATURE_TEMPLATE, write_synthetic_dataset
-    from slidechat.engine.overrides import path_overrides
+    from slidechat.engine.overrides import parse_cfg_options, path_overrides
     from slidechat.engine.testing import run_test
     from slidechat.features.pipeline import extract_slides
     from slidechat.model.tiny_llm import make_tiny_llm
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_test(config=_config("stage_2.py"), checkpoint=stage2,
                       test_slide_csv=data["test_vqa"], test_output_csv=out_csv,
                       feature_root=h5_root, feature_template=FEATURE_TEMPLATE, batch_size=8,
-                      cfg_options=_as_dict(path_overrides(**common)))
+                      cfg_options=parse_cfg_options(path_overrides(**common)))
 
     print("\n" + _report_markdown(report, out_csv))
     print(f"""
@@ -131,10 +131,6 @@ Outputs (under {root}):
   test predictions          {out_csv}
 """)
     return 0
-
-
-def _as_dict(overrides: List[str]) -> dict:
-    return dict(o.split("=", 1) for o in overrides)
 
 
 def _report_markdown(report: object, out_csv: Path) -> str:

@@ -27,25 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_cfg_options(items):
-    """``key=value`` strings -> dict, values parsed like mmengine's DictAction."""
-    if not items:
-        return None
-    from mmengine.config import DictAction
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            from slidechat.utils.errors import SlideChatError
-
-            raise SlideChatError(f"--cfg-options expects KEY=VALUE, got '{item}'")
-        key, val = item.split("=", 1)
-        out[key] = DictAction._parse_iterable(val)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from slidechat.engine.builder import build_model_from_config
+    from slidechat.engine.overrides import parse_cfg_options
 
     core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
                                               cfg_options=parse_cfg_options(args.cfg_options))

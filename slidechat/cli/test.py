@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from slidechat.cli.export import parse_cfg_options
+    from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.testing import run_test
 
     report = run_test(args.config, args.checkpoint, args.test_slide_csv, args.test_output_csv,

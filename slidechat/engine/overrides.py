@@ -8,7 +8,9 @@ This lists them for every config under ``configs/slidechat`` and ``configs/tiny`
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from slidechat.utils.errors import SlideChatError
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,4 +31,19 @@ def path_overrides(llm_name_or_path: Optional[PathLike] = None, data_path: Optio
                         (feature_root, FEATURE_KEYS), (pretrained_pth, PRETRAINED_KEYS)):
         if value is not None:
             out += [f"{k}={os.fspath(value)}" for k in keys]
+    return out
+
+
+def parse_cfg_options(items: Optional[Sequence[str]]) -> Optional[Dict[str, Any]]:
+    """``key=value`` strings -> dict, values parsed like mmengine's DictAction."""
+    if not items:
+        return None
+    from mmengine.config import DictAction
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SlideChatError(f"--cfg-options expects KEY=VALUE, got '{item}'")
+        key, val = item.split("=", 1)
+        out[key] = DictAction._parse_iterable(val)
     return out
