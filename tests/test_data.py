@@ -205,6 +205,7 @@ def test_malformed_json_and_nan_and_skip_bad(tokenizer, feature_root, tmp_path):
     with pytest.raises(SlideChatError, match="NaN") as ei:
         ds[2]
     assert "slideNaN.h5" in str(ei.value) and "bad::nan" in str(ei.value)
+    assert "(1 of 10 patches)" in str(ei.value)
 
     rows = GOOD + list(_bad_rows().values()) + [nan_row, ["not", "an", "object"]]
     data = _write_json(tmp_path / "mixed.json", rows)
@@ -302,3 +303,14 @@ def test_synthetic_holdout_keeps_test_slides_out_of_training(tmp_path):
     assert all(r["conversations"][1]["value"] in labels for r in tissue)
     with pytest.raises(SlideChatError):
         write_synthetic_dataset(man, tmp_path / "e", holdout_every=20)
+
+
+def test_load_features_require_finite(feature_root):
+    from slidechat.features.io import load_features
+
+    feats, _ = load_features(feature_root / "slideNaN.h5")  # reading alone does not judge values
+    assert np.isnan(feats).sum() == 1
+    with pytest.raises(SlideChatError, match=r"NaN/Inf \(1 of 10 patches\)") as ei:
+        load_features(feature_root / "slideNaN.h5", require_finite=True)
+    assert "slideNaN.h5" in str(ei.value)
+    assert load_features(feature_root / "slideA.h5", require_finite=True)[0].shape == (50, 512)

@@ -61,7 +61,7 @@ def _features(args: argparse.Namespace):
     from slidechat.features.io import load_features
 
     if args.features:
-        return load_features(args.features)
+        return load_features(args.features, require_finite=True)
     from slidechat.features.pipeline import extract_slide_features
 
     opts = {"device": args.device, "progress": False}

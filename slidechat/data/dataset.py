@@ -177,11 +177,10 @@ class SlideInstructionDataset(Dataset):
         path = rec["path"] or resolve_feature_path(rec["image"], self.feature_root)
         if path is None:
             raise self._error(rec["index"], rec, f"feature file for '{rec['image']}' not found")
-        feats, coords = load_features(path, num_columns=self.feature_dim)
-        if not np.isfinite(feats).all():
-            bad = int((~np.isfinite(feats).any(axis=1)).sum() + 0)
-            raise SlideChatError(f"{self._row_name(rec['index'], rec)}: features contain NaN/Inf "
-                                 f"({bad} of {len(feats)} patches)", path)
+        try:
+            feats, coords = load_features(path, num_columns=self.feature_dim, require_finite=True)
+        except SlideChatError as e:  # name the training row too
+            raise SlideChatError(f"{self._row_name(rec['index'], rec)}: {e.reason}", path) from None
         enc = encode_conversation(self.tokenizer, rec["conversations"], self.template, self.system)
         input_ids, labels = enc["input_ids"], enc["labels"]
         n_text, n_patches = self.fit_lengths(len(input_ids), len(feats))

@@ -149,9 +149,8 @@ class SlideBenchTestDataset(Dataset):
             item.error = "no feature_root given: cannot find the slide's features"
             return out
         try:
-            feats, coords = load_features(item.feature_path, num_columns=self.feature_dim)
-            if not np.isfinite(feats).all():
-                raise SlideChatError("features contain NaN/Inf", item.feature_path)
+            feats, coords = load_features(item.feature_path, num_columns=self.feature_dim,
+                                          require_finite=True)
         except SlideChatError as e:
             item.error = str(e)
             logger.warning("row %s: %s", item.key, e)

@@ -85,13 +85,14 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def load_features(path: PathLike, num_columns: Optional[int] = None
+def load_features(path: PathLike, num_columns: Optional[int] = None, require_finite: bool = False
                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Read any slidechat feature file into ``(features float32 N×D, coords int64 N×2 or None)``.
 
     Accepts ``.h5``/``.hdf5`` (datasets ``features`` and optional ``coords``), SlideChat ``.csv``
     (header row, one patch per row; the first ``num_columns`` columns are taken when given) and CLAM
-    ``.pt`` tensors. Raises :class:`SlideChatError` naming the file for anything unreadable.
+    ``.pt`` tensors. Raises :class:`SlideChatError` naming the file for anything unreadable, and with
+    ``require_finite`` for NaN/Inf features (a model fed them answers garbage without complaint).
     """
     p = Path(path)
     if not p.is_file():
@@ -117,6 +118,9 @@ def load_features(path: PathLike, num_columns: Optional[int] = None
         if feats.shape[1] < num_columns:
             raise SlideChatError(f"has {feats.shape[1]} feature columns, need {num_columns}", p)
         feats = feats[:, :num_columns]
+    if require_finite and not np.isfinite(feats).all():
+        bad = int((~np.isfinite(feats).all(axis=1)).sum())
+        raise SlideChatError(f"features contain NaN/Inf ({bad} of {len(feats)} patches)", p)
     return np.ascontiguousarray(feats, dtype=np.float32), coords
 
 
