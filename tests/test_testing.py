@@ -199,3 +199,21 @@ def test_missing_test_keys_and_bad_checkpoint(setup, tmp_path):
     res = model.load_state_dict(sd, strict=True)
     assert res.missing_keys == [] and res.unexpected_keys == []
     torch.testing.assert_close(model.state_dict()[key], sd[key])
+
+
+def test_score_output_captions_uses_the_readers_reference_column(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from slidechat.engine.testing import score_output
+    from slidechat.evaluation.captions import caption_metrics
+
+    src = Path(__file__).resolve().parents[1] / "dataset/slidebench/SlideBench-Caption.output.example.csv"
+    out = Path(shutil.copy(src, tmp_path / "captions_out.csv"))
+    report = score_output(out, "caption")
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    expected = caption_metrics(df["Output"].tolist(), df["Caption"].tolist(), per_row=False)["corpus"]
+    assert report.caption["ref_column"] == "Caption"
+    assert report.caption["corpus"] == pytest.approx(expected)
+    assert (tmp_path / "captions_out.csv.report.md").is_file()

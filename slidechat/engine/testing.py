@@ -250,9 +250,7 @@ def score_output(output_csv: PathLike, kind: str, write: bool = True) -> TestRep
         else:
             md = f"`{out.name}`: {len(df)} rows answered ({n_err} errors); no `Answer` column, not scored.\n"
     else:
-        table = read_slidebench(out, kind="caption")
-        ref = next((c for c in ("Caption", "Report", "Answer", "Reference", "Text")
-                    if c in df.columns), None) if table.ref_column is None else table.ref_column
+        ref = read_slidebench(out, kind="caption").ref_column  # first CAPTION_REF_COLUMNS present
         if ref is not None:
             from slidechat.evaluation.captions import caption_metrics
 
