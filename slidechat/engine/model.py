@@ -238,10 +238,10 @@ class SlideChatTrainModel(BaseModel):
 
     def load_pretrained(self, path: str):
         """Load released-style / our weights into the core and log what matched."""
-        from slidechat.model.checkpoint import load_state_dict_file
+        from slidechat.engine.builder import load_checkpoint_weights
 
         path = resolve_checkpoint(path)
-        sd = load_state_dict_file(path)
+        sd = load_checkpoint_weights(path)
         report = self._core.load_slidechat_state_dict(sd)
         missing = list(report.missing) + list(getattr(report, "missing_llm", []))
         unexpected = list(report.unexpected)
