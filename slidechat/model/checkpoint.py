@@ -1,23 +1,40 @@
-"""Read model weights from the checkpoint layouts SlideChat runs produce, without unsafe unpickling.
+"""The one home of checkpoint handling: find, read safely, and load with a key check.
 
-Handles ``.safetensors``, torch ``.pth/.pt/.bin`` (plain dicts, mmengine ``{"state_dict", "meta",
-"message_hub"}`` wrappers) and DeepSpeed checkpoint folders (``iter_N.pth/mp_rank_00_model_states.pt`` with
-the weights under ``module``). Pickled metadata may reference arbitrary classes; those are never imported or
-called: the weights-only unpickler is tried first, then a restricted unpickler that rebuilds tensors and
-plain containers only and turns every other class into an inert placeholder.
+Every entry point (``slidechat test``/``chat``/``export``, training's ``pretrained_pth``, resume, the patch
+encoders, ``xtuner test`` through our configs) goes through these functions, so a checkpoint is read the
+same way and its keys are reported in one format everywhere:
+
+* :func:`resolve_checkpoint` — a file, a DeepSpeed folder, a work dir (mmengine's ``last_checkpoint``
+  marker -> the latest checkpoint) or an exported model folder.
+* :func:`load_state_dict_file` / :func:`load_weights` — ``.safetensors``, torch ``.pth/.pt/.bin`` (plain
+  dicts, mmengine ``{"state_dict", "meta", "message_hub"}`` wrappers), DeepSpeed folders
+  (``iter_N.pth/mp_rank_00_model_states.pt``, weights under ``module``), exported SlideChat folders (their
+  ``slide_modules.safetensors``) and Hugging Face folders (``model.safetensors``, sharded or not).
+  Pickled metadata may reference arbitrary classes; those are never imported or called: the weights-only
+  unpickler is tried first, then a restricted unpickler that rebuilds tensors and plain containers only and
+  turns every other class into an inert placeholder.
+* :func:`load_checked` — loads a state dict into any ``nn.Module`` after comparing keys with what the module
+  must receive. Strict by default: a shape mismatch is always a one-line :class:`SlideChatError`; missing
+  required keys and unexpected keys are one too unless ``allow_partial`` (then a warning). The result is a
+  :class:`KeyReport` whose :meth:`KeyReport.summary` is the one report line used everywhere.
+
+Framework-free on purpose (torch, safetensors and the standard library only): the cytology model family,
+the encoders and plain-PyTorch users load through it without mmengine/xtuner.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from slidechat.utils.errors import SlideChatError
 
@@ -27,6 +44,14 @@ PathLike = Union[str, os.PathLike]
 
 _DS_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 _WRAPPER_KEYS = ("state_dict", "module", "model")
+#: files of a ``SlideChatModel.save_pretrained`` folder (``slidechat export``)
+EXPORTED_CONFIG_FILE = "slidechat_config.json"
+EXPORTED_WEIGHTS_FILE = "slide_modules.safetensors"
+#: weight files of a Hugging Face ``save_pretrained`` folder, in the order they are looked for
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+#: mmengine's marker naming a work dir's latest checkpoint
+LAST_CHECKPOINT_FILE = "last_checkpoint"
 
 
 class _Inert:
@@ -128,32 +153,254 @@ def _strip_module_prefix(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return sd
 
 
+# --------------------------------------------------------------------------------------------- resolve
+
+def is_exported_folder(path: PathLike) -> bool:
+    """A ``SlideChatModel.save_pretrained`` folder (``slidechat export``)."""
+    return Path(path).is_dir() and (Path(path) / EXPORTED_CONFIG_FILE).is_file()
+
+
+def resolve_checkpoint(path: PathLike) -> Path:
+    """The checkpoint ``path`` stands for: a work dir -> the checkpoint its ``last_checkpoint`` marker
+    names (looked up beside the marker when the work dir was moved); anything else that exists (a file, a
+    DeepSpeed folder, an exported or Hugging Face folder) as is. Missing paths are a one-line error."""
+    p = Path(path)
+    if not p.exists():
+        raise SlideChatError("checkpoint not found", path=p)
+    marker = p / LAST_CHECKPOINT_FILE
+    if p.is_dir() and marker.is_file():
+        named = marker.read_text(encoding="utf-8").strip()
+        target = Path(named)
+        if not target.exists():  # the work dir moved since: look beside the marker
+            target = p / Path(named.rstrip("/")).name
+        if not named or not target.exists():
+            raise SlideChatError(f"work dir's {LAST_CHECKPOINT_FILE} names {named!r}, which does not exist",
+                                 path=marker)
+        logger.info("%s is a work dir: using its last checkpoint %s", p, target)
+        return target
+    return p
+
+
+# --------------------------------------------------------------------------------------------- load
+
+def _load_safetensors(p: Path) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise SlideChatError(f"cannot read safetensors file: {exc}", path=p) from exc
+
+
+def _load_hf_folder(folder: Path, allow_unsafe_pickle: bool) -> Optional[Dict[str, Tensor]]:
+    """Weights of a Hugging Face ``save_pretrained`` folder (sharded or not); ``None`` if it is not one."""
+    for name in _HF_WEIGHT_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return _load_safetensors(f) if f.suffix == ".safetensors" else _unwrap(
+                _torch_load(f, allow_unsafe_pickle), f)
+        try:
+            shards = sorted(set(json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SlideChatError(f"invalid shard index: {exc}", path=f) from exc
+        sd: Dict[str, Tensor] = {}
+        for shard in shards:
+            sp = folder / shard
+            if not sp.is_file():
+                raise SlideChatError(f"shard {shard} named by the index is missing", path=f)
+            sd.update(_load_safetensors(sp) if sp.suffix == ".safetensors" else _unwrap(
+                _torch_load(sp, allow_unsafe_pickle), sp))
+        return sd
+    return None
+
+
 def load_state_dict_file(path: PathLike, allow_unsafe_pickle: bool = False) -> Dict[str, Tensor]:
-    """Weights of a checkpoint file or DeepSpeed folder as a flat ``{name: tensor}`` dict on CPU."""
+    """Weights of a checkpoint file or folder as a flat ``{name: tensor}`` dict on CPU, read safely.
+
+    Folders: DeepSpeed (``mp_rank_00_model_states.pt``), an exported SlideChat folder (its slide modules;
+    the LLM is read by ``from_pretrained``), a Hugging Face folder. ``allow_unsafe_pickle`` is a
+    Python-only escape hatch for trusted legacy files; no command exposes it.
+    """
     p = Path(path)
     if not p.exists():
         raise SlideChatError("checkpoint not found", path=p)
     if p.is_dir():
-        for name in _DS_MODEL_FILES:
-            if (p / name).is_file():
-                p = p / name
-                break
+        folder = p
+        if is_exported_folder(folder):
+            p = folder / EXPORTED_WEIGHTS_FILE
+            if not p.is_file():
+                raise SlideChatError(f"exported model folder has no {EXPORTED_WEIGHTS_FILE}", path=folder)
         else:
-            found = sorted(x.name for x in p.iterdir())[:10]
-            raise SlideChatError(f"folder is not a DeepSpeed checkpoint (no {_DS_MODEL_FILES[0]}; has {found})",
-                                 path=path)
+            for name in _DS_MODEL_FILES:
+                if (folder / name).is_file():
+                    p = folder / name
+                    break
+            else:
+                hf = _load_hf_folder(folder, allow_unsafe_pickle)
+                if hf is not None:
+                    return _checked_nonempty(_strip_module_prefix(dict(hf)), folder)
+                found = sorted(x.name for x in folder.iterdir())[:10]
+                raise SlideChatError(
+                    f"folder is not a checkpoint: no DeepSpeed {_DS_MODEL_FILES[0]}, no "
+                    f"{LAST_CHECKPOINT_FILE} (work dir), no {EXPORTED_CONFIG_FILE} (exported model), no "
+                    f"{_HF_WEIGHT_FILES[0]}; has {found}", path=path)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            sd = load_file(str(p), device="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise SlideChatError(f"cannot read safetensors file: {exc}", path=p) from exc
+        sd = _load_safetensors(p)
     elif p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         sd = _unwrap(_torch_load(p, allow_unsafe_pickle), p)
     else:
         raise SlideChatError(f"unknown checkpoint type {p.suffix!r}", path=p,
-                             hint="expected .safetensors, .pth, .pt, .bin or a DeepSpeed folder")
-    sd = _strip_module_prefix(dict(sd))
+                             hint="expected .safetensors, .pth, .pt, .bin or a checkpoint folder")
+    return _checked_nonempty(_strip_module_prefix(dict(sd)), p)
+
+
+def _checked_nonempty(sd: Dict[str, Tensor], p: Path) -> Dict[str, Tensor]:
     if not isinstance(sd, (dict, collections.OrderedDict)) or not sd:
         raise SlideChatError("checkpoint holds no weights", path=p)
     return sd
+
+
+def load_weights(path: PathLike, allow_unsafe_pickle: bool = False) -> Dict[str, Tensor]:
+    """:func:`resolve_checkpoint` + :func:`load_state_dict_file`: what every entry point calls."""
+    return load_state_dict_file(resolve_checkpoint(path), allow_unsafe_pickle=allow_unsafe_pickle)
+
+
+# --------------------------------------------------------------------------------------------- key check
+
+def summarize_keys(keys: Iterable[str], limit: int = 6) -> str:
+    """Short, readable key list: grouped by the first two name parts, with counts."""
+    keys = list(keys)
+    if not keys:
+        return "none"
+    groups: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+    for k in keys:
+        g = ".".join(k.split(".")[:2])
+        groups[g] = groups.get(g, 0) + 1
+    parts = [f"{g}.* ({n})" if n > 1 else g for g, n in list(groups.items())[:limit]]
+    if len(groups) > limit:
+        parts.append(f"... {len(groups) - limit} more groups")
+    return f"{len(keys)} keys: " + ", ".join(parts)
+
+
+def _shape(t: Any) -> Tuple[int, ...]:
+    return tuple(int(x) for x in t.shape)
+
+
+@dataclass
+class KeyReport:
+    """How a state dict met a module. ``missing``: required module keys the checkpoint lacks;
+    ``unexpected``: checkpoint keys the module has no place for; ``mismatched``: keys present on both sides
+    with different shapes (``shapes`` holds ``(checkpoint, model)`` for each); ``kept``: module keys that
+    were not required and not in the checkpoint, left as built (e.g. a frozen LLM)."""
+
+    loaded: List[str]
+    missing: List[str]
+    unexpected: List[str]
+    mismatched: List[str]
+    source: str = ""
+    kept: List[str] = field(default_factory=list)
+    shapes: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing missing, unexpected or mismatched."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def mismatch_text(self, limit: int = 5) -> str:
+        parts = [f"{k}: checkpoint {self.shapes[k][0]} vs model {self.shapes[k][1]}"
+                 for k in self.mismatched[:limit] if k in self.shapes]
+        more = len(self.mismatched) - len(parts)
+        return "; ".join(parts) + (f"; ... {more} more" if more > 0 else "")
+
+    def summary(self) -> str:
+        """One line: source, counts, and the key prefixes of every gap."""
+        head = f"{self.source}: " if self.source else ""
+        n_ckpt = len(self.loaded) + len(self.unexpected) + len(self.mismatched)
+        line = (f"{head}loaded {len(self.loaded)} of {n_ckpt} checkpoint tensors; missing "
+                f"{summarize_keys(self.missing)}; unexpected {summarize_keys(self.unexpected)}; "
+                f"shape mismatch {summarize_keys(self.mismatched)}")
+        if self.kept:
+            line += f"; not in checkpoint, kept as built: {summarize_keys(self.kept)}"
+        return line
+
+
+def _required_keys(own: Sequence[str], required: Optional[Iterable[str]]) -> set:
+    """``required`` entries are module keys, or prefixes ending in ``.`` standing for every key under them."""
+    if required is None:
+        return set(own)
+    own_set = set(own)
+    out: set = set()
+    for r in required:
+        if r in own_set:
+            out.add(r)
+        elif r.endswith("."):
+            hits = {k for k in own if k.startswith(r)}
+            if not hits:
+                raise ValueError(f"required prefix {r!r} matches no key of the module")
+            out |= hits
+        else:
+            raise ValueError(f"required key {r!r} is not a key of the module")
+    return out
+
+
+PARTIAL_HINT = "--allow-partial / allow_partial=True loads it anyway, leaving missing weights as initialised"
+
+
+def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
+                 required: Optional[Iterable[str]] = None, allow_partial: bool = False,
+                 source: Union[str, os.PathLike] = "") -> KeyReport:
+    """Load ``state_dict`` into ``module`` after checking its keys; returns the :class:`KeyReport`.
+
+    ``required``: the module keys that must come from the checkpoint (exact keys, or prefixes ending in
+    ``.``); default all of ``module.state_dict()``. Keys are compared with the plain ``nn.Module`` state
+    dict (a wrapper's own ``state_dict``/``load_state_dict`` overrides are bypassed), so callers map
+    foreign key names first. Nothing is loaded when the check fails:
+
+    * a shape mismatch is always a one-line :class:`SlideChatError`;
+    * missing required keys or unexpected keys are one too, naming the key prefixes, unless
+      ``allow_partial`` (then one warning line and the matching keys are loaded).
+    """
+    src = os.fspath(source) if source else ""
+    own = nn.Module.state_dict(module)
+    req = _required_keys(list(own), required)
+    matched: Dict[str, Tensor] = {}
+    unexpected: List[str] = []
+    mismatched: List[str] = []
+    shapes: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
+    for k, v in state_dict.items():
+        if k not in own or not isinstance(v, Tensor):
+            unexpected.append(k)
+        elif _shape(v) != _shape(own[k]):
+            mismatched.append(k)
+            shapes[k] = (_shape(v), _shape(own[k]))
+        else:
+            matched[k] = v
+    present = set(matched) | set(mismatched)
+    missing = [k for k in own if k in req and k not in present]
+    kept = [k for k in own if k not in req and k not in present]
+    report = KeyReport(loaded=list(matched), missing=missing, unexpected=unexpected, mismatched=mismatched,
+                       source=src, kept=kept, shapes=shapes)
+    if mismatched:
+        raise SlideChatError(f"{len(mismatched)} checkpoint tensor(s) do not fit the model: "
+                             f"{report.mismatch_text()}", path=src or None,
+                             hint="check that the config matches the checkpoint: encoder size, feature_dim, LLM")
+    if (missing or unexpected) and not allow_partial:
+        if not matched:
+            reason = (f"checkpoint holds none of the {len(req)} weights the model must receive "
+                      f"(missing {summarize_keys(missing)}; unexpected {summarize_keys(unexpected)})")
+        elif missing:
+            reason = f"checkpoint lacks required weights: {summarize_keys(missing)}"
+            if unexpected:
+                reason += f"; and has unexpected ones: {summarize_keys(unexpected)}"
+        else:
+            reason = f"checkpoint has weights the model does not use: {summarize_keys(unexpected)}"
+        raise SlideChatError(reason, path=src or None, hint=PARTIAL_HINT)
+    if matched:
+        nn.Module.load_state_dict(module, matched, strict=False)
+    if missing or unexpected:
+        logger.warning("partial load (allowed): %s", report.summary())
+    else:
+        logger.info("%s", report.summary())
+    return report
