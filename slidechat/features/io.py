@@ -90,9 +90,11 @@ def load_features(path: PathLike, num_columns: Optional[int] = None, require_fin
     """Read any slidechat feature file into ``(features float32 N×D, coords int64 N×2 or None)``.
 
     Accepts ``.h5``/``.hdf5`` (datasets ``features`` and optional ``coords``), SlideChat ``.csv``
-    (header row, one patch per row; the first ``num_columns`` columns are taken when given) and CLAM
-    ``.pt`` tensors. Raises :class:`SlideChatError` naming the file for anything unreadable, and with
-    ``require_finite`` for NaN/Inf features (a model fed them answers garbage without complaint).
+    (header row ``0..D-1``, one patch per row; a leading pandas index column is recognised and dropped)
+    and CLAM ``.pt`` tensors. ``num_columns`` is the width the model expects: a file of any other width
+    is an error naming the file, found and expected widths (cutting 1,024-d features to 512 would feed
+    the model meaningless inputs without complaint). Raises :class:`SlideChatError` naming the file for
+    anything unreadable, and with ``require_finite`` for NaN/Inf features.
     """
     p = Path(path)
     if not p.is_file():
@@ -114,10 +116,10 @@ def load_features(path: PathLike, num_columns: Optional[int] = None, require_fin
         raise SlideChatError(f"cannot read feature file: {type(e).__name__}: {e}", p) from e
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise SlideChatError(f"expected a non-empty N×D feature matrix, got shape {feats.shape}", p)
-    if num_columns is not None:
-        if feats.shape[1] < num_columns:
-            raise SlideChatError(f"has {feats.shape[1]} feature columns, need {num_columns}", p)
-        feats = feats[:, :num_columns]
+    if num_columns is not None and feats.shape[1] != num_columns:
+        raise SlideChatError(f"features are {feats.shape[1]} wide, the model expects {num_columns} "
+                             f"(feature_dim)", p, hint="extract with the patch encoder the model was "
+                                                       "trained on, or use a config whose feature_dim matches")
     if require_finite and not np.isfinite(feats).all():
         bad = int((~np.isfinite(feats).all(axis=1)).sum())
         raise SlideChatError(f"features contain NaN/Inf ({bad} of {len(feats)} patches)", p)
@@ -147,6 +149,14 @@ def _load_csv(p: Path) -> np.ndarray:
     import pandas as pd
 
     df = pd.read_csv(p, engine="c", dtype=np.float32)
+    first = str(df.columns[0]) if len(df.columns) else ""
+    if first == "" or first.startswith("Unnamed: 0"):
+        # ``DataFrame.to_csv`` with its index: an unnamed first column holding 0..N-1 is not a feature
+        idx = df.iloc[:, 0].to_numpy()
+        if not np.array_equal(idx, np.arange(len(df), dtype=idx.dtype)):
+            raise SlideChatError(f"first column has no name but is not a 0..N-1 row index "
+                                 f"(header {first!r})", p)
+        df = df.iloc[:, 1:]
     return df.to_numpy(dtype=np.float32)
 
 
