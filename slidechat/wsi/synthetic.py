@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -225,17 +225,20 @@ def _aperio_description(spec: SlideSpec, w: int, h: int, first: bool) -> str:
     return f"{head}|AppMag = {spec.magnification:g}|MPP = {spec.base_mpp:g}|Filename = {spec.name}"
 
 
-def write_slide(path: PathLike, spec: SlideSpec, mask_path: Optional[PathLike] = None) -> Dict[str, str]:
-    """Write one pyramidal Aperio-style TIFF (and its truth mask PNG); returns its manifest row."""
+def write_pyramid(path: PathLike, spec: SlideSpec,
+                  render: Callable[[int, int, int, int, float], np.ndarray]) -> Path:
+    """Write a pyramidal, tiled, JPEG Aperio-style TIFF of ``spec.width`` x ``spec.height`` pixels.
+
+    ``render(x0, y0, w, h, downsample)`` returns RGB uint8 (h, w, 3) of the region whose level-0
+    top-left is (x0, y0) at ``downsample``; it is called tile by tile, so no level is held whole.
+    Geometry and metadata (MPP, AppMag, tile, quality) come from ``spec``; its ``label`` is unused here.
+    Shared by the histology slides below and the cytology smears of ``slidechat.data.synthetic_cytology``.
+    """
     import tifffile
-    from PIL import Image
 
     from slidechat.utils.atomic import atomic_path
 
-    if spec.label not in _STYLES:
-        raise ValueError(f"unknown label {spec.label!r}; choose from {LABELS}")
     path = Path(path)
-    fld = tissue_field(spec)
     T = spec.tile
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height > 2 ** 31) as tw:
@@ -245,12 +248,24 @@ def write_slide(path: PathLike, spec: SlideSpec, mask_path: Optional[PathLike] =
                 def tiles(ds: int = ds, lw: int = lw, lh: int = lh) -> Iterator[np.ndarray]:
                     for ty in range(0, lh, T):
                         for tx in range(0, lw, T):
-                            yield render_region(spec, fld, tx * ds, ty * ds, T, T, ds)
+                            yield render(tx * ds, ty * ds, T, T, ds)
 
                 tw.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(T, T),
                          compression="jpeg", compressionargs={"level": spec.quality},
                          photometric="rgb", subsampling=(2, 2), metadata=None,
                          description=_aperio_description(spec, lw, lh, li == 0))
+    return path
+
+
+def write_slide(path: PathLike, spec: SlideSpec, mask_path: Optional[PathLike] = None) -> Dict[str, str]:
+    """Write one pyramidal Aperio-style TIFF (and its truth mask PNG); returns its manifest row."""
+    from PIL import Image
+
+    if spec.label not in _STYLES:
+        raise ValueError(f"unknown label {spec.label!r}; choose from {LABELS}")
+    path = Path(path)
+    fld = tissue_field(spec)
+    write_pyramid(path, spec, lambda x0, y0, w, h, ds: render_region(spec, fld, x0, y0, w, h, ds))
     if mask_path is not None:
         Path(mask_path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((fld >= 0.5).astype(np.uint8) * 255).save(mask_path)
