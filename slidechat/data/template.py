@@ -159,3 +159,171 @@ def encode_prompt(tokenizer: Any, history: Sequence[Tuple[str, str]], question: 
     pairs.append((pairs_q[-1], None))
     ids, _ = tokenize_pairs(tokenizer, pairs, template, system)
     return ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# qwen2_vl: LLaMA-Factory's template for Qwen2-VL, the one CytoChat was trained and evaluated with.
+#
+# From LLaMA-Factory's data/template.py (the commit CytoChat pins): user slot
+# "<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n", assistant slot "{{content}}<|im_end|>\n",
+# system slot "<|im_start|>system\n{{content}}<|im_end|>\n" (first turn only), default system
+# "You are a helpful assistant.", stop word <|im_end|>; its qwen2_vl mm_plugin turns each <image> into
+# <|vision_start|> + <|image_pad|> x (t*h*w / merge^2) + <|vision_end|>. Training pairs each user turn
+# (no loss) with the following assistant turn (loss on every token of its slot, i.e. the answer,
+# <|im_end|> and the trailing "\n"); each slot string is tokenized on its own.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisionChatTemplate:
+    """LLaMA-Factory-style slots (``{content}`` filled in) plus the image placeholder expansion."""
+
+    name: str
+    format_user: str
+    format_assistant: str
+    format_system: str
+    default_system: str
+    stop_words: Tuple[str, ...]
+    vision_bos: str
+    image_token: str
+    vision_eos: str
+    placeholder: str = IMAGE_TOKEN
+
+
+QWEN2_VL = VisionChatTemplate(
+    name="qwen2_vl",
+    format_user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    format_assistant="{content}<|im_end|>\n",
+    format_system="<|im_start|>system\n{content}<|im_end|>\n",
+    default_system="You are a helpful assistant.",
+    stop_words=("<|im_end|>",),
+    vision_bos="<|vision_start|>",
+    image_token="<|image_pad|>",
+    vision_eos="<|vision_end|>",
+)
+
+VISION_TEMPLATES: Dict[str, VisionChatTemplate] = {"qwen2_vl": QWEN2_VL}
+
+
+def get_vision_template(template: "str | VisionChatTemplate") -> VisionChatTemplate:
+    if isinstance(template, VisionChatTemplate):
+        return template
+    try:
+        return VISION_TEMPLATES[template]
+    except KeyError:
+        raise ConversationError(f"unknown template '{template}' (known: {', '.join(VISION_TEMPLATES)})")
+
+
+def expand_image_placeholders(text: str, image_seqlens: Optional[Sequence[int]] = None, start: int = 0,
+                              template: "str | VisionChatTemplate" = "qwen2_vl") -> Tuple[str, int]:
+    """Replace each ``<image>`` by the vision span; ``image_seqlens[k]`` pad tokens for the k-th image
+    (one pad each when None, the unexpanded form the processor expands). Returns (text, next index)."""
+    tpl = get_vision_template(template)
+    k = start
+    while tpl.placeholder in text:
+        n = 1 if image_seqlens is None else int(image_seqlens[k])
+        text = text.replace(tpl.placeholder, f"{tpl.vision_bos}{tpl.image_token * n}{tpl.vision_eos}", 1)
+        k += 1
+    return text, k
+
+
+def _system_and_turns(messages: Sequence[Dict[str, str]], system: Optional[str],
+                      default_system: Optional[str], tpl: VisionChatTemplate
+                      ) -> Tuple[str, List[Dict[str, str]]]:
+    turns = list(messages)
+    if turns and turns[0].get("role") == "system":
+        if not system:
+            system = turns[0].get("content", "")
+        turns = turns[1:]
+    for j, m in enumerate(turns):
+        want = "user" if j % 2 == 0 else "assistant"
+        if m.get("role") != want:
+            raise ConversationError(f"turn {j}: role '{m.get('role')}' where '{want}' was expected")
+        if not isinstance(m.get("content"), str):
+            raise ConversationError(f"turn {j}: content must be a string")
+    if not turns:
+        raise ConversationError("no user turn")
+    # LLaMA-Factory: ``system or default_system`` (an empty system prompt means the default)
+    return system or default_system or tpl.default_system, turns
+
+
+def render_qwen2vl_prompt(messages: Sequence[Dict[str, str]], system: Optional[str] = None,
+                          add_generation_prompt: bool = True, *, default_system: Optional[str] = None,
+                          template: "str | VisionChatTemplate" = "qwen2_vl") -> str:
+    """The ``qwen2_vl`` prompt text, each ``<image>`` as ``<|vision_start|><|image_pad|><|vision_end|>``.
+
+    With ``add_generation_prompt`` a final assistant message is treated as the label and left out, so
+    the text ends with ``<|im_start|>assistant\\n``; without it every message is rendered. ``system``
+    (the row's system prompt) wins over a leading system message, then ``default_system`` (vllm_infer's
+    ``--default_system``), then the template's default.
+    """
+    tpl = get_vision_template(template)
+    sys_text, turns = _system_and_turns(messages, system, default_system, tpl)
+    if add_generation_prompt and turns[-1]["role"] == "assistant":
+        turns = turns[:-1]
+    parts = [tpl.format_system.format(content=sys_text)] if sys_text else []
+    for m in turns:
+        slot = tpl.format_user if m["role"] == "user" else tpl.format_assistant
+        parts.append(slot.format(content=m["content"]))
+    text = "".join(parts)
+    return expand_image_placeholders(text, None, template=tpl)[0]
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> Tuple[int, int]:
+    """LLaMA-Factory's truncation rule for one (prompt, answer) pair under ``cutoff_len`` tokens."""
+    if target_len * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target = min(max_target, target_len)
+    new_source = min(max(cutoff_len - new_target, 0), source_len)
+    return new_source, new_target
+
+
+def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: Optional[str] = None,
+                   image_seqlens: Sequence[int] = (), *, cutoff_len: Optional[int] = None,
+                   default_system: Optional[str] = None, template: "str | VisionChatTemplate" = "qwen2_vl"
+                   ) -> Tuple[List[int], List[int]]:
+    """Training ``(input_ids, labels)`` exactly as LLaMA-Factory's supervised processor builds them.
+
+    ``messages`` alternate user/assistant and end with an answer; ``image_seqlens[k]`` is the number of
+    ``<|image_pad|>`` tokens of the k-th image (``grid_t*grid_h*grid_w // merge_size**2``). Every slot
+    string is tokenized separately; user slots (and the system prompt) get IGNORE_INDEX, assistant slots
+    keep their ids. ``cutoff_len`` truncates pair by pair with LLaMA-Factory's ``infer_seqlen``.
+    """
+    tpl = get_vision_template(template)
+    sys_text, turns = _system_and_turns(messages, system, default_system, tpl)
+    if len(turns) % 2 != 0:
+        raise ConversationError("the conversation must end with an assistant answer")
+    n_placeholders = sum(m["content"].count(tpl.placeholder) for m in turns)
+    if n_placeholders != len(image_seqlens):
+        raise ConversationError(f"{n_placeholders} {tpl.placeholder} placeholder(s) but "
+                                f"{len(image_seqlens)} image(s)")
+    encoded: List[List[int]] = []
+    k = 0
+    for i, m in enumerate(turns):
+        content, k = expand_image_placeholders(m["content"], image_seqlens, k, tpl)
+        elements: List[str] = []
+        if i == 0 and sys_text:
+            elements.append(tpl.format_system.format(content=sys_text))
+        slot = tpl.format_user if m["role"] == "user" else tpl.format_assistant
+        elements.append(slot.format(content=content))
+        ids: List[int] = []
+        for el in elements:
+            ids += tokenizer.encode(el, add_special_tokens=False)
+        encoded.append(ids)
+    input_ids: List[int] = []
+    labels: List[int] = []
+    total = 0
+    for source_ids, target_ids in zip(encoded[0::2], encoded[1::2]):
+        if cutoff_len is not None:
+            if total >= cutoff_len:
+                break
+            s_len, t_len = infer_seqlen(len(source_ids), len(target_ids), cutoff_len - total)
+            source_ids, target_ids = source_ids[:s_len], target_ids[:t_len]
+        total += len(source_ids) + len(target_ids)
+        input_ids += source_ids + target_ids
+        labels += [IGNORE_INDEX] * len(source_ids) + list(target_ids)
+    return input_ids, labels

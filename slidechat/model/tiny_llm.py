@@ -71,7 +71,10 @@ this that these those it its they their there here which what who where when why
 """
 
 
-def _build_tokenizer(vocab_size: int = 3000):
+def _build_tokenizer(vocab_size: int = 3000, special_tokens=None, additional_special_tokens=None,
+                     corpus: str = _CORPUS, chat_template: str = CHAT_TEMPLATE):
+    """Byte-level BPE tokenizer trained on ``corpus``; special tokens get ids after the BPE vocabulary
+    in the order given (default: Qwen2.5's three). Also used by ``tiny_qwen2vl`` with Qwen2-VL's tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -85,23 +88,26 @@ def _build_tokenizer(vocab_size: int = 3000):
         vocab_size=vocab_size, min_frequency=1, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
     )
-    lines = [ln for ln in _CORPUS.strip().splitlines() if ln.strip()]
+    special_tokens = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    if additional_special_tokens is None:
+        additional_special_tokens = [IM_START, IM_END]
+    lines = [ln for ln in corpus.strip().splitlines() if ln.strip()]
     tok.train_from_iterator(lines * 4, trainer=trainer)
     # Special tokens go after the BPE vocabulary in Qwen's order: <|endoftext|>, <|im_start|>, <|im_end|>.
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     hf_tok = Qwen2TokenizerFast(
         tokenizer_object=tok,
         unk_token=None,
         bos_token=None,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        additional_special_tokens=[IM_START, IM_END],
+        additional_special_tokens=list(additional_special_tokens),
         clean_up_tokenization_spaces=False,
         model_max_length=131072,
         errors="replace",
         split_special_tokens=False,
     )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.chat_template = chat_template
     return hf_tok
 
 

@@ -1,0 +1,153 @@
+"""The Qwen2-VL model family (CytoChat): loading, batched generation inputs, training and export.
+
+Weights always come from a local Hugging Face folder (base Qwen2-VL-Instruct, CytoChat's released
+weights, a folder written by ``slidechat export``, or the tiny test model) through
+``Qwen2VLForConditionalGeneration.from_pretrained``; prompts use LLaMA-Factory's ``qwen2_vl`` template
+and images LLaMA-Factory's scaling (:mod:`slidechat.data.images`), so inputs match what CytoChat saw.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+MODEL_TYPE = "qwen2_vl"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def check_qwen2vl_folder(path: PathLike) -> Path:
+    """``path`` if it is a local Qwen2-VL model folder; else a one-line SlideChatError saying why."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise SlideChatError("model folder not found (a local Hugging Face folder is required; nothing "
+                             "is downloaded)", p)
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise SlideChatError("not a Hugging Face model folder (no config.json)", p)
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlideChatError(f"malformed config.json: {e}", cfg) from None
+    mtype = meta.get("model_type")
+    if mtype != MODEL_TYPE:
+        hint = "Qwen2.5-VL needs transformers >= 4.49" if mtype == "qwen2_5_vl" else None
+        raise SlideChatError(f"not a Qwen2-VL model (model_type '{mtype}', expected '{MODEL_TYPE}')", p,
+                             hint=hint)
+    return p
+
+
+def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """bf16 on a GPU that supports it (as CytoChat runs), fp32 on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def merge_adapter(model: Any, adapter_name_or_path: PathLike) -> Any:
+    """Apply a peft LoRA adapter folder to ``model`` and merge it into the weights."""
+    from slidechat.model.lora import _hide_broken_bitsandbytes_from_peft
+
+    a = Path(adapter_name_or_path).expanduser()
+    if not (a / "adapter_config.json").is_file():
+        raise SlideChatError("not a LoRA adapter folder (no adapter_config.json)", a)
+    _hide_broken_bitsandbytes_from_peft()
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(a))
+    except Exception as e:  # wrong base model, bad files
+        raise SlideChatError(f"cannot apply the adapter: {type(e).__name__}: {e}", a) from None
+    logger.info("merging LoRA adapter %s", a)
+    return peft_model.merge_and_unload()
+
+
+def load_qwen2vl(model_name_or_path: PathLike, adapter_name_or_path: Optional[PathLike] = None, *,
+                 torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+                 ) -> Tuple[Any, Any]:
+    """``(Qwen2VLForConditionalGeneration in eval mode, Qwen2VLProcessor)`` from a local folder.
+
+    ``adapter_name_or_path`` (a peft LoRA folder, e.g. LLaMA-Factory's) is merged into the weights.
+    Refuses non-Qwen2-VL folders with a one-line error.
+    """
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    folder = check_qwen2vl_folder(model_name_or_path)
+    if not (folder / "preprocessor_config.json").is_file():
+        raise SlideChatError("no preprocessor_config.json (the Qwen2-VL image processor) in the model "
+                             "folder", folder)
+    dtype = torch_dtype if torch_dtype is not None else default_dtype(device)
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SlideChatError(f"cannot load the model: {e}", folder) from None
+    if adapter_name_or_path is not None:
+        model = merge_adapter(model, adapter_name_or_path)
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(str(folder))
+    if not isinstance(processor, Qwen2VLProcessor):
+        raise SlideChatError(f"the folder's processor is {type(processor).__name__}, expected "
+                             f"Qwen2VLProcessor", folder)
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
+                             images: Optional[Sequence[Optional[Sequence[Any]]]] = None, *,
+                             image_max_pixels: int = IMAGE_MAX_PIXELS, image_min_pixels: int = IMAGE_MIN_PIXELS,
+                             default_system: Optional[str] = None) -> Any:
+    """A left-padded ``BatchFeature`` for ``model.generate(**batch)``.
+
+    ``examples_or_prompts``: :class:`~slidechat.data.llamafactory.Example` rows (rendered with the
+    ``qwen2_vl`` template, final answer left out) or prompt strings already rendered (each image as
+    ``<|vision_start|><|image_pad|><|vision_end|>``). ``images[i]``: paths or PIL images of row ``i``
+    (default: the examples' own images). Images get LLaMA-Factory's scaling, then the processor's.
+    """
+    from PIL import Image
+
+    from slidechat.data.llamafactory import Example
+    from slidechat.data.template import QWEN2_VL, render_qwen2vl_prompt
+
+    texts: List[str] = []
+    flat: List[Any] = []
+    for i, item in enumerate(examples_or_prompts):
+        if isinstance(item, Example):
+            text = render_qwen2vl_prompt(item.prompt_messages, system=item.system,
+                                         default_system=default_system)
+            row_images = item.images if images is None or images[i] is None else images[i]
+        elif isinstance(item, str):
+            text = item
+            row_images = [] if images is None or images[i] is None else images[i]
+        else:
+            raise TypeError(f"item {i}: expected an Example or a prompt string, got {type(item).__name__}")
+        span = f"{QWEN2_VL.vision_bos}{QWEN2_VL.image_token}{QWEN2_VL.vision_eos}"
+        if text.count(span) != len(row_images):
+            raise SlideChatError(f"prompt {i} has {text.count(span)} image span(s) but {len(row_images)} "
+                                 f"image(s) were given")
+        for im in row_images:
+            if isinstance(im, Image.Image):
+                from slidechat.data.images import scale_image
+
+                flat.append(scale_image(im, image_max_pixels, image_min_pixels))
+            else:
+                flat.append(load_image(im, image_max_pixels, image_min_pixels))
+        texts.append(text)
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        return processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old_side
