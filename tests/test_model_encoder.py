@@ -15,6 +15,7 @@ from slidechat.model.slide_encoder import (
     SlideEncoderConfig,
     attention_with_lse,
     dilated_attention,
+    saved_encoder_dict,
 )
 
 IMPLS = ["math", "cpu_flash"]
@@ -38,26 +39,59 @@ def make_encoder(seed: int = 0, **kw) -> LongNetEncoder:
     return enc
 
 
-def brute_force_dilated(q, k, v, segment_lengths, ratios):
-    """Per head, per segment, explicit index lists; branches mixed by summing exp-scores (= lse softmax)."""
+def brute_force_dilated(q, k, v, segment_lengths, ratios, padding="masked"):
+    """Independent reference of both edge rules: plain loops over branches, segments and heads.
+
+    Per branch (segment ``sl`` = min(sl, N), ratio ``r``): head ``h`` belongs to group
+    ``h // ceil(H / r)`` and, in each segment, sees the slots ``g, g + r, ...`` of the segment padded to a
+    multiple of ``r`` (``ceil(sl / r)`` slots). A slot past the segment or past N is padding:
+    ``"torchscale"`` makes it a key of zeros with a value of zeros (score 0, unmasked), ``"masked"`` drops
+    it. Each real query gets (softmax output, log-sum-exp) per branch that covers it; the branches are
+    mixed with softmax(lse) weights. float64 throughout.
+    """
     b, n, h, d = q.shape
-    num = torch.zeros(b, n, h, d, dtype=torch.float64)
-    den = torch.zeros(b, n, h, dtype=torch.float64)
     q, k, v = q.double(), k.double(), v.double()
+    per_pos = [[[[] for _ in range(h)] for _ in range(n)] for _ in range(b)]  # (out, lse) per branch
     for sl, r in zip(segment_lengths, ratios):
         sl = min(sl, n)
-        per_group = math.ceil(h / r)
-        for head in range(h):
-            off = head // per_group
-            for s0 in range(0, n, sl):
-                idx = [p for p in range(s0, min(s0 + sl, n)) if (p - s0) % r == off]
-                if not idx:
-                    continue
-                idx = torch.tensor(idx)
-                w = torch.exp(q[:, idx, head] @ k[:, idx, head].transpose(-1, -2) / math.sqrt(d))
-                num[:, idx, head] += w @ v[:, idx, head]
-                den[:, idx, head] += w.sum(-1)
-    return num / den.clamp_min(1e-300).unsqueeze(-1)
+        n_seg = -(-n // sl)
+        slots = -(-sl // r)
+        per_group = -(-h // r)
+        for bi in range(b):
+            for s in range(n_seg):
+                for head in range(h):
+                    g = head // per_group
+                    pos = [s * sl + g + r * j for j in range(slots)]
+                    real = [(g + r * j) < sl and p < n for j, p in zip(range(slots), pos)]
+                    keys, vals = [], []
+                    for p, ok in zip(pos, real):
+                        if ok:
+                            keys.append(k[bi, p, head])
+                            vals.append(v[bi, p, head])
+                        elif padding == "torchscale":
+                            keys.append(torch.zeros(d, dtype=torch.float64))
+                            vals.append(torch.zeros(d, dtype=torch.float64))
+                    if not keys:
+                        continue
+                    kk, vv = torch.stack(keys), torch.stack(vals)
+                    for p, ok in zip(pos, real):
+                        if not ok:
+                            continue
+                        scores = (kk @ q[bi, p, head]) / math.sqrt(d)
+                        m = scores.max()
+                        e = torch.exp(scores - m)
+                        lse = m + torch.log(e.sum())
+                        per_pos[bi][p][head].append(((e / e.sum()) @ vv, lse))
+    out = torch.zeros(b, n, h, d, dtype=torch.float64)
+    for bi in range(b):
+        for p in range(n):
+            for head in range(h):
+                branches = per_pos[bi][p][head]
+                lses = torch.stack([lse for _, lse in branches])
+                w = torch.exp(lses - lses.max())
+                w = w / w.sum()
+                out[bi, p, head] = sum(wi * o for wi, (o, _) in zip(w, branches))
+    return out
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -83,13 +117,66 @@ def test_dilated_equals_dense_when_one_segment(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padding", ["torchscale", "masked"])
 @pytest.mark.parametrize("sls,ratios", [((4, 8), (1, 2)), ((4, 8, 16), (1, 2, 8)), ((3, 6), (1, 4))])
-def test_dilated_matches_brute_force(impl, sls, ratios):
+def test_dilated_matches_brute_force(impl, padding, sls, ratios):
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 21, 4, 8) for _ in range(3))
-    out = dilated_attention(q, k, v, sls, ratios, impl=impl)
-    ref = brute_force_dilated(q, k, v, sls, ratios)
+    out = dilated_attention(q, k, v, sls, ratios, impl=impl, padding=padding)
+    ref = brute_force_dilated(q, k, v, sls, ratios, padding)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# N = 300 needs padding in every branch (300 = 4*64 + 44; 2*128 + 44; 256 + 44); N = 256 needs none;
+# N = 301 with a 512 segment: one segment of 301, padded to a multiple of 4 inside it;
+# 6 heads with ratio 4: heads padded to 8 and split into groups of 2 (the last group has no real head).
+EDGE_CASES = [(300, (64, 128, 256), (1, 2, 4), 8), (256, (64, 128, 256), (1, 2, 4), 8),
+              (301, (64, 128, 512), (1, 2, 4), 8), (130, (50, 100), (1, 4), 6)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,sls,ratios,heads", EDGE_CASES)
+def test_padding_modes_match_brute_force_at_the_edge(impl, n, sls, ratios, heads):
+    torch.manual_seed(5)
+    # biased keys: scores far from 0, so a zero key (score 0) carries a very different weight than a mask
+    q, k, v = (torch.randn(1, n, heads, 8) + 0.5 for _ in range(3))
+    outs = {}
+    for padding in ("torchscale", "masked"):
+        outs[padding] = dilated_attention(q, k, v, sls, ratios, impl=impl, padding=padding).double()
+        ref = brute_force_dilated(q, k, v, sls, ratios, padding)
+        torch.testing.assert_close(outs[padding], ref, atol=1e-5, rtol=1e-5)
+    needs_padding = any(n % min(sl, n) or min(sl, n) % r for sl, r in zip(sls, ratios))
+    diff = (outs["torchscale"] - outs["masked"]).abs().max().item()
+    if needs_padding:
+        assert diff > 1e-3  # two different functions
+    else:
+        assert diff < 1e-5  # the same function when nothing is padded
+
+
+@pytest.mark.parametrize("padding", ["torchscale", "masked"])
+def test_attention_module_uses_its_padding_mode(padding):
+    """The whole attention block (projections, sub-LN, out_proj) around the brute-force core."""
+    torch.manual_seed(6)
+    cfg = SlideEncoderConfig(embed_dim=64, ffn_dim=64, num_heads=8, num_layers=1,
+                             segment_lengths=(64, 128, 256), dilated_ratios=(1, 2, 4), padding=padding)
+    enc = LongNetEncoder(cfg).eval()
+    attn = enc.layers[0].self_attn
+    x = torch.randn(1, 300, 64)
+    with torch.no_grad():
+        q, k, v = (lin(x).view(1, 300, 8, 8) for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+        core = brute_force_dilated(q, k, v, cfg.segment_lengths, cfg.dilated_ratios, padding).float()
+        ref = attn.out_proj(attn.inner_attn_ln(core.reshape(1, 300, 64)))
+        torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torchscale_padding_refuses_a_key_mask():
+    q = k = v = torch.randn(1, 10, 4, 8)
+    pm = torch.zeros(1, 10, dtype=torch.bool)
+    pm[0, 7:] = True
+    with pytest.raises(ValueError, match="torchscale"):
+        dilated_attention(q, k, v, (4,), (1,), padding_mask=pm, padding="torchscale")
+    with pytest.raises(ValueError, match="padding mode"):
+        dilated_attention(q, k, v, (4,), (1,), padding="zeros")
 
 
 def test_dilated_attention_has_gradients():
@@ -118,8 +205,10 @@ def test_cross_patch_attention_default_vs_compat():
     assert (c[0, 3] - c2[0, 3]).abs().max() > 1e-4
 
 
-def test_compat_equals_closed_form():
-    enc = make_encoder(compat="slidechat_v1")
+@pytest.mark.parametrize("padding", ["torchscale", "masked"])
+def test_compat_equals_closed_form(padding):
+    """The released behaviour (length-1 sequences) does not depend on the padding mode."""
+    enc = make_encoder(compat="slidechat_v1", padding=padding)
     x = torch.randn(2, 9, 32)
     h = x
     for layer in enc.layers:
@@ -138,9 +227,11 @@ def test_compat_ignores_padding_and_order():
     torch.testing.assert_close(enc(x)[0, perm], enc(x[:, perm])[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["torchscale", "masked"])
 @pytest.mark.parametrize("coord", [False, True])
-def test_padding_does_not_change_real_positions(coord):
-    enc = make_encoder(coord_pos_embed=coord)
+def test_padding_does_not_change_real_positions(coord, padding):
+    """Batching slides of different lengths gives each slide the tokens it gets alone, in both modes."""
+    enc = make_encoder(coord_pos_embed=coord, padding=padding)
     if coord:
         with torch.no_grad():
             enc.coord_pos_embed.proj.weight.normal_()
@@ -232,6 +323,19 @@ def test_config_roundtrip_json():
     cfg = tiny_cfg(compat="slidechat_v1", coord_pos_embed=True)
     again = SlideEncoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+    for padding in ("torchscale", "masked"):
+        d = json.loads(json.dumps(tiny_cfg(padding=padding).to_dict()))
+        assert d["padding"] == padding and SlideEncoderConfig.from_dict(d).padding == padding
+    assert SlideEncoderConfig().padding == "torchscale"  # documented default
+    legacy = {k: v for k, v in tiny_cfg().to_dict().items() if k != "padding"}
+    assert SlideEncoderConfig.from_dict(saved_encoder_dict(legacy)).padding == "masked"
+    assert saved_encoder_dict(tiny_cfg(padding="torchscale").to_dict())["padding"] == "torchscale"
+    with pytest.raises(ValueError, match="padding"):
+        SlideEncoderConfig(padding="zeros")
+    # torchscale misplaces positions when a segment is not a multiple of its ratio: refused, not imitated
+    with pytest.raises(ValueError, match="multiple of its dilated ratio"):
+        SlideEncoderConfig(segment_lengths=(50, 100), dilated_ratios=(1, 3))
+    assert SlideEncoderConfig(segment_lengths=(50, 100), dilated_ratios=(1, 3), padding="masked")
     with pytest.raises(ValueError):
         SlideEncoderConfig(segment_lengths=(8,), dilated_ratios=(1, 2))
     with pytest.raises(ValueError):

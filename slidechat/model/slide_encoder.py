@@ -4,6 +4,26 @@ Parameter names and numerics follow the torchscale LongNet used by the released 
 float32 GELU, final LayerNorm), so released checkpoints load under the ``LongNet_encoder.`` prefix.
 ``compat="slidechat_v1"`` reproduces the released model's layout bug (every patch a length-1 sequence);
 the default is real slide-level attention.
+
+Sequence edge (``SlideEncoderConfig.padding``). Each dilated branch cuts the sequence into segments of
+``min(segment_length, N)`` positions and keeps every ``ratio``-th one, so N is padded up to a multiple of
+the segment and each segment to a multiple of the ratio:
+
+* ``"torchscale"`` (default): q/k/v are zero-padded *after* the projections and attention runs with no
+  mask, so every padded key enters the softmax with score 0 and value 0 -- exactly torchscale's
+  ``dilated_attention.py`` (Prov-GigaPath's and SlideChat's copies). Weights trained there, and weights
+  trained here to be used there, need this mode. Slides of different lengths in one batch are encoded
+  one by one at their own length, which is what torchscale computes for each slide alone (its fused
+  path ignores ``key_padding_mask``), so batching never changes a slide's tokens. Each segment length
+  must be a multiple of its ratio (torchscale shifts later segments otherwise; refused, not imitated).
+* ``"masked"``: padded keys are masked out of the softmax (the rule of slidechat releases before this
+  option existed): outputs do not depend on how much padding a length needs. About 3-5 % different
+  outputs from ``"torchscale"`` whenever N needs padding; identical when it needs none.
+
+The two modes are different functions of the same weights: use the one the weights were trained with.
+``compat="slidechat_v1"`` is unaffected (a length-1 sequence attends to its own key only, in both modes).
+Exported model folders written before the option existed carry no ``padding`` key and load as
+:data:`LEGACY_PADDING` (``"masked"``, what they were trained with); see :func:`saved_encoder_dict`.
 """
 
 from __future__ import annotations
@@ -12,7 +32,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +41,11 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 COMPAT_MODES = (None, "slidechat_v1")
+#: how padded positions at the sequence edge enter attention (see the module doc)
+PADDING_MODES = ("torchscale", "masked")
+DEFAULT_PADDING = "torchscale"
+#: ``padding`` of a saved encoder config without the key (written before the option existed)
+LEGACY_PADDING = "masked"
 
 # lse given to (position, head) pairs a branch does not cover: exp() of it relative to any real lse is 0,
 # and it is finite, so a pair no branch covers gives 0 instead of NaN.
@@ -42,6 +67,7 @@ class SlideEncoderConfig:
     activation_dropout: float = 0.0  # torchscale default (dropout between GELU and ffn_layernorm)
     layernorm_eps: float = 1e-5
     coord_num_freqs: int = 32
+    padding: str = DEFAULT_PADDING
 
     def __post_init__(self) -> None:
         self.segment_lengths = tuple(int(s) for s in self.segment_lengths)
@@ -55,6 +81,15 @@ class SlideEncoderConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.compat not in COMPAT_MODES:
             raise ValueError(f"unknown compat mode {self.compat!r}; known: {COMPAT_MODES}")
+        if self.padding not in PADDING_MODES:
+            raise ValueError(f"unknown padding mode {self.padding!r}; known: {PADDING_MODES}")
+        odd = [(s, r) for s, r in zip(self.segment_lengths, self.dilated_ratios) if s % r]
+        if self.padding == "torchscale" and odd:
+            # torchscale keeps a segment's ratio padding when it scatters back, which shifts every later
+            # segment: its function is not the documented rule, and we do not reproduce the shift
+            raise ValueError(f"padding='torchscale' needs each segment length to be a multiple of its "
+                             f"dilated ratio (torchscale misplaces positions otherwise); got {odd} "
+                             "(segment, ratio); use multiples or padding='masked'")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -69,6 +104,17 @@ class SlideEncoderConfig:
         if unknown:
             raise ValueError(f"unknown SlideEncoderConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def saved_encoder_dict(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """An encoder config as stored in an exported folder, with ``padding`` made explicit.
+
+    Folders written before the option existed were trained with the masked rule, so a missing key means
+    :data:`LEGACY_PADDING`, not today's default (a training config without the key gets the default).
+    """
+    out = dict(d)
+    out.setdefault("padding", LEGACY_PADDING)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -218,14 +264,25 @@ def _pad_seq(t: Tensor, pad: int, dim: int = 1, value: float = 0.0) -> Tensor:
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
                       dilated_ratios: Sequence[int], padding_mask: Optional[Tensor] = None,
-                      impl: str = "auto") -> Tensor:
+                      impl: str = "auto", padding: str = DEFAULT_PADDING) -> Tensor:
     """LongNet dilated attention. q, k, v: [B, N, H, d]; padding_mask [B, N] (True = padding).
 
     Each branch attends inside sparse segments; branches are mixed per position and head by a softmax over
     their log-sum-exps, accumulated online so only one branch's dense output is alive at a time. As in
     torchscale, the mixing weights carry no gradient (fused kernels do not differentiate the lse), so the
     fused and the plain-math paths train identically.
+
+    ``padding="torchscale"``: the zeros that pad a segment (or the sequence) are keys with score 0 and
+    value 0, unmasked, as in torchscale; a ``padding_mask`` with padding is refused (encode such rows one
+    by one, as :class:`LongNetEncoder` does). ``padding="masked"``: edge padding and ``padding_mask``
+    positions are masked out of the softmax.
     """
+    if padding not in PADDING_MODES:
+        raise ValueError(f"unknown padding mode {padding!r}; known: {PADDING_MODES}")
+    if padding == "torchscale" and padding_mask is not None and bool(padding_mask.any()):
+        raise ValueError("padding='torchscale' has no key mask: encode rows of different lengths one by "
+                         "one (LongNetEncoder does), or use padding='masked'")
+    masked = padding == "masked"
     b, n, h, _ = q.shape
     acc: Optional[Tensor] = None
     run_max = den = None
@@ -233,7 +290,7 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
         br = _Branch(n, sl, ratio, h, q.device)
         qs, ks, vs = br.sparse(q), br.sparse(k), br.sparse(v)
         bias = None
-        if padding_mask is not None or br.pad_n or br.pad_r:
+        if masked and (padding_mask is not None or br.pad_n or br.pad_r):
             pm = padding_mask if padding_mask is not None else torch.zeros(b, n, dtype=torch.bool, device=q.device)
             pm = pm.unsqueeze(-1).expand(b, n, h)  # [B,N,H]
             if br.pad_n:
@@ -301,6 +358,7 @@ class DilatedMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.inner_attn_ln = nn.LayerNorm(d, eps=cfg.layernorm_eps)  # sub-LN
         self.attn_impl = "auto"
+        self.padding = cfg.padding
         for lin in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.xavier_uniform_(lin.weight, gain=1 / math.sqrt(2))
         nn.init.xavier_uniform_(self.out_proj.weight)
@@ -316,7 +374,7 @@ class DilatedMultiheadAttention(nn.Module):
         k = self.k_proj(x).view(b, n, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(b, n, self.num_heads, self.head_dim)
         attn = dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, padding_mask,
-                                 impl=self.attn_impl)
+                                 impl=self.attn_impl, padding=self.padding)
         del q, k, v
         return self.out_proj(self.inner_attn_ln(attn.reshape(b, n, d)))
 
@@ -421,8 +479,24 @@ class LongNetEncoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.attn_impl = impl
 
+    def _encode(self, x: Tensor, padding_mask: Optional[Tensor], coords: Optional[Tensor]) -> Tensor:
+        """Slide-level attention over [B,N,D] (with ``padding_mask`` only in the masked mode)."""
+        if self.coord_pos_embed is not None:
+            if coords is not None:
+                x = x + self.coord_pos_embed(coords.to(x.device), padding_mask)
+            elif not self._warned_no_coords:
+                logger.warning("coord_pos_embed is on but no coords were given; encoding without them")
+                self._warned_no_coords = True
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        y = self.dropout(x)
+        for layer in self.layers:
+            y = layer(y, padding_mask)
+        return self.layer_norm(y)
+
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 coords: Optional[Tensor] = None) -> Tensor:
+        """[B,N,D] -> [B,N,D]; ``padding_mask`` [B,N] (True = padding) marks slots of shorter slides."""
         if x.dim() != 3 or x.shape[-1] != self.config.embed_dim:
             raise ValueError(f"expected [B, N, {self.config.embed_dim}] features, got {tuple(x.shape)}")
         b, n, d = x.shape
@@ -439,19 +513,19 @@ class LongNetEncoder(nn.Module):
             for layer in self.layers:
                 y = layer(y)
             y = self.layer_norm(y).reshape(b, n, d)
+        elif padding_mask is not None and self.config.padding == "torchscale":
+            # torchscale has no key mask: each slide is encoded alone, at its own length
+            rows = []
+            for i in range(b):
+                keep = (~padding_mask[i]).nonzero(as_tuple=True)[0]
+                row = x.new_zeros(n, d)
+                if keep.numel():
+                    ci = None if coords is None else coords[i, keep][None]
+                    row = row.index_copy(0, keep, self._encode(x[i, keep][None], None, ci)[0])
+                rows.append(row)
+            y = torch.stack(rows)
         else:
-            if self.coord_pos_embed is not None:
-                if coords is not None:
-                    x = x + self.coord_pos_embed(coords.to(x.device), padding_mask)
-                elif not self._warned_no_coords:
-                    logger.warning("coord_pos_embed is on but no coords were given; encoding without them")
-                    self._warned_no_coords = True
-            if padding_mask is not None:
-                x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-            y = self.dropout(x)
-            for layer in self.layers:
-                y = layer(y, padding_mask)
-            y = self.layer_norm(y)
+            y = self._encode(x, padding_mask, coords)
         if padding_mask is not None:
             y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return y
