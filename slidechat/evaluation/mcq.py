@@ -8,7 +8,9 @@ whitespace collapsed; only letters of the row's non-empty options are valid:
 1. Ambiguity first: two different letters joined by ``or``/``and``/``/``/``,`` (``"A or B"``,
    ``"(A) and (C)"``) -> ``None``.
 2. The whole answer is one letter, optionally bracketed or followed by ``.``/``)``/``:``
-   (``"B"``, ``"b"``, ``"(B)"``, ``"B)"``, ``"B."``). A lowercase letter counts only here.
+   (``"B"``, ``"b"``, ``"(B)"``, ``"B)"``, ``"B."``). A lowercase letter counts only here. If that
+   letter is also the whole text of another option (Milan grade ``"I"`` with options ``C.I`` and
+   ``I.IVB``) the answer is ambiguous -> ``None``.
 3. An explicit statement: ``answer``/``option``/``choice`` (+ ``is``/``:``/``would be``...) followed by
    an UPPERCASE letter standing alone or bracketed (``"Answer: C"``, ``"The answer is C"``,
    ``"The correct option is (D) ..."``, ``"Option B"``; lowercase only when bracketed, ``"(b)"``), or
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -112,6 +114,8 @@ def parse_choice(text: Optional[str], options: Options) -> Optional[str]:
     m = _BARE.match(s)
     if m:
         letter = m.group(1).upper()
+        if any(k != letter and _norm(v) == letter.lower() for k, v in opts.items() if v):
+            return None  # "I" with options "C.I" and "I.IVB": the letter I or the text of C?
         return letter if letter in opts else None
 
     # 3. explicit statements ("the answer is C")
@@ -173,10 +177,23 @@ class McqReport:
     unparsed: List[Dict[str, str]] = field(default_factory=list)
     errors: List[Dict[str, str]] = field(default_factory=list)
     source: Optional[str] = None
+    #: Markdown heading (default: SlideBench-VQA accuracy); ``macro``: mean of the group accuracies
+    #: per grouping; ``notes``: lines printed under the tables. Empty extras are left out of the JSON.
+    title: Optional[str] = None
+    macro: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    task: Optional[str] = None
 
     def to_dict(self) -> Dict[str, object]:
-        return {"source": self.source, "overall": self.overall, "groups": self.groups,
-                "unparsed": self.unparsed, "errors": self.errors}
+        d: Dict[str, object] = {"source": self.source, "overall": self.overall, "groups": self.groups,
+                                "unparsed": self.unparsed, "errors": self.errors}
+        if self.task:
+            d = {"task": self.task, **d}
+        if self.macro:
+            d["macro"] = self.macro
+        if self.notes:
+            d["notes"] = self.notes
+        return d
 
     def to_markdown(self) -> str:
         from slidechat.evaluation.tables import mcq_markdown
@@ -244,3 +261,119 @@ def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
     overall = accuracy_rows(flags, None)[0]
     by = {g: accuracy_rows(flags, df[g].astype(str)) for g in groups}
     return McqReport(overall=overall, groups=by, unparsed=unparsed, errors=errors, source=source)
+
+
+# --------------------------------------------------------------------------- options inside a prompt
+
+_BRACKET_START = re.compile(r"\[\s*A\s*[.)]")
+_LINE_OPT = re.compile(r"^\s*\(?([A-J])\s*[.)]\s*(.+?)\s*$", re.MULTILINE)
+
+
+def options_from_prompt(text: str) -> Dict[str, str]:
+    """The options a prompt lists, ``{letter: text}`` (``{}`` when it lists none).
+
+    Two layouts: CytoChat's bracket list ``[A.Benign, B.Mild Dysplasia, ...]`` (split at ``", B."``,
+    ``", C."``... in letter order, so commas inside an option text are kept) and one option per line
+    (``"A. Benign"`` / ``"(B) Lung"``, SlideBench's prompt). Letters must run A, B, C... without gaps.
+    """
+    text = str(text or "")
+    for m in _BRACKET_START.finditer(text):
+        end = text.find("]", m.end())
+        # the list ends at the last "]" before the next "[" or the end (option texts may hold "]")
+        nxt = text.find("[", m.end())
+        stop = len(text) if nxt < 0 else nxt
+        last = text.rfind("]", m.end(), stop)
+        if last >= 0:
+            end = last
+        if end < 0:
+            continue
+        body = text[m.start() + 1:end]
+        opts: Dict[str, str] = {}
+        pos = 0
+        letters = "ABCDEFGHIJ"
+        k = 0
+        head = re.match(r"\s*A\s*[.)]\s*", body)
+        pos = head.end()
+        while True:
+            nxt_letter = letters[k + 1] if k + 1 < len(letters) else None
+            sep = re.compile(r",\s*" + nxt_letter + r"\s*[.)]\s*") if nxt_letter else None
+            m2 = sep.search(body, pos) if sep else None
+            if m2 is None:
+                opts[letters[k]] = body[pos:].strip()
+                break
+            opts[letters[k]] = body[pos:m2.start()].strip()
+            pos = m2.end()
+            k += 1
+        if len(opts) >= 2:
+            return opts
+    lines = _LINE_OPT.findall(text)
+    opts = {}
+    for letter, body in lines:
+        expected = "ABCDEFGHIJ"[len(opts)] if len(opts) < 10 else None
+        if letter == expected:
+            opts[letter] = body
+        elif opts:
+            break
+    return opts if len(opts) >= 2 else {}
+
+
+def label_letter(label: str, options: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    """The option a reference answer names (``"A.Benign."`` -> ``A``), or ``(None, why)``.
+
+    A label that names a letter and a text must agree with the option list (``"A.Malignant."`` when
+    A is ``Benign`` is a broken label, not a guess either way).
+    """
+    lab = " ".join(str(label or "").split())
+    if not lab:
+        return None, "empty label"
+    letter = _gold_letter(lab, options)
+    if letter is None:
+        return None, f"label {lab!r} names none of the options {sorted(options)}"
+    m = re.match(r"^\(?[A-J]\)?\s*[.):]\s*(.+)$", lab)
+    if m:
+        told, own = _norm(m.group(1)), _norm(options.get(letter, ""))
+        if told and own and told != own:
+            return None, f"label {lab!r} names option {letter} but {letter} is {options[letter]!r}"
+    return letter, ""
+
+
+@dataclass
+class ChoiceRow:
+    """One multiple-choice answer to score (``output`` None / ``error`` set when the row failed)."""
+
+    key: str
+    options: Mapping[str, str]
+    gold: str
+    output: Optional[str]
+    error: str = ""
+    groups: Mapping[str, str] = field(default_factory=dict)
+
+
+def score_choice_rows(rows: Sequence[ChoiceRow], group_names: Sequence[str] = (),
+                      source: Optional[str] = None, title: Optional[str] = None,
+                      macro_over: Sequence[str] = (), task: Optional[str] = None) -> McqReport:
+    """Accuracy of free-text answers (parsed with :func:`parse_choice`) overall, per group and the macro
+    average (mean of the group accuracies) for each grouping in ``macro_over``."""
+    from slidechat.evaluation.tables import accuracy_rows
+
+    recs, unparsed, errors = [], [], []
+    for r in rows:
+        if r.error:
+            pred = None
+            errors.append({"key": r.key, "error": r.error})
+        else:
+            pred = parse_choice(r.output, r.options)
+            if pred is None:
+                unparsed.append({"key": r.key, "output": _s(r.output)})
+        recs.append({"correct": pred is not None and pred == r.gold, "unparsed": pred is None and not r.error,
+                     "error": bool(r.error)})
+    flags = pd.DataFrame(recs, columns=["correct", "unparsed", "error"])
+    overall = accuracy_rows(flags, None)[0]
+    by = {g: accuracy_rows(flags, pd.Series([str(r.groups.get(g, "")) for r in rows], dtype=object))
+          for g in group_names}
+    macro = {}
+    for g in macro_over:
+        accs = [row["accuracy"] for row in by.get(g, []) if row["n"]]
+        macro[g] = float(sum(accs) / len(accs)) if accs else float("nan")
+    return McqReport(overall=overall, groups=by, unparsed=unparsed, errors=errors, source=source,
+                     title=title, macro=macro, task=task)

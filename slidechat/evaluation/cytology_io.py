@@ -1,0 +1,358 @@
+"""Read cytology predictions to score, and tell which task each row is.
+
+Three inputs, detected from the file:
+
+* ``slidechat infer`` JSONL: ``{"id", "images", "prompt", "predict", "label"}`` (+ ``"error"`` on rows
+  that failed: counted as failures and listed, never silently scored).
+* LLaMA-Factory's ``generated_predictions.jsonl``: ``{"prompt", "predict", "label"}`` only.
+* CytoChat's benchmark spreadsheets (``.xlsx``): ``Image``, ``Prompt``, ``Lable`` (sic; ``Label`` too),
+  optional ``Task`` and ``Class number``. The grounding sheet stores CytoChat's own output inside
+  ``Prompt`` as a Python-literal dict ``{'prompt', 'images', 'predict', 'label'}`` (read with
+  ``ast.literal_eval``, never executed); the VQA sheet stores a multi-turn prompt as a list of
+  strings. A predictions column (``predict``/``Predict``/``Prediction``/``Output``) is used when
+  present; CytoChat's MCQ, REC, report and VQA sheets have none (labels only).
+
+Prompts decoded by LLaMA-Factory look like ``"system\\n...\\nuser\\n{question}\\nassistant\\n"``;
+:func:`user_question` takes the last user turn out of that (or of raw ChatML).
+
+Tasks (:func:`detect_task`, from the question and the label): ``mcq`` ("Just answer the option." or an
+option list), ``grounding`` ("Locate all ..."), ``region`` ("Give a brief description of region" /
+a ``<region>`` in the question, or a label that is one ``<region>``), ``report`` ("Describe the
+cytology diagnosis results", "report"), ``vqa`` (a multi-turn prompt or a question ending in "?").
+Anything else fits no task; :func:`select_task` refuses such rows, and files mixing tasks, unless
+``--task`` says which rows to score.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+TASKS = ("mcq", "grounding", "region", "report", "vqa")
+#: which detected tasks each scorer (``slidechat eval <scorer>``) accepts
+SCORER_TASKS: Dict[str, Tuple[str, ...]] = {"mcq": ("mcq",), "grounding": ("grounding",),
+                                            "region": ("region",), "report": ("report", "vqa")}
+PRED_COLUMNS = ("predict", "Predict", "prediction", "Prediction", "Output", "output")
+LABEL_COLUMNS = ("Lable", "Label", "label", "lable")
+
+
+@dataclass
+class CytoRecord:
+    """One prediction row, whatever file it came from."""
+
+    index: int
+    where: str  # "line 3" / "row 4" for messages
+    key: str
+    prompt: str
+    question: str
+    predict: Optional[str]
+    label: str
+    images: List[str] = field(default_factory=list)
+    error: str = ""
+    fields: Dict[str, Any] = field(default_factory=dict)
+    turns: int = 1
+
+
+@dataclass
+class CytoFile:
+    path: Path
+    format: str  # "slidechat-jsonl" | "llamafactory-jsonl" | "cytochat-xlsx"
+    records: List[CytoRecord]
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def has_predictions(self) -> bool:
+        return any(r.predict is not None for r in self.records)
+
+
+_TURN = re.compile(r"(?:^|\n)(?:<\|im_start\|>)?user\n(.*?)(?:<\|im_end\|>)?\n(?:<\|im_start\|>)?assistant\n?",
+                   re.DOTALL)
+_VISION = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)*<\|vision_end\|>|<image>")
+
+
+def user_question(prompt: str) -> str:
+    """The last user turn of a decoded ChatML prompt, without image tokens (else the prompt itself)."""
+    turns = _TURN.findall(prompt)
+    q = turns[-1] if turns else prompt
+    return _VISION.sub("", q).strip()
+
+
+def _text(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    return str(v)
+
+
+def _images(v: Any) -> List[str]:
+    if v is None or (isinstance(v, float) and v != v) or v == "":
+        return []
+    if isinstance(v, (list, tuple)):
+        return [str(x) for x in v]
+    return [str(v)]
+
+
+def read_predictions(path: PathLike, sheet: Optional[str] = None) -> CytoFile:
+    """Read a JSONL (ours or LLaMA-Factory's) or a CytoChat xlsx into :class:`CytoRecord` rows."""
+    p = Path(path)
+    if not p.is_file():
+        raise SlideChatError("file not found", p)
+    suffix = p.suffix.lower()
+    if suffix in (".xlsx", ".xlsm", ".xls"):
+        return _read_xlsx(p, sheet)
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(p)
+    raise SlideChatError(f"cannot read {p.suffix or 'a file without suffix'} predictions", p,
+                         hint="give a .jsonl (slidechat infer / LLaMA-Factory) or a CytoChat .xlsx")
+
+
+def _read_jsonl(p: Path) -> CytoFile:
+    records: List[CytoRecord] = []
+    ours = False
+    with open(p, encoding="utf-8") as fh:
+        text = fh.read()
+    lines = text.splitlines()
+    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            objs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SlideChatError(f"not valid JSON: {e}", p) from None
+        numbered = [(i + 1, o) for i, o in enumerate(objs)]
+        unit = "item"
+    else:
+        numbered = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SlideChatError(f"line {n} is not valid JSON: {e.msg}", p) from None
+        unit = "line"
+    for n, o in numbered:
+        where = f"{unit} {n}"
+        if not isinstance(o, dict):
+            raise SlideChatError(f"{where}: expected a JSON object, got {type(o).__name__}", p)
+        if "prompt" not in o or "label" not in o:
+            raise SlideChatError(f"{where}: missing {[k for k in ('prompt', 'label') if k not in o]}", p,
+                                 hint="expected {prompt, predict, label} (LLaMA-Factory) or slidechat "
+                                      "infer's {id, images, prompt, predict, label, error}")
+        ours = ours or "id" in o or "error" in o or "images" in o
+        prompt_v = o["prompt"]
+        turns = 1
+        if isinstance(prompt_v, list):
+            turns = len(prompt_v)
+            prompt = "\n".join(_text(x) for x in prompt_v)
+            question = user_question(_text(prompt_v[-1])) if prompt_v else ""
+        else:
+            prompt = _text(prompt_v)
+            question = user_question(prompt)
+            turns = max(1, len(_TURN.findall(prompt)))
+        err = _text(o.get("error")).strip()
+        pred = o.get("predict")
+        records.append(CytoRecord(
+            index=len(records), where=where, key=_text(o.get("id")) or str(len(records)), prompt=prompt,
+            question=question, predict=None if pred is None else _text(pred), label=_text(o["label"]),
+            images=_images(o.get("images")), error=err, turns=turns,
+            fields={k: o[k] for k in ("task", "Task", "Class number", "classes") if k in o}))
+    if not records:
+        raise SlideChatError("no rows", p)
+    keys = [r.key for r in records]
+    if len(set(keys)) != len(keys):
+        for r in records:
+            r.key = str(r.index)
+    return CytoFile(p, "slidechat-jsonl" if ours else "llamafactory-jsonl", records)
+
+
+def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
+    import pandas as pd
+
+    try:
+        df = pd.read_excel(p, sheet_name=sheet or 0, dtype=object, engine="openpyxl")
+    except Exception as e:  # openpyxl raises many types for broken files
+        raise SlideChatError(f"cannot read the spreadsheet: {e}", p) from None
+    cols = [str(c) for c in df.columns]
+    df.columns = cols
+    label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
+    if "Prompt" not in cols or label_col is None:
+        raise SlideChatError("not a CytoChat benchmark sheet: needs Prompt and Lable/Label columns", p,
+                             hint=f"columns found: {cols}")
+    pred_col = next((c for c in PRED_COLUMNS if c in cols), None)
+    records: List[CytoRecord] = []
+    notes: List[str] = []
+    label_mismatch = 0
+    for i, row in enumerate(df.to_dict("records")):
+        where = f"row {i + 2}"  # spreadsheet row number (header = 1)
+        raw = _text(row["Prompt"])
+        label = _text(row[label_col])
+        predict: Optional[str] = None if pred_col is None else _text(row[pred_col])
+        images = _images(row.get("Image"))
+        turns = 1
+        prompt = last_turn = raw
+        stripped = raw.strip()
+        if stripped.startswith("{"):
+            try:
+                d = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError) as e:
+                raise SlideChatError(f"{where}: Prompt looks like a dict but is not a Python literal "
+                                     f"({type(e).__name__})", p) from None
+            if not isinstance(d, dict) or "prompt" not in d:
+                raise SlideChatError(f"{where}: Prompt dict has no 'prompt' key", p)
+            prompt = _text(d["prompt"])
+            if "predict" in d:
+                if predict is not None and predict.strip() and predict.strip() != _text(d["predict"]).strip():
+                    raise SlideChatError(f"{where}: both a {pred_col} column and a predict inside Prompt, "
+                                         "and they differ", p)
+                predict = _text(d["predict"])
+            if d.get("images"):
+                images = _images(d["images"])
+            if "label" in d and _text(d["label"]).strip() != label.strip():
+                label_mismatch += 1
+        elif stripped.startswith("["):
+            try:
+                lst = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                lst = None
+            if isinstance(lst, list) and lst and all(isinstance(x, str) for x in lst):
+                turns = len(lst)
+                prompt = "\n".join(lst)
+                last_turn = lst[-1]
+        else:
+            last_turn = prompt
+        if stripped.startswith("{"):
+            last_turn = prompt
+        question = user_question(last_turn)
+        fields = {}
+        for c in ("Task", "Class number"):
+            if c in cols and _text(row[c]).strip():
+                fields[c] = _text(row[c]).strip()
+        records.append(CytoRecord(index=i, where=where, key=str(i), prompt=prompt, question=question,
+                                  predict=predict, label=label, images=images, fields=fields, turns=turns))
+    if not records:
+        raise SlideChatError("no rows", p)
+    if label_mismatch:
+        notes.append(f"{label_mismatch} row(s): the label inside Prompt differs from the {label_col} column; "
+                     f"{label_col} is used as the truth")
+        logger.warning("%s: %s", p, notes[-1])
+    return CytoFile(p, "cytochat-xlsx", records, notes)
+
+
+# --------------------------------------------------------------------------- task detection
+
+_OPTION_LIST = re.compile(r"\[\s*A\s*[.)][^\]]*,\s*B\s*[.)]")
+_LINE_OPTIONS = re.compile(r"^\s*\(?A\s*[.)]\s*\S.*\n\s*\(?B\s*[.)]\s*\S", re.MULTILINE)
+_REGION_TAG = re.compile(r"<\s*region\s*>|<\|box_start\|>", re.IGNORECASE)
+_REPORT_CUES = re.compile(r"\b(?:describe the cytology|diagnosis results?|report|describe|summari[sz]e)\b",
+                          re.IGNORECASE)
+
+
+def detect_task(question: str, label: str, turns: int = 1) -> Optional[str]:
+    """The task a row belongs to, from its question and label; None when nothing fits."""
+    q = question or ""
+    if re.search(r"just answer the option", q, re.IGNORECASE) or _OPTION_LIST.search(q) \
+            or _LINE_OPTIONS.search(q):
+        return "mcq"
+    if re.search(r"\blocate all\b", q, re.IGNORECASE):
+        return "grounding"
+    if re.search(r"brief description of (?:the )?region", q, re.IGNORECASE) or _REGION_TAG.search(q):
+        return "region"
+    if _REGION_TAG.search(label or ""):
+        return "region"
+    if turns > 1:
+        return "vqa"
+    if _REPORT_CUES.search(q):
+        return "report"
+    if q.strip().endswith("?"):
+        return "vqa"
+    return None
+
+
+def select_task(file: CytoFile, scorer: str, task: Optional[str] = None
+                ) -> Tuple[List[CytoRecord], Dict[str, List[CytoRecord]], Dict[str, int]]:
+    """Rows the ``scorer`` should score, grouped by task, and counts of the rows left out.
+
+    Without ``task``: every row must be detected as a task the scorer accepts, else a SlideChatError
+    names the first offending row and the task counts (a file of mixed tasks, or rows fitting no
+    task, are refused, never silently switched). With ``task``: rows detected as ``task``, and rows
+    fitting no task, are scored as ``task``; rows detected as another task are left out and counted.
+    """
+    accepted = SCORER_TASKS[scorer]
+    if task is not None and task not in accepted:
+        raise SlideChatError(f"--task {task} cannot be scored by 'slidechat eval {scorer}'", file.path,
+                             hint=f"this scorer takes {list(accepted)}")
+    detected = [detect_task(r.question, r.label, r.turns) for r in file.records]
+    counts = Counter(t or "none" for t in detected)
+    desc = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    by: Dict[str, List[CytoRecord]] = {}
+    skipped: Dict[str, int] = {}
+    for r, t in zip(file.records, detected):
+        if task is not None:
+            if t is None or t == task:
+                by.setdefault(task, []).append(r)
+            else:
+                skipped[t] = skipped.get(t, 0) + 1
+            continue
+        if t is None:
+            raise SlideChatError(f"{r.where} fits no task (question {_short(r.question)!r})", file.path,
+                                 hint=f"pass --task {accepted[0]} to score such rows as {accepted[0]}")
+        if t not in accepted:
+            raise SlideChatError(
+                f"rows of mixed tasks ({desc}); {r.where} is {t}, not {'/'.join(accepted)}", file.path,
+                hint=f"pass --task {accepted[0]} to score only those rows, or use 'slidechat eval {_scorer_of(t)}'")
+        by.setdefault(t, []).append(r)
+    selected = [r for rs in by.values() for r in rs]
+    if not selected:
+        raise SlideChatError(f"no {'/'.join(accepted) if task is None else task} rows ({desc})", file.path)
+    return selected, by, skipped
+
+
+def _scorer_of(task: str) -> str:
+    return next(s for s, ts in SCORER_TASKS.items() if task in ts)
+
+
+def _short(text: str, n: int = 80) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def require_predictions(file: CytoFile, records: Sequence[CytoRecord]) -> None:
+    """A file without any prediction (CytoChat's label-only sheets) cannot be scored: say so."""
+    missing = [r for r in records if r.predict is None and not r.error]
+    if missing and len(missing) == len(records):
+        raise SlideChatError(
+            "no predictions to score: the file has prompts and labels only", file.path,
+            hint="add a 'predict' column / key (e.g. run slidechat infer on it)")
+    if missing:
+        raise SlideChatError(f"{missing[0].where} has no prediction ({len(missing)} row(s) without one)",
+                             file.path)
+
+
+def image_size_of(record: CytoRecord, base_dir: Optional[Path], fallback: Optional[Tuple[int, int]],
+                  source: Path) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` of the row's first image when readable, else ``fallback`` (``--image-size``)."""
+    from PIL import Image
+
+    for im in record.images[:1]:
+        cand = Path(im)
+        if not cand.is_absolute() and base_dir is not None:
+            cand = base_dir / cand
+        if cand.is_file():
+            try:
+                with Image.open(cand) as img:
+                    return img.size
+            except OSError as e:
+                if fallback is None:
+                    raise SlideChatError(f"{record.where}: cannot read image {cand}: {e}", source) from None
+    return fallback
