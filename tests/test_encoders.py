@@ -153,3 +153,69 @@ def test_tiny_test_deterministic_and_colour_sensitive():
         d = (a(pink) - a(purple)).norm()
     assert fa.shape == (3, 512) and torch.equal(fa, fb)
     assert d > 0.5
+
+
+def _patches(size: int, kind: str, n: int = 1, seed: int = 0):
+    """uint8 (n, size, size, 3): ``smooth`` tissue-like gradients/blobs or ``noisy`` per-pixel noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        if kind == "smooth":
+            base = np.stack([200 + 40 * np.sin(6 * xx + rng.uniform(0, 6)),
+                             120 + 60 * np.cos(5 * yy + rng.uniform(0, 6)),
+                             180 + 50 * np.sin(4 * (xx + yy))], -1)
+            base += rng.normal(0, 2, base.shape)
+        else:
+            base = rng.uniform(0, 255, (size, size, 3))
+        out.append(np.clip(base, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _conch_reference_inputs(patches):
+    """CONCH's own preprocessing, written from its published transform: torchvision on PIL images."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(448, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(448),
+                    T.ToTensor(), T.Normalize(mean=(0.48145466, 0.4578275, 0.40821073),
+                                              std=(0.26862954, 0.26130258, 0.27577711))])
+    return torch.stack([tf(Image.fromarray(p).convert("RGB")) for p in patches])
+
+
+def test_pil_resize_reimplementation_is_bit_exact():
+    import numpy as np
+    from PIL import Image
+
+    from slidechat.features.resample import pil_resize_uint8
+
+    filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+               "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
+    for (h, w, oh, ow) in [(224, 224, 448, 448), (512, 512, 448, 448), (448, 448, 224, 224),
+                           (373, 373, 224, 224), (300, 373, 448, 557), (97, 64, 120, 200)]:
+        for name, f in filters.items():
+            a = np.concatenate([_patches(max(h, w), "noisy", 1, seed=h)[:, :h, :w],
+                                _patches(max(h, w), "smooth", 1, seed=w)[:, :h, :w]])
+            ref = np.stack([np.asarray(Image.fromarray(x).resize((ow, oh), f)) for x in a])
+            got = pil_resize_uint8(torch.from_numpy(np.ascontiguousarray(a)), (oh, ow), name).numpy()
+            assert np.array_equal(got, ref), (h, w, oh, ow, name, int(np.abs(got.astype(int) - ref).max()))
+
+
+@pytest.mark.parametrize("size", [224, 448, 512])
+def test_conch_preprocessing_equals_conch_pil_pipeline(conch, size):
+    """Target: cosine >= 0.99999, relative error <= 1e-4 on the 512-d output, smooth and noisy patches."""
+    import numpy as np
+
+    patches = np.concatenate([_patches(size, "smooth", 1, seed=size), _patches(size, "noisy", 1, seed=size)])
+    ref_x = _conch_reference_inputs(patches)
+    with torch.inference_mode():
+        ours_x = conch.preprocess(torch.from_numpy(patches))
+        assert ours_x.shape == ref_x.shape == (2, 3, 448, 448)
+        assert (ours_x - ref_x).abs().max() <= 1e-6  # the same uint8 pixels, the same float ops
+        ours = conch(torch.from_numpy(patches)).double()
+        ref = conch.encode(ref_x).double()
+    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=1)
+    rel = (ours - ref).norm(dim=1) / ref.norm(dim=1)
+    assert (cos >= 0.99999).all() and (rel <= 1e-4).all(), (cos.tolist(), rel.tolist())

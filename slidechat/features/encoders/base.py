@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slidechat.features.resample import pil_resize_uint8, torchvision_resize_size
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class PatchEncoder(nn.Module):
     """Base class. Subclasses set the attributes below and implement ``encode`` on the input tensor.
 
     ``resize_to`` is the shorter-side resize and ``crop`` the centre crop (torchvision ``Resize`` +
-    ``CenterCrop`` semantics); ``None`` leaves patches at their size.
+    ``CenterCrop`` on a PIL image, with ``interpolation`` one of PIL's filters: "bicubic", "bilinear",
+    ...); ``None`` leaves patches at their size.
     """
 
     name: str = "base"
@@ -44,27 +45,44 @@ class PatchEncoder(nn.Module):
     checkpoint_path: Optional[str] = None
     checkpoint_sha256: str = "none"
 
+    def input_size(self, h: int, w: int) -> Tuple[int, int]:
+        """(h, w) after ``Resize(resize_to)`` (torchvision's rule: shorter side, long side truncated)."""
+        if self.resize_to is None:
+            return h, w
+        return torchvision_resize_size(h, w, self.resize_to)
+
+    def host_resize_spec(self, h: int, w: int) -> Optional[Tuple[int, int, str]]:
+        """``(h, w, filter)`` of the resize the reader processes may do with PIL itself, or None.
+
+        Doing it there with PIL gives the very pixels the encoder's own torchvision pipeline makes, in
+        parallel with decoding; ``preprocess`` then sees the final size and skips its resize.
+        """
+        oh, ow = self.input_size(h, w)
+        return None if (oh, ow) == (h, w) else (oh, ow, self.interpolation)
+
     def preprocess(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> float (B, 3, S, S), resized, cropped and normalised."""
-        x = patches.permute(0, 3, 1, 2).float()
+        """uint8 (B, H, W, 3) -> float (B, 3, S, S): torchvision ``Resize`` (PIL, exact) + ``CenterCrop`` +
+        ``ToTensor`` + ``Normalize``, batched on the patches' device.
+
+        The resize reproduces PIL's uint8 arithmetic bit for bit (``features.resample``), so features equal
+        those of the encoder's reference pipeline; patches already at the resized size skip it.
+        """
         if self.resize_to is not None:
-            h, w = x.shape[-2:]
-            s = self.resize_to / min(h, w)
-            size = (max(1, round(h * s)), max(1, round(w * s)))
+            h, w = patches.shape[1:3]
+            size = self.input_size(h, w)
             if size != (h, w):
-                x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
-                                  antialias=s < 1 and self.interpolation in ("bilinear", "bicubic"))
-                x = x.clamp_(0, 255)
+                patches = pil_resize_uint8(patches, size, self.interpolation)
         if self.crop is not None:
-            h, w = x.shape[-2:]
+            h, w = patches.shape[1:3]
             c = self.crop
             if h < c or w < c:
                 raise SlideChatError(f"patch {h}x{w} smaller than {self.name}'s crop {c}")
             top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
-            x = x[..., top:top + c, left:left + c]
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
-        return (x - mean) / std
+            patches = patches[:, top:top + c, left:left + c]
+        x = patches.permute(0, 3, 1, 2).float().div_(255.0)  # ToTensor
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std).contiguous()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
