@@ -1,4 +1,10 @@
-"""``slidechat eval``: score a SlideBench output CSV (multiple-choice accuracy or caption metrics)."""
+"""``slidechat eval``: score model outputs.
+
+SlideBench output CSVs (``mcq``, ``caption``) and cytology predictions (``mcq``, ``grounding``,
+``region``, ``report``): ``slidechat infer`` JSONL, LLaMA-Factory's ``generated_predictions.jsonl`` or
+CytoChat's benchmark ``.xlsx``. For cytology files the task is detected per row from the prompt; a
+file mixing tasks, or rows fitting none, is refused unless ``--task`` says which rows to score.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,23 @@ logger = logging.getLogger("slidechat.eval")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    p = subparsers.add_parser("eval", help="score SlideBench outputs (accuracy / caption metrics)",
-                              description=__doc__)
+    p = subparsers.add_parser("eval", help="score SlideBench and cytology outputs (accuracy, grounding, "
+                                           "referring expressions, report metrics)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="eval_task", metavar="TASK")
     sub.required = True
 
-    m = sub.add_parser("mcq", help="multiple-choice accuracy (overall, per category, per tumor/task)")
-    m.add_argument("pred_csv", type=Path, help="output CSV with Answer and Output (and Pred if present)")
+    m = sub.add_parser("mcq", help="multiple-choice accuracy (overall, per category, per tumor/task; "
+                                   "cytology: per task and number of classes)")
+    m.add_argument("pred_csv", type=Path, metavar="FILE",
+                   help="SlideBench output CSV with Answer and Output (and Pred if present), or cytology "
+                        "predictions (.jsonl / CytoChat .xlsx)")
     m.add_argument("--reparse", action="store_true", help="ignore the Pred column and parse Output again")
     m.add_argument("--group-by", nargs="*", default=None, metavar="COLUMN",
                    help="group columns (default: those of Broad Category, Narrow Category, Tumor, Task "
                         "present)")
     _outputs(m)
+    _cytology_options(m, "mcq")
     m.set_defaults(func=run_mcq)
 
     c = sub.add_parser("caption", help="BLEU-1..4, ROUGE-L and METEOR against reference captions")
@@ -33,44 +44,144 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     c.add_argument("--per-row-csv", type=Path, default=None,
                    help="also write the input rows with one column per metric")
     _outputs(c)
+    _cytology_options(c, "report")
     c.set_defaults(func=run_caption)
+
+    g = sub.add_parser("grounding", help="cytology multi-cell grounding: Hungarian-matched precision / "
+                                         "recall / F1 at IoU 0.3, 0.5, 0.75, per class, count error")
+    g.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
+    g.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="image size for Qwen2-VL native 0-1000 boxes when the images cannot be read")
+    g.add_argument("--image-dir", type=Path, default=None,
+                   help="folder that relative image paths are under (default: the file's folder)")
+    g.add_argument("--iou", type=float, nargs="+", default=None, metavar="T",
+                   help="IoU thresholds (default: 0.3 0.5 0.75; 0.5 is always included)")
+    g.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
+                   help="extra class-name alias (repeatable)")
+    _outputs(g)
+    _cytology_options(g, "grounding")
+    g.set_defaults(func=run_cytology, scorer="grounding")
+
+    r = sub.add_parser("region", help="cytology referring expressions: region -> class accuracy "
+                                      "(confusion table), description -> region at IoU >= 0.5")
+    r.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
+    r.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
+                   help="extra class-name alias (repeatable)")
+    _outputs(r)
+    _cytology_options(r, "region")
+    r.set_defaults(func=run_cytology, scorer="region")
+
+    t = sub.add_parser("report", help="cytology reports / VQA: BLEU-1..4, ROUGE-L, METEOR per task")
+    t.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
+    _outputs(t)
+    _cytology_options(t, "report")
+    t.set_defaults(func=run_cytology, scorer="report")
 
 
 def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-json", type=Path, default=None, help="write the full report as JSON")
     p.add_argument("--out-md", type=Path, default=None, help="write the Markdown report")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="write <file stem>.<scorer>.report.json and .md into DIR")
+
+
+def _cytology_options(p: argparse.ArgumentParser, scorer: str) -> None:
+    from slidechat.evaluation.cytology_io import SCORER_TASKS
+
+    p.add_argument("--task", default=None, choices=SCORER_TASKS[scorer],
+                   help="cytology files: score the rows of this task (and rows fitting no task) as it; rows "
+                        "of other tasks are left out and counted. Default: detect from the prompts and "
+                        "refuse mixed files")
+    p.add_argument("--sheet", default=None, help="xlsx sheet name (default: the first)")
+    p.add_argument("--drop-duplicates", action="store_true",
+                   help="score rows that repeat an earlier row exactly only once")
+
+
+def _report_paths(args: argparse.Namespace, path: Path, scorer: str):
+    out_json, out_md = args.out_json, args.out_md
+    if args.out is not None:
+        from slidechat.evaluation.cytology import default_report_paths
+
+        j, m = default_report_paths(path, scorer, args.out)
+        out_json, out_md = out_json or j, out_md or m
+    return out_json, out_md
+
+
+def _aliases(values) -> dict:
+    from slidechat.utils.errors import SlideChatError
+
+    out = {}
+    for v in values or []:
+        name, sep, cls = v.partition("=")
+        if not sep or not name.strip() or not cls.strip():
+            raise SlideChatError(f"--alias {v!r}: expected NAME=CLASS")
+        out[name.strip()] = cls.strip()
+    return out
+
+
+def run_cytology(args: argparse.Namespace) -> int:
+    from slidechat.evaluation.cytology import score_file
+    from slidechat.evaluation.grounding import IOU_THRESHOLDS
+    from slidechat.evaluation.tables import write_reports
+
+    path = getattr(args, "pred_file", None) or args.pred_csv
+    kw = {}
+    if args.scorer == "grounding":
+        kw.update(image_size=tuple(args.image_size) if args.image_size else None, image_dir=args.image_dir,
+                  iou_thresholds=tuple(args.iou) if args.iou else IOU_THRESHOLDS)
+    if args.scorer in ("grounding", "region"):
+        kw.update(aliases=_aliases(args.alias))
+    res = score_file(path, args.scorer, args.task, sheet=args.sheet, drop_duplicates=args.drop_duplicates, **kw)
+    out_json, out_md = _report_paths(args, path, args.scorer)
+    write_reports(res.data, res.markdown, out_json, out_md)
+    print(res.markdown, end="")
+    return 0
+
+
+def _cytology_only(args: argparse.Namespace, *names: str) -> None:
+    from slidechat.utils.errors import SlideChatError
+
+    for n in names:
+        if getattr(args, n.replace("-", "_"), None):
+            raise SlideChatError(f"--{n} applies to cytology files (.jsonl/.xlsx), not a SlideBench CSV",
+                                 args.pred_csv)
 
 
 def run_mcq(args: argparse.Namespace) -> int:
+    from slidechat.evaluation.cytology import is_cytology_file
     from slidechat.evaluation.mcq import score_mcq
     from slidechat.evaluation.slidebench import read_csv_text
     from slidechat.evaluation.tables import write_reports
 
+    if is_cytology_file(args.pred_csv):
+        args.scorer = "mcq"
+        return run_cytology(args)
+    _cytology_only(args, "task", "sheet", "drop-duplicates")
     df = read_csv_text(args.pred_csv)
     report = score_mcq(df, group_columns=args.group_by, source=str(args.pred_csv),
                        use_pred=not args.reparse)
     md = report.to_markdown()
-    write_reports(report.to_dict(), md, args.out_json, args.out_md)
+    out_json, out_md = _report_paths(args, args.pred_csv, "mcq")
+    write_reports(report.to_dict(), md, out_json, out_md)
     print(md, end="")
     return 0
 
 
 def run_caption(args: argparse.Namespace) -> int:
     from slidechat.evaluation.captions import caption_metrics
-    from slidechat.evaluation.slidebench import CAPTION_REF_COLUMNS, read_csv_text
+    from slidechat.evaluation.slidebench import caption_columns, read_csv_text
     from slidechat.evaluation.tables import caption_markdown, write_reports
+    from slidechat.evaluation.cytology import is_cytology_file
     from slidechat.utils.atomic import atomic_path
     from slidechat.utils.errors import SlideChatError
 
+    if is_cytology_file(args.pred_csv):
+        args.scorer = "report"
+        return run_cytology(args)
+    _cytology_only(args, "task", "sheet", "drop-duplicates")
     df = read_csv_text(args.pred_csv)
     cols = list(df.columns)
-    ref = args.ref_column or next((c for c in CAPTION_REF_COLUMNS if c in cols and c != args.pred_column),
-                                  None)
-    missing = [c for c in (args.pred_column, ref) if c is None or c not in cols]
-    if missing or ref is None:
-        raise SlideChatError(
-            f"missing column(s) {[c for c in missing if c] or ['<reference>']}", args.pred_csv,
-            hint=f"columns found: {cols}; choose them with --pred-column/--ref-column")
+    ref = caption_columns(df, args.pred_csv, args.ref_column, args.pred_column)  # rows, ref, pred checked
     if "Error" in cols:
         failed = int((df["Error"].str.strip() != "").sum())
         if failed:
@@ -79,7 +190,8 @@ def run_caption(args: argparse.Namespace) -> int:
     report = caption_metrics(df[args.pred_column].tolist(), df[ref].tolist(), per_row=True)
     report.update(source=str(args.pred_csv), pred_column=args.pred_column, ref_column=ref)
     md = caption_markdown(report, str(args.pred_csv))
-    write_reports(report, md, args.out_json, args.out_md)
+    out_json, out_md = _report_paths(args, args.pred_csv, "caption")
+    write_reports(report, md, out_json, out_md)
     if args.per_row_csv:
         rows = df.copy()
         for name in report["corpus"]:

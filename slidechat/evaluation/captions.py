@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from slidechat.utils.errors import SlideChatError
 
@@ -208,3 +208,20 @@ SETTINGS = {
     "METEOR": "nltk meteor_score (WordNet 3.0) on 13a tokens, lowercase; corpus = mean of rows; "
               "empty prediction or reference = 0",
 }
+
+
+def text_task_metrics(tasks: Dict[str, Sequence[Tuple[Optional[str], str, str]]],
+                      metrics: Sequence[str] = METRIC_NAMES) -> Dict[str, Any]:
+    """Caption metrics per task (cytology reports, VQA) from ``(prediction, reference, error)`` rows.
+
+    Rows whose inference failed (non-empty error) are scored as empty predictions, so they pull the
+    scores down instead of vanishing, and are counted under ``failed``.
+    """
+    out: Dict[str, Any] = {"tasks": {}, "settings": SETTINGS}
+    for task, rows in tasks.items():
+        preds = ["" if (err or p is None) else str(p) for p, _, err in rows]
+        refs = [str(r) for _, r, _ in rows]
+        rep = caption_metrics(preds, refs, per_row=False, metrics=metrics)
+        out["tasks"][task] = {"n": rep["n"], "failed": sum(1 for _, _, err in rows if err),
+                              "corpus": rep["corpus"]}
+    return out

@@ -293,8 +293,11 @@ def select_task(file: CytoFile, scorer: str, task: Optional[str] = None
         raise SlideChatError(f"--task {task} cannot be scored by 'slidechat eval {scorer}'", file.path,
                              hint=f"this scorer takes {list(accepted)}")
     detected = [detect_task(r.question, r.label, r.turns) for r in file.records]
-    counts = Counter(t or "none" for t in detected)
+    counts = Counter(t or "no task" for t in detected)
     desc = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    if task is None and not any(t in accepted for t in detected) and all(t is not None for t in detected):
+        raise SlideChatError(f"no {'/'.join(accepted)} rows: the file holds {desc}", file.path,
+                             hint=f"use 'slidechat eval {_scorer_of(counts.most_common(1)[0][0])}'")
     by: Dict[str, List[CytoRecord]] = {}
     skipped: Dict[str, int] = {}
     for r, t in zip(file.records, detected):

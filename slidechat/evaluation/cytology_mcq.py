@@ -44,18 +44,18 @@ def choice_rows(records: Sequence[CytoRecord], source: Optional[str] = None) -> 
         task = str(r.fields.get("Task") or r.fields.get("task") or question_topic(r.question) or "(none)")
         classes = str(r.fields.get("Class number") or r.fields.get("classes") or len(opts))
         rows.append(ChoiceRow(key=r.key, options=opts, gold=gold, output=r.predict, error=r.error,
-                              groups={"task": task, "classes": classes}))
+                              groups={"task": task, "number of classes": classes}))
     return rows
 
 
 def score_cytology_mcq(records: Sequence[CytoRecord], source: Optional[str] = None) -> McqReport:
     """Accuracy overall, per task and per number of classes, with macro averages over both."""
     rows = choice_rows(records, source)
-    groups = ["task", "classes"]
+    groups = ["task", "number of classes"]
     report = score_choice_rows(rows, groups, source=source, title="Cytology multiple-choice accuracy",
                                macro_over=groups, task="mcq")
     # per number of classes in numeric order (2, 3, ..., 10)
-    report.groups["classes"].sort(key=lambda g: (not str(g["value"]).isdigit(),
+    report.groups["number of classes"].sort(key=lambda g: (not str(g["value"]).isdigit(),
                                                  int(g["value"]) if str(g["value"]).isdigit() else 0))
     if all(g["value"] == "(none)" for g in report.groups["task"]):
         del report.groups["task"]

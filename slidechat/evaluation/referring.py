@@ -259,3 +259,8 @@ def score_referring(items: Sequence[ReferringItem], aliases: Optional[Mapping[st
               "mean_iou": sum(ious) / len(ious) if ious else float("nan")}
     return ReferringReport(describe=describe, locate=locate, confusion=confusion, per_class=per_class,
                            unparsed=unparsed, errors=errors, source=source)
+
+
+def referring_items(records: Sequence[Any]) -> List[ReferringItem]:
+    """:class:`ReferringItem` rows from :class:`~slidechat.evaluation.cytology_io.CytoRecord` rows."""
+    return [ReferringItem(key=r.key, predict=r.predict, label=r.label, error=r.error) for r in records]

@@ -71,7 +71,7 @@ def mcq_markdown(report: "McqReport", max_listed: int = 20) -> str:
         parts.append("\n" + markdown_table(
             ["average", "accuracy (%)"],
             [["micro (all questions)", fmt_pct(report.overall["accuracy"])]]
-            + [[f"macro over {g} ({len(report.groups.get(g, []))})", fmt_pct(v)] for g, v in
+            + [[f"macro over {g} ({len(report.groups.get(g, []))} groups)", fmt_pct(v)] for g, v in
                report.macro.items()]))
     for g, rows in report.groups.items():
         parts.append(f"\n### By {g}\n")

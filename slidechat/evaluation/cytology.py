@@ -1,0 +1,116 @@
+"""Score a cytology predictions file with one scorer: read, pick the rows of the task, score, report.
+
+Used by ``slidechat eval {mcq,grounding,region,report} FILE``; see :mod:`cytology_io` for the inputs
+and task detection, and each scorer's module for its definitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from slidechat.evaluation.cytology_io import (CytoRecord, image_size_of, read_predictions, require_predictions,
+                                              select_task)
+from slidechat.evaluation.grounding import IOU_THRESHOLDS
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+CYTOLOGY_SUFFIXES = (".jsonl", ".json", ".xlsx", ".xlsm")
+
+
+@dataclass
+class ScoreResult:
+    """The JSON-able report and its Markdown."""
+
+    data: Dict[str, Any]
+    markdown: str
+
+
+def is_cytology_file(path: PathLike) -> bool:
+    return Path(path).suffix.lower() in CYTOLOGY_SUFFIXES
+
+
+def _dedupe(records: List[CytoRecord]) -> Tuple[List[CytoRecord], int]:
+    seen = set()
+    out = []
+    for r in records:
+        k = (tuple(r.images), r.prompt, r.label, r.predict)
+        if k in seen:
+            continue
+        seen.add(k)
+        out.append(r)
+    return out, len(records) - len(out)
+
+
+def score_file(path: PathLike, scorer: str, task: Optional[str] = None, *, sheet: Optional[str] = None,
+               image_size: Optional[Tuple[int, int]] = None, image_dir: Optional[PathLike] = None,
+               drop_duplicates: bool = False, aliases: Optional[Mapping[str, str]] = None,
+               iou_thresholds: Sequence[float] = IOU_THRESHOLDS) -> ScoreResult:
+    """Score ``path`` with ``scorer`` (mcq / grounding / region / report); see the module doc."""
+    f = read_predictions(path, sheet=sheet)
+    src = str(f.path)
+    records, by_task, skipped = select_task(f, scorer, task)
+    notes: List[str] = [f"Input: {f.format}, {len(f.records)} row(s)."] + list(f.notes)
+    if skipped:
+        notes.append("Left out (other tasks, --task " + str(task) + "): "
+                     + ", ".join(f"{n} {t}" for t, n in sorted(skipped.items())) + ".")
+    if drop_duplicates:
+        records, n_dup = _dedupe(records)
+        keep = {id(r) for r in records}
+        by_task = {t: [r for r in rs if id(r) in keep] for t, rs in by_task.items()}
+        if n_dup:
+            notes.append(f"{n_dup} row(s) repeating an earlier row exactly were dropped (--drop-duplicates).")
+    else:
+        _, n_dup = _dedupe(records)
+        if n_dup:
+            notes.append(f"{n_dup} row(s) repeat an earlier row exactly (same image, prompt, label and "
+                         "prediction); all are scored as given (--drop-duplicates scores each once).")
+    require_predictions(f, records)
+    n_failed = sum(1 for r in records if r.error)
+    if n_failed:
+        notes.append(f"{n_failed} row(s) failed at inference (error field); they count as wrong and are listed.")
+
+    if scorer == "mcq":
+        from slidechat.evaluation.cytology_mcq import score_cytology_mcq
+
+        rep = score_cytology_mcq(records, source=src)
+        rep.notes = notes
+        data, md = rep.to_dict(), rep.to_markdown()
+    elif scorer == "grounding":
+        from slidechat.evaluation.grounding import grounding_items, score_grounding
+
+        base = Path(image_dir) if image_dir else f.path.parent
+        items = grounding_items(records, lambda r: image_size_of(r, base, image_size, f.path), source=src)
+        rep = score_grounding(items, thresholds=iou_thresholds, aliases=aliases, source=src)
+        rep.notes = notes
+        data, md = rep.to_dict(), rep.to_markdown()
+    elif scorer == "region":
+        from slidechat.evaluation.referring import referring_items, score_referring
+
+        rep = score_referring(referring_items(records), aliases=aliases, source=src)
+        rep.notes = notes
+        data, md = rep.to_dict(), rep.to_markdown()
+    elif scorer == "report":
+        from slidechat.evaluation.captions import text_task_metrics
+        from slidechat.evaluation.tables import text_metrics_markdown
+
+        data = text_task_metrics({t: [(r.predict, r.label, r.error) for r in rs] for t, rs in by_task.items()})
+        data.update(task="report", source=src, notes=notes)
+        md = text_metrics_markdown(data, src)
+    else:
+        raise SlideChatError(f"unknown scorer {scorer!r}")
+    data["input_format"] = f.format
+    data["skipped"] = skipped
+    return ScoreResult(data, md)
+
+
+def default_report_paths(path: PathLike, scorer: str, out_dir: PathLike) -> Tuple[Path, Path]:
+    """``OUT/<file stem>.<scorer>.report.{json,md}``."""
+    stem = Path(path).stem
+    out = Path(out_dir)
+    return out / f"{stem}.{scorer}.report.json", out / f"{stem}.{scorer}.report.md"
