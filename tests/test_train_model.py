@@ -74,8 +74,8 @@ def test_lora_state_dict_and_merge(llm_dir):
     # a fresh LoRA model loads the saved dict and gives the same logits after merging
     m2 = _model(llm_dir, freeze_llm=True, llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8,
                                                          task_type="CAUSAL_LM"))
-    report = m2.load_trained_state_dict(sd)
-    assert report["missing"] == [] and report["unexpected"] == []
+    report = m2.load_weights_checked(sd)
+    assert report.ok and sorted(report.loaded) == sorted(sd)
     m2.merge_lora()
     assert not any("lora_" in k for k in m2.core.state_dict())
     m2.eval()

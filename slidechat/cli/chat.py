@@ -74,6 +74,9 @@ def _features(args: argparse.Namespace):
     if args.patch_size is not None:
         opts["patch_size"] = args.patch_size
     if args.tissue_threshold is not None:
+    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
+                        "holds unexpected ones, with a warning; by default that is an error")
         opts["tissue_threshold"] = args.tissue_threshold
     if args.no_tissue_seg:
         opts["no_tissue_seg"] = True
@@ -103,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_chat_model(args.checkpoint, args.config, parse_cfg_options(args.cfg_options))
     feats, coords = _features(args)
     dim = model.config.feature_dim
-    if feats.shape[1] < dim:
-        raise SlideChatError(f"features have {feats.shape[1]} columns, the model needs {dim}",
+    if feats.shape[1] != dim:  # never cut: other columns are other features
+        raise SlideChatError(f"features are {feats.shape[1]} wide, the model expects {dim} (feature_dim)",
                              args.features or args.slide)
     session = ChatSession(model, tok, feats[:, :dim], coords, max_new_tokens=args.max_new_tokens,
                           max_patches=args.max_patches, system=args.system)

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="config overrides, as for xtuner train")
+    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
+                        "holds unexpected ones, with a warning; by default that is an error")
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from slidechat.engine.overrides import parse_cfg_options
 
     core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
-                                              cfg_options=parse_cfg_options(args.cfg_options))
+                                              cfg_options=parse_cfg_options(args.cfg_options),
+                                              allow_partial=args.allow_partial)
     out = core.save_pretrained(args.out, tokenizer=tokenizer)
     logger.info("exported to %s", out)
     print(out)

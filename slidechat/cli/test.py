@@ -49,6 +49,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
+                        "holds unexpected ones, with a warning; by default that is an error")
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.testing import run_test

@@ -2,7 +2,9 @@
 
 Accepts our xtuner checkpoints (``iter_N.pth``, DeepSpeed ``iter_N.pth/`` folders, work dirs),
 released-style state dicts and exported folders (whose LLM and slide config then replace the config's).
-LoRA checkpoints are loaded into the LoRA-wrapped model and merged.
+LoRA checkpoints are loaded into the LoRA-wrapped model and merged. Reading and the key check are
+:mod:`slidechat.model.checkpoint`'s, through ``SlideChatTrainModel.load_checkpoint``; this module only
+turns configs into models.
 """
 
 from __future__ import annotations
@@ -13,18 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+from slidechat.model.checkpoint import is_exported_folder  # noqa: F401  (re-exported for callers)
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-
-
-def is_exported_folder(path: PathLike) -> bool:
-    """A ``SlideChatModel.save_pretrained`` folder (``slidechat export``)."""
-    from slidechat.model.slidechat_model import CONFIG_FILE
-
-    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
 
 
 def exported_folder_overrides(folder: Path) -> Dict[str, Any]:
@@ -34,27 +30,25 @@ def exported_folder_overrides(folder: Path) -> Dict[str, Any]:
     meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     slide_cfg = {k: meta[k] for k in ("feature_dim", "encoder", "max_patches_train", "max_patches_test")
                  if k in meta}
+    from slidechat.model.slide_encoder import saved_encoder_dict
+
+    slide_cfg["encoder"] = saved_encoder_dict(slide_cfg.get("encoder", {}))  # no padding key: masked
     llm = str(folder / LLM_DIR)
     return {"llm_name_or_path": llm, "tokenizer.pretrained_model_name_or_path": llm,
             "model.llm.pretrained_model_name_or_path": llm, "model.slidechat_config": slide_cfg,
             "model.llm_lora": None, "model.compat": None}
 
 
-def load_checkpoint_weights(checkpoint: PathLike) -> Dict[str, Any]:
-    """Weights of a training checkpoint (.pth, DeepSpeed folder, work dir), a released-style
-    state dict, or an exported folder's slide modules."""
-    from slidechat.engine.model import resolve_checkpoint
-    from slidechat.model.checkpoint import load_state_dict_file
-    from slidechat.model.slidechat_model import SLIDE_MODULES_FILE
+def checkpoint_overrides(checkpoint: PathLike) -> Dict[str, Any]:
+    """Config overrides for testing/exporting ``checkpoint``: it holds the trained weights, so the
+    config's ``pretrained_pth`` is not loaded; an exported folder's LLM and slide config win."""
+    from slidechat.model.checkpoint import resolve_checkpoint
 
-    path = Path(resolve_checkpoint(os.fspath(checkpoint)))
-    if not path.exists():
-        raise SlideChatError("checkpoint not found", path)
+    path = resolve_checkpoint(checkpoint)  # a missing path is a one-line error before any model is built
+    out: Dict[str, Any] = {"model.pretrained_pth": None}
     if is_exported_folder(path):
-        from safetensors.torch import load_file
-
-        return load_file(str(path / SLIDE_MODULES_FILE), device="cpu")
-    return load_state_dict_file(path)
+        out.update(exported_folder_overrides(path))
+    return out
 
 
 def load_config(config_path: Union[str, os.PathLike], cfg_options: Optional[Dict[str, Any]] = None):
@@ -70,44 +64,31 @@ def load_config(config_path: Union[str, os.PathLike], cfg_options: Optional[Dict
     return cfg
 
 
-def build_model_from_config(config_path: Union[str, os.PathLike], checkpoint: Optional[str] = None,
-                            cfg_options: Optional[Dict[str, Any]] = None,
+def build_model_from_config(config_path: Union[str, os.PathLike], checkpoint: Optional[PathLike] = None,
+                            cfg_options: Optional[Dict[str, Any]] = None, allow_partial: bool = False,
                             ) -> Tuple[Any, Any]:
-    """``(SlideChatModel in eval mode, tokenizer)``; the checkpoint's key report is logged.
+    """``(SlideChatModel in eval mode, tokenizer)``; the checkpoint goes through the strict key check.
 
     With a checkpoint, the config's ``pretrained_pth`` is not loaded (the checkpoint holds the
-    trained encoder/projector; the LLM comes from the config's LLM folder unless it was trained).
+    trained encoder/projector, and the LLM when the config trains it). ``allow_partial`` accepts a
+    checkpoint lacking some of those, with a warning.
     """
     from xtuner.registry import BUILDER
 
-    from slidechat.engine.model import SlideChatTrainModel, summarize_keys
+    from slidechat.engine.model import SlideChatTrainModel
 
-    if checkpoint is not None and is_exported_folder(checkpoint):  # its LLM + slide config win
-        cfg_options = {**(cfg_options or {}), **exported_folder_overrides(Path(checkpoint))}
+    cfg_options = dict(cfg_options or {})
+    if checkpoint is not None:
+        cfg_options.update(checkpoint_overrides(checkpoint))
     cfg = load_config(config_path, cfg_options)
     model_cfg = cfg.model.copy()
-    if checkpoint is not None:
-        model_cfg["pretrained_pth"] = None
     model_cfg["use_activation_checkpointing"] = False
     model = BUILDER.build(model_cfg)
     if not isinstance(model, SlideChatTrainModel):
         raise SlideChatError(f"config model is {type(model).__name__}, expected SlideChatTrainModel",
                              config_path)
     if checkpoint is not None:
-        sd = load_checkpoint_weights(checkpoint)
-        if model.use_lora:
-            report = model.load_trained_state_dict(sd)
-            missing, unexpected = report["missing"], report["unexpected"]
-        else:
-            rep = model.core.load_slidechat_state_dict(sd)
-            missing = list(rep.missing) + list(getattr(rep, "missing_llm", []))
-            unexpected = list(rep.unexpected)
-        logger.info("checkpoint %s: %d tensors; missing %s; unexpected %s", checkpoint, len(sd),
-                    summarize_keys(missing), summarize_keys(unexpected))
-        bad = [k for k in missing if not k.startswith("llm.")]
-        if bad:
-            raise SlideChatError(f"checkpoint lacks slide encoder/projector weights: "
-                                 f"{summarize_keys(bad)}", checkpoint)
+        model.load_checkpoint(checkpoint, allow_partial=allow_partial)
     model.merge_lora()
     core = model.core
     core.eval()

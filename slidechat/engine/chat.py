@@ -23,9 +23,10 @@ PathLike = Union[str, os.PathLike]
 
 
 def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
-                    cfg_options: Optional[dict] = None) -> Tuple[Any, Any]:
+                    cfg_options: Optional[dict] = None, allow_partial: bool = False) -> Tuple[Any, Any]:
     """``(SlideChatModel in eval mode, tokenizer)`` from an exported folder (no config needed) or a
-    config + training checkpoint."""
+    config + training checkpoint (strict key check; ``allow_partial`` accepts missing weights with a
+    warning)."""
     from slidechat.engine.builder import build_model_from_config, is_exported_folder
     from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
 
@@ -38,7 +39,8 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
         if model.tokenizer is None:
             raise SlideChatError("exported folder has no tokenizer", ckpt / "llm")
         return model, model.tokenizer
-    model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options)
+    model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options,
+                                         allow_partial=allow_partial)
     if tok is None:
         raise SlideChatError("config has no tokenizer", config)
     model.tokenizer = tok

@@ -10,12 +10,17 @@ when LoRA is used).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 from mmengine.model import BaseModel
+
+from slidechat.model.checkpoint import KeyReport, is_exported_folder, load_weights, resolve_checkpoint
+from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,79 @@ def allow_mmengine_checkpoint_globals() -> None:
 allow_mmengine_checkpoint_globals()
 
 
+# ------------------------------------------------------------------------------------ xtuner's loader
+
+#: the path the safe loader read last: ``load_state_dict`` names it in its report
+_last_loaded: Dict[str, str] = {}
+
+
+def safe_guess_load_checkpoint(pth_model: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Drop-in for ``xtuner.model.utils.guess_load_checkpoint`` that never unpickles code.
+
+    xtuner's own reads ``.pth`` files with ``torch.load(weights_only=False)`` (and DeepSpeed folders
+    likewise), so a crafted checkpoint given to ``xtuner test CONFIG --checkpoint X`` would run code.
+    This reads through :func:`slidechat.model.checkpoint.load_weights` (safetensors / weights-only /
+    restricted unpickler; files, DeepSpeed folders, work dirs, exported folders).
+    """
+    path = resolve_checkpoint(pth_model)
+    _last_loaded["path"] = os.fspath(path)
+    return load_weights(path)
+
+
+def _one_line_slidechat_errors(exc_type: Any, exc: BaseException, tb: Any) -> None:
+    if isinstance(exc, SlideChatError):
+        print(f"slidechat: error: {exc}", file=sys.stderr)
+        return
+    _previous_excepthook(exc_type, exc, tb)
+
+
+_previous_excepthook = sys.excepthook
+
+
+def install_safe_xtuner_loader() -> None:
+    """Make stock ``xtuner test`` (and any xtuner tool) read checkpoints through our safe loader.
+
+    ``xtuner test`` runs ``xtuner/tools/test.py`` as ``__main__``; that script binds
+    ``guess_load_checkpoint`` at import and calls it only after parsing the config. Parsing one of our
+    configs imports this module, which runs this function: every module already holding xtuner's
+    function (``__main__``, ``xtuner.tools.test``, ``xtuner.model.llava`` ...) gets
+    :func:`safe_guess_load_checkpoint` in its place, and so does ``xtuner.model.utils`` for later
+    importers. It runs again when :class:`SlideChatTrainModel` is built, i.e. before any checkpoint
+    is read. Module dicts are edited directly (no ``getattr`` on lazy modules). Under an xtuner tool
+    a :class:`SlideChatError` escaping to the top is printed as one line (exit status 1, as Python's
+    default hook), without the traceback.
+    """
+    utils = sys.modules.get("xtuner.model.utils")
+    if utils is None:
+        return  # nothing can hold xtuner's loader yet; xtuner tools import it before reading configs
+    original = vars(utils).get("guess_load_checkpoint")
+    if original is not None and original is not safe_guess_load_checkpoint:
+        utils.guess_load_checkpoint = safe_guess_load_checkpoint
+        for mod in list(sys.modules.values()):
+            d = getattr(mod, "__dict__", None)
+            if isinstance(d, dict) and d.get("guess_load_checkpoint") is original:
+                d["guess_load_checkpoint"] = safe_guess_load_checkpoint
+    main_file = os.fspath(getattr(sys.modules.get("__main__"), "__file__", "") or "")
+    if os.path.join("xtuner", "tools") in main_file and sys.excepthook is _previous_excepthook:
+        sys.excepthook = _one_line_slidechat_errors
+
+
+install_safe_xtuner_loader()
+
+
+def _print_log(msg: str, level: int = logging.INFO) -> None:
+    """To the mmengine run log (file + console) when a runner exists, else to ``logging``."""
+    try:
+        from mmengine.logging import MMLogger, print_log
+
+        if MMLogger._instance_dict:  # a runner (or mmengine code) set up its logger: use it
+            print_log(msg, "current", level=level)
+            return
+    except Exception:  # noqa: BLE001 - logging only
+        pass
+    logger.log(level, msg)
+
+
 def to_plain(obj: Any) -> Any:
     """ConfigDict/tuple trees -> plain dicts/lists (dataclass ``from_dict`` methods expect those)."""
     if isinstance(obj, Mapping):
@@ -88,47 +166,24 @@ def build_cfg(obj: Any) -> Any:
     return obj
 
 
-def summarize_keys(keys: List[str], limit: int = 6) -> str:
-    """Short, readable key list: group by the first two name parts, show counts."""
-    if not keys:
-        return "none"
-    groups: "OrderedDict[str, int]" = OrderedDict()
-    for k in keys:
-        g = ".".join(k.split(".")[:2])
-        groups[g] = groups.get(g, 0) + 1
-    parts = [f"{g}.* ({n})" if n > 1 else g for g, n in list(groups.items())[:limit]]
-    if len(groups) > limit:
-        parts.append(f"... {len(groups) - limit} more groups")
-    return f"{len(keys)} keys: " + ", ".join(parts)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A work dir (with mmengine's ``last_checkpoint`` file) -> its latest checkpoint; else ``path``."""
-    import os
-
-    marker = os.path.join(path, "last_checkpoint")
-    if os.path.isdir(path) and os.path.isfile(marker):
-        with open(marker) as f:
-            target = f.read().strip()
-        if not os.path.exists(target):  # work dir moved since: look beside the marker
-            target = os.path.join(path, os.path.basename(target.rstrip("/")))
-        logger.info("%s is a work dir: using its last checkpoint %s", path, target)
-        return target
-    return path
-
-
 class SlideChatTrainModel(BaseModel):
     """Stage 1 (``freeze_llm=True``): slide encoder + projector trained, LLM frozen in eval mode.
     Stage 2: everything trained, or LoRA adapters on the LLM (``llm_lora``, a peft ``LoraConfig``
-    dict). ``pretrained_pth`` (stage-1 weights) is loaded before LoRA is applied and the loaded,
-    missing and unexpected keys are logged.
+    dict). ``pretrained_pth`` (stage-1 weights) is loaded before LoRA is applied, through the strict
+    key check of :mod:`slidechat.model.checkpoint`: it must hold the slide encoder and projector.
+
+    ``allow_partial`` (config key ``model.allow_partial``) accepts checkpoints lacking required weights
+    or holding unexpected ones, with a warning, for ``pretrained_pth`` and for
+    :meth:`load_state_dict` (what ``xtuner test`` calls); shape mismatches stay errors.
     """
 
     def __init__(self, llm: Any, slidechat_config: Optional[Mapping] = None, freeze_llm: bool = False,
                  llm_lora: Any = None, pretrained_pth: Optional[str] = None, train_stage: str = "2",
                  compat: Optional[str] = None, use_activation_checkpointing: bool = False,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, allow_partial: bool = False) -> None:
         super().__init__()
+        install_safe_xtuner_loader()  # before any checkpoint is read in this process (see there)
+        self.allow_partial = bool(allow_partial)
         from slidechat.model.slidechat_model import SlideChatConfig, SlideChatModel
 
         self.freeze_llm = bool(freeze_llm)
@@ -149,7 +204,7 @@ class SlideChatTrainModel(BaseModel):
 
         self.pretrained_report = None
         if pretrained_pth:
-            self.pretrained_report = self.load_pretrained(pretrained_pth)
+            self.pretrained_report = self.load_pretrained(pretrained_pth, allow_partial=allow_partial)
 
         if self.freeze_llm:
             self.llm.requires_grad_(False)
@@ -236,93 +291,63 @@ class SlideChatTrainModel(BaseModel):
                     out[k] = v
         return out
 
-    def load_pretrained(self, path: str):
-        """Load released-style / our weights into the core and log what matched."""
-        from slidechat.engine.builder import load_checkpoint_weights
+    def required_keys(self, llm: bool = True) -> List[str]:
+        """What a checkpoint of this model must hold: the trained keys of :meth:`state_dict` (encoder,
+        projector, and the LLM's trained tensors when ``llm``), less the parameters our encoder adds on top
+        of the released layout."""
+        from slidechat.model.slidechat_model import OPTIONAL_SLIDE_KEYS
 
-        path = resolve_checkpoint(path)
-        sd = load_checkpoint_weights(path)
-        report = self._core.load_slidechat_state_dict(sd)
-        missing = list(report.missing) + list(getattr(report, "missing_llm", []))
-        unexpected = list(report.unexpected)
-        loaded = len(sd) - len(unexpected)
-        logger.info("pretrained_pth %s: loaded %d keys; missing %s; unexpected %s", path, loaded,
-                    summarize_keys(missing), summarize_keys(unexpected))
-        try:
-            from mmengine.logging import print_log
+        return [k for k in self.state_dict() if not k.startswith(OPTIONAL_SLIDE_KEYS)
+                and (llm or not k.startswith("llm."))]
 
-            print_log(f"Loaded pretrained_pth {path}: {loaded} keys loaded; missing "
-                      f"{summarize_keys(missing)}; unexpected {summarize_keys(unexpected)}", "current")
-        except Exception:  # logging only
-            pass
-        non_llm_missing = [k for k in missing if not k.startswith("llm.")]
-        if non_llm_missing:
-            logger.warning("pretrained_pth %s lacks slide encoder/projector weights: %s", path,
-                           summarize_keys(non_llm_missing))
+    def load_weights_checked(self, state_dict: Mapping[str, torch.Tensor], *, llm: bool = True,
+                             allow_partial: Optional[bool] = None,
+                             source: Union[str, os.PathLike] = "") -> KeyReport:
+        """The one way weights enter this model: names mapped by the core (released / peft / ours), then
+        ``checkpoint.load_checked`` against :meth:`required_keys` (``llm=False``: the LLM comes from
+        elsewhere, e.g. an exported folder's own LLM or the config's LLM folder for ``pretrained_pth``)."""
+        allow = self.allow_partial if allow_partial is None else bool(allow_partial)
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        return self._core.load_slidechat_state_dict(sd, required=self.required_keys(llm=llm),
+                                                    allow_partial=allow, source=source)
+
+    def load_checkpoint(self, checkpoint: Union[str, os.PathLike],
+                        allow_partial: Optional[bool] = None) -> KeyReport:
+        """Resolve, read safely and load a checkpoint (file, DeepSpeed folder, work dir, exported folder,
+        released-style dict). An exported folder carries its own LLM (the caller builds the model on it),
+        so only its slide modules are required from it."""
+        path = resolve_checkpoint(checkpoint)
+        report = self.load_weights_checked(load_weights(path), llm=not is_exported_folder(path),
+                                           allow_partial=allow_partial, source=path)
+        _print_log(f"Loaded checkpoint {report.summary()}",
+                   logging.WARNING if not report.ok else logging.INFO)
         return report
 
-    def load_trained_state_dict(self, sd: Mapping[str, torch.Tensor]) -> Dict[str, List[str]]:
-        """Load a checkpoint saved by this class (incl. LoRA keys) into it; returns the key report."""
-        own = super().state_dict()
-        expected = set(self.state_dict().keys())
-        unexpected = [k for k in sd if k not in own]
-        for k, v in sd.items():
-            if k in own and tuple(own[k].shape) != tuple(v.shape):
-                raise RuntimeError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model "
-                                   f"{tuple(own[k].shape)}")
-        result = super().load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-        missing = sorted(k for k in expected if k not in sd)
-        del result
-        return {"missing": missing, "unexpected": unexpected}
+    def load_pretrained(self, path: Union[str, os.PathLike],
+                        allow_partial: Optional[bool] = None) -> KeyReport:
+        """Stage-1 weights (``pretrained_pth``) into the core: the slide modules are required, ``llm.*``
+        keys load when present (else the config's LLM folder stays)."""
+        path = resolve_checkpoint(path)
+        report = self.load_weights_checked(load_weights(path), llm=False, allow_partial=allow_partial,
+                                           source=path)
+        _print_log(f"Loaded pretrained_pth {report.summary()}",
+                   logging.WARNING if not report.ok else logging.INFO)
+        return report
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                         assign: bool = False):
-        """What ``xtuner test`` (``strict=False``) and DeepSpeed resume call: never silent.
-
-        Accepts our checkpoints (LoRA keys included) and released-style dicts (plain ``llm.model.*``
-        names are mapped onto a peft-wrapped LLM). A shape mismatch raises; missing and unexpected
-        keys are logged. "Missing" means keys of this module's ``state_dict()`` (the trained ones)
-        absent from the checkpoint; with ``strict=True`` any such key or any unexpected key raises.
-        """
+        """What ``xtuner test`` (``strict=False``) and DeepSpeed resume call: the strict key check of
+        :meth:`load_weights_checked`, whatever ``strict`` says — ``xtuner test`` passes ``strict=False``,
+        which must not let a checkpoint without the trained modules score a random model. Relax it with
+        the model's ``allow_partial`` (``--cfg-options model.allow_partial=True``)."""
         from torch.nn.modules.module import _IncompatibleKeys
 
-        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
-        own = super().state_dict()
-        direct = {k: v for k, v in sd.items() if k in own}
-        bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-               for k, v in direct.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise RuntimeError("checkpoint shapes do not match the model: " + "; ".join(bad[:20]))
-        # released-style names (llm.model.* onto a LoRA-wrapped LLM, ...) go through the core's mapper,
-        # which also raises on shape mismatch
-        rest = {k: v for k, v in sd.items() if k not in own}
-        unexpected: List[str] = []
-        if rest:
-            rep = self._core.load_slidechat_state_dict(rest, strict_slide=False)
-            unexpected = list(rep.unexpected)
-        super().load_state_dict(direct, strict=False, assign=assign)
-        loaded = len(sd) - len(unexpected)
-        from slidechat.model.slidechat_model import _canonical_llm_key
-
-        canon = {_canonical_llm_key(k) for k in sd}
-        missing = sorted(k for k in self.state_dict() if k not in sd and _canonical_llm_key(k) not in canon)
-        msg = (f"load_state_dict: {loaded} of {len(sd)} checkpoint tensors loaded; missing "
-               f"{summarize_keys(missing)}; unexpected {summarize_keys(unexpected)}")
-        level = logging.WARNING if (missing or unexpected) else logging.INFO
-        logger.log(level, msg)
-        try:
-            from mmengine.logging import print_log
-
-            print_log(msg, "current", level=level)
-        except Exception:  # logging only
-            pass
-        if not any(k.startswith(("LongNet_encoder.", "projector.")) for k in sd):
-            logger.warning("the checkpoint holds no slide encoder/projector weights: they stay as "
-                           "initialised (random unless pretrained_pth loaded them)")
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing "
-                               f"{summarize_keys(missing)}; unexpected {summarize_keys(unexpected)}")
-        return _IncompatibleKeys(missing, unexpected)
+        del strict, assign  # see docstring
+        source = _last_loaded.pop("path", "")
+        report = self.load_weights_checked(state_dict, source=source)
+        _print_log(f"load_state_dict: {report.summary()}",
+                   logging.WARNING if not report.ok else logging.INFO)
+        return _IncompatibleKeys(report.missing, report.unexpected)
 
     # ------------------------------------------------------------------ forward
     def forward(self, data: Dict[str, Any], data_samples: Any = None, mode: str = "loss") -> Any:

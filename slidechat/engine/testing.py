@@ -448,23 +448,22 @@ def _device_type(model: Any) -> str:
 def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
                       overrides: Optional[Mapping[str, Any]] = None,
                       cfg_options: Optional[Mapping[str, Any]] = None,
-                      work_dir: Optional[PathLike] = None, launcher: str = "none") -> Any:
-    """The mmengine Runner ``xtuner test`` would build, with the checkpoint loaded into its model."""
+                      work_dir: Optional[PathLike] = None, launcher: str = "none",
+                      allow_partial: bool = False) -> Any:
+    """The mmengine Runner ``xtuner test`` would build, with the checkpoint loaded into its model
+    through the strict key check (``SlideChatTrainModel.load_checkpoint``): a checkpoint without the
+    trained modules is an error before anything is generated, unless ``allow_partial``."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from slidechat.engine.builder import (exported_folder_overrides, is_exported_folder,
-                                          load_checkpoint_weights, load_config)
+    from slidechat.engine.builder import checkpoint_overrides, load_config
 
     cfg = load_config(config, dict(cfg_options) if cfg_options else None)
     cfg.launcher = launcher
     if overrides:
         cfg.merge_from_dict({k: v for k, v in overrides.items() if v is not None})
     if checkpoint is not None:
-        if is_exported_folder(checkpoint):
-            cfg.merge_from_dict(exported_folder_overrides(Path(checkpoint)))
-        if "model" in cfg and "pretrained_pth" in cfg.model:
-            cfg.model.pretrained_pth = None  # the checkpoint holds the trained weights
+        cfg.merge_from_dict(checkpoint_overrides(checkpoint))
     for key in ("test_dataloader", "test_cfg", "test_evaluator"):
         if cfg.get(key) is None:
             raise SlideChatError(f"config has no {key}: it lacks the SlideBench test section", config,
@@ -481,9 +480,7 @@ def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
         cfg.work_dir = os.path.join("./work_dirs", os.path.splitext(os.path.basename(config))[0])
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     if checkpoint is not None:
-        sd = load_checkpoint_weights(checkpoint)
-        runner.model.load_state_dict(sd, strict=False)
-        runner.logger.info(f"Load checkpoint from {checkpoint}")
+        _unwrap(runner.model).load_checkpoint(checkpoint, allow_partial=allow_partial)
     return runner
 
 
@@ -492,11 +489,14 @@ def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: P
              feature_template: Optional[str] = None, batch_size: Optional[int] = 8,
              max_new_tokens: Optional[int] = None, overwrite: bool = False,
              cfg_options: Optional[Mapping[str, Any]] = None, work_dir: Optional[PathLike] = None,
-             compat: Optional[str] = None, launcher: str = "none") -> TestReport:
+             compat: Optional[str] = None, launcher: str = "none",
+             allow_partial: bool = False, task: Optional[str] = None,
+             max_prompt_tokens: Optional[int] = None) -> TestReport:
     """Answer a SlideBench CSV with a trained model and score it (the ``slidechat test`` path).
 
     ``None`` arguments keep the config's values. Returns the report also written to
-    ``<test_output_csv>.report.json/.md``.
+    ``<test_output_csv>.report.json/.md``. ``allow_partial``: accept a checkpoint lacking trained
+    weights (warning) instead of refusing it.
     """
     overrides: Dict[str, Any] = {
         "test_slide_csv": os.fspath(test_slide_csv), "test_output_csv": os.fspath(test_output_csv),
@@ -507,7 +507,8 @@ def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: P
     opts = dict(cfg_options or {})
     if compat is not None:
         opts["model.compat"] = compat
-    runner = build_test_runner(config, checkpoint, overrides, opts, work_dir, launcher)
+    runner = build_test_runner(config, checkpoint, overrides, opts, work_dir, launcher,
+                               allow_partial=allow_partial)
     runner.test()
     loop = runner.test_loop
     report = getattr(loop, "report", None)

@@ -15,12 +15,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from slidechat.model.checkpoint import load_state_dict_file
+from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_FILE, KeyReport, load_checked,
+                                        load_weights)
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig
@@ -31,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-SLIDE_MODULES_FILE = "slide_modules.safetensors"
-CONFIG_FILE = "slidechat_config.json"
+SLIDE_MODULES_FILE = EXPORTED_WEIGHTS_FILE
+CONFIG_FILE = EXPORTED_CONFIG_FILE
 LLM_DIR = "llm"
 SLIDE_PREFIXES = ("LongNet_encoder.", "projector.")
 # parameters our encoder may add on top of the released layout: absent from released checkpoints by design
@@ -61,14 +62,8 @@ class SlideChatConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclass
-class LoadReport:
-    """What a checkpoint did not cover: ``missing`` slide-module keys, ``unexpected`` checkpoint keys and
-    ``missing_llm`` (LLM weights not in the checkpoint — normal for checkpoints of trainable parts only)."""
-
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
-    missing_llm: List[str] = field(default_factory=list)
+#: the report of every SlideChat load (former name; one report format: ``checkpoint.KeyReport``)
+LoadReport = KeyReport
 
 
 def _canonical_llm_key(key: str) -> str:
@@ -307,13 +302,20 @@ class SlideChatModel(nn.Module):
     def slide_state_dict(self) -> Dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(SLIDE_PREFIXES)}
 
-    def load_slidechat_state_dict(self, state_dict: Dict[str, Tensor], strict_llm: bool = False,
-                                  strict_slide: bool = True) -> LoadReport:
-        """Load a released or slidechat checkpoint dict; shape mismatches raise, gaps are reported.
+    def required_keys(self, llm: bool = False) -> List[str]:
+        """Keys a SlideChat checkpoint must hold: the slide modules (less the parameters our encoder adds
+        on top of the released layout) and, with ``llm``, the LLM's weights (its LoRA tensors when wrapped
+        by peft, else every ``llm.*`` key)."""
+        own = list(self.state_dict())
+        keys = [k for k in own if k.startswith(SLIDE_PREFIXES) and not k.startswith(OPTIONAL_SLIDE_KEYS)]
+        if llm:
+            lora = [k for k in own if k.startswith("llm.") and "lora_" in k]
+            keys += lora or [k for k in own if k.startswith("llm.")]
+        return keys
 
-        Slide-module keys missing from the checkpoint raise when ``strict_slide`` (except parameters our
-        encoder adds on top of the released layout); absent ``llm.*`` keys are fine unless ``strict_llm``.
-        """
+    def map_checkpoint_keys(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Released / peft / our key names -> this model's names (``llm.model.*`` onto a peft-wrapped LLM
+        and back). Keys with no counterpart keep their name, so the key check reports them."""
         own = self.state_dict()
         lookup: Dict[str, str] = {}
         for k in own:
@@ -321,51 +323,31 @@ class SlideChatModel(nn.Module):
             if k.startswith("llm.") and "lora_" not in k:
                 lookup.setdefault(_canonical_llm_key(k), k)
         mapped: Dict[str, Tensor] = {}
-        unexpected: List[str] = []
-        mismatched: List[str] = []
         for k, v in state_dict.items():
             target = lookup.get(k) or (lookup.get(_canonical_llm_key(k)) if k.startswith("llm.") else None)
-            if target is None:
-                unexpected.append(k)
-                continue
-            if tuple(own[target].shape) != tuple(v.shape):
-                mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[target].shape)}")
-                continue
-            mapped[target] = v
-        if mismatched:
-            shown = "; ".join(mismatched[:20]) + (f"; ... ({len(mismatched)} in all)" if len(mismatched) > 20 else "")
-            raise SlideChatError(f"checkpoint shapes do not match the model: {shown}",
-                                 hint="check the encoder config and the LLM (projector out = LLM hidden size)")
-        result = self.load_state_dict(mapped, strict=False)  # completeness is checked below, not ignored
-        report = LoadReport(unexpected=unexpected)
-        for k in result.missing_keys:
-            (report.missing_llm if k.startswith("llm.") else report.missing).append(k)
-        hard_missing = [k for k in report.missing if not k.startswith(OPTIONAL_SLIDE_KEYS)]
-        if unexpected:
-            logger.warning("checkpoint has %d keys the model does not use, e.g. %s", len(unexpected),
-                           unexpected[:5])
-        if report.missing:
-            logger.info("slide-module keys not in checkpoint: %s", report.missing[:10])
-        if report.missing_llm:
-            logger.info("%d LLM keys not in checkpoint (kept from the loaded LLM)", len(report.missing_llm))
-        if strict_slide and hard_missing:
-            raise SlideChatError(f"checkpoint lacks {len(hard_missing)} slide-module weights, e.g. "
-                                 f"{hard_missing[:5]}")
-        if strict_llm and [k for k in report.missing_llm if "lora_" not in k]:
-            raise SlideChatError(f"checkpoint lacks {len(report.missing_llm)} LLM weights, e.g. "
-                                 f"{report.missing_llm[:5]}")
-        logger.info("loaded %d tensors (%d unexpected, %d slide keys missing, %d llm keys missing)",
-                    len(mapped), len(unexpected), len(report.missing), len(report.missing_llm))
-        return report
+            mapped[target or k] = v
+        return mapped
 
-    def load_checkpoint(self, path: PathLike, strict_llm: bool = False, strict_slide: bool = True,
-                        allow_unsafe_pickle: bool = False) -> LoadReport:
-        """``load_slidechat_state_dict`` of a checkpoint file/folder (see ``load_state_dict_file``)."""
-        sd = load_state_dict_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
-        try:
-            return self.load_slidechat_state_dict(sd, strict_llm=strict_llm, strict_slide=strict_slide)
-        except SlideChatError as exc:
-            raise SlideChatError(exc.reason, path=path, hint=exc.hint) from exc
+    def load_slidechat_state_dict(self, state_dict: Mapping[str, Tensor], strict_llm: bool = False, *,
+                                  required: Optional[Sequence[str]] = None, allow_partial: bool = False,
+                                  source: Union[str, PathLike] = "") -> KeyReport:
+        """Load a released or slidechat checkpoint dict through ``checkpoint.load_checked``.
+
+        ``required`` defaults to :meth:`required_keys` (``llm=strict_llm``): a checkpoint without the slide
+        modules, or with a shape mismatch, is a one-line error; absent ``llm.*`` keys are kept as loaded
+        from the LLM folder unless ``strict_llm``. ``allow_partial`` turns missing/unexpected keys into
+        a warning (shape mismatches stay errors).
+        """
+        req = list(required) if required is not None else self.required_keys(llm=strict_llm)
+        return load_checked(self, self.map_checkpoint_keys(state_dict), required=req,
+                            allow_partial=allow_partial, source=source)
+
+    def load_checkpoint(self, path: PathLike, strict_llm: bool = False, allow_partial: bool = False,
+                        allow_unsafe_pickle: bool = False) -> KeyReport:
+        """``load_slidechat_state_dict`` of a checkpoint file/folder/work dir (``checkpoint.load_weights``)."""
+        sd = load_weights(path, allow_unsafe_pickle=allow_unsafe_pickle)
+        return self.load_slidechat_state_dict(sd, strict_llm=strict_llm, allow_partial=allow_partial,
+                                              source=path)
 
     def save_pretrained(self, folder: PathLike, tokenizer: Any = None) -> Path:
         """Write a self-contained folder: ``llm/`` (+ tokenizer), slide modules, config.
@@ -405,7 +387,6 @@ class SlideChatModel(nn.Module):
     def from_pretrained(cls, folder: PathLike, torch_dtype: Optional[torch.dtype] = None,
                         device_map: Any = None, load_tokenizer: bool = True) -> "SlideChatModel":
         """Load a folder written by ``save_pretrained``."""
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = Path(folder)
@@ -433,13 +414,10 @@ class SlideChatModel(nn.Module):
         slide_file = folder / SLIDE_MODULES_FILE
         if not slide_file.is_file():
             raise SlideChatError(f"missing {SLIDE_MODULES_FILE}", path=folder)
-        sd = load_file(str(slide_file), device="cpu")
+        sd = load_weights(slide_file)
         if any(not k.startswith(SLIDE_PREFIXES) for k in sd):
             raise SlideChatError("slide module file holds non-slide keys", path=slide_file)
-        try:
-            model.load_slidechat_state_dict(sd)
-        except SlideChatError as exc:
-            raise SlideChatError(exc.reason, path=slide_file, hint=exc.hint) from exc
+        model.load_slidechat_state_dict(sd, source=slide_file)
         _, dev = model._llm_dtype_device()
         dt = torch_dtype if torch_dtype is not None else next(iter(sd.values())).dtype
         model.LongNet_encoder.to(device=dev, dtype=dt)
