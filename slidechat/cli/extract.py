@@ -21,7 +21,9 @@ examples:
       --checkpoint ckpts/conch/pytorch_model.bin --save-csv
   slidechat extract-features "data/**/*.svs" --out feats --encoder tiny_test --limit 4
   torchrun --nproc_per_node=4 tools/extract_features.py list.csv --out feats --encoder conch_v1 ...
-Slides without MPP/objective metadata need --base-mpp or --base-magnification.
+Slides without MPP/objective metadata need --base-mpp or --base-magnification (a TIFF whose only
+resolution is a default DPI tag counts as without). Each slide's log line and H5 (timing_* attributes)
+say where its time went: open, segment, patch plan, read, encode, write.
 Rerunning skips slides whose H5 exists (--overwrite to redo). Nothing is ever downloaded."""
 
 
@@ -42,9 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--mpp", type=float, help="target µm/px instead of --magnification")
     g.add_argument("--patch-size", type=int, default=224, help="patch side at the target (default: 224)")
     g.add_argument("--base-mpp", type=float,
-                   help="level-0 µm/px for slides without metadata (file metadata wins)")
+                   help="level-0 µm/px for slides without (trustworthy) metadata; the file's metadata wins "
+                        "unless --override-metadata")
     g.add_argument("--base-magnification", type=float,
                    help="level-0 magnification for slides without metadata")
+    g.add_argument("--override-metadata", action="store_true",
+                   help="use --base-mpp/--base-magnification even where the file states a resolution")
     g.add_argument("--tissue-threshold", type=float, default=0.5,
                    help="keep patches with at least this tissue fraction (default: %(default)s)")
     g = p.add_argument_group("tissue segmentation")
@@ -60,7 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-csv", action="store_true", help="also write SlideChat CSVs")
     g.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--num-workers", type=int, default=2, help="patch-reading processes (default: 2)")
+    g.add_argument("--num-workers", type=_workers, default=None, metavar="N|auto",
+                   help="patch-reading processes (default: auto, balanced against the encoder's cost "
+                        "from a probe batch; 0 = read in the main process)")
+    g.add_argument("--cache-mb", type=float, default=128,
+                   help="OpenSlide tile cache per reader process, MB (default: %(default)g)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
     g.add_argument("--overwrite", action="store_true", help="redo slides whose H5 exists")
@@ -69,6 +78,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, help="only the first N slides of the list")
     g.add_argument("--recursive", action="store_true", help="search input folders recursively")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _workers(v: str) -> Any:
+    if v == "auto":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
 
 
 def register(subparsers: Any) -> None:
@@ -81,8 +102,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from slidechat.features.inputs import collect_slide_paths
-    from slidechat.features.pipeline import extract_slides
+    from slidechat.features.pipeline import check_output_dir, extract_slides
 
+    check_output_dir(args.out)  # before listing slides or loading an encoder
     paths = collect_slide_paths(args.inputs, recursive=args.recursive)
     summary = extract_slides(
         paths, args.out, encoder=args.encoder, checkpoint=args.checkpoint, save_csv=args.save_csv,
@@ -90,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         target_magnification=None if args.mpp else args.magnification, target_mpp=args.mpp,
         patch_size=args.patch_size, base_mpp=args.base_mpp, base_magnification=args.base_magnification,
+        override_metadata=args.override_metadata, cache_mb=args.cache_mb,
         tissue_threshold=args.tissue_threshold, no_tissue_seg=args.no_tissue_seg,
         seg_threshold=args.seg_threshold, seg_downsample=args.seg_downsample,
         seg_min_tissue_area=args.seg_min_tissue_area, seg_min_hole_area=args.seg_min_hole_area,

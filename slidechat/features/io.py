@@ -6,6 +6,7 @@ features, whatever format they were written in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -24,11 +25,12 @@ FEATURE_SUFFIXES = (".h5", ".hdf5", ".csv", ".pt")
 
 def write_feature_h5(path: PathLike, features: np.ndarray, coords: np.ndarray,
                      coords_attrs: Optional[Mapping[str, Any]] = None,
-                     file_attrs: Optional[Mapping[str, Any]] = None) -> None:
+                     file_attrs: Optional[Mapping[str, Any]] = None, atomic: bool = True) -> None:
     """Write ``features`` (N×D float32) and ``coords`` (N×2 int64, level-0 top-left x, y) atomically.
 
     Patch attributes go on the ``coords`` dataset, where CLAM and TRIDENT readers look for them;
-    provenance goes on the file root.
+    provenance goes on the file root. ``atomic=False`` writes ``path`` directly (for a caller that
+    already writes to its own temporary file).
     """
     import h5py
 
@@ -37,7 +39,7 @@ def write_feature_h5(path: PathLike, features: np.ndarray, coords: np.ndarray,
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(features):
         raise SlideChatError(
             f"features {features.shape} and coords {coords.shape} must be N×D and N×2", path)
-    with atomic_path(path) as tmp:
+    with (atomic_path(path) if atomic else contextlib.nullcontext(Path(path))) as tmp:
         with h5py.File(tmp, "w") as f:
             dc = f.create_dataset("coords", data=coords)
             f.create_dataset("features", data=features)
@@ -55,13 +57,13 @@ def _h5_attr(v: Any) -> Any:
     return v
 
 
-def write_slidechat_csv(path: PathLike, features: np.ndarray) -> None:
+def write_slidechat_csv(path: PathLike, features: np.ndarray, atomic: bool = True) -> None:
     """SlideChat's layout: header ``0,1,…,D-1``, one row per patch, ``%.4f``, no coordinates."""
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2:
         raise SlideChatError(f"features must be N×D, got {features.shape}", path)
     header = ",".join(str(i) for i in range(features.shape[1]))
-    with atomic_path(path) as tmp:
+    with (atomic_path(path) if atomic else contextlib.nullcontext(Path(path))) as tmp:
         np.savetxt(tmp, features, fmt="%.4f", delimiter=",", header=header, comments="")
 
 

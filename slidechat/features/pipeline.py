@@ -9,10 +9,13 @@ a rerun skips slides whose H5 exists. A failing slide is recorded in ``failures*
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob as _glob
+import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,15 +46,18 @@ class ExtractOptions:
     patch_size: int = DEFAULT_PATCH_SIZE
     base_mpp: Optional[float] = None
     base_magnification: Optional[float] = None
+    override_metadata: bool = False   # base_mpp/base_magnification replace the file's own resolution
     tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD
     no_tissue_seg: bool = False
     tissue: TissueParams = field(default_factory=TissueParams)
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: Optional[int] = None  # reader processes; None = balanced automatically
     device: str = "auto"
     amp: bool = True
     progress: bool = True
     run_reads: bool = True   # read runs of adjacent patches as one region, then split
+    cache_mb: float = 128    # OpenSlide tile cache per reader process
+    host_resize: Optional[bool] = None  # encoder resize in the readers (PIL); None = on CPU only
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> "ExtractOptions":
@@ -62,6 +68,8 @@ class ExtractOptions:
             raise TypeError(f"unknown extraction options: {', '.join(sorted(unknown))}")
         tissue = kw.pop("tissue", None) or TissueParams(
             **{n: kw.pop(f"seg_{n}") for n in tissue_names if f"seg_{n}" in kw})
+        if kw.get("num_workers") in ("auto", "", -1):
+            kw["num_workers"] = None
         return cls(tissue=tissue, **kw)
 
 
@@ -72,36 +80,65 @@ class _StageError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# patch reading (runs in DataLoader workers)
+# patch reading (runs in DataLoader workers, or in the main process with --num-workers 0)
 
 
-class _PatchBatches:
-    """Map-style dataset of *batches*: item i = uint8 (b, P, P, 3) patches and their row indices."""
+@dataclass(frozen=True)
+class _ReadFailure:
+    """A reader error as plain data: it crosses the worker boundary intact (torch would wrap an exception
+    in a multi-line traceback text), so the failure line is the same with 0 or N workers."""
 
-    def __init__(self, path: Path, grid: PatchGrid, batch_size: int, run_reads: bool = True) -> None:
-        self.path = path
+    reason: str
+    path: Optional[str]
+    hint: Optional[str] = None
+
+    @classmethod
+    def of(cls, e: BaseException, path: Path) -> "_ReadFailure":
+        if isinstance(e, SlideChatError):
+            return cls(e.reason, e.path, e.hint)
+        return cls(f"{type(e).__name__}: {e}", str(path))
+
+    def error(self) -> SlideChatError:
+        return SlideChatError(self.reason, self.path, hint=self.hint)
+
+
+class PatchReader:
+    """Reads a grid's patches as uint8 ``(b, S, S, 3)``: ``S`` is the patch size, or the encoder's input
+    size when ``host_resize`` = ``(h, w, filter)`` asks the reader to do the encoder's resize in PIL.
+
+    Fast at every base magnification, with no per-pixel Python: a run of horizontally adjacent patches is
+    one ``read_region`` (tiles shared by neighbours decoded once, helped by a per-process tile cache);
+    an integer downsample (40x -> 20x) is PIL ``reduce`` on the whole run; a non-integer one is PIL
+    ``resize(box=...)`` per patch (area filter); a matching pyramid level is read at its native size.
+    """
+
+    def __init__(self, path: PathLike, grid: PatchGrid, batch_size: int = 64, run_reads: bool = True,
+                 host_resize: Optional[Tuple[int, int, str]] = None, cache_mb: float = 0,
+                 max_run: int = 32) -> None:
+        self.path = Path(path)
         self.coords = grid.coords
         self.level = grid.read_level
         self.read_size = grid.read_size
         self.patch_size = grid.patch_size
-        self.ps0 = grid.patch_size_level0
         self.step0 = grid.step_level0
+        self.host_resize = host_resize
+        self.cache_mb = cache_mb
+        self.max_run = max(1, int(max_run))
         # a run of horizontally adjacent patches is one read when patches tile the level exactly
         exact = abs(grid.patch_size_level0 / grid.read_downsample - grid.read_size) < 1e-6
         self.run_reads = run_reads and exact and grid.step_level0 == grid.patch_size_level0
         self.batches = [np.arange(i, min(i + batch_size, len(grid)))
-                        for i in range(0, len(grid), batch_size)]
+                        for i in range(0, len(grid), max(1, int(batch_size)))]
         self._slide: Optional[Slide] = None
         self._pid: Optional[int] = None
 
+    @property
+    def out_size(self) -> Tuple[int, int]:
+        return (self.host_resize[0], self.host_resize[1]) if self.host_resize else \
+            (self.patch_size, self.patch_size)
+
     def __len__(self) -> int:
         return len(self.batches)
-
-    def _handle(self) -> Slide:
-        if self._slide is None or self._pid != os.getpid():  # one handle per process
-            self._slide = Slide(self.path)
-            self._pid = os.getpid()
-        return self._slide
 
     def __getitem__(self, i: int) -> Tuple[Any, Any]:
         import torch
@@ -109,23 +146,56 @@ class _PatchBatches:
         idx = self.batches[i]
         return torch.from_numpy(self.read(idx)), torch.from_numpy(idx)
 
+    def _handle(self) -> Slide:
+        if self._slide is None or self._pid != os.getpid():  # one handle per process
+            self._slide = Slide(self.path)
+            self._slide.set_cache_size(self.cache_mb)
+            self._pid = os.getpid()
+        return self._slide
+
+    def close(self) -> None:
+        if self._slide is not None and self._pid == os.getpid():
+            self._slide.close()
+        self._slide = None
+
     def read(self, idx: np.ndarray) -> np.ndarray:
+        """uint8 patches for grid rows ``idx`` (any order), at :attr:`out_size`."""
+        from PIL import Image
+
         s = self._handle()
         P, r = self.patch_size, self.read_size
-        out = np.empty((len(idx), P, P, 3), np.uint8)
+        oh, ow = self.out_size
+        out = np.empty((len(idx), oh, ow, 3), np.uint8)
         runs = self._runs(idx) if self.run_reads else [[j] for j in range(len(idx))]
         for run in runs:
             x, y = self.coords[idx[run[0]]]
-            region = s.read_region((int(x), int(y)), self.level, (r * len(run), r))
-            for k, j in enumerate(run):
-                tile = region[:, k * r:(k + 1) * r]
-                out[j] = tile if r == P else _resize(tile, P)
+            region = s.read_region_image((int(x), int(y)), self.level, (r * len(run), r))
+            if r == P:
+                pass
+            elif r > P and r % P == 0:  # integer downsample of the whole run (the 40x -> 20x case)
+                region = region.reduce(r // P)
+            else:  # non-integer factor: per patch, area filter down / bicubic up
+                method = Image.Resampling.BOX if r > P else Image.Resampling.BICUBIC
+                parts = [region.resize((P, P), method, box=(k * r, 0, (k + 1) * r, r))
+                         for k in range(len(run))]
+                region = Image.new("RGB", (P * len(run), P))
+                for k, im in enumerate(parts):
+                    region.paste(im, (k * P, 0))
+            if self.host_resize is None:
+                arr = np.asarray(region)
+                for k, j in enumerate(run):
+                    out[j] = arr[:, k * P:(k + 1) * P]
+            else:
+                filt = _PIL_FILTERS[self.host_resize[2]]
+                for k, j in enumerate(run):
+                    patch = region if len(run) == 1 else region.crop((k * P, 0, (k + 1) * P, P))
+                    out[j] = np.asarray(patch.resize((ow, oh), filt))
         return out
 
-    def _runs(self, idx: np.ndarray, max_run: int = 16) -> List[List[int]]:
+    def _runs(self, idx: np.ndarray) -> List[List[int]]:
         runs: List[List[int]] = []
         for j, row in enumerate(idx):
-            if runs and len(runs[-1]) < max_run:
+            if runs and len(runs[-1]) < self.max_run:
                 pj = idx[runs[-1][-1]]
                 if (self.coords[row, 1] == self.coords[pj, 1]
                         and self.coords[row, 0] - self.coords[pj, 0] == self.step0):
@@ -135,16 +205,46 @@ class _PatchBatches:
         return runs
 
 
-def _resize(tile: np.ndarray, P: int) -> np.ndarray:
-    """Area-average for integer downsampling (the common 40x -> 20x case), PIL otherwise."""
-    r = tile.shape[0]
-    if r > P and r % P == 0:
-        f = r // P
-        return tile.reshape(P, f, P, f, 3).mean(axis=(1, 3), dtype=np.float32).round().astype(np.uint8)
-    from PIL import Image
+#: Kept for callers written against the first reader (cytology screening reads fields with it).
+_PatchBatches = PatchReader
 
-    method = Image.Resampling.BOX if r > P else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((P, P), method))
+_PIL_FILTERS: Dict[str, int] = {"bicubic": 3, "bilinear": 2, "box": 4, "hamming": 5, "lanczos": 1,
+                                "nearest": 0}
+
+
+def _read_batch(reader: PatchReader, idx: np.ndarray) -> Tuple[Any, float]:
+    """``(patches or _ReadFailure, seconds)``: failures are values, never exceptions across processes."""
+    t = time.perf_counter()
+    try:
+        out: Any = reader.read(idx)
+    except Exception as e:  # noqa: BLE001 - every reader error becomes the slide's one failure line
+        out = _ReadFailure.of(e, reader.path)
+    return out, time.perf_counter() - t
+
+
+class _BatchStream:
+    """Iterable dataset: each worker reads a *contiguous* share of the batches (neighbouring rows share
+    tiles, so the tile cache of that worker decodes each tile once). Yields ``(patches, idx, seconds)``
+    or a :class:`_ReadFailure`, then stops."""
+
+    def __init__(self, reader: PatchReader, batches: Sequence[np.ndarray]) -> None:
+        self.reader = reader
+        self.batches = list(batches)
+
+    def __iter__(self) -> Any:
+        import torch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = len(self.batches)
+        lo, hi = (wid * n) // nw, ((wid + 1) * n) // nw
+        for b in self.batches[lo:hi]:
+            arr, secs = _read_batch(self.reader, b)
+            if isinstance(arr, _ReadFailure):
+                yield arr
+                return
+            yield torch.from_numpy(arr), torch.from_numpy(b), secs
 
 
 def _worker_init(_: int) -> None:
@@ -159,6 +259,35 @@ def _mp_context() -> Any:
     import multiprocessing as mp
 
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_threads: int,
+                    device_type: str, cores: Optional[int] = None) -> Tuple[int, int]:
+    """``(reader processes, encoder threads)`` from a probe batch's measured costs.
+
+    CPU: split the cores in proportion to the CPU time each side needs per patch (readers get at least
+    one process, rounded up so decoding, the usual bottleneck, is never starved; a compute-bound encoder
+    keeps every core for its threads). GPU: enough readers that they deliver patches as fast as the GPU
+    encodes them, leaving one core for the main process.
+    """
+    cores = cores or cpu_cores()
+    r = max(read_s_per_patch, 1e-6)
+    if device_type != "cpu":
+        need = math.ceil(r / max(encode_s_per_patch, 1e-6))
+        return max(1, min(need, max(1, cores - 1))), encoder_threads
+    enc_cpu = max(encode_s_per_patch, 1e-6) * max(1, encoder_threads)
+    share = r / (r + enc_cpu)
+    readers = max(1, min(cores, math.ceil(cores * share - 1e-9)))
+    threads = cores if share < 0.15 else max(1, cores - readers)
+    return readers, threads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,69 +335,133 @@ class SlideResult:
     thumbnail: Optional[np.ndarray] = None
 
 
+#: Timing keys, in the order of the log line and the H5 provenance (``timing_<key>`` root attributes).
+TIMING_KEYS = ("open_s", "segment_s", "plan_s", "read_s", "encode_s", "write_s", "extract_s",
+               "read_wait_s", "total_s")
+
+
+def format_timings(t: Dict[str, float], n: int) -> str:
+    """One line: where the slide's time went."""
+    return (f"{n} patches in {t.get('total_s', 0):.2f} s ({t.get('patches_per_s', 0):.0f} patches/s end "
+            f"to end): open {t.get('open_s', 0):.2f} s, segment {t.get('segment_s', 0):.2f} s, patch plan "
+            f"{t.get('plan_s', 0):.2f} s, read {t.get('read_s', 0):.2f} s in "
+            f"{_readers_text(int(t.get('readers', 0)))}, encode {t.get('encode_s', 0):.2f} s on {int(t.get('encoder_threads', 0))} "
+            f"thread(s), write {t.get('write_s', 0):.2f} s; waited {t.get('read_wait_s', 0):.2f} s on "
+            "the readers")
+
+
+def _readers_text(n: int) -> str:
+    return "the main process" if n == 0 else f"{n} reader process{'es' if n > 1 else ''}"
+
+
 def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions, device: Any,
-                 desc: str) -> np.ndarray:
+                 desc: str) -> Tuple[np.ndarray, Dict[str, float]]:
+    """Features of every patch of ``grid``, and the read/encode timings."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    ds = _PatchBatches(path, grid, max(1, int(opts.batch_size)), opts.run_reads)
-    nw = max(0, int(opts.num_workers))
-    nw = min(nw, len(ds))
-    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
-                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if nw else None,
-                        multiprocessing_context=_mp_context() if nw else None,
-                        prefetch_factor=4 if nw else None, persistent_workers=False)
+    host = opts.host_resize if opts.host_resize is not None else device.type == "cpu"
+    spec = encoder.host_resize_spec(grid.patch_size, grid.patch_size) if host else None
+    reader = PatchReader(path, grid, max(1, int(opts.batch_size)), opts.run_reads, spec, opts.cache_mb)
     feats = np.empty((len(grid), encoder.embed_dim), np.float32)
     use_amp = opts.amp and device.type == "cuda"
     bar = tqdm(total=len(grid), desc=desc, unit="patch", leave=False, disable=not opts.progress)
     prev_threads = torch.get_num_threads()
-    if device.type == "cpu" and nw > 0:  # leave the readers their cores: oversubscription is slower
-        torch.set_num_threads(max(1, min(prev_threads, (os.cpu_count() or 1) - nw)))
+    t = {"read_s": 0.0, "encode_s": 0.0, "read_wait_s": 0.0}
+
+    def encode(patches: Any, idx: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        patches = patches.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = encoder(patches)
+        feats[idx] = out.float().cpu().numpy()
+        t["encode_s"] += time.perf_counter() - t0
+        bar.update(len(idx))
+
+    t_start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for patches, idx in loader:
-                patches = patches.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = encoder(patches)
-                feats[idx.numpy()] = out.float().cpu().numpy()
-                bar.update(len(idx))
+            # probe: the first batch in this process measures the read and encode costs
+            first, secs = _read_batch(reader, reader.batches[0])
+            if isinstance(first, _ReadFailure):
+                raise _StageError("read", first.error())
+            t["read_s"] += secs
+            e0 = t["encode_s"]
+            encode(torch.from_numpy(first), reader.batches[0])
+            n0 = len(reader.batches[0])
+            rest = reader.batches[1:]
+            if opts.num_workers is None:
+                nw, threads = balance_workers(secs / n0, (t["encode_s"] - e0) / n0, prev_threads,
+                                              device.type)
+            else:
+                nw, threads = max(0, int(opts.num_workers)), prev_threads
+                if device.type == "cpu" and nw > 0:  # leave the readers their cores
+                    threads = max(1, min(prev_threads, cpu_cores() - nw))
+            nw = min(nw, len(rest))
+            t["readers"], t["encoder_threads"] = float(nw), float(threads)
+            if device.type == "cpu":
+                torch.set_num_threads(threads)
+            if rest:
+                loader = DataLoader(_BatchStream(reader, rest), batch_size=None, num_workers=nw,
+                                    pin_memory=device.type == "cuda",
+                                    worker_init_fn=_worker_init if nw else None,
+                                    multiprocessing_context=_mp_context() if nw else None,
+                                    prefetch_factor=4 if nw else None, persistent_workers=False)
+                t_wait = time.perf_counter()
+                for item in loader:
+                    t["read_wait_s"] += time.perf_counter() - t_wait
+                    if isinstance(item, _ReadFailure):
+                        raise _StageError("read", item.error())
+                    patches, idx, secs = item
+                    t["read_s"] += float(secs)
+                    encode(patches, idx.numpy())
+                    t_wait = time.perf_counter()
+                if nw == 0:  # reads happened inside the loop: not waiting on other processes
+                    t["read_wait_s"] = 0.0
     finally:
         torch.set_num_threads(prev_threads)
         bar.close()
-        if ds._slide is not None:
-            ds._slide.close()
+        reader.close()
+    t["extract_s"] = time.perf_counter() - t_start
     if not np.isfinite(feats).all():
-        raise SlideChatError("encoder produced non-finite features", path)
-    return feats
+        raise _StageError("encode", SlideChatError("encoder produced non-finite features", path))
+    return feats, t
 
 
 def _process(path: Path, encoder: Any, opts: ExtractOptions, device: Any, want_thumb: bool) -> SlideResult:
     t0 = time.perf_counter()
     stage = "open"
+    tm: Dict[str, float] = {}
     try:
         with Slide(path) as slide:
             stage = "resolution"
-            res = resolve_resolution(slide, opts.base_mpp, opts.base_magnification)
-            stage = "tissue"
+            res = resolve_resolution(slide, opts.base_mpp, opts.base_magnification,
+                                     override=opts.override_metadata)
             t1 = time.perf_counter()
+            tm["open_s"] = t1 - t0
+            stage = "tissue"
             mask = whole_slide_mask(slide) if opts.no_tissue_seg else segment_tissue(slide, opts.tissue)
+            thumb = slide.thumbnail(1024) if want_thumb else None
+            t2 = time.perf_counter()
+            tm["segment_s"] = t2 - t1
             stage = "patching"
             grid = plan_patches(slide, mask, res, opts.target_magnification, opts.target_mpp,
                                 opts.patch_size, opts.tissue_threshold)
-            thumb = slide.thumbnail(1024) if want_thumb else None
             dims = slide.dimensions
-        t2 = time.perf_counter()
+            tm["plan_s"] = time.perf_counter() - t2
         stage = "encode"
-        feats = _encode_grid(path, grid, encoder, opts, device, desc=slide_id(path)[:30])
-        t3 = time.perf_counter()
+        feats, te = _encode_grid(path, grid, encoder, opts, device, desc=slide_id(path)[:30])
+        tm.update(te)
     except KeyboardInterrupt:
+        raise
+    except _StageError:
         raise
     except Exception as e:
         raise _StageError(stage, e) from e
-    timings = {"open_s": t1 - t0, "segment_s": t2 - t1, "encode_s": t3 - t2,
-               "patches_per_s": len(grid) / max(t3 - t2, 1e-9)}
-    return SlideResult(slide_id(path), path, feats, grid.coords.copy(), grid, mask, dims, timings, thumb)
+    tm["total_s"] = time.perf_counter() - t0
+    tm["patches_per_s"] = len(grid) / max(tm["total_s"], 1e-9)
+    return SlideResult(slide_id(path), path, feats, grid.coords.copy(), grid, mask, dims, tm, thumb)
 
 
 def extract_slide_features(slide_path: PathLike, encoder: Any = "conch_v1",
@@ -326,9 +519,13 @@ def _remove_partials_for(out_dir: Path, sid: str) -> int:
 
 
 def _write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save_qc: bool) -> None:
+    """All of a slide's outputs, or none: each is written to a temporary file, then all are renamed,
+    the H5 (the "done" marker that resume looks for) last. Any failure removes what this call made."""
     from slidechat import __version__
     from slidechat.features.io import write_feature_h5, write_slidechat_csv
+    from slidechat.utils.atomic import temp_path_for
 
+    t0 = time.perf_counter()
     paths = output_paths(out_dir, r.slide)
     file_attrs = {"slide_id": r.slide, "slide_path": str(r.path), "slidechat_version": __version__,
                   "n_patches": int(len(r.coords)), "level0_width": int(r.dimensions[0]),
@@ -338,16 +535,84 @@ def _write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save
     coords_attrs = r.grid.coords_attrs()
     coords_attrs["name"] = r.slide
     coords_attrs["level0_dim"] = np.array(r.dimensions, np.int64)
-    # secondary outputs first: the H5 is the "done" marker that resume looks for
-    if save_csv:
-        write_slidechat_csv(paths["csv"], r.features)
-    if save_qc and r.thumbnail is not None:
-        write_qc_png(paths["qc"], r.thumbnail, r.dimensions, r.mask, r.grid)
-    write_feature_h5(paths["h5"], r.features, r.coords, coords_attrs, file_attrs)
+    temps: Dict[str, Path] = {}
+    renamed: List[Path] = []
+    try:
+        if save_csv:
+            temps["csv"] = temp_path_for(paths["csv"])
+            write_slidechat_csv(temps["csv"], r.features, atomic=False)
+        if save_qc and r.thumbnail is not None:
+            temps["qc"] = temp_path_for(paths["qc"])
+            write_qc_png(temps["qc"], r.thumbnail, r.dimensions, r.mask, r.grid, atomic=False)
+        temps["h5"] = temp_path_for(paths["h5"])
+        write_feature_h5(temps["h5"], r.features, r.coords, coords_attrs, file_attrs, atomic=False)
+        r.timings["write_s"] = time.perf_counter() - t0
+        r.timings["total_s"] = r.timings.get("total_s", 0.0) + r.timings["write_s"]
+        r.timings["patches_per_s"] = len(r.coords) / max(r.timings["total_s"], 1e-9)
+        _add_timing_attrs(temps["h5"], r.timings)
+        for key in ("csv", "qc", "h5"):
+            if key in temps:
+                os.replace(temps[key], paths[key])
+                renamed.append(paths[key])
+    except BaseException:
+        for p in list(temps.values()) + renamed:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        raise
+
+
+def _add_timing_attrs(h5_path: Path, timings: Dict[str, float]) -> None:
+    """Per-slide timing breakdown in the H5 provenance: ``timing_<key>`` root attributes (seconds) and
+    ``timings`` (the same as JSON), so users see where extraction time went."""
+    import h5py
+
+    with h5py.File(h5_path, "a") as f:
+        for k, v in timings.items():
+            f.attrs[f"timing_{k}"] = float(v)
+        f.attrs["timings"] = json.dumps({k: round(float(v), 6) for k, v in timings.items()})
+
+
+def _remove_outputs_for(out_dir: Path, sid: str) -> List[Path]:
+    """A failed slide leaves none of its outputs (an old CSV/QC, or an H5 being overwritten)."""
+    gone = []
+    for p in output_paths(out_dir, sid).values():
+        try:
+            p.unlink()
+            gone.append(p)
+        except FileNotFoundError:
+            pass
+    return gone
+
+
+def check_output_dir(out_dir: PathLike) -> Path:
+    """Create ``out_dir`` and prove it writable before any work, or raise one clear error.
+
+    Run first, so a typo'd or read-only ``--out`` fails in a second, not after hours of extraction.
+    """
+    import tempfile
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SlideChatError("--out exists and is not a folder", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlideChatError(f"cannot create the output folder: {e.strerror or e}", out) from None
+    for sub in ("h5_files", "csv", "qc"):
+        q = out / sub
+        if q.exists() and not q.is_dir():
+            raise SlideChatError("exists and is not a folder (it must hold outputs)", q)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".slidechat-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SlideChatError(f"the output folder is not writable: {e.strerror or e}", out) from None
+    return out
 
 
 def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask: TissueMask,
-                 grid: PatchGrid) -> None:
+                 grid: PatchGrid, atomic: bool = True) -> None:
     """Thumbnail with the tissue contour (green) and kept patches (blue boxes)."""
     import cv2
     from PIL import Image
@@ -363,7 +628,7 @@ def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask:
     for x, y in grid.coords:
         cv2.rectangle(img, (int(x * sx), int(y * sy)), (int((x + ps) * sx) - 1, int((y + ps) * sy) - 1),
                       (30, 60, 220), 1)
-    with atomic_path(path) as tmp:
+    with (atomic_path(path) if atomic else contextlib.nullcontext(Path(path))) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
@@ -392,14 +657,13 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
     from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, shard
 
     opts = ExtractOptions.from_kwargs(**options)
+    out = check_output_dir(out_dir)  # before any work: a bad --out fails in a second
     if isinstance(slide_paths, (str, os.PathLike)):
         slide_paths = collect_slide_paths(slide_paths)
     else:
         slide_paths = [Path(p) for p in slide_paths]
     rank, world = rank_and_world(rank, world_size)
     all_paths = _limit(slide_paths, limit)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fail_path = out / ("failures.csv" if world == 1 else f"failures_rank{rank}.csv")
 
     # ids must be unique across the whole list (decided identically on every rank)
@@ -457,20 +721,29 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
                 raise _StageError("write", e) from e
         except _StageError as e:
             err = _as_slide_error(e, p)
-            reason = err.reason + (f" ({err.hint})" if err.hint else "")
+            reason = _one_line(err.reason + (f" ({err.hint})" if err.hint else ""))
             logger.error("%s: %s failed: %s", sid, e.stage, reason)
             logger.debug("traceback", exc_info=e.cause)
+            gone = _remove_outputs_for(out, sid)
+            if gone:
+                logger.info("%s: removed its earlier outputs (%s)", sid, ", ".join(str(g) for g in gone))
             failures.append({"slide": sid, "path": str(p), "stage": e.stage, "reason": reason})
             _write_failures(fail_path, failures)
             continue
         summary["done"].append(sid)
         summary["n_patches"] += len(r.coords)
-        logger.info("%s: %d patches (%s, %.0f patches/s)", sid, len(r.coords),
-                    f"{r.grid.patch_size}px@{r.grid.target_magnification:g}x", r.timings["patches_per_s"])
+        summary.setdefault("timings", {})[sid] = dict(r.timings)
+        logger.info("%s (%s): %s", sid, f"{r.grid.patch_size}px@{r.grid.target_magnification:g}x",
+                    format_timings(r.timings, len(r.coords)))
     summary["seconds"] = time.perf_counter() - t0
     _write_failures(fail_path, failures)
     _log_summary(summary)
     return summary
+
+
+def _one_line(text: str) -> str:
+    """Failure reasons go to a CSV cell and one console line: no embedded newlines."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def _log_summary(s: Dict[str, Any]) -> None:

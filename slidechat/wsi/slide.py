@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
@@ -51,6 +51,7 @@ class Slide:
         self.name = slide_id(self.path)
         self._osr = None
         self._img: Optional[np.ndarray] = None
+        self.mpp_rejected: Optional[str] = None  # why a resolution found in the file was not trusted
         if not self.path.is_file():
             raise SlideChatError("slide file not found", self.path)
         if self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
@@ -79,6 +80,10 @@ class Slide:
         self.vendor = props.get("openslide.vendor", "unknown")
         self.mpp = _positive_float(props.get("openslide.mpp-x"))
         self.objective = _positive_float(props.get("openslide.objective-power"))
+        self.mpp_rejected = _implausible_mpp(self.mpp, props)
+        if self.mpp_rejected:
+            logger.warning("%s: ignoring metadata resolution: %s", self.name, self.mpp_rejected)
+            self.mpp = None
 
     def _open_plain(self) -> None:
         from PIL import Image
@@ -99,6 +104,7 @@ class Slide:
         self.vendor = "image"
         self.mpp = None
         self.objective = None
+        self.mpp_rejected: Optional[str] = None
 
     # -- geometry --------------------------------------------------------------------------------
     @property
@@ -138,9 +144,50 @@ class Slide:
         except Exception as e:
             raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
                                  f"{type(e).__name__}: {e}", self.path) from e
+        return self._rgba_to_rgb(rgba)
+
+    def read_region_image(self, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> "Any":
+        """Like :meth:`read_region` but a PIL ``RGB`` image, without numpy copies on the common path.
+
+        Extraction readers resample in PIL (``reduce``/``resize`` on uint8), so staying in PIL from the
+        decoder to the patch avoids two full-size array passes per read.
+        """
+        from PIL import Image
+
+        if self._img is not None:
+            return Image.fromarray(self.read_region(location, level, size))
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        try:
+            rgba = self._osr.read_region((x, y), level, (w, h))
+        except Exception as e:
+            raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
+                                 f"{type(e).__name__}: {e}", self.path) from e
+        if rgba.getextrema()[3][0] == 255:  # fully opaque: the usual case inside the scan
+            return rgba.convert("RGB")
+        return Image.fromarray(self._rgba_to_rgb(np.asarray(rgba)))
+
+    def set_cache_size(self, megabytes: float) -> None:
+        """Give this handle its own OpenSlide tile cache (decoded tiles shared by neighbouring reads).
+
+        Adjacent patches share tiles; with a cache larger than a band of tiles across the tissue, each
+        tile is decoded once per reader process. No-op for plain images or old OpenSlide builds.
+        """
+        if self._osr is None or megabytes <= 0:
+            return
+        try:
+            import openslide
+
+            self._osr.set_cache(openslide.OpenSlideCache(int(megabytes * 2 ** 20)))
+        except (AttributeError, Exception) as e:  # pragma: no cover - depends on the OpenSlide build
+            logger.debug("%s: no per-handle tile cache (%s)", self.name, e)
+
+    @staticmethod
+    def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+        """Transparent pixels (outside the scanned area) become white, like glass."""
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
-        if alpha.min() < 255:  # transparent (outside the scanned area) -> white
+        if alpha.min() < 255:
             rgb = rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))
             rgb = np.minimum(rgb, 255).astype(np.uint8)
         return np.ascontiguousarray(rgb)
@@ -219,24 +266,61 @@ class Resolution:
 
 
 def resolve_resolution(slide: Slide, base_mpp: Optional[float] = None,
-                       base_magnification: Optional[float] = None) -> Resolution:
+                       base_magnification: Optional[float] = None,
+                       override: bool = False) -> Resolution:
     """Level-0 MPP: ``openslide.mpp-x``, else objective power (10/mag µm/px), else the user's values.
 
-    User values are the fallback for slides without metadata; the file's own metadata wins.
+    User values fill in for slides without (trustworthy) metadata; with ``override`` they replace the
+    file's metadata explicitly (``--override-metadata``), e.g. for a scanner known to write a wrong MPP.
     """
+    if base_mpp is not None and base_mpp <= 0:
+        raise SlideChatError(f"--base-mpp must be > 0, got {base_mpp}", slide.path)
+    if base_magnification is not None and base_magnification <= 0:
+        raise SlideChatError(f"--base-magnification must be > 0, got {base_magnification}", slide.path)
+    user: Optional[Resolution] = None
+    if base_mpp is not None:
+        user = Resolution(float(base_mpp), 10.0 / float(base_mpp), "user")
+    elif base_magnification is not None:
+        user = Resolution(10.0 / float(base_magnification), float(base_magnification), "user")
+    meta: Optional[Resolution] = None
     if slide.mpp is not None:
         mag = slide.objective if slide.objective is not None else 10.0 / slide.mpp
-        return Resolution(slide.mpp, mag, "metadata-mpp")
-    if slide.objective is not None:
-        return Resolution(10.0 / slide.objective, slide.objective, "objective")
-    if base_mpp is not None:
-        if base_mpp <= 0:
-            raise SlideChatError(f"--base-mpp must be > 0, got {base_mpp}", slide.path)
-        return Resolution(float(base_mpp), 10.0 / float(base_mpp), "user")
-    if base_magnification is not None:
-        if base_magnification <= 0:
-            raise SlideChatError(f"--base-magnification must be > 0, got {base_magnification}",
-                                 slide.path)
-        return Resolution(10.0 / float(base_magnification), float(base_magnification), "user")
-    raise SlideChatError("slide has no resolution metadata (no openslide.mpp-x, no objective power)",
-                         slide.path, hint=MPP_FLAG_HINT)
+        meta = Resolution(slide.mpp, mag, "metadata-mpp")
+    elif slide.objective is not None:
+        meta = Resolution(10.0 / slide.objective, slide.objective, "objective")
+    if override and user is not None:
+        if meta is not None:
+            logger.info("%s: metadata says %.4g µm/px; using %.4g µm/px as asked (--override-metadata)",
+                        slide.name, meta.mpp, user.mpp)
+        return Resolution(user.mpp, user.magnification, "user-override")
+    if meta is not None:
+        if user is not None and abs(user.mpp - meta.mpp) > 0.03 * meta.mpp:
+            logger.warning("%s: metadata says %.4g µm/px, --base-mpp/--base-magnification say %.4g; "
+                           "the metadata wins (add --override-metadata to use yours)", slide.name,
+                           meta.mpp, user.mpp)
+        return meta
+    if user is not None:
+        return user
+    why = f"; {slide.mpp_rejected}" if getattr(slide, "mpp_rejected", None) else ""
+    raise SlideChatError("slide has no resolution metadata (no openslide.mpp-x, no objective power"
+                         f"{why})", slide.path, hint=MPP_FLAG_HINT)
+
+
+#: Coarser than this at level 0 is not a slide scanner's resolution (a 1.25x scan is ~8 µm/px).
+MAX_PLAUSIBLE_MPP = 10.0
+
+
+def _implausible_mpp(mpp: Optional[float], props: Any) -> Optional[str]:
+    """Why a metadata MPP should not be trusted, or None.
+
+    Generic TIFF writers stamp a default resolution (72/96/300 dpi, unit inch) that OpenSlide turns into
+    an MPP of 85-353 µm/px; patching at such a "resolution" silently produces nonsense patches.
+    """
+    if mpp is None or mpp <= MAX_PLAUSIBLE_MPP:
+        return None
+    unit = str(props.get("tiff.ResolutionUnit", "") or "")
+    xres = props.get("tiff.XResolution")
+    if xres is not None and unit:
+        return (f"its TIFF resolution tag says {float(xres):g} pixels per {unit} ({mpp:.4g} µm/px), a "
+                "writing program's default, not a scanner's resolution")
+    return f"metadata MPP {mpp:.4g} µm/px is coarser than any slide scan (> {MAX_PLAUSIBLE_MPP:g})"
