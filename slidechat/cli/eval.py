@@ -82,7 +82,7 @@ def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-json", type=Path, default=None, help="write the full report as JSON")
     p.add_argument("--out-md", type=Path, default=None, help="write the Markdown report")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="write <file stem>.<scorer>.report.json and .md into DIR")
+                   help="write <file stem>.<scorer>.json and .md into DIR")
 
 
 def _cytology_options(p: argparse.ArgumentParser, scorer: str) -> None:

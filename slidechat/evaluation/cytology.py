@@ -71,9 +71,6 @@ def score_file(path: PathLike, scorer: str, task: Optional[str] = None, *, sheet
             notes.append(f"{n_dup} row(s) repeat an earlier row exactly (same image, prompt, label and "
                          "prediction); all are scored as given (--drop-duplicates scores each once).")
     require_predictions(f, records)
-    n_failed = sum(1 for r in records if r.error)
-    if n_failed:
-        notes.append(f"{n_failed} row(s) failed at inference (error field); they count as wrong and are listed.")
 
     if scorer == "mcq":
         from slidechat.evaluation.cytology_mcq import score_cytology_mcq
@@ -110,7 +107,7 @@ def score_file(path: PathLike, scorer: str, task: Optional[str] = None, *, sheet
 
 
 def default_report_paths(path: PathLike, scorer: str, out_dir: PathLike) -> Tuple[Path, Path]:
-    """``OUT/<file stem>.<scorer>.report.{json,md}``."""
+    """``OUT/<file stem>.<scorer>.{json,md}``."""
     stem = Path(path).stem
     out = Path(out_dir)
-    return out / f"{stem}.{scorer}.report.json", out / f"{stem}.{scorer}.report.md"
+    return out / f"{stem}.{scorer}.json", out / f"{stem}.{scorer}.md"

@@ -163,16 +163,16 @@ def _read_jsonl(p: Path) -> CytoFile:
         err = _text(o.get("error")).strip()
         pred = o.get("predict")
         records.append(CytoRecord(
-            index=len(records), where=where, key=_text(o.get("id")) or str(len(records)), prompt=prompt,
+            index=len(records), where=where, key=_text(o.get("id")) or where, prompt=prompt,
             question=question, predict=None if pred is None else _text(pred), label=_text(o["label"]),
             images=_images(o.get("images")), error=err, turns=turns,
             fields={k: o[k] for k in ("task", "Task", "Class number", "classes") if k in o}))
     if not records:
         raise SlideChatError("no rows", p)
     keys = [r.key for r in records]
-    if len(set(keys)) != len(keys):
+    if len(set(keys)) != len(keys):  # ids not unique: name rows by line
         for r in records:
-            r.key = str(r.index)
+            r.key = r.where
     return CytoFile(p, "slidechat-jsonl" if ours else "llamafactory-jsonl", records)
 
 
@@ -238,10 +238,14 @@ def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
         for c in ("Task", "Class number"):
             if c in cols and _text(row[c]).strip():
                 fields[c] = _text(row[c]).strip()
-        records.append(CytoRecord(index=i, where=where, key=str(i), prompt=prompt, question=question,
+        records.append(CytoRecord(index=i, where=where, key=where, prompt=prompt, question=question,
                                   predict=predict, label=label, images=images, fields=fields, turns=turns))
     if not records:
         raise SlideChatError("no rows", p)
+    image_keys = [", ".join(r.images) for r in records]
+    if "Image" in cols and all(image_keys) and len(set(image_keys)) == len(image_keys):
+        for r, k in zip(records, image_keys):  # CytoChat's Image column names the row when unique
+            r.key = k
     if label_mismatch:
         notes.append(f"{label_mismatch} row(s): the label inside Prompt differs from the {label_col} column; "
                      f"{label_col} is used as the truth")

@@ -224,6 +224,11 @@ def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
         raise SlideChatError(f"missing column(s) {missing} needed for scoring", source,
                              hint=f"columns found: {cols}")
     letters = [c for c in "ABCDEFGHIJ" if c in cols]
+    if not letters:  # without options an Answer cannot be checked: refuse rather than assume A-D
+        raise SlideChatError("no option columns (A, B, ...): not a multiple-choice output", source,
+                             hint=f"columns found: {cols}; score captions with `slidechat eval caption`")
+    if len(df) == 0:
+        raise SlideChatError("no rows to score: the file has a header and no rows", source)
     has_id = "ID" in cols and df["ID"].is_unique
     recs = []
     unparsed, errors, bad_gold = [], [], []
@@ -326,14 +331,16 @@ def label_letter(label: str, options: Mapping[str, str]) -> Tuple[Optional[str],
     lab = " ".join(str(label or "").split())
     if not lab:
         return None, "empty label"
+    m = re.match(r"^\(?([A-J])\)?\s*[.):]\s*(.*)$", lab)
+    if m and m.group(1) in options:  # "A.Benign." -- the usual form
+        letter = m.group(1)
+        told, own = _norm(m.group(2)), _norm(options.get(letter, ""))
+        if told and own and told != own:
+            return None, f"label {lab!r} names option {letter} but {letter} is {options[letter]!r}"
+        return letter, ""
     letter = _gold_letter(lab, options)
     if letter is None:
         return None, f"label {lab!r} names none of the options {sorted(options)}"
-    m = re.match(r"^\(?[A-J]\)?\s*[.):]\s*(.+)$", lab)
-    if m:
-        told, own = _norm(m.group(1)), _norm(options.get(letter, ""))
-        if told and own and told != own:
-            return None, f"label {lab!r} names option {letter} but {letter} is {options[letter]!r}"
     return letter, ""
 
 

@@ -182,7 +182,9 @@ def grounding_markdown(report: "GroundingReport", max_listed: int = 20) -> str:
     extra += report.notes
     parts.append("\n" + "\n".join(f"- {e}" for e in extra))
     if mal["listed"]:
-        parts.append(f"\n### Malformed regions (first {min(max_listed, len(mal['listed']))} rows)\n")
+        shown = min(max_listed, len(mal["listed"]))
+        parts.append(f"\n### Malformed regions ({mal['rows']} row(s)" + (
+            f", first {shown} listed; the JSON report has all)\n" if shown < mal["rows"] else ")\n"))
         parts.append(markdown_table(["key", "malformed"], [[m["key"], _short("; ".join(m["malformed"]))]
                                                           for m in mal["listed"][:max_listed]], ["l", "l"]))
     if report.failed:
