@@ -133,6 +133,40 @@ def test_below_threshold_pairs_cannot_block_a_valid_match():
     assert [(i, j) for i, j, _ in match_boxes([P1, P2], [T1, T2], 0.5)] == [(0, 0)]
 
 
+def _brute_best_total(m, t):
+    """Max total IoU over one-to-one pairings using only pairs with IoU >= t (exhaustive search)."""
+    best = 0.0
+
+    def go(i, used, total):
+        nonlocal best
+        if i == m.shape[0]:
+            best = max(best, total)
+            return
+        go(i + 1, used, total)  # pred i unmatched
+        for j in range(m.shape[1]):
+            if j not in used and m[i, j] >= t:
+                go(i + 1, used | {j}, total + m[i, j])
+
+    go(0, frozenset(), 0.0)
+    return best
+
+
+def test_matching_equals_exhaustive_search_on_random_crowds():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        def crowd(n):
+            xy = rng.uniform(0, 40, size=(n, 2))
+            wh = rng.uniform(8, 20, size=(n, 2))
+            return [R(x, y, x + w, y + h, "hsil") for (x, y), (w, h) in zip(xy, wh)]
+        pred, truth = crowd(rng.integers(0, 6)), crowd(rng.integers(0, 6))
+        m = iou_matrix(pred, truth)
+        for t in (0.3, 0.5):
+            got = match_boxes(pred, truth, t)
+            assert len({i for i, _, _ in got}) == len(got) == len({j for _, j, _ in got})
+            assert all(v >= t for _, _, v in got)
+            assert sum(v for _, _, v in got) == pytest.approx(_brute_best_total(m, t))
+
+
 def test_matching_is_class_aware_and_unlabelled_boxes_take_the_question_class():
     truth = [R(0, 0, 10, 10, "hsil")]
     items = [GroundingItem("a", [R(0, 0, 10, 10, "lsil")], truth, query_class="hsil"),  # wrong class
@@ -337,6 +371,13 @@ def test_infer_jsonl_error_rows_are_failures(tmp_path):
          "error": "image not found: b.png"}])
     d = score_file(p, "grounding").data
     assert d["overall"]["0.5"]["recall"] == 0.5 and d["failed"] == [{"key": "b", "error": "image not found: b.png"}]
+    # the infer writer's id object: {"dataset", "index", "id"}
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    rows[0]["id"] = {"dataset": "cyto_test", "index": 0, "id": None}
+    rows[1]["id"] = {"dataset": "cyto_test", "index": 1, "id": "field-b"}
+    d = score_file(_jsonl(tmp_path / "pred2.jsonl", rows), "grounding").data
+    assert d["failed"] == [{"key": "field-b", "error": "image not found: b.png"}]
+    assert [r.key for r in read_predictions(tmp_path / "pred2.jsonl").records] == ["cyto_test#0", "field-b"]
 
 
 def test_grounding_qwen_boxes_need_image_size(tmp_path):

@@ -152,8 +152,12 @@ def run_mcq(args: argparse.Namespace) -> int:
     from slidechat.evaluation.mcq import score_mcq
     from slidechat.evaluation.slidebench import read_csv_text
     from slidechat.evaluation.tables import write_reports
+    from slidechat.utils.errors import SlideChatError
 
     if is_cytology_file(args.pred_csv):
+        if args.reparse or args.group_by is not None:
+            raise SlideChatError("--reparse/--group-by apply to SlideBench CSVs; cytology answers are always "
+                                 "parsed and grouped by task and number of classes", args.pred_csv)
         args.scorer = "mcq"
         return run_cytology(args)
     _cytology_only(args, "task", "sheet", "drop-duplicates")
@@ -176,6 +180,9 @@ def run_caption(args: argparse.Namespace) -> int:
     from slidechat.utils.errors import SlideChatError
 
     if is_cytology_file(args.pred_csv):
+        if args.ref_column or args.pred_column != "Output" or args.per_row_csv:
+            raise SlideChatError("--ref-column/--pred-column/--per-row-csv apply to SlideBench CSVs; cytology "
+                                 "files score 'predict' against 'label'", args.pred_csv)
         args.scorer = "report"
         return run_cytology(args)
     _cytology_only(args, "task", "sheet", "drop-duplicates")

@@ -3,7 +3,8 @@
 Three inputs, detected from the file:
 
 * ``slidechat infer`` JSONL: ``{"id", "images", "prompt", "predict", "label"}`` (+ ``"error"`` on rows
-  that failed: counted as failures and listed, never silently scored).
+  that failed: counted as failures and listed, never silently scored). ``id`` may be the writer's
+  ``{"dataset", "index", "id"}`` object (rows are then named by ``id.id``, else ``dataset#index``).
 * LLaMA-Factory's ``generated_predictions.jsonl``: ``{"prompt", "predict", "label"}`` only.
 * CytoChat's benchmark spreadsheets (``.xlsx``): ``Image``, ``Prompt``, ``Lable`` (sic; ``Label`` too),
   optional ``Task`` and ``Class number``. The grounding sheet stores CytoChat's own output inside
@@ -104,6 +105,17 @@ def _images(v: Any) -> List[str]:
     return [str(v)]
 
 
+def _row_id(v: Any) -> str:
+    """``slidechat infer`` writes ``{"dataset", "index", "id"}``; a plain id is used as is."""
+    if isinstance(v, dict):
+        if v.get("id") not in (None, ""):
+            return str(v["id"])
+        if "index" in v:
+            return f"{v['dataset']}#{v['index']}" if v.get("dataset") else f"#{v['index']}"
+        return ""
+    return _text(v)
+
+
 def read_predictions(path: PathLike, sheet: Optional[str] = None) -> CytoFile:
     """Read a JSONL (ours or LLaMA-Factory's) or a CytoChat xlsx into :class:`CytoRecord` rows."""
     p = Path(path)
@@ -163,7 +175,7 @@ def _read_jsonl(p: Path) -> CytoFile:
         err = _text(o.get("error")).strip()
         pred = o.get("predict")
         records.append(CytoRecord(
-            index=len(records), where=where, key=_text(o.get("id")) or where, prompt=prompt,
+            index=len(records), where=where, key=_row_id(o.get("id")) or where, prompt=prompt,
             question=question, predict=None if pred is None else _text(pred), label=_text(o["label"]),
             images=_images(o.get("images")), error=err, turns=turns,
             fields={k: o[k] for k in ("task", "Task", "Class number", "classes") if k in o}))
