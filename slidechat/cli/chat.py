@@ -1,4 +1,7 @@
-"""``slidechat chat --checkpoint CKPT (--features X.h5 | --slide X.svs)``: talk about one slide.
+"""``slidechat chat``: talk about one slide or one cytology field of view in the terminal.
+
+Slides: ``--checkpoint CKPT (--features X.h5 | --slide X.svs)``; images (Qwen2-VL / CytoChat):
+``--image field.jpg --model_name_or_path DIR`` -- the same loop, boxes printed as generated.
 
 Reads one question per line from stdin and prints each answer; ``exit``/``quit`` or end of input
 stops, ``reset`` clears the conversation. The conversation so far is part of every prompt. A raw
@@ -22,14 +25,20 @@ EXIT_WORDS = ("exit", "quit", ":q")
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("chat", help="multi-turn chat about one slide in the terminal",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="exported model folder, or a training checkpoint (with --config)")
+    p.add_argument("--checkpoint", default=None,
+                   help="slides: exported model folder, or a training checkpoint (with --config)")
+    p.add_argument("--model_name_or_path", "--model-name-or-path", default=None,
+                   help="images: local Qwen2-VL folder (CytoChat, base Qwen2-VL-Instruct, exported)")
+    p.add_argument("--adapter_name_or_path", "--adapter-name-or-path", default=None,
+                   help="images: LoRA adapter folder (merged on load)")
     p.add_argument("--config", default=None, help="training config (needed for training checkpoints)")
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="config overrides, as for xtuner")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", help="feature file of the slide (.h5 / SlideChat .csv / .pt)")
     src.add_argument("--slide", help="raw slide (.svs, .tiff, ...): features are extracted now")
+    src.add_argument("--image", help="one field-of-view image (.jpg/.png/...) for a Qwen2-VL model "
+                                     "(--model_name_or_path)")
     ex = p.add_argument_group("extraction (with --slide)")
     ex.add_argument("--encoder", default="conch_v1", help="patch encoder name (default: conch_v1)")
     ex.add_argument("--encoder-checkpoint", default=None, help="patch encoder weights")
@@ -49,11 +58,19 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     g.add_argument("--max-new-tokens", type=int, default=500)
     g.add_argument("--max-patches", type=int, default=None,
                    help="patch cap (uniform subsample; default: the model's max_patches_test)")
-    g.add_argument("--system", default="", help="system prompt (default empty, as in training)")
+    g.add_argument("--system", default="", help="system prompt (default: slides empty, as in training; "
+                                                 "images the qwen2_vl template's)")
+    g.add_argument("--image-max-pixels", "--image_max_pixels", type=int, default=768 * 768)
+    g.add_argument("--image-min-pixels", "--image_min_pixels", type=int, default=32 * 32)
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="images: model dtype (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--jsonl", action="store_true",
                    help="print each turn as one JSON line {turn, question, answer} (for scripts)")
     g.add_argument("--show-prompt", action="store_true",
                    help="print each turn's full prompt (with the history) to stderr")
+    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
+                        "holds unexpected ones, with a warning; by default that is an error")
     p.set_defaults(func=run)
 
 
@@ -74,9 +91,6 @@ def _features(args: argparse.Namespace):
     if args.patch_size is not None:
         opts["patch_size"] = args.patch_size
     if args.tissue_threshold is not None:
-    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
-                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
-                        "holds unexpected ones, with a warning; by default that is an error")
         opts["tissue_threshold"] = args.tissue_threshold
     if args.no_tissue_seg:
         opts["no_tissue_seg"] = True
@@ -97,13 +111,35 @@ def _keep_stdout_for_answers() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _image_session(args: argparse.Namespace):
+    from slidechat.engine.chat import ImageChatSession, load_image_chat_model
+    from slidechat.utils.errors import SlideChatError
+
+    path = args.model_name_or_path or args.checkpoint
+    if not path:
+        raise SlideChatError("--image needs --model_name_or_path (a Qwen2-VL folder)")
+    model, processor = load_image_chat_model(path, args.adapter_name_or_path, device=args.device,
+                                             dtype=args.dtype)
+    return ImageChatSession(model, processor, args.image, max_new_tokens=args.max_new_tokens,
+                            system=args.system or None, image_max_pixels=args.image_max_pixels,
+                            image_min_pixels=args.image_min_pixels)
+
+
 def run(args: argparse.Namespace) -> int:
     _keep_stdout_for_answers()
+    if args.image:
+        session = _image_session(args)
+        return chat_loop(session, args, f"Image loaded ({session.image.width}x{session.image.height}).")
     from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.chat import ChatSession, load_chat_model
     from slidechat.utils.errors import SlideChatError
 
-    model, tok = load_chat_model(args.checkpoint, args.config, parse_cfg_options(args.cfg_options))
+    if not (args.checkpoint or args.model_name_or_path):
+        raise SlideChatError("--features/--slide need --checkpoint (an exported folder or a training "
+                             "checkpoint with --config)")
+    model, tok = load_chat_model(args.checkpoint or args.model_name_or_path, args.config,
+                                 parse_cfg_options(args.cfg_options),
+                                 allow_partial=args.allow_partial)
     feats, coords = _features(args)
     dim = model.config.feature_dim
     if feats.shape[1] != dim:  # never cut: other columns are other features
@@ -111,10 +147,15 @@ def run(args: argparse.Namespace) -> int:
                              args.features or args.slide)
     session = ChatSession(model, tok, feats[:, :dim], coords, max_new_tokens=args.max_new_tokens,
                           max_patches=args.max_patches, system=args.system)
+    return chat_loop(session, args, f"Slide loaded ({len(session.features)} patches).")
+
+
+def chat_loop(session, args: argparse.Namespace, banner: str) -> int:
+    """The terminal loop for any session with ``ask``/``reset``/``prompt_text``/``history`` (slides:
+    ``ChatSession``, images: ``ImageChatSession``)."""
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Slide loaded ({len(session.features)} patches). Ask a question; 'exit' to quit.",
-              file=sys.stderr)
+        print(f"{banner} Ask a question; 'exit' to quit.", file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)

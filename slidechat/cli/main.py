@@ -18,7 +18,7 @@ from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import setup_cli_logging
 
 # Order = order in --help. A module listed here that does not exist yet is skipped.
-SUBCOMMAND_MODULES = ["extract", "export", "test", "eval", "chat", "demo"]
+SUBCOMMAND_MODULES = ["extract", "export", "test", "eval", "screen", "chat", "demo"]
 
 logger = logging.getLogger("slidechat")
 

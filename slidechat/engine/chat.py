@@ -114,3 +114,70 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history.clear()
+
+
+class ImageChatSession:
+    """One field-of-view image, many turns, on a Qwen2-VL model (cytology; ``chat --image``).
+
+    Same interface as :class:`ChatSession` (``ask``, ``reset``, ``prompt_text``, ``history``), so the
+    terminal loop serves both families. Prompts follow LLaMA-Factory's ``qwen2_vl`` template with the
+    image as ``<image>`` at the start of the first question (as in CytoChat's data); decoding is greedy
+    and keeps special tokens other than the stop token, so boxes (``<region>...</region>`` or Qwen2-VL's
+    ``<|box_start|>...<|box_end|>``) are printed exactly as generated.
+    """
+
+    def __init__(self, model: Any, processor: Any, image: PathLike, max_new_tokens: int = 500,
+                 system: Optional[str] = None, image_max_pixels: int = 768 * 768,
+                 image_min_pixels: int = 32 * 32) -> None:
+        from slidechat.data.images import load_image
+        from slidechat.engine.inference import Qwen2VLFamily, SamplingSettings
+
+        self.image_path = Path(image)
+        self.image = load_image(self.image_path, image_max_pixels, image_min_pixels)
+        limit = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 32768)
+        self.family = Qwen2VLFamily(model, processor,
+                                    SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=0.0),
+                                    cutoff_len=limit, skip_special_tokens=False,
+                                    image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels)
+        self.system = system or None
+        self.history: List[Tuple[str, str]] = []
+
+    def _item(self, question: str) -> Any:
+        from slidechat.engine.inference import CytologyItem
+
+        msgs = []
+        for k, (q, a) in enumerate(self.history + [(question, "")]):
+            msgs.append({"role": "user", "content": ("<image>" if k == 0 else "") + q})
+            if k < len(self.history):
+                msgs.append({"role": "assistant", "content": a})
+        item = CytologyItem(position=0, key={}, images=[str(self.image_path)], messages=msgs,
+                            system=self.system, label_content=None, source=str(self.image_path))
+        self.family.render(item)
+        item.pil_images = [self.image]
+        return item
+
+    def prompt_text(self, question: str) -> str:
+        """The next turn's prompt as the model reads it (special tokens included)."""
+        return self._item(question.strip()).prompt_text
+
+    @torch.no_grad()
+    def ask(self, question: str) -> str:
+        question = question.strip()
+        if not question:
+            raise ValueError("empty question")
+        answer = self.family.generate([self._item(question)])[0].strip()
+        self.history.append((question, answer))
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def load_image_chat_model(model_name_or_path: PathLike, adapter_name_or_path: Optional[PathLike] = None,
+                          device: str = "auto", dtype: str = "auto") -> Tuple[Any, Any]:
+    """``(Qwen2-VL model in eval mode, processor)`` for ``chat --image`` (same loader as ``infer``)."""
+    from slidechat.engine.inference import resolve_device_dtype
+    from slidechat.model.qwen2vl import load_qwen2vl
+
+    dev, torch_dtype = resolve_device_dtype(device, dtype)
+    return load_qwen2vl(model_name_or_path, adapter_name_or_path, torch_dtype=torch_dtype, device=dev)

@@ -138,10 +138,14 @@ class SlideBenchTestDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
+        return self.prepare_item(self.items[i])
+
+    def prepare_item(self, item: SlideBenchItem) -> Dict[str, Any]:
+        """One row's collate input; unreadable features set ``item.error`` (also used by
+        :class:`slidechat.engine.inference.SlideFamily`)."""
         from slidechat.data.template import encode_prompt
         from slidechat.features.io import load_features
 
-        item = self.items[i]
         out: Dict[str, Any] = {"item": item, "pad_token_id": self.pad_token_id}
         if not item.ok:
             return out
@@ -385,11 +389,14 @@ class SlideBenchTestLoop(TestLoop):
                                  "(test_evaluator = dict(type=SlideBenchMetric))")
         self.metric = metrics[0]
         self.metric.bind(self.writer, world)
-        self.generation_kwargs = dict(generation_kwargs or {})
-        self.generation_kwargs.setdefault("use_cache", True)
+        from slidechat.engine.inference import SlideFamily  # the shared per-batch generation
+
+        self.family = SlideFamily(model, dataset, max_new_tokens=s.max_new_tokens, fp16=fp16,
+                                  generation_kwargs=generation_kwargs)
+        self.generation_kwargs = self.family.generation_kwargs
         self.report: Optional[TestReport] = None
-        self.timings: Dict[str, float] = {"generate_s": 0.0, "new_tokens": 0, "rows_generated": 0,
-                                          "total_s": 0.0}
+        self.timings: Dict[str, float] = self.family.timings
+        self.timings["total_s"] = 0.0
         _log(f"SlideBench test: {table.path} ({table.kind}, {len(table)} rows) -> {self.writer.path}: "
              f"{self.writer.done} done, {len(items)} to run, batch {s.batch_size}, "
              f"max_new_tokens {s.max_new_tokens}, max_patches {core_cfg.max_patches_test}")
@@ -414,18 +421,9 @@ class SlideBenchTestLoop(TestLoop):
         self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
         items: List[SlideBenchItem] = data_batch["data_samples"]
         if data_batch["data"] is not None:
-            model = _unwrap(self.runner.model)
-            data = model.data_preprocessor({"data": data_batch["data"], "data_samples": None}, False)["data"]
-            t0 = time.perf_counter()
-            with torch.autocast(device_type=_device_type(model), enabled=self.fp16):
-                new_tokens = model.predict(data, max_new_tokens=self.settings.max_new_tokens,
-                                           **self.generation_kwargs)
-            self.timings["generate_s"] += time.perf_counter() - t0
-            self.timings["new_tokens"] += sum(len(t) for t in new_tokens)
-            self.timings["rows_generated"] += len(new_tokens)
-            texts = self.tokenizer.batch_decode([t.tolist() for t in new_tokens], skip_special_tokens=True)
-            for j, text in zip(data["rows"], texts):
-                items[j].output = clean_output(text)
+            texts = self.family.generate_collated(data_batch["data"])
+            for j, text in zip(data_batch["data"]["rows"], texts):
+                items[j].output = text
         self.evaluator.process(data_samples=items, data_batch=data_batch)
         self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=items)
 

@@ -1,0 +1,109 @@
+"""``slidechat infer`` throughput: examples/s at batch 1 vs batch 8 on the same inputs, one process.
+
+Runs the real inference path (LLaMA-Factory dataset reader, ``qwen2_vl`` prompts, LLaMA-Factory image
+scaling, the shared loop, the fsynced JSONL writer, greedy ``generate`` with left padding) on the tiny
+random Qwen2-VL (``tools/make_tiny_qwen2vl.py``) and synthetic cytology fields of view. The model is
+loaded once; only ``run_inference`` is timed, each batch size on a fresh output file. Greedy outputs of
+the two batch sizes are compared (they must be identical). Prints a Markdown table.
+
+    .venv/bin/python benchmarks/infer_throughput.py [--rows 32] [--image-size 224] [--max-new-tokens 32]
+        [--threads 1] [--batch-sizes 1 8] [--model DIR]
+
+(Not a pytest test: no function here is collected.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+
+def make_dataset(root: Path, rows: int, size: int, seed: int = 0) -> Path:
+    """``rows`` synthetic fields of view + a LLaMA-Factory ``dataset_info.json`` (grounding questions)."""
+    from slidechat.data.synthetic_cytology import make_field
+
+    data = root / "data"
+    (data / "imgs").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with open(data / "bench.jsonl", "w", encoding="utf-8") as f:
+        for i in range(rows):
+            img = make_field(rng, size=size)[0]
+            img.save(data / "imgs" / f"f{i}.png")
+            f.write(json.dumps({"messages": [{"role": "user", "content": "<image>Locate all dark."},
+                                             {"role": "assistant", "content": "None."}],
+                                "images": [f"imgs/f{i}.png"]}) + "\n")
+    info = {"bench": {"file_name": "bench.jsonl", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "images": "images"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                               "assistant_tag": "assistant"}}}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    return data
+
+
+def run_once(model, processor, data: Path, out: Path, batch: int, max_new: int) -> Dict[str, float]:
+    from slidechat.data.llamafactory import read_llamafactory
+    from slidechat.engine.inference import Qwen2VLFamily, SamplingSettings, cytology_items, run_inference
+    from slidechat.engine.writers import JsonlPredictionWriter
+
+    items = cytology_items(read_llamafactory("bench", data, check_images=False))
+    family = Qwen2VLFamily(model, processor, SamplingSettings(max_new_tokens=max_new, temperature=0.0))
+    with JsonlPredictionWriter(out, [(it.key, it.images) for it in items], overwrite=True) as w:
+        t0 = time.perf_counter()
+        stats = run_inference(items, w, family, batch_size=batch, progress=False)
+        dt = time.perf_counter() - t0
+    assert stats.errors == 0, "benchmark rows failed"
+    return {"batch": batch, "rows": stats.written, "seconds": dt, "examples_per_s": stats.written / dt,
+            "generate_s": stats.generate_s}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=224, help="field of view side in pixels")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the tiny model's ops are "
+                                                             "too small to share)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--model", default=None, help="Qwen2-VL folder (default: build the tiny one)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from slidechat.model.qwen2vl import load_qwen2vl
+    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = Path(args.model) if args.model else make_tiny_qwen2vl(root / "tiny_qwen2vl")
+        data = make_dataset(root, args.rows, args.image_size)
+        model, processor = load_qwen2vl(model_dir)
+        run_once(model, processor, data, root / "warmup.jsonl", max(args.batch_sizes), 2)  # warm-up
+        results: List[Dict[str, float]] = []
+        outputs = []
+        for b in args.batch_sizes:
+            out = root / f"b{b}.jsonl"
+            results.append(run_once(model, processor, data, out, b, args.max_new_tokens))
+            outputs.append(out.read_bytes())
+    same = all(o == outputs[0] for o in outputs)
+    base = results[0]["examples_per_s"]
+    print(f"slidechat infer throughput: tiny Qwen2-VL, {args.rows} rows, {args.image_size}px fields, "
+          f"max_new_tokens {args.max_new_tokens}, greedy, {args.threads} torch thread(s), "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+    print("| batch | rows | seconds | examples/s | speed-up vs batch "
+          f"{results[0]['batch']} |\n|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['batch']} | {r['rows']} | {r['seconds']:.2f} | {r['examples_per_s']:.2f} | "
+              f"{r['examples_per_s'] / base:.2f}x |")
+    print(f"\ngreedy outputs identical across batch sizes: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

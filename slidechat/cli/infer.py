@@ -1,0 +1,167 @@
+"""``slidechat infer``: batch predictions for a LLaMA-Factory dataset with a Qwen2-VL model (CytoChat).
+
+Same flags and defaults as LLaMA-Factory's ``scripts/vllm_infer.py``; the output JSONL has its
+``prompt``/``predict``/``label`` plus ``id`` (dataset, row index, id column) and ``images`` so rows
+join back, and ``error`` on rows that failed (unreadable image, prompt over ``--cutoff_len``).
+Lines are appended and fsynced per batch: rerunning the same command after a crash or kill -9
+continues where it stopped (``--overwrite`` starts afresh). Greedy when ``--temperature 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("transformers", "vllm")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_BATCH = {"vllm": 1024, "transformers": 8}
+
+
+def _bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "infer", help="batch predictions (JSONL) for a LLaMA-Factory dataset with a Qwen2-VL model",
+        description=__doc__.splitlines()[0])
+    m = p.add_argument_group("model")
+    m.add_argument("--model_name_or_path", required=True,
+                   help="local Hugging Face folder: Qwen2-VL-Instruct, CytoChat weights, an exported folder")
+    m.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter folder (merged on load)")
+    m.add_argument("--template", default="qwen2_vl", help="prompt template (only qwen2_vl; default qwen2_vl)")
+    m.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="transformers (default; CPU or GPU) or vllm (only if vLLM is installed)")
+    m.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    m.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="alpaca_en_demo",
+                   help="dataset name(s) in <dataset_dir>/dataset_info.json (comma-separated), or a "
+                        "JSON/JSONL file")
+    d.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json (default data)")
+    d.add_argument("--max_samples", type=int, default=None, help="first N rows of each dataset")
+    d.add_argument("--cutoff_len", type=int, default=2048,
+                   help="prompt+label token budget (images counted once); rows LLaMA-Factory would "
+                        "truncate get an error instead (default 2048)")
+    d.add_argument("--default_system", default=None,
+                   help="system prompt for rows without one (default: the template's)")
+    d.add_argument("--image_max_pixels", type=int, default=768 * 768)
+    d.add_argument("--image_min_pixels", type=int, default=32 * 32)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=int, default=1024)
+    g.add_argument("--temperature", type=float, default=0.95, help="0 = greedy (default 0.95)")
+    g.add_argument("--top_p", type=float, default=0.7)
+    g.add_argument("--top_k", type=int, default=50)
+    g.add_argument("--repetition_penalty", type=float, default=1.0)
+    g.add_argument("--skip_special_tokens", type=_bool, nargs="?", const=True, default=True,
+                   help="decode prompt/label/predict without special tokens (default true)")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="rows per generate call (default: 1024 with vllm as vllm_infer, 8 with "
+                        "transformers, whose padded batches grow with the longest row)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (per batch, so resumes reproduce)")
+    g.add_argument("--vllm_config", default="{}", help="JSON dict of extra vLLM engine arguments")
+    o = p.add_argument_group("output")
+    o.add_argument("--save_name", default="generated_predictions.jsonl", help="output JSONL")
+    o.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
+    o.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from slidechat.engine.inference import INFER_TEMPLATES, require_vllm
+    from slidechat.utils.errors import SlideChatError
+
+    if args.template not in INFER_TEMPLATES:
+        raise SlideChatError(f"unknown template {args.template!r}: slidechat infer supports "
+                             f"{', '.join(INFER_TEMPLATES)} (CytoChat / Qwen2-VL)",
+                             hint="slide models (SlideChat) are run with `slidechat test`")
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH[args.engine]
+    for name in ("max_new_tokens", "batch_size", "cutoff_len", "image_max_pixels", "image_min_pixels"):
+        if getattr(args, name) < 1:
+            raise SlideChatError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise SlideChatError(f"--max_samples must be >= 1 (got {args.max_samples})")
+    if args.temperature < 0 or not (0 < args.top_p <= 1) or args.repetition_penalty <= 0:
+        raise SlideChatError("need --temperature >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+    if args.engine == "vllm":
+        require_vllm()
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from slidechat.engine.inference import (Qwen2VLFamily, SamplingSettings, VllmQwen2VLFamily,
+                                            cytology_items, resolve_device_dtype, run_inference)
+    from slidechat.engine.writers import JsonlPredictionWriter
+    from slidechat.data.llamafactory import read_llamafactory
+    from slidechat.utils.errors import SlideChatError
+
+    check_args(args)
+    examples = read_llamafactory(args.dataset, args.dataset_dir, check_images=False,
+                                 max_samples=args.max_samples)
+    if not examples:
+        raise SlideChatError(f"dataset {args.dataset!r} has no rows", args.dataset_dir)
+    items = cytology_items(examples)
+    writer = JsonlPredictionWriter(args.save_name, [(it.key, it.images) for it in items],
+                                   overwrite=args.overwrite)
+    try:
+        if writer.complete:
+            logger.info("%s already holds all %d predictions (use --overwrite to redo them)",
+                        args.save_name, len(items))
+            return 0
+        sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k,
+                                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+        text_kw = dict(cutoff_len=args.cutoff_len, skip_special_tokens=args.skip_special_tokens,
+                       default_system=args.default_system, image_max_pixels=args.image_max_pixels,
+                       image_min_pixels=args.image_min_pixels)
+        if args.engine == "vllm":
+            try:
+                vcfg = json.loads(args.vllm_config)
+            except json.JSONDecodeError as e:
+                raise SlideChatError(f"--vllm_config is not JSON: {e}") from e
+            family: Any = VllmQwen2VLFamily(args.model_name_or_path, sampling,
+                                            adapter_name_or_path=args.adapter_name_or_path,
+                                            vllm_config=vcfg, **text_kw)
+        else:
+            from slidechat.model.qwen2vl import load_qwen2vl
+
+            device, dtype = resolve_device_dtype(args.device, args.dtype)
+            if args.seed is not None:
+                import transformers
+
+                transformers.set_seed(args.seed)
+            model, processor = load_qwen2vl(args.model_name_or_path, args.adapter_name_or_path,
+                                            torch_dtype=dtype, device=device)
+            family = Qwen2VLFamily(model, processor, sampling, **text_kw)
+        logger.info("%s: %d rows, %d done, %d to run (batch %d, %s engine, %s)", args.save_name,
+                    len(items), writer.done, writer.num_pending, args.batch_size, args.engine,
+                    "greedy" if sampling.greedy else f"temperature {sampling.temperature}")
+        stats = run_inference(items, writer, family, batch_size=args.batch_size,
+                              progress=not args.no_progress, desc="slidechat infer")
+    finally:
+        writer.close()
+    logger.info("%s: %s", args.save_name, stats.summary())
+    if stats.errors:
+        logger.warning("%d row(s) failed; see their \"error\" field in %s", stats.errors, args.save_name)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:  # pragma: no cover - convenience
+    from slidechat.cli.main import main as cli_main
+
+    return cli_main(["infer", *(argv or [])])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,440 @@
+"""One batched, resumable inference loop for both model families, writing through a result writer.
+
+The loop (:func:`run_inference`) knows nothing about slides or images::
+
+    pending items (input order, after what the writer already holds)
+      -> batches of ``batch_size``
+      -> family.prepare(item) per item   (read the image / features, check the prompt length;
+                                          a SlideChatError becomes the item's ``error``)
+      -> family.generate(runnable items) (one batched generate call -> texts)
+      -> writer.write(batch)             (append + flush + fsync; failed items included)
+
+A family is anything with ``prepare(item)`` and ``generate(items) -> List[str]``
+(:class:`GenerationFamily`): :class:`Qwen2VLFamily` (cytology, ``slidechat infer``, transformers
+engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is installed) and
+:class:`SlideFamily` (SlideChat on SlideBench rows; the mmengine ``SlideBenchTestLoop`` used by
+``xtuner test`` delegates its per-batch generation to it). Writers are in
+:mod:`slidechat.engine.writers`. Items need ``position`` (0-based input order), ``error`` and
+``output``; the writer decides what else it reads from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+
+import torch
+
+from slidechat.engine.writers import ResultWriter, make_id
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: templates ``slidechat infer`` knows (LLaMA-Factory names)
+INFER_TEMPLATES = ("qwen2_vl",)
+QWEN2VL_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class GenerationFamily(Protocol):
+    """The family-specific half of inference (see module doc)."""
+
+    def prepare(self, item: Any) -> None: ...
+
+    def generate(self, items: Sequence[Any]) -> List[str]: ...
+
+
+@dataclass
+class InferenceStats:
+    """What one :func:`run_inference` call did."""
+
+    total: int
+    already_done: int
+    written: int = 0
+    errors: int = 0
+    generated: int = 0
+    generate_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def items_per_s(self) -> float:
+        return self.written / self.total_s if self.total_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.written} row(s) written ({self.errors} error(s)), {self.already_done} were already "
+                f"done; {self.total_s:.1f} s, {self.items_per_s:.2f} rows/s")
+
+
+def prepare_items(items: Iterable[Any], family: GenerationFamily) -> None:
+    """Run ``family.prepare`` on each not-yet-failed item; a SlideChatError becomes its ``error``."""
+    for it in items:
+        if it.error is not None:
+            continue
+        try:
+            family.prepare(it)
+        except SlideChatError as e:
+            it.error = str(e)
+            logger.warning("row %s: %s", getattr(it, "position", "?"), e)
+
+
+def generate_into(items: Sequence[Any], generate: Callable[[List[Any]], List[str]]) -> int:
+    """Fill ``output`` of every item without an error from one batched ``generate`` call.
+
+    If the batch call raises :class:`SlideChatError` for a batch of several items, each item is
+    retried alone, so only the culprit gets the error. Returns how many items were generated.
+    """
+    runnable = [it for it in items if it.error is None]
+    if not runnable:
+        return 0
+    try:
+        texts = generate(runnable)
+    except SlideChatError as e:
+        if len(runnable) == 1:
+            runnable[0].error = str(e)
+            return 0
+        logger.warning("batch failed (%s); retrying its %d rows one by one", e, len(runnable))
+        return sum(generate_into([it], generate) for it in runnable)
+    if len(texts) != len(runnable):
+        raise RuntimeError(f"generate returned {len(texts)} texts for {len(runnable)} items")
+    for it, text in zip(runnable, texts):
+        it.output = text
+    return len(runnable)
+
+
+def run_inference(items: Sequence[Any], writer: ResultWriter, family: GenerationFamily, *,
+                  batch_size: int = 8, progress: bool = True, desc: str = "infer") -> InferenceStats:
+    """Answer every item the writer does not hold yet, in input order, ``batch_size`` at a time.
+
+    ``items`` is the WHOLE input (``items[i].position == i``); the first ``writer.done`` are skipped.
+    Each batch is written before the next starts, so a killed run loses at most the batch in flight.
+    """
+    if batch_size < 1:
+        raise SlideChatError(f"batch_size must be >= 1 (got {batch_size})")
+    total = len(items)
+    if writer.done > total:
+        raise SlideChatError(f"output holds {writer.done} rows, the input only {total}", writer.path)
+    stats = InferenceStats(total=total, already_done=writer.done)
+    pending = list(items[writer.done:])
+    t_start = time.perf_counter()
+    bar = None
+    if progress and pending:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=writer.done, desc=desc, unit="row", dynamic_ncols=True)
+    try:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            prepare_items(batch, family)
+            t0 = time.perf_counter()
+            stats.generated += generate_into(batch, family.generate)
+            stats.generate_s += time.perf_counter() - t0
+            writer.write(batch)
+            stats.written += len(batch)
+            stats.errors += sum(it.error is not None for it in batch)
+            for it in batch:  # free decoded images / features of written rows
+                release = getattr(it, "release", None)
+                if release is not None:
+                    release()
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        stats.total_s = time.perf_counter() - t_start
+    return stats
+
+
+# ================================================================================ cytology (Qwen2-VL)
+
+@dataclass
+class CytologyItem:
+    """One LLaMA-Factory example to answer (``slidechat infer``)."""
+
+    position: int
+    key: Dict[str, Any]  # the line's ``id`` object (writers.make_id)
+    images: List[str]  # resolved image paths, as written
+    messages: List[Dict[str, str]]  # the conversation up to the final user turn
+    system: Optional[str]
+    label_content: Optional[str]  # the final assistant turn (None: the row has no answer)
+    source: str = ""  # "<file> row <index>" for messages
+    prompt_text: str = ""  # rendered template text with special tokens (what the model reads)
+    prompt: str = ""  # written: prompt_text tokenized and decoded like vllm_infer
+    label: str = ""  # written: the assistant turn decoded like vllm_infer ("" when none)
+    pil_images: List[Any] = field(default_factory=list)
+    error: Optional[str] = None
+    output: Optional[str] = None
+
+    def release(self) -> None:
+        self.pil_images = []
+
+
+def cytology_items(examples: Sequence[Any]) -> List[CytologyItem]:
+    """:class:`CytologyItem` per ``slidechat.data.llamafactory.Example`` (prompts rendered later):
+    the final assistant turn is the label, as in vllm_infer."""
+    return [CytologyItem(position=pos, key=make_id(ex.dataset, ex.index, ex.id),
+                         images=[os.fspath(p) for p in ex.images], messages=list(ex.prompt_messages),
+                         system=ex.system, label_content=ex.label, source=ex.name)
+            for pos, ex in enumerate(examples)]
+
+
+@dataclass
+class SamplingSettings:
+    """vllm_infer's sampling flags; ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def hf_kwargs(self) -> Dict[str, Any]:
+        """``model.generate`` keyword arguments (transformers)."""
+        kw: Dict[str, Any] = {"max_new_tokens": self.max_new_tokens,
+                              "repetition_penalty": self.repetition_penalty}
+        if self.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p or 1.0,
+                      top_k=self.top_k if self.top_k and self.top_k > 0 else None)
+        return kw
+
+
+class _Qwen2VLText:
+    """Prompt/label rendering and decoding shared by both Qwen2-VL engines (needs only a tokenizer)."""
+
+    def __init__(self, tokenizer: Any, *, cutoff_len: int = 2048, skip_special_tokens: bool = True,
+                 default_system: Optional[str] = None, image_max_pixels: int = 768 * 768,
+                 image_min_pixels: int = 32 * 32) -> None:
+        self.tokenizer = tokenizer
+        self.cutoff_len = int(cutoff_len)
+        self.skip_special_tokens = bool(skip_special_tokens)
+        self.default_system = default_system
+        self.image_max_pixels = int(image_max_pixels)
+        self.image_min_pixels = int(image_min_pixels)
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    def render(self, item: CytologyItem) -> None:
+        """Fill ``prompt_text``, ``prompt`` and ``label`` (no image needed: failed rows keep them)."""
+        from slidechat.data.template import QWEN2_VL, infer_seqlen, render_qwen2vl_prompt
+
+        try:
+            item.prompt_text = render_qwen2vl_prompt(item.messages, system=item.system,
+                                                     default_system=self.default_system)
+        except ValueError as e:  # ConversationError: a row the reader let through but cannot be asked
+            raise SlideChatError(str(e), item.source) from e
+        tok = self.tokenizer
+        ids = tok(item.prompt_text, add_special_tokens=False)["input_ids"]
+        item.prompt = tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        label_ids: List[int] = []
+        if item.label_content is not None:
+            label_ids = tok(QWEN2_VL.format_assistant.format(content=item.label_content),
+                            add_special_tokens=False)["input_ids"]
+            item.label = tok.decode(label_ids, skip_special_tokens=self.skip_special_tokens)
+        keep, _ = infer_seqlen(len(ids), len(label_ids), self.cutoff_len)
+        if keep < len(ids):
+            raise SlideChatError(
+                f"prompt has {len(ids)} tokens (each image counted once); with its {len(label_ids)}-token "
+                f"label, cutoff_len {self.cutoff_len} would cut it to {keep} (LLaMA-Factory's rule)",
+                item.source, hint="raise --cutoff_len; the row is not truncated")
+
+    def load_images(self, item: CytologyItem) -> None:
+        from slidechat.data.images import load_image
+
+        item.pil_images = [load_image(p, self.image_max_pixels, self.image_min_pixels) for p in item.images]
+
+    def decode_new(self, ids: Sequence[int]) -> str:
+        """Generated ids -> text: cut at the first stop token, special tokens skipped or kept."""
+        ids = list(ids)
+        for k, t in enumerate(ids):
+            if t in self.stop_ids:
+                ids = ids[:k]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def stop_token_ids(tokenizer: Any) -> List[int]:
+    """``<|im_end|>`` (qwen2_vl's stop word), ``<|endoftext|>`` and the tokenizer's eos, when known."""
+    ids: List[int] = []
+    vocab = tokenizer.get_vocab()
+    for t in QWEN2VL_STOP_TOKENS:
+        if t in vocab:
+            ids.append(int(vocab[t]))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise SlideChatError("tokenizer has no <|im_end|>/eos token: not a Qwen2-VL tokenizer")
+    return ids
+
+
+class Qwen2VLFamily(_Qwen2VLText):
+    """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
+
+    def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, **kw: Any) -> None:
+        super().__init__(processor.tokenizer, **kw)
+        self.model = model
+        self.processor = processor
+        self.sampling = sampling
+        self.gen_kwargs = sampling.hf_kwargs()
+        pad = processor.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.stop_ids[0])
+
+    def prepare(self, item: CytologyItem) -> None:
+        self.render(item)
+        self.load_images(item)
+
+    @torch.no_grad()
+    def generate(self, items: Sequence[CytologyItem]) -> List[str]:
+        from slidechat.model.qwen2vl import prepare_generation_batch
+
+        batch = prepare_generation_batch(self.processor, [it.prompt_text for it in items],
+                                         [it.pil_images for it in items],
+                                         image_max_pixels=self.image_max_pixels,
+                                         image_min_pixels=self.image_min_pixels)
+        param = next(self.model.parameters())
+        inputs = {k: (v.to(param.device, dtype=param.dtype) if k in ("pixel_values",) else v.to(param.device))
+                  if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
+            torch.manual_seed(int(self.sampling.seed) + items[0].position)
+        out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                  **self.gen_kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        return [self.decode_new(row) for row in new]
+
+
+class VllmQwen2VLFamily(_Qwen2VLText):
+    """Qwen2-VL on vLLM, set up like LLaMA-Factory's ``scripts/vllm_infer.py`` (only when installed)."""
+
+    def __init__(self, model_name_or_path: PathLike, sampling: SamplingSettings,
+                 adapter_name_or_path: Optional[PathLike] = None, dtype: str = "auto",
+                 vllm_config: Optional[Mapping[str, Any]] = None, **kw: Any) -> None:
+        vllm = require_vllm()
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.fspath(model_name_or_path))
+        super().__init__(tok, **kw)
+        engine_args: Dict[str, Any] = {
+            "model": os.fspath(model_name_or_path), "dtype": dtype,
+            "max_model_len": self.cutoff_len + sampling.max_new_tokens,
+            "tensor_parallel_size": max(torch.cuda.device_count(), 1), "disable_log_stats": True,
+            "enable_lora": adapter_name_or_path is not None,
+            "limit_mm_per_prompt": {"image": 4, "video": 2}}
+        engine_args.update(dict(vllm_config or {}))
+        self.llm = vllm.LLM(**engine_args)
+        self.params = vllm.SamplingParams(
+            repetition_penalty=sampling.repetition_penalty or 1.0,
+            temperature=sampling.temperature, top_p=sampling.top_p or 1.0,
+            top_k=sampling.top_k or -1, stop_token_ids=self.stop_ids, max_tokens=sampling.max_new_tokens,
+            skip_special_tokens=self.skip_special_tokens, seed=sampling.seed)
+        self.lora = None
+        if adapter_name_or_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("default", 1, os.fspath(adapter_name_or_path))
+
+    def prepare(self, item: CytologyItem) -> None:
+        self.render(item)
+        self.load_images(item)
+
+    def generate(self, items: Sequence[CytologyItem]) -> List[str]:
+        inputs = [{"prompt": it.prompt_text,
+                   "multi_modal_data": {"image": it.pil_images} if it.pil_images else None} for it in items]
+        results = self.llm.generate(inputs, self.params, lora_request=self.lora)
+        return [r.outputs[0].text for r in results]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> Any:
+    """The ``vllm`` module, or one clear error saying it is not installed (never a dependency)."""
+    if not vllm_available():
+        raise SlideChatError("--engine vllm: vLLM is not installed; `--engine transformers` (the default) "
+                             "runs the same inference without it",
+                             hint="pip install vllm on a GPU machine to use it")
+    import vllm
+
+    return vllm
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str, torch.dtype]:
+    """``--device auto`` -> cuda when available; ``--dtype auto`` -> bf16 on GPU, fp32 on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlideChatError(f"--device {device}: no CUDA device here", hint="use --device cpu")
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype == "auto":
+        dtype = "fp32" if device == "cpu" else "bf16"
+    return device, table[dtype]
+
+
+
+# ================================================================================ slides (SlideChat)
+
+class SlideFamily:
+    """SlideChat on SlideBench rows: prepare = features + prompt ids (errors per row), generate =
+    one batched ``predict``; the mmengine test loop calls :meth:`generate_collated` directly."""
+
+    def __init__(self, model: Any, dataset: Any, *, max_new_tokens: int = 500, fp16: bool = False,
+                 generation_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+        self.model = model  # SlideChatTrainModel (mmengine) - it has data_preprocessor + predict
+        self.dataset = dataset  # SlideBenchTestDataset: its prepare_item reads features, encodes the prompt
+        self.tokenizer = dataset.tokenizer
+        self.max_new_tokens = int(max_new_tokens)
+        self.fp16 = fp16
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.generation_kwargs.setdefault("use_cache", True)
+        self._prepared: Dict[int, Dict[str, Any]] = {}
+        self.timings: Dict[str, float] = {"generate_s": 0.0, "new_tokens": 0, "rows_generated": 0}
+
+    def prepare(self, item: Any) -> None:
+        inst = self.dataset.prepare_item(item)
+        if item.error is None:
+            self._prepared[id(item)] = inst
+
+    def generate(self, items: Sequence[Any]) -> List[str]:
+        from slidechat.engine.testing import slidebench_collate_fn
+
+        insts = [self._prepared[id(it)] for it in items]
+        try:
+            texts = self.generate_collated(slidebench_collate_fn(insts)["data"])
+        except SlideChatError:
+            if len(items) == 1:  # no retry follows (generate_into retries batches row by row)
+                self._prepared.pop(id(items[0]), None)
+            raise
+        for it in items:
+            self._prepared.pop(id(it), None)
+        return texts
+
+    @torch.no_grad()
+    def generate_collated(self, data: Mapping[str, Any]) -> List[str]:
+        """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
+        from slidechat.engine.testing import clean_output
+
+        model = self.model
+        data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]
+        try:
+            device_type = next(model.parameters()).device.type
+        except StopIteration:
+            device_type = "cpu"
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device_type, enabled=self.fp16):
+            new_tokens = model.predict(data, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+        self.timings["generate_s"] += time.perf_counter() - t0
+        self.timings["new_tokens"] += sum(len(t) for t in new_tokens)
+        self.timings["rows_generated"] += len(new_tokens)
+        texts = self.tokenizer.batch_decode([t.tolist() for t in new_tokens], skip_special_tokens=True)
+        return [clean_output(t) for t in texts]

@@ -1,0 +1,249 @@
+"""Result writers for the inference loop: append-only, fsynced per batch, resumable after kill -9.
+
+Every writer follows one protocol (:class:`ResultWriter`): items carry a 0-based ``position`` in the
+input (SlideBench: ``index``), the writer is opened on the whole input and tells how many leading
+positions are already written (``done``); the loop hands it the next pending items in order
+(``write``), which appends them as one write + flush + ``fsync``; ``close`` releases the file.
+Opening an existing output resumes it: a torn last record (kill -9 during a write) is cut off, a
+record that does not belong to this input is refused (``--overwrite`` starts afresh). Writing in
+input order makes "done" a prefix, so a resumed run neither repeats nor skips a row.
+
+Writers:
+
+* :class:`JsonlPredictionWriter` — LLaMA-Factory style predictions (``slidechat infer``), one JSON
+  object per line, keys in this order::
+
+      {"id": {"dataset": "cyto_test", "index": 3, "id": "abc"},   # row index in its file + id column
+       "images": ["/abs/path/field.jpg"],                         # resolved image paths, in order
+       "prompt": "system\\nYou are a helpful assistant.\\nuser\\n...\\nassistant\\n",
+       "predict": "generated text",
+       "label": "final assistant turn\\n"}
+
+  ``prompt``/``predict``/``label`` are vllm_infer's fields. A failed row has ``"predict": ""`` and one
+  more key, ``"error": "<file>: <reason>"``; successful rows have no ``error`` key. ``id.id`` is
+  ``null`` when the dataset has no ``id`` column.
+* :class:`~slidechat.evaluation.slidebench.SlideBenchWriter` — SlideBench answer CSVs (``slidechat
+  test`` / ``xtuner test``): input columns + ``Output`` (+ ``Pred``) + ``Error``. It lives with the
+  SlideBench reader (it validates rows against the question table) and follows this protocol; it is
+  re-exported here so both writers are found in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+from slidechat.evaluation.slidebench import SlideBenchWriter
+from slidechat.utils.atomic import atomic_path
+from slidechat.utils.errors import SlideChatError
+
+try:  # POSIX advisory lock: a second writer on the same output is refused, not interleaved
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["ResultWriter", "AppendOnlyFile", "JsonlPredictionWriter", "SlideBenchWriter",
+           "read_complete_jsonl", "JSONL_KEYS"]
+
+#: key order of a prediction line (``error`` only on failed rows)
+JSONL_KEYS = ("id", "images", "prompt", "predict", "label")
+
+
+@runtime_checkable
+class ResultWriter(Protocol):
+    """What the inference loop needs from a writer (see module doc)."""
+
+    path: Path
+    done: int  # positions 0 .. done-1 are already in the output
+
+    @property
+    def num_pending(self) -> int: ...
+
+    def write(self, items: Sequence[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AppendOnlyFile:
+    """An exclusively locked file opened for appending; ``append`` is one write + flush + fsync."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self._fh = open(self.path, "ab")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                self._fh.close()
+                raise SlideChatError("another process is writing this output", self.path,
+                                     hint="use one output file per process") from e
+
+    def append(self, data: bytes) -> None:
+        if self._fh is None:
+            raise SlideChatError("writer is closed", self.path)
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                if fcntl is not None:
+                    fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None  # type: ignore[assignment]
+
+    @property
+    def closed(self) -> bool:
+        return self._fh is None
+
+
+def truncate_file(path: PathLike, size: int) -> None:
+    """Cut ``path`` to ``size`` bytes, durably (used to drop a torn last record)."""
+    with open(path, "r+b") as fh:
+        fh.truncate(size)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_complete_jsonl(path: PathLike) -> Tuple[List[Dict[str, Any]], int, int]:
+    """``(records, good_end, total_bytes)`` of a JSONL file written by :class:`JsonlPredictionWriter`.
+
+    A record counts when its line ends with ``\\n``; a last line without one (kill -9 mid-write) is
+    torn and left out (``good_end`` < ``total_bytes``). A complete line that is not a JSON object is
+    corruption, not a torn write, and raises :class:`SlideChatError` naming the line.
+    """
+    p = Path(path)
+    data = p.read_bytes()
+    records: List[Dict[str, Any]] = []
+    pos = 0
+    lineno = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break  # torn tail
+        lineno += 1
+        raw = data[pos:nl]
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SlideChatError(f"line {lineno} is not valid JSON ({e})", p,
+                                 hint="not an output of slidechat infer? use --overwrite to start fresh"
+                                 ) from e
+        if not isinstance(rec, dict):
+            raise SlideChatError(f"line {lineno} is not a JSON object", p,
+                                 hint="use --overwrite to start fresh")
+        records.append(rec)
+        pos = nl + 1
+    return records, pos, len(data)
+
+
+class JsonlPredictionWriter:
+    """Resumable JSONL writer for LLaMA-Factory style predictions (format in the module doc).
+
+    ``keys`` holds, for every input position, the ``(id, images)`` pair its line must carry: on
+    resume each existing line is checked against it, so an output of another dataset (or another
+    ``--max_samples``/order) is refused instead of being silently continued.
+
+    Items given to :meth:`write` need ``position``, ``key`` (the ``id`` object), ``images`` (list of
+    str), ``prompt``, ``label``, ``output`` (the prediction) and ``error`` (``None`` unless failed).
+    """
+
+    def __init__(self, path: PathLike, keys: Sequence[Tuple[Any, Sequence[str]]], *,
+                 overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.keys = [(k, list(imgs)) for k, imgs in keys]
+        self.done = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite or not self.path.exists():
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(b"")
+        else:
+            self.done = self._validate_existing()
+        self._file = AppendOnlyFile(self.path)
+        if self.done:
+            logger.info("%s: resuming after %d/%d rows", self.path, self.done, len(self.keys))
+
+    def _validate_existing(self) -> int:
+        records, good_end, total = read_complete_jsonl(self.path)
+        if len(records) > len(self.keys):
+            raise SlideChatError(f"existing output has {len(records)} lines but the input has only "
+                                 f"{len(self.keys)} rows; it belongs to another input", self.path,
+                                 hint="use --overwrite to start fresh")
+        for j, rec in enumerate(records):
+            key, images = self.keys[j]
+            if rec.get("id") != key or rec.get("images") != images:
+                raise SlideChatError(
+                    f"line {j + 1} is for id {rec.get('id')} / images {rec.get('images')}, but input "
+                    f"row {j + 1} is id {key} / images {images}; the output belongs to another input",
+                    self.path, hint="use --overwrite to start fresh, or another --save_name")
+        if good_end < total:
+            logger.warning("%s: dropping a torn last line (%d bytes)", self.path, total - good_end)
+            truncate_file(self.path, good_end)
+        return len(records)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.keys) - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.num_pending == 0
+
+    @staticmethod
+    def record(item: Any) -> Dict[str, Any]:
+        """The JSON object written for one item (keys in :data:`JSONL_KEYS` order, + ``error``)."""
+        rec: Dict[str, Any] = {"id": item.key, "images": list(item.images), "prompt": item.prompt,
+                               "predict": "" if item.error is not None else item.output,
+                               "label": item.label}
+        if item.error is not None:
+            rec["error"] = str(item.error)
+        return rec
+
+    def write(self, items: Sequence[Any]) -> None:
+        """Append the next pending items (any order inside the batch; written in input order)."""
+        items = sorted(items, key=lambda it: it.position)
+        got = [it.position for it in items]
+        expected = list(range(self.done, self.done + len(items)))
+        if got != expected:
+            raise SlideChatError(f"write() got rows {got}, expected the next pending rows {expected}",
+                                 self.path)
+        lines = []
+        for it in items:
+            if it.error is None and it.output is None:
+                raise SlideChatError(f"row {it.position} has neither an output nor an error", self.path)
+            key, images = self.keys[it.position]
+            rec = self.record(it)
+            if rec["id"] != key or rec["images"] != images:
+                raise SlideChatError(f"row {it.position}: item id/images do not match the input",
+                                     self.path)
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._file.append("".join(lines).encode("utf-8"))
+        self.done += len(items)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "JsonlPredictionWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_id(dataset: str, index: int, id_value: Optional[Any]) -> Dict[str, Any]:
+    """The ``id`` object of a prediction line: dataset name, row index in its file, ``id`` column."""
+    return {"dataset": dataset, "index": int(index), "id": None if id_value is None else id_value}
+
+
+def id_to_tuple(obj: Mapping[str, Any]) -> Tuple[str, int, Any]:
+    """``(dataset, index, id)`` of a line's ``id`` object, for joins."""
+    return obj.get("dataset"), int(obj.get("index")), obj.get("id")
