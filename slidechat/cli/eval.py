@@ -86,6 +86,8 @@ def _outputs(p: argparse.ArgumentParser) -> None:
 
 
 def _cytology_options(p: argparse.ArgumentParser, scorer: str) -> None:
+    # --task here selects cytology rows (SCORER_TASKS); a SlideBench CSV given --task is refused in
+    # run_mcq/run_caption (_cytology_only) until the SlideBench path gives it a meaning of its own.
     from slidechat.evaluation.cytology_io import SCORER_TASKS
 
     p.add_argument("--task", default=None, choices=SCORER_TASKS[scorer],
