@@ -62,6 +62,7 @@ def test_regions_labels_only_from_cytochat_phrases():
     assert parse_regions("Give a brief description of region.<region>1 2 3 4</region>").boxes[0].label is None
     assert parse_regions("ASC-US 2: <region>1 2 3 4</region>").boxes[0].label == "asc-us"
     assert parse_regions("agc <region>1 2 3 4</region>").boxes[0].label == "agc"
+    assert parse_regions("Answer: <region>1 2 3 4</region>").boxes[0].label is None
     assert parse_regions("There are two suspicious cells here <region>1 2 3 4</region>").boxes[0].label is None
     # the label of a malformed region does not leak onto the next box
     p = parse_regions("hsil 1 is located at <region>1 2</region>. and <region>5 6 7 8</region>")

@@ -9,10 +9,13 @@
 * **Description -> region** (the truth is one ``<region>``): correct when the answer holds exactly one
   box and its IoU with the truth is >= 0.5; no box, several boxes or a malformed box are wrong and
   listed (several boxes would let a model list every cell and be right by chance).
+
+Known limit: negation is not understood (``"not hsil"`` names hsil), as in the MCQ rules.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -63,8 +66,13 @@ def norm_key(text: str) -> str:
 
 
 def _alias_table(aliases: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    return dict(_alias_table_cached(tuple(sorted((aliases or {}).items()))))
+
+
+@functools.lru_cache(maxsize=16)
+def _alias_table_cached(extra: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[str, str], ...]:
     table = {norm_key(k): norm_key(v) for k, v in DEFAULT_ALIASES.items()}
-    for k, v in (aliases or {}).items():
+    for k, v in extra:
         table[norm_key(k)] = norm_key(v)
     # follow chains (trichomonas vaginalis -> trichomonad -> trichomonas)
     for k in list(table):
@@ -74,7 +82,7 @@ def _alias_table(aliases: Optional[Mapping[str, str]]) -> Dict[str, str]:
             seen.add(v)
             v = table[v]
         table[k] = v
-    return table
+    return tuple(table.items())
 
 
 def canonical_class(name: Optional[str], vocabulary: Iterable[str] = (),

@@ -15,7 +15,7 @@ expressions, slide screening). It reads what a model actually writes and never g
   guess. Text decoded with special tokens skipped (LLaMA-Factory's default) has lost these markers:
   ``(x1,y1),(x2,y2)`` pairs outside any marker are reported as malformed with that hint.
 * Labels: the text before a ``<region>`` in the forms CytoChat uses, ``"hsil 3 is located at"``,
-  ``"hsil 3:"`` or just ``"hsil"`` (instance numbers dropped, lower case) -> ``"hsil"``. Anything
+  ``"hsil 3:"`` or just ``"hsil"`` (at most three words) (instance numbers dropped, lower case) -> ``"hsil"``. Anything
   else (``"Give a brief description of region."``) gives ``label=None``; the scorer then uses the class
   the question asked for, never a class guessed from prose.
 
@@ -53,13 +53,13 @@ _LABEL_FORMS = (
     # "hsil 3 is located at", "ASC-US cells are found in"
     re.compile(r"^(?P<label>[a-z][\w\-+/ ]*?)(?:\s+\d+)?\s+(?:is|are)\s+(?:located|found|seen|present|"
                r"detected|shown)\s+(?:at|in)\s*:?$"),
-    # "hsil 3:", "hsil:"
-    re.compile(r"^(?P<label>[a-z][\w\-+/ ]*?)(?:\s+\d+)?\s*:$"),
     # "hsil 3", "hsil" (at most three words: "there are two" is not a label)
     re.compile(r"^(?P<label>[a-z][\w\-+/]*(?: [a-z][\w\-+/]*){0,2}?)(?:\s+\d+)?$"),
 )
-_NOT_LABELS = {"and", "or", "at", "in", "the", "a", "an", "region", "regions", "box", "is", "are",
-               "located", "with", "of"}
+#: words that introduce a box without naming a class ("Answer: <region>…")
+_NOT_LABELS = {"and", "or", "at", "in", "the", "a", "an", "region", "regions", "box", "boxes", "bbox", "is",
+               "are", "located", "with", "of", "answer", "the answer", "location", "locations", "position",
+               "coordinates", "result", "output", "here", "it", "they", "cell", "cells", "object", "objects"}
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,8 @@ def normalize_label(text: str) -> str:
 def label_before(segment: str) -> Optional[str]:
     """The class label written right before a box (``"hsil 3 is located at"`` -> ``"hsil"``), or None."""
     clause = re.split(r"[.;!?\n]", segment)[-1]
+    # normalize_label also drops a trailing ":" ("hsil 3:" -> "hsil 3")
     clause = normalize_label(clause.replace("*", "").replace("`", "")) if clause.strip() else ""
-    if clause.endswith(":"):
-        clause = clause[:-1].rstrip() + ":"
     if not clause:
         return None
     clause = re.sub(r"^(?:and|or|then|also)\s+", "", clause)
