@@ -297,3 +297,25 @@ def test_writer_quotes_carriage_returns_so_rows_stay_whole(tcga_csv, tmp_path):
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert len(rows) == 8 and rows[1][t.columns.__len__()] == "B\rtrailing"
+
+
+def test_writer_resumes_past_fields_over_the_csv_module_limit(tmp_path):
+    """A 300 KB question or answer (the csv module's default field limit is 128 KiB) is a complete record:
+    reopening must not take it for a torn tail and cut the file there."""
+    big_q = "Is this " + "very " * 60_000 + "large?"
+    p = tmp_path / "big.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["Slide", "Question", "A", "B", "Answer"])
+        w.writerows([["s0", "q0", "a", "b", "A"], ["s1", big_q, "a", "b", "B"], ["s2", "q2", "a", "b", "A"]])
+    t = read_slidebench(p)
+    out = tmp_path / "out.csv"
+    with SlideBenchWriter(t, out) as w:
+        batch = next(w.pending_batches(2))
+        w.write(batch, ["A", "x" * 200_000])  # two rows, both with a big field
+    data = out.read_bytes()
+    with SlideBenchWriter(t, out) as w:
+        assert w.done == 2 and out.read_bytes() == data  # nothing cut
+        w.write(next(w.pending_batches(2)), ["B"])
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert df["Question"].tolist()[1] == big_q and df["Output"].tolist() == ["A", "x" * 200_000, "B"]

@@ -1,6 +1,17 @@
 """SlideBench CSV I/O: read the three question formats, build prompts, find features, write answers.
 
-Formats (detected from the header, or forced with ``kind=``):
+The task comes from explicit columns, never from what is missing (or is forced with ``kind=``, which
+``slidechat test --task mcq|caption`` sets):
+
+* option columns (``A``, ``B``, ...) -> multiple-choice; ``Question`` and ``A``, ``B`` are then required
+  (a file with options but no ``Question`` is an error naming it, not a caption file);
+* no option columns but a caption column (``Caption``, ``Report``, ``Reference``, ``Text``) -> caption;
+* neither -> an error asking for ``--task``. ``Answer`` alone never makes a caption file: in SlideBench it
+  holds option letters; ``kind="caption"`` uses it as the reference when asked to.
+
+A file without a header, or with a header and no rows, is an error naming the file (input or output).
+
+Formats:
 
 * ``tcga``  (SlideBench-VQA-TCGA): ``ID, Slide, Tumor, Broad Category, Narrow Category, Question,
   A, B, C, D, Answer``. Required: ``Slide, Question, A, B``.
@@ -50,9 +61,13 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 KINDS = ("tcga", "bcnb", "vqa", "caption")
+#: what ``--task`` accepts: ``mcq`` (the flavour tcga/bcnb/vqa still comes from the columns) or ``caption``
+TASKS = ("mcq", "caption")
 OPTION_LETTERS = tuple("ABCDEFGHIJ")
 MCQ_REQUIRED = ("Slide", "Question", "A", "B")
 CAPTION_REF_COLUMNS = ("Caption", "Report", "Answer", "Reference", "Text")
+#: columns that mark a caption file when the task is not forced (``Answer`` is not one: see module doc)
+CAPTION_MARKER_COLUMNS = tuple(c for c in CAPTION_REF_COLUMNS if c != "Answer")
 OUTPUT_COLUMN = "Output"
 PRED_COLUMN = "Pred"
 ERROR_COLUMN = "Error"
@@ -121,7 +136,10 @@ def read_csv_text(path: PathLike) -> pd.DataFrame:
         raise SlideChatError("file not found", p)
     try:
         df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except pd.errors.EmptyDataError as e:
+        raise SlideChatError("empty file: no header row, no rows", p,
+                             hint="a SlideBench CSV starts with a header line") from e
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise SlideChatError(f"not a readable CSV: {e}", p) from e
     dup = [c for c in df.columns if str(c).endswith(".1") and str(c)[:-2] in df.columns]
     if dup:
@@ -129,27 +147,46 @@ def read_csv_text(path: PathLike) -> pd.DataFrame:
     return df
 
 
-def detect_kind(columns: Sequence[str]) -> str:
-    cols = set(columns)
-    if {"Question", "A", "B"} <= cols:
-        if "Tumor" in cols:
-            return "tcga"
-        if "Task" in cols:
-            return "bcnb"
-        return "vqa"
-    return "caption"
+def require_rows(df: pd.DataFrame, path: PathLike, what: str = "rows") -> None:
+    """A header-only CSV is an error (one line naming the file), not an empty result."""
+    if len(df) == 0:
+        raise SlideChatError(f"no {what}: the file has a header and no rows", path,
+                             hint=f"columns found: {[str(c) for c in df.columns]}")
+
+
+def _mcq_flavour(cols: Sequence[str]) -> str:
+    return "tcga" if "Tumor" in cols else "bcnb" if "Task" in cols else "vqa"
+
+
+def detect_kind(columns: Sequence[str], path: Optional[PathLike] = None) -> str:
+    """The task kind from explicit columns (see module doc); raises when the columns do not say."""
+    cols = [str(c) for c in columns]
+    if any(c in cols for c in OPTION_LETTERS):
+        return _mcq_flavour(cols)
+    if any(c in cols for c in CAPTION_MARKER_COLUMNS):
+        return "caption"
+    raise SlideChatError(
+        "cannot tell the task from the columns: no option columns (A, B, ...) for multiple-choice and no "
+        f"caption column ({', '.join(CAPTION_MARKER_COLUMNS)})", path,
+        hint=f"columns found: {cols}; pass --task mcq or --task caption")
 
 
 def read_slidebench(path: PathLike, kind: Optional[str] = None,
                     ref_column: Optional[str] = None) -> SlideBenchTable:
-    """Read and validate a SlideBench question CSV (or an output CSV of one)."""
+    """Read and validate a SlideBench question CSV (or an output CSV of one).
+
+    ``kind``: ``None`` (from the columns), ``"mcq"``/``"caption"`` (a forced task) or one of
+    :data:`KINDS`. Missing required columns, no header or no rows are one-line errors naming the file.
+    """
     p = Path(path)
     df = read_csv_text(p)
     cols = [str(c) for c in df.columns]
     if kind is None:
-        kind = detect_kind(cols)
+        kind = detect_kind(cols, p)
+    elif kind == "mcq":
+        kind = _mcq_flavour(cols)
     elif kind not in KINDS:
-        raise SlideChatError(f"unknown SlideBench kind {kind!r}", p, hint=f"one of {', '.join(KINDS)}")
+        raise SlideChatError(f"unknown SlideBench task {kind!r}", p, hint=f"one of {', '.join(TASKS)}")
     if kind == "caption":
         missing = [] if "Slide" in cols else ["Slide"]
         if ref_column is not None and ref_column not in cols:
@@ -159,15 +196,46 @@ def read_slidebench(path: PathLike, kind: Optional[str] = None,
                                  hint=f"columns found: {cols}")
         if ref_column is None:
             ref_column = next((c for c in CAPTION_REF_COLUMNS if c in cols), None)
+        if ref_column == "Answer" and any(c in cols for c in OPTION_LETTERS):
+            logger.warning("%s: caption task forced on a file with option columns; 'Answer' is the reference",
+                           p)
+        require_rows(df, p)
         return SlideBenchTable(p, kind, df, (), ref_column)
     required = list(MCQ_REQUIRED) + (["Tumor"] if kind == "tcga" else []) + (
         ["Task"] if kind == "bcnb" else [])
     missing = [c for c in required if c not in cols]
     if missing:
-        raise SlideChatError(f"missing required column(s) {missing} for a SlideBench-VQA ({kind}) CSV",
-                             p, hint=f"columns found: {cols}")
+        raise SlideChatError(f"missing required column(s) {missing} for a multiple-choice ({kind}) CSV",
+                             p, hint=f"columns found: {cols}" + (
+                                 "; if this is a caption file, pass --task caption" if "Question" in missing
+                                 else ""))
+    require_rows(df, p)
     options = tuple(c for c in OPTION_LETTERS if c in cols)
     return SlideBenchTable(p, kind, df, options, None)
+
+
+def caption_columns(df: pd.DataFrame, path: PathLike, ref_column: Optional[str] = None,
+                    pred_column: str = OUTPUT_COLUMN) -> str:
+    """The reference column for caption scoring of an output frame (rows and prediction column checked).
+
+    Default: the first caption column (:data:`CAPTION_MARKER_COLUMNS`), else ``Answer`` -- but not in a
+    file with option columns, whose ``Answer`` holds option letters (name it with ``ref_column`` to insist).
+    """
+    cols = [str(c) for c in df.columns]
+    require_rows(df, path, "rows to score")
+    ref = ref_column or next((c for c in CAPTION_MARKER_COLUMNS if c in cols and c != pred_column), None)
+    if ref is None and "Answer" in cols and pred_column != "Answer":
+        if any(c in cols for c in OPTION_LETTERS):
+            raise SlideChatError(
+                "multiple-choice output (option columns A, B, ...): its Answer column holds option letters, "
+                "not reference captions", path,
+                hint="score it with `slidechat eval mcq`, or pass --ref-column Answer to insist")
+        ref = "Answer"
+    missing = [c for c in (pred_column, ref) if c is not None and c not in cols]
+    if missing or ref is None:
+        raise SlideChatError(f"missing column(s) {missing or ['<reference>']}", path,
+                             hint=f"columns found: {cols}; choose them with --pred-column/--ref-column")
+    return ref
 
 
 # --------------------------------------------------------------------------- prompts
@@ -270,6 +338,9 @@ def _csv_line(values: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+_CSV_FIELD_LIMIT = 2**31 - 1  # the largest value the csv module accepts on every platform
+
+
 def _complete_records(data: bytes, ncols: int) -> Tuple[List[List[str]], int]:
     """Parse CSV bytes into complete records; returns (records, byte offset after the last one).
 
@@ -288,17 +359,23 @@ def _complete_records(data: bytes, ncols: int) -> Tuple[List[List[str]], int]:
     records: List[List[str]] = []
     good_end = 0
     reader = csv.reader(feed())
-    while True:
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error:
-            break
-        if not state["last_nl"] or (records and len(rec) != ncols):  # header: any width
-            break
-        records.append(rec)
-        good_end = state["consumed"]
+    # the csv module refuses fields over 128 KiB by default: a long question would read as a torn
+    # record and resuming would cut the file there
+    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        while True:
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                break
+            if not state["last_nl"] or (records and len(rec) != ncols):  # header: any width
+                break
+            records.append(rec)
+            good_end = state["consumed"]
+    finally:
+        csv.field_size_limit(old_limit)
     return records, good_end
 
 
