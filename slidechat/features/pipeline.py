@@ -114,7 +114,7 @@ class PatchReader:
 
     def __init__(self, path: PathLike, grid: PatchGrid, batch_size: int = 64, run_reads: bool = True,
                  host_resize: Optional[Tuple[int, int, str]] = None, cache_mb: float = 0,
-                 max_run: int = 32) -> None:
+                 max_run: int = 32, direct_tiles: bool = True) -> None:
         self.path = Path(path)
         self.coords = grid.coords
         self.level = grid.read_level
@@ -127,6 +127,10 @@ class PatchReader:
         # a run of horizontally adjacent patches is one read when patches tile the level exactly
         exact = abs(grid.patch_size_level0 / grid.read_downsample - grid.read_size) < 1e-6
         self.run_reads = run_reads and exact and grid.step_level0 == grid.patch_size_level0
+        ds = grid.read_downsample
+        # direct tile decoding needs patch origins on whole pixels of the read level
+        self.direct_tiles = direct_tiles and abs(ds - round(ds)) < 1e-9 and \
+            bool((grid.coords % max(1, int(round(ds))) == 0).all())
         self.batches = [np.arange(i, min(i + batch_size, len(grid)))
                         for i in range(0, len(grid), max(1, int(batch_size)))]
         self._slide: Optional[Slide] = None
@@ -149,8 +153,13 @@ class PatchReader:
     def _handle(self) -> Slide:
         if self._slide is None or self._pid != os.getpid():  # one handle per process
             self._slide = Slide(self.path)
-            self._slide.set_cache_size(self.cache_mb)
             self._pid = os.getpid()
+            direct = False
+            if self.direct_tiles:
+                probe = tuple(int(v) for v in self.coords[len(self.coords) // 2]) if len(self.coords) else None
+                direct = self._slide.enable_direct_tiles(self.cache_mb, probe)
+            if not direct:
+                self._slide.set_cache_size(self.cache_mb)
         return self._slide
 
     def close(self) -> None:
@@ -169,27 +178,24 @@ class PatchReader:
         runs = self._runs(idx) if self.run_reads else [[j] for j in range(len(idx))]
         for run in runs:
             x, y = self.coords[idx[run[0]]]
+            if r == P or (r > P and r % P == 0):  # native, or integer downsample (the 40x -> 20x case)
+                arr = s.read_region_reduced((int(x), int(y)), self.level, (r * len(run), r), r // P)
+                if self.host_resize is None:
+                    for k, j in enumerate(run):
+                        out[j] = arr[:, k * P:(k + 1) * P]
+                else:
+                    filt = _PIL_FILTERS[self.host_resize[2]]
+                    for k, j in enumerate(run):
+                        out[j] = np.asarray(Image.fromarray(arr[:, k * P:(k + 1) * P]).resize((ow, oh), filt))
+                continue
+            # non-integer factor (or finer than the scan): per patch, area filter down / bicubic up
             region = s.read_region_image((int(x), int(y)), self.level, (r * len(run), r))
-            if r == P:
-                pass
-            elif r > P and r % P == 0:  # integer downsample of the whole run (the 40x -> 20x case)
-                region = region.reduce(r // P)
-            else:  # non-integer factor: per patch, area filter down / bicubic up
-                method = Image.Resampling.BOX if r > P else Image.Resampling.BICUBIC
-                parts = [region.resize((P, P), method, box=(k * r, 0, (k + 1) * r, r))
-                         for k in range(len(run))]
-                region = Image.new("RGB", (P * len(run), P))
-                for k, im in enumerate(parts):
-                    region.paste(im, (k * P, 0))
-            if self.host_resize is None:
-                arr = np.asarray(region)
-                for k, j in enumerate(run):
-                    out[j] = arr[:, k * P:(k + 1) * P]
-            else:
-                filt = _PIL_FILTERS[self.host_resize[2]]
-                for k, j in enumerate(run):
-                    patch = region if len(run) == 1 else region.crop((k * P, 0, (k + 1) * P, P))
-                    out[j] = np.asarray(patch.resize((ow, oh), filt))
+            method = Image.Resampling.BOX if r > P else Image.Resampling.BICUBIC
+            for k, j in enumerate(run):
+                patch = region.resize((P, P), method, box=(k * r, 0, (k + 1) * r, r))
+                if self.host_resize is not None:
+                    patch = patch.resize((ow, oh), _PIL_FILTERS[self.host_resize[2]])
+                out[j] = np.asarray(patch)
         return out
 
     def _runs(self, idx: np.ndarray) -> List[List[int]]:
@@ -222,29 +228,33 @@ def _read_batch(reader: PatchReader, idx: np.ndarray) -> Tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-class _BatchStream:
+def _batch_stream(reader: PatchReader, batches: Sequence[np.ndarray]) -> Any:
     """Iterable dataset: each worker reads a *contiguous* share of the batches (neighbouring rows share
     tiles, so the tile cache of that worker decodes each tile once). Yields ``(patches, idx, seconds)``
     or a :class:`_ReadFailure`, then stops."""
+    from torch.utils.data import IterableDataset
 
-    def __init__(self, reader: PatchReader, batches: Sequence[np.ndarray]) -> None:
-        self.reader = reader
-        self.batches = list(batches)
+    class _BatchStream(IterableDataset):
+        def __iter__(self) -> Any:
+            return _iter_share(reader, list(batches))
 
-    def __iter__(self) -> Any:
-        import torch
-        from torch.utils.data import get_worker_info
+    return _BatchStream()
 
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        n = len(self.batches)
-        lo, hi = (wid * n) // nw, ((wid + 1) * n) // nw
-        for b in self.batches[lo:hi]:
-            arr, secs = _read_batch(self.reader, b)
-            if isinstance(arr, _ReadFailure):
-                yield arr
-                return
-            yield torch.from_numpy(arr), torch.from_numpy(b), secs
+
+def _iter_share(reader: PatchReader, batches: List[np.ndarray]) -> Any:
+    import torch
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    n = len(batches)
+    lo, hi = (wid * n) // nw, ((wid + 1) * n) // nw
+    for b in batches[lo:hi]:
+        arr, secs = _read_batch(reader, b)
+        if isinstance(arr, _ReadFailure):
+            yield arr
+            return
+        yield torch.from_numpy(arr), torch.from_numpy(b), secs
 
 
 def _worker_init(_: int) -> None:
@@ -387,6 +397,10 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
             if isinstance(first, _ReadFailure):
                 raise _StageError("read", first.error())
             t["read_s"] += secs
+            if opts.num_workers is None and not getattr(encoder, "_slidechat_warm", False):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    encoder(torch.from_numpy(first[:1]).to(device))  # first-call costs out of the probe
+                encoder._slidechat_warm = True
             e0 = t["encode_s"]
             encode(torch.from_numpy(first), reader.batches[0])
             n0 = len(reader.batches[0])
@@ -403,7 +417,7 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
             if device.type == "cpu":
                 torch.set_num_threads(threads)
             if rest:
-                loader = DataLoader(_BatchStream(reader, rest), batch_size=None, num_workers=nw,
+                loader = DataLoader(_batch_stream(reader, rest), batch_size=None, num_workers=nw,
                                     pin_memory=device.type == "cuda",
                                     worker_init_fn=_worker_init if nw else None,
                                     multiprocessing_context=_mp_context() if nw else None,
