@@ -203,6 +203,7 @@ class SlideChatTrainModel(BaseModel):
         self._attach_core(core)
 
         self.pretrained_report = None
+        self.use_lora = False  # LoRA is applied after pretrained_pth (state_dict() reads this)
         if pretrained_pth:
             self.pretrained_report = self.load_pretrained(pretrained_pth, allow_partial=allow_partial)
 
