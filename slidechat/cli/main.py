@@ -18,7 +18,7 @@ from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import setup_cli_logging
 
 # Order = order in --help. A module listed here that does not exist yet is skipped.
-SUBCOMMAND_MODULES = ["extract", "export", "test", "eval", "screen", "chat", "demo"]
+SUBCOMMAND_MODULES = ["extract", "train", "export", "test", "infer", "eval", "screen", "chat", "demo"]
 
 logger = logging.getLogger("slidechat")
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slidechat",
         description="slidechat: whole-slide pathology vision-language toolkit "
                     "(feature extraction, SlideBench testing and scoring, chat, export).",
-        epilog="Training uses the stock `xtuner train CONFIG`; see README.md.")
+        epilog="Training: `slidechat train CONFIG` runs `xtuner train` and returns its real exit "
+               "status (use it in scripts); see README.md.")
     parser.add_argument("--version", action="version", version=f"slidechat {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
