@@ -63,7 +63,8 @@ def test_regions_labels_only_from_cytochat_phrases():
     assert parse_regions("ASC-US 2: <region>1 2 3 4</region>").boxes[0].label == "asc-us"
     assert parse_regions("agc <region>1 2 3 4</region>").boxes[0].label == "agc"
     assert parse_regions("Answer: <region>1 2 3 4</region>").boxes[0].label is None
-    assert parse_regions("There are two suspicious cells here <region>1 2 3 4</region>").boxes[0].label is None
+    prose = "There are two suspicious cells here <region>1 2 3 4</region>"
+    assert parse_regions(prose).boxes[0].label is None
     # the label of a malformed region does not leak onto the next box
     p = parse_regions("hsil 1 is located at <region>1 2</region>. and <region>5 6 7 8</region>")
     assert p.boxes == [R(5, 6, 7, 8)] and len(p.malformed) == 1
@@ -176,7 +177,8 @@ def test_matching_is_class_aware_and_unlabelled_boxes_take_the_question_class():
     rep = score_grounding(items)
     o = rep.overall["0.5"]
     assert (o["tp"], o["n_pred"], o["n_true"]) == (2, 3, 3)
-    assert rep.per_class["lsil"]["0.5"]["precision"] == 0 and math.isnan(rep.per_class["lsil"]["0.5"]["recall"])
+    lsil = rep.per_class["lsil"]["0.5"]
+    assert lsil["precision"] == 0 and math.isnan(lsil["recall"])
     assert rep.per_class["hsil"]["0.5"]["tp"] == 2
     assert rep.unlabelled_pred == 1 and rep.off_query_pred == 1
 
@@ -233,12 +235,15 @@ def test_class_names_normalised():
 
 def test_referring_both_directions():
     items = [ReferringItem("1", "HSIL.", "hsil\n"), ReferringItem("2", "lsil cells", "hsil"),
-             ReferringItem("3", "hsil, maybe lsil", "lsil"), ReferringItem("4", None, "lsil", error="timeout"),
+             ReferringItem("3", "hsil, maybe lsil", "lsil"),
+             ReferringItem("4", None, "lsil", error="timeout"),
              ReferringItem("5", "<region>0 0 10 10</region>", "<region>1 0 11 10</region>"),   # IoU 9/11
-             ReferringItem("6", "<region>0 0 10 10</region> <region>1 1 2 2</region>", "<region>0 0 10 10</region>"),
+             ReferringItem("6", "<region>0 0 10 10</region> <region>1 1 2 2</region>",
+                           "<region>0 0 10 10</region>"),
              ReferringItem("7", "<region>0 0 10 10</region>", "<region>5 0 15 10</region>")]  # IoU 1/3
     rep = score_referring(items)
-    assert (rep.describe["n"], rep.describe["correct"], rep.describe["unparsed"], rep.describe["errors"]) == (4, 1, 1, 1)
+    d = rep.describe
+    assert (d["n"], d["correct"], d["unparsed"], d["errors"]) == (4, 1, 1, 1)
     assert rep.confusion == {"hsil": {"hsil": 1, "lsil": 1}, "lsil": {"(unparsed)": 1, "(failed)": 1}}
     assert (rep.locate["n"], rep.locate["correct"], rep.locate["several_boxes"]) == (3, 1, 1)
     assert "Confusion" in rep.to_markdown()
@@ -280,7 +285,7 @@ def test_mcq_answers_letter_text_ambiguity_and_ten_options():
     assert parse_choice("J.Kappa.", ten) == "J"
     assert parse_choice("Iota", ten) == "I"
     assert parse_choice("K", ten) is None                           # not an option: no guess
-    milan = {"A": "IVA", "B": "IVB", "C": "I", "D": "II", "E": "V", "F": "VI", "G": "III", "H": "I", "I": "IVB"}
+    milan = dict(zip("ABCDEFGHI", ["IVA", "IVB", "I", "II", "V", "VI", "III", "I", "IVB"]))
     assert parse_choice("I", milan) is None  # the letter I or the text of C/H?
     assert parse_choice("C.I.", milan) == "C"
 
@@ -348,7 +353,7 @@ def _mixed(tmp_path):
 
 def test_mixed_tasks_refused_without_task_and_selected_with_it(tmp_path, caplog):
     p = _mixed(tmp_path)
-    with pytest.raises(SlideChatError, match="mixed tasks.*1 mcq, 1 grounding|mixed tasks.*1 grounding, 1 mcq"):
+    with pytest.raises(SlideChatError, match="mixed tasks.*(1 mcq, 1 grounding|1 grounding, 1 mcq)"):
         score_file(p, "mcq")
     d = score_file(p, "mcq", task="mcq").data
     assert d["overall"]["n"] == 1 and d["skipped"] == {"grounding": 1}
@@ -371,7 +376,8 @@ def test_infer_jsonl_error_rows_are_failures(tmp_path):
         {"id": "b", "images": [], "prompt": "Locate all hsil.", "predict": "", "label": truth,
          "error": "image not found: b.png"}])
     d = score_file(p, "grounding").data
-    assert d["overall"]["0.5"]["recall"] == 0.5 and d["failed"] == [{"key": "b", "error": "image not found: b.png"}]
+    assert d["overall"]["0.5"]["recall"] == 0.5
+    assert d["failed"] == [{"key": "b", "error": "image not found: b.png"}]
     # the infer writer's id object: {"dataset", "index", "id"}
     rows = [json.loads(x) for x in p.read_text().splitlines()]
     rows[0]["id"] = {"dataset": "cyto_test", "index": 0, "id": None}
@@ -402,7 +408,8 @@ def _xlsx(path, df):
 
 
 def test_cytochat_xlsx_grounding_dict_in_prompt(tmp_path):
-    truth = "hsil 1 is located at <region>0 0 10 10</region>. hsil 2 is located at <region>20 0 30 10</region>.\n"
+    truth = ("hsil 1 is located at <region>0 0 10 10</region>. "
+             "hsil 2 is located at <region>20 0 30 10</region>.\n")
     d1 = {"prompt": SYS.format("Locate all hsil."), "images": "t/1.bmp",
           "predict": "hsil 1 is located at <region>0 0 10 10</region>. hsil 2 is located at <region>50 5",
           "label": truth}
@@ -421,7 +428,8 @@ def test_cytochat_xlsx_prompt_is_never_executed(tmp_path):
 
 def test_cytochat_xlsx_mcq_labels_only_and_with_predictions(tmp_path):
     df = pd.DataFrame({"Image": ["m-1", "m-2"], "Task": ["Made−up", "Made−up"], "Class number": [2, 2],
-                       "Prompt": [_mcq_prompt(["Benign", "Malignant"])] * 2, "Lable": ["A.Benign.\n", "B.Malignant.\n"]})
+                       "Prompt": [_mcq_prompt(["Benign", "Malignant"])] * 2,
+                       "Lable": ["A.Benign.\n", "B.Malignant.\n"]})
     p = _xlsx(tmp_path / "m.xlsx", df)
     with pytest.raises(SlideChatError, match="no predictions"):
         score_file(p, "mcq")
@@ -431,8 +439,9 @@ def test_cytochat_xlsx_mcq_labels_only_and_with_predictions(tmp_path):
 
 
 def test_cytochat_xlsx_vqa_list_prompt_and_report_rows(tmp_path):
-    turns = [SYS.format("Describe the Cytology diagnosis results."), SYS.format("Were any abnormal cells found?")]
-    df = pd.DataFrame({"Image": ["v1", "r1"], "Prompt": [repr(turns), SYS.format("Describe the Cytology diagnosis results.")],
+    report = SYS.format("Describe the Cytology diagnosis results.")
+    turns = [report, SYS.format("Were any abnormal cells found?")]
+    df = pd.DataFrame({"Image": ["v1", "r1"], "Prompt": [repr(turns), report],
                        "Lable": ["Smear shows atypical cells.", "Negative for malignancy."],
                        "predict": ["Smear shows atypical cells.", ""]})
     f = read_predictions(_xlsx(tmp_path / "v.xlsx", df))
@@ -447,7 +456,7 @@ def test_cytochat_xlsx_vqa_list_prompt_and_report_rows(tmp_path):
 # --------------------------------------------------------------------------- CLI and committed examples
 
 def test_cli_slidebench_csv_refuses_cytology_flags(tmp_path, caplog):
-    csv = Path(__file__).resolve().parents[1] / "dataset" / "slidebench" / "SlideBench-VQA-TCGA.output.example.csv"
+    csv = EX.parent / "slidebench" / "SlideBench-VQA-TCGA.output.example.csv"
     assert main(["eval", "mcq", str(csv), "--task", "mcq"]) == 1
     assert "cytology files" in caplog.text
 

@@ -51,6 +51,10 @@ def shift(b: Box, dx: float) -> Box:
     return (round(b[0] + dx, 2), b[1], round(b[2] + dx, 2), b[3])
 
 
+def width(b: Box) -> float:
+    return b[2] - b[0]
+
+
 def qwen(cls: str, bs: Sequence[Box]) -> str:
     def k(v: float) -> int:
         return int(round(v * 1000 / SIZE))
@@ -61,14 +65,14 @@ def qwen(cls: str, bs: Sequence[Box]) -> str:
 
 def grounding_rows() -> List[Dict[str, object]]:
     rng = np.random.default_rng(7)
-    t = {name: boxes(rng, n) for name, n in [("f1", 3), ("f2", 4), ("f3", 2), ("f4", 2), ("f5", 3), ("f6", 1)]}
+    counts = [("f1", 3), ("f2", 4), ("f3", 2), ("f4", 2), ("f5", 3), ("f6", 1)]
+    t = {name: boxes(rng, n) for name, n in counts}
     rows = [
         # f1: three hsil cells found, one shifted by 1/4 of its width (IoU 0.75/1.25 = 0.6)
-        ("f1", "hsil", answer("hsil", t["f1"][:2] + [shift(t["f1"][2], (t["f1"][2][2] - t["f1"][2][0]) * 0.25)]),
-         ""),
+        ("f1", "hsil", answer("hsil", t["f1"][:2] + [shift(t["f1"][2], width(t["f1"][2]) * 0.25)]), ""),
         # f2: two found, one shifted by 0.45 of its width (IoU 0.55/1.45 = 0.38), one missed, one extra
         ("f2", "lsil", answer("lsil", [t["f2"][0], t["f2"][1],
-                                       shift(t["f2"][2], (t["f2"][2][2] - t["f2"][2][0]) * 0.45),
+                                       shift(t["f2"][2], width(t["f2"][2]) * 0.45),
                                        (400.0, 400.0, 430.0, 440.0)]), ""),
         # f3: the right boxes but the wrong class: no matches
         ("f3", "agc", answer("ascus", t["f3"]), ""),
@@ -115,6 +119,10 @@ MCQ = [  # (question, correct letter, stand-in answer)
 ]
 
 
+TASK_NAMES = {"Benign or Malignant Effusion": "Effusion−BM", "Grading of Made-up Cells": "Madeup−grade",
+              "Origin of Made-up Metastasis": "Madeup−origin"}
+
+
 def mcq_rows() -> List[Dict[str, object]]:
     out = []
     for (topic, opts), gold, pred in MCQ:
@@ -126,7 +134,8 @@ def mcq_rows() -> List[Dict[str, object]]:
 def region_rows() -> List[Dict[str, object]]:
     rng = np.random.default_rng(11)
     b = boxes(rng, 8)
-    describe = [("hsil", "hsil"), ("hsil", "HSIL cells."), ("lsil", "Low-grade squamous intraepithelial lesion"),
+    describe = [("hsil", "hsil"), ("hsil", "HSIL cells."),
+                ("lsil", "Low-grade squamous intraepithelial lesion"),
                 ("lsil", "hsil"), ("ascus", "ASC-US"), ("agc", "It could be agc or hsil.")]
     out = []
     for k, (truth, pred) in enumerate(describe):
@@ -174,6 +183,15 @@ def write_xlsx(name: str, df: pd.DataFrame) -> None:
     df.to_excel(path, index=False)
 
 
+#: (input, scorer, extra flags) -- tests/test_eval_cytology.py runs the same commands
+EXAMPLES = [("grounding.infer.example.jsonl", "grounding", ["--image-size", "512", "512"]),
+            ("grounding.cytochat.example.xlsx", "grounding", []),
+            ("mcq.llamafactory.example.jsonl", "mcq", []),
+            ("mcq.cytochat.example.xlsx", "mcq", []),
+            ("region.infer.example.jsonl", "region", []),
+            ("reports.llamafactory.example.jsonl", "report", [])]
+
+
 def main_() -> None:
     g = grounding_rows()
     write_jsonl("grounding.infer.example.jsonl", g, ["id", "images", "prompt", "predict", "label", "error"])
@@ -189,8 +207,7 @@ def main_() -> None:
     # CytoChat's MCQ sheet (Image, Task, Class number, Prompt, Lable) + a predict column
     write_xlsx("mcq.cytochat.example.xlsx", pd.DataFrame({
         "Image": [f"Multiple choice-{i + 1}" for i in range(len(MCQ))],
-        "Task": [{"Benign or Malignant Effusion": "Effusion−BM", "Grading of Made-up Cells": "Madeup−grade",
-                  "Origin of Made-up Metastasis": "Madeup−origin"}[q[0][0]] for q in MCQ],
+        "Task": [TASK_NAMES[q[0][0]] for q in MCQ],
         "Class number": [len(q[0][1]) for q in MCQ],
         "Prompt": [r["prompt"].replace("<image>", "") for r in m],
         "Lable": [r["label"] + "\n" for r in m],
@@ -199,12 +216,7 @@ def main_() -> None:
     write_jsonl("reports.llamafactory.example.jsonl", report_rows(), ["prompt", "predict", "label"])
 
     os.chdir(HERE)  # reports name the files relative to this folder
-    for name, scorer, extra in [("grounding.infer.example.jsonl", "grounding", ["--image-size", "512", "512"]),
-                                ("grounding.cytochat.example.xlsx", "grounding", []),
-                                ("mcq.llamafactory.example.jsonl", "mcq", []),
-                                ("mcq.cytochat.example.xlsx", "mcq", []),
-                                ("region.infer.example.jsonl", "region", []),
-                                ("reports.llamafactory.example.jsonl", "report", [])]:
+    for name, scorer, extra in EXAMPLES:
         rc = main(["eval", scorer, name, "--out", "."] + extra)
         if rc != 0:
             raise SystemExit(f"slidechat eval {scorer} {name} failed")

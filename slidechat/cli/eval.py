@@ -133,7 +133,8 @@ def run_cytology(args: argparse.Namespace) -> int:
                   iou_thresholds=tuple(args.iou) if args.iou else IOU_THRESHOLDS)
     if args.scorer in ("grounding", "region"):
         kw.update(aliases=_aliases(args.alias))
-    res = score_file(path, args.scorer, args.task, sheet=args.sheet, drop_duplicates=args.drop_duplicates, **kw)
+    res = score_file(path, args.scorer, args.task, sheet=args.sheet, drop_duplicates=args.drop_duplicates,
+                     **kw)
     out_json, out_md = _report_paths(args, path, args.scorer)
     write_reports(res.data, res.markdown, out_json, out_md)
     print(res.markdown, end="")
@@ -183,8 +184,8 @@ def run_caption(args: argparse.Namespace) -> int:
 
     if is_cytology_file(args.pred_csv):
         if args.ref_column or args.pred_column != "Output" or args.per_row_csv:
-            raise SlideChatError("--ref-column/--pred-column/--per-row-csv apply to SlideBench CSVs; cytology "
-                                 "files score 'predict' against 'label'", args.pred_csv)
+            raise SlideChatError("--ref-column/--pred-column/--per-row-csv apply to SlideBench CSVs; "
+                                 "cytology files score 'predict' against 'label'", args.pred_csv)
         args.scorer = "report"
         return run_cytology(args)
     _cytology_only(args, "task", "sheet", "drop-duplicates")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from slidechat.evaluation.cytology_io import (CytoRecord, image_size_of, read_predictions, require_predictions,
-                                              select_task)
+from slidechat.evaluation.cytology_io import (CytoRecord, image_size_of, read_predictions,
+                                              require_predictions, select_task)
 from slidechat.evaluation.grounding import IOU_THRESHOLDS
 from slidechat.utils.errors import SlideChatError
 
@@ -96,7 +96,8 @@ def score_file(path: PathLike, scorer: str, task: Optional[str] = None, *, sheet
         from slidechat.evaluation.captions import text_task_metrics
         from slidechat.evaluation.tables import text_metrics_markdown
 
-        data = text_task_metrics({t: [(r.predict, r.label, r.error) for r in rs] for t, rs in by_task.items()})
+        data = text_task_metrics({t: [(r.predict, r.label, r.error) for r in rs]
+                                  for t, rs in by_task.items()})
         data.update(task="report", source=src, notes=notes)
         md = text_metrics_markdown(data, src)
     else:

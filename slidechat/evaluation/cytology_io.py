@@ -79,8 +79,8 @@ class CytoFile:
         return any(r.predict is not None for r in self.records)
 
 
-_TURN = re.compile(r"(?:^|\n)(?:<\|im_start\|>)?user\n(.*?)(?:<\|im_end\|>)?\n(?:<\|im_start\|>)?assistant\n?",
-                   re.DOTALL)
+_TURN = re.compile(r"(?:^|\n)(?:<\|im_start\|>)?user\n(.*?)(?:<\|im_end\|>)?\n"
+                   r"(?:<\|im_start\|>)?assistant\n?", re.DOTALL)
 _VISION = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)*<\|vision_end\|>|<image>")
 
 
@@ -329,7 +329,8 @@ def select_task(file: CytoFile, scorer: str, task: Optional[str] = None
         if t not in accepted:
             raise SlideChatError(
                 f"rows of mixed tasks ({desc}); {r.where} is {t}, not {'/'.join(accepted)}", file.path,
-                hint=f"pass --task {accepted[0]} to score only those rows, or use 'slidechat eval {_scorer_of(t)}'")
+                hint=f"pass --task {accepted[0]} to score only those rows, or use "
+                     f"'slidechat eval {_scorer_of(t)}'")
         by.setdefault(t, []).append(r)
     selected = [r for rs in by.values() for r in rs]
     if not selected:

@@ -18,7 +18,8 @@ import re
 from typing import List, Optional, Sequence
 
 from slidechat.evaluation.cytology_io import CytoRecord
-from slidechat.evaluation.mcq import ChoiceRow, McqReport, label_letter, options_from_prompt, score_choice_rows
+from slidechat.evaluation.mcq import (ChoiceRow, McqReport, label_letter, options_from_prompt,
+                                      score_choice_rows)
 from slidechat.utils.errors import SlideChatError
 
 _TOPIC = re.compile(r"based on the image \[([^\]]+)\]", re.IGNORECASE)

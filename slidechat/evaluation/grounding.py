@@ -211,7 +211,7 @@ def query_class(question: str) -> Optional[str]:
 
 def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional[Tuple[int, int]]],
                     source: Optional[str] = None) -> List[GroundingItem]:
-    """Parse truth and predicted boxes of each record (a :class:`~slidechat.evaluation.cytology_io.CytoRecord`).
+    """Parse truth and predicted boxes of each record (:class:`~.cytology_io.CytoRecord`).
 
     ``image_size(record)`` is asked only when a text holds Qwen2-VL native boxes. A truth label with a
     malformed region is an error (the reference must be exact); a prediction's are counted.
@@ -227,7 +227,8 @@ def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional
                                                          "--image-size W H")
         truth = parse_regions(r.label, size, source=where)
         if truth.malformed:
-            raise SlideChatError(f"{r.where}: malformed region(s) in the label: {truth.malformed[:3]}", source)
+            raise SlideChatError(f"{r.where}: malformed region(s) in the label: {truth.malformed[:3]}",
+                                 source)
         pred = parse_regions(r.predict, size, source=where) if not r.error else parse_regions("")
         items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
                                    query_class=query_class(r.question), malformed=pred.malformed,

@@ -15,9 +15,10 @@ expressions, slide screening). It reads what a model actually writes and never g
   guess. Text decoded with special tokens skipped (LLaMA-Factory's default) has lost these markers:
   ``(x1,y1),(x2,y2)`` pairs outside any marker are reported as malformed with that hint.
 * Labels: the text before a ``<region>`` in the forms CytoChat uses, ``"hsil 3 is located at"``,
-  ``"hsil 3:"`` or just ``"hsil"`` (at most three words) (instance numbers dropped, lower case) -> ``"hsil"``. Anything
-  else (``"Give a brief description of region."``) gives ``label=None``; the scorer then uses the class
-  the question asked for, never a class guessed from prose.
+  ``"hsil 3:"`` or just ``"hsil"`` (at most three words); instance numbers dropped, lower case ->
+  ``"hsil"``. Anything else (``"Give a brief description of region."``, ``"Answer:"``) gives
+  ``label=None``; the scorer then uses the class the question asked for, never a class guessed
+  from prose.
 
 Anything that opens a region but cannot be read (wrong count of numbers, words inside, cut off) is
 listed in :attr:`RegionParse.malformed` as ``"reason: snippet"`` and counted by the scorers.

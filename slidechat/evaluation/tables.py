@@ -156,8 +156,8 @@ def grounding_markdown(report: "GroundingReport", max_listed: int = 20) -> str:
     parts.append(markdown_table(["", "predicted", "true", "matched", "precision (%)", "recall (%)", "F1 (%)"],
                                 rows))
     parts.append("\n" + markdown_table(
-        ["mean IoU of matches (IoU ≥ 0.5)", "count error / row (mean abs)", "count error / row (mean signed)",
-         "rows with exact count (%)"],
+        ["mean IoU of matches (IoU ≥ 0.5)", "count error / row (mean abs)",
+         "count error / row (mean signed)", "rows with exact count (%)"],
         [[_f(report.mean_iou, 3), _f(report.count_error["mean_abs"]), _f(report.count_error["mean_signed"]),
           fmt_pct(report.count_error["exact"])]], ["r", "r", "r", "r"]))
     parts.append("\n### By class\n")
@@ -240,7 +240,8 @@ def text_metrics_markdown(report: Dict[str, Any], source: Optional[str] = None) 
     title = "Cytology reports and VQA" + (f" — `{os.path.basename(source)}`" if source else "")
     tasks = report["tasks"]
     names = next(iter(tasks.values()))["corpus"].keys() if tasks else []
-    rows = [[t, v["n"], v.get("failed", 0), *[_f(v["corpus"][k], 4) for k in names]] for t, v in tasks.items()]
+    rows = [[t, v["n"], v.get("failed", 0), *[_f(v["corpus"][k], 4) for k in names]]
+            for t, v in tasks.items()]
     parts = [f"## {title}\n", markdown_table(["task", "n", "failed", *names], rows)]
     parts.append("\nScores on a 0-1 scale (BLEU: sacrebleu 13a, lowercase; ROUGE-L: rouge-score stemmed "
                  "F; METEOR: nltk + WordNet 3.0). Failed rows are scored as empty answers.")
