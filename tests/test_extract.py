@@ -220,3 +220,133 @@ def test_cli_exit_codes(extracted, synthetic_slides, tmp_path, caplog):
     r = subprocess.run([sys.executable, "tools/extract_features.py", "--help"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0 and "--base-mpp" in r.stdout and "--checkpoint" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals and failure hygiene
+
+
+def test_unusable_out_is_refused_before_any_work(synthetic_slides, tmp_path, caplog, capsys):
+    """Root ignores permission bits, so "unwritable" is made real: --out under a regular file, or a file."""
+    from slidechat.cli.main import main
+    from slidechat.features.pipeline import check_output_dir
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    for bad in (afile / "out", afile):
+        caplog.clear()
+        # default encoder conch_v1 without --checkpoint: the --out error must come first, not that one
+        assert main(["extract-features", str(synthetic_slides["tumor20"]), "--out", str(bad),
+                     "--no-progress"]) == 1
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and str(bad) in errors[0], errors
+        assert "--checkpoint" not in caplog.text and "Traceback" not in capsys.readouterr().err
+        with pytest.raises(SlideChatError, match="output folder|not a folder"):
+            extract_slides([synthetic_slides["tumor20"]], bad, encoder="tiny_test", progress=False)
+    (tmp_path / "ok" / "h5_files").mkdir(parents=True)
+    (tmp_path / "ok" / "csv").write_text("a file where a folder must be")
+    with pytest.raises(SlideChatError, match="not a folder"):
+        check_output_dir(tmp_path / "ok")
+
+
+def _corrupt_level0_tile_under_last_patch(src: Path, dst: Path) -> None:
+    """Copy ``src`` and zero the level-0 JPEG tile under its last 20x patch (a later batch, so reader
+    workers, not the first batch read in the main process, hit it)."""
+    import shutil
+
+    import tifffile
+
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tf:
+        page = tf.pages[0]
+        nx = -(-page.imagewidth // page.tilewidth)
+        x, y = 2560 - 448, 2048 - 2 * 448  # last full patch row of a 2560x2048 40x slide (448-px grid)
+        i = (y // page.tilelength) * nx + x // page.tilewidth
+        off, cnt = int(page.dataoffsets[i]), int(page.databytecounts[i])
+    with open(dst, "r+b") as fh:
+        fh.seek(off)
+        fh.write(b"\0" * cnt)
+
+
+def test_reader_worker_errors_give_the_same_one_line_as_without_workers(synthetic_slides, tmp_path, caplog):
+    bad = tmp_path / "s40_badtile.svs"
+    _corrupt_level0_tile_under_last_patch(synthetic_slides["tumor40"], bad)
+    reasons, lines = {}, {}
+    for nw in (0, 2):
+        caplog.clear()
+        out = tmp_path / f"out{nw}"
+        s = extract_slides([bad], out, encoder="tiny_test", num_workers=nw, batch_size=4,
+                           no_tissue_seg=True, save_qc=False, progress=False)
+        assert not s["done"] and len(s["failed"]) == 1
+        reasons[nw] = _failures(out / "failures.csv")["s40_badtile"]
+        lines[nw] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert not list(out.rglob("*.h5"))
+    assert reasons[0] == reasons[2]
+    assert reasons[0]["stage"] == "read" and "\n" not in reasons[0]["reason"]
+    assert "Not a JPEG" in reasons[0]["reason"] or "JPEG" in reasons[0]["reason"].upper()
+    assert "DataLoader worker" not in reasons[2]["reason"]
+    assert lines[0] == lines[2] and len(lines[0]) == 1
+
+
+def test_failed_slide_leaves_none_of_its_outputs(synthetic_slides, tmp_path, monkeypatch):
+    sid = "s20_tumor"
+    # leftovers of an earlier, older run: a CSV and QC without an H5
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "qc").mkdir()
+    (tmp_path / "csv" / f"{sid}.csv").write_text("0\n1.0\n")
+    (tmp_path / "qc" / f"{sid}.png").write_bytes(b"old")
+    real = h5py.Group.create_dataset
+
+    def boom(self, name, *a, **k):
+        if name == "features":
+            raise OSError("disk full (simulated)")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", save_csv=True,
+                       save_qc=True, progress=False, num_workers=0)
+    assert s["failed"][0]["stage"] == "write"
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "failures.csv"]
+    assert left == [], left
+    monkeypatch.undo()
+    # an --overwrite redo that fails removes the slide's earlier complete outputs too
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", save_csv=True,
+                       progress=False, num_workers=0)
+    assert s["done"] == [sid] and (tmp_path / "csv" / f"{sid}.csv").is_file()
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    s = extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", save_csv=True,
+                       progress=False, num_workers=0, overwrite=True)
+    assert s["failed"] and not (tmp_path / "h5_files" / f"{sid}.h5").exists()
+    assert not (tmp_path / "csv" / f"{sid}.csv").exists() and not (tmp_path / "qc" / f"{sid}.png").exists()
+
+
+def test_timing_breakdown_logged_and_stored_in_h5(extracted, synthetic_slides, tmp_path, caplog):
+    import json
+    import logging
+
+    out, _ = extracted
+    with h5py.File(out / "h5_files" / "s40_tumor.h5", "r") as f:
+        root = dict(f.attrs)
+    stages = ("open_s", "segment_s", "plan_s", "read_s", "encode_s", "write_s", "total_s")
+    for k in stages:
+        assert float(root[f"timing_{k}"]) >= 0, k
+    assert float(root["timing_total_s"]) > 0 and float(root["timing_read_s"]) > 0
+    assert float(root["timing_encode_s"]) > 0 and float(root["timing_write_s"]) > 0
+    assert set(stages) <= set(json.loads(root["timings"]))
+    caplog.set_level(logging.INFO, logger="slidechat")
+    extract_slides([synthetic_slides["tumor20"]], tmp_path, encoder="tiny_test", progress=False)
+    line = next(r.getMessage() for r in caplog.records if "patches in" in r.getMessage())
+    for word in ("open", "segment", "patch plan", "read", "encode", "write"):
+        assert word in line, line
+
+
+def test_balance_readers_against_the_encoder():
+    from slidechat.features.pipeline import balance_workers
+
+    # decoding costs 4x the (cheap) encoder: both cores read, the encoder gets one thread
+    assert balance_workers(0.004, 0.001, 1, "cpu", cores=2) == (2, 1)
+    # a compute-bound encoder (CONCH on CPU): one reader, every core for the encoder's threads
+    assert balance_workers(0.004, 1.0, 2, "cpu", cores=2) == (1, 2)
+    # GPU: enough readers to keep up with the encoder, one core left for the main process
+    assert balance_workers(0.004, 0.0005, 1, "cuda", cores=16) == (8, 1)
+    assert balance_workers(0.004, 0.00001, 1, "cuda", cores=16) == (15, 1)
