@@ -350,3 +350,14 @@ def test_balance_readers_against_the_encoder():
     # GPU: enough readers to keep up with the encoder, one core left for the main process
     assert balance_workers(0.004, 0.0005, 1, "cuda", cores=16) == (8, 1)
     assert balance_workers(0.004, 0.00001, 1, "cuda", cores=16) == (15, 1)
+
+
+def test_encoder_resize_in_readers_equals_resize_on_device(synthetic_slides):
+    """CPU: the encoder's resize runs in the readers with PIL; GPU: batched on the device with the exact
+    reimplementation. Both must give the same features (here 112-px patches resized to tiny_test's 224)."""
+    runs = [extract_slide_features(synthetic_slides["tumor20"], "tiny_test", patch_size=112, num_workers=nw,
+                                   host_resize=host, progress=False, batch_size=8)
+            for host, nw in ((True, 2), (False, 0))]
+    (fa, ca, _), (fb, cb, _) = runs
+    assert np.array_equal(ca, cb) and len(ca) > 8
+    np.testing.assert_array_equal(fa, fb)

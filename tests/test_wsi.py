@@ -126,3 +126,93 @@ def test_slide_id_suffixes():
     assert slide_id("x/img.ome.tiff") == "img"
     assert slide_id("odd name ü.v2.svs") == "odd name ü.v2"
     assert slide_id("noext") == "noext"
+
+
+# ----------------------------------------------------------------------------------------------
+# resolution metadata that must not be trusted, and the explicit override
+
+
+def _generic_tiff(path, resolution=None, unit=None):
+    """A tiled generic TIFF (not Aperio): tissue-coloured content, optionally a resolution tag."""
+    import tifffile
+
+    from slidechat.wsi.synthetic import SlideSpec, render_region, tissue_field
+
+    spec = SlideSpec("dpi", "tumor", 1024, 1024, 0.5, seed=9)
+    img = render_region(spec, tissue_field(spec), 0, 0, 1024, 1024, 1.0)
+    kw = {} if resolution is None else {"resolution": (resolution, resolution), "resolutionunit": unit}
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg", **kw)
+    return path
+
+
+def test_default_dpi_tiff_resolution_is_not_trusted(tmp_path):
+    from slidechat.features.pipeline import extract_slides
+
+    path = _generic_tiff(tmp_path / "scan72.tif", 72, "INCH")
+    with Slide(path) as s:
+        assert s.vendor == "generic-tiff"
+        assert s.mpp is None and "72" in s.mpp_rejected  # OpenSlide alone says 352.8 µm/px
+        with pytest.raises(SlideChatError, match="--base-mpp") as e:
+            resolve_resolution(s)
+        assert "72 pixels per inch" in str(e.value)
+        assert resolve_resolution(s, base_mpp=0.5) == Resolution(0.5, 20.0, "user")
+    s = extract_slides([path], tmp_path / "out", encoder="tiny_test", base_mpp=0.5, progress=False,
+                       num_workers=0)
+    assert s["done"] == ["scan72"]
+    # a real microscope resolution in centimetres is kept
+    with Slide(_generic_tiff(tmp_path / "scan_cm.tif", 40000, "CENTIMETER")) as s:
+        assert s.mpp == pytest.approx(0.25) and s.mpp_rejected is None
+
+
+def test_base_mpp_overrides_metadata_only_when_asked(synthetic_slides):
+    with Slide(synthetic_slides["tumor20"]) as s:  # the file says 0.5 µm/px
+        assert resolve_resolution(s, base_mpp=0.25).mpp == pytest.approx(0.5)
+        r = resolve_resolution(s, base_mpp=0.25, override=True)
+        assert r == Resolution(0.25, 40.0, "user-override")
+        grid = plan_patches(s, whole_slide_mask(s), r, target_magnification=20, patch_size=224)
+        assert grid.patch_size_level0 == 448 and grid.coords_attrs()["mpp_source"] == "user-override"
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast reader gives the pixels of the plain OpenSlide path
+
+
+def _reference_patches(path, grid, idx, method):
+    """Per patch: OpenSlide read_region at the grid's level -> RGB -> PIL resize/reduce to the patch size."""
+    import openslide
+
+    o = openslide.OpenSlide(str(path))
+    P, r = grid.patch_size, grid.read_size
+    out = []
+    for i in idx:
+        x, y = grid.coords[i]
+        im = o.read_region((int(x), int(y)), grid.read_level, (r, r)).convert("RGB")
+        if r != P:
+            im = im.reduce(r // P) if method == "reduce" else im.resize((P, P), Image.Resampling.BOX)
+        out.append(np.asarray(im))
+    o.close()
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("case", ["40x_to_20x", "20x_native", "lower_level", "non_integer"])
+def test_patch_reader_matches_openslide_reference(synthetic_slides, case):
+    from slidechat.features.pipeline import PatchReader
+
+    key, kw, method = {
+        "40x_to_20x": ("tumor40", dict(target_magnification=20, patch_size=224), "reduce"),
+        "20x_native": ("tumor20", dict(target_magnification=20, patch_size=224), "reduce"),
+        "lower_level": ("tumor40", dict(target_mpp=1.0, patch_size=128), "reduce"),   # level 1 (4x)
+        "non_integer": ("tumor40", dict(target_mpp=0.4, patch_size=112), "box"),       # 1.6x, 179 px
+    }[case]
+    path = synthetic_slides[key]
+    with Slide(path) as s:
+        grid = plan_patches(s, segment_tissue(s), resolve_resolution(s), tissue_threshold=0.5, **kw)
+    idx = np.arange(len(grid))
+    ref = _reference_patches(path, grid, idx, method)
+    for direct in (True, False):
+        reader = PatchReader(path, grid, batch_size=8, direct_tiles=direct, cache_mb=64)
+        got = reader.read(idx)
+        if direct and case != "non_integer":
+            assert reader._slide._tiles is not None  # the fast path really ran
+        reader.close()
+        assert got.shape == ref.shape and np.array_equal(got, ref), (case, direct)
