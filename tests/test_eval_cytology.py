@@ -183,6 +183,14 @@ def test_matching_is_class_aware_and_unlabelled_boxes_take_the_question_class():
     assert rep.unlabelled_pred == 1 and rep.off_query_pred == 1
 
 
+def test_any_abnormal_question_counts_only_classes_absent_from_truth_as_off_query():
+    truth = [R(0, 0, 10, 10, "dark"), R(20, 0, 30, 10, "enlarged")]
+    pred = [R(0, 0, 10, 10, "dark"), R(20, 0, 30, 10, "dark"), R(40, 0, 50, 10, "irregular")]
+    rep = score_grounding([GroundingItem("x", pred, truth, query_class="abnormal cells")])
+    assert rep.overall["0.5"]["tp"] == 1  # the second box is the wrong class
+    assert rep.off_query_pred == 1        # only "irregular" is neither asked for nor in the truth
+
+
 def test_grounding_metrics_by_hand_at_three_thresholds():
     truth = [R(0, 0, 10, 10, "hsil"), R(20, 0, 30, 10, "hsil"), R(40, 0, 50, 10, "hsil")]
     pred = [R(0, 0, 10, 10, "hsil"),   # IoU 1
@@ -360,6 +368,17 @@ def test_mixed_tasks_refused_without_task_and_selected_with_it(tmp_path, caplog)
     assert d["input_format"] == "slidechat-jsonl"
     assert main(["eval", "grounding", str(p)]) == 1
     assert "mixed tasks" in caplog.text and str(p) in caplog.text
+
+
+def test_score_all_tasks_of_a_mixed_file(tmp_path, capsys):
+    p = _mixed(tmp_path)
+    assert main(["eval", "cytology", str(p), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "## Cytology multiple-choice accuracy" in out and "## Multi-cell grounding" in out
+    data = json.loads((tmp_path / "r" / "mixed.cytology.json").read_text())
+    assert sorted(data["scorers"]) == ["grounding", "mcq"]
+    assert data["scorers"]["mcq"]["overall"]["correct"] == 1
+    assert data["scorers"]["grounding"]["overall"]["0.5"]["tp"] == 1
 
 
 def test_rows_fitting_no_task_refused(tmp_path):

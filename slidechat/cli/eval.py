@@ -77,6 +77,21 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _cytology_options(t, "report")
     t.set_defaults(func=run_cytology, scorer="report")
 
+    a = sub.add_parser("cytology", help="every task in a cytology predictions file, each with its scorer "
+                                        "(one section per task)")
+    a.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
+    a.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="image size for Qwen2-VL native 0-1000 boxes when the images cannot be read")
+    a.add_argument("--image-dir", type=Path, default=None,
+                   help="folder that relative image paths are under (default: the file's folder)")
+    a.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
+                   help="extra class-name alias (repeatable)")
+    a.add_argument("--sheet", default=None, help="xlsx sheet name (default: the first)")
+    a.add_argument("--drop-duplicates", action="store_true",
+                   help="score rows that repeat an earlier row exactly only once")
+    _outputs(a)
+    a.set_defaults(func=run_cytology_all)
+
 
 def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-json", type=Path, default=None, help="write the full report as JSON")
@@ -119,6 +134,19 @@ def _aliases(values) -> dict:
             raise SlideChatError(f"--alias {v!r}: expected NAME=CLASS")
         out[name.strip()] = cls.strip()
     return out
+
+
+def run_cytology_all(args: argparse.Namespace) -> int:
+    from slidechat.evaluation.cytology import score_all
+    from slidechat.evaluation.tables import write_reports
+
+    res = score_all(args.pred_file, sheet=args.sheet, drop_duplicates=args.drop_duplicates,
+                    image_size=tuple(args.image_size) if args.image_size else None, image_dir=args.image_dir,
+                    aliases=_aliases(args.alias))
+    out_json, out_md = _report_paths(args, args.pred_file, "cytology")
+    write_reports(res.data, res.markdown, out_json, out_md)
+    print(res.markdown, end="")
+    return 0
 
 
 def run_cytology(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Score a cytology predictions file with one scorer: read, pick the rows of the task, score, report.
 
-Used by ``slidechat eval {mcq,grounding,region,report} FILE``; see :mod:`cytology_io` for the inputs
-and task detection, and each scorer's module for its definitions.
+Used by ``slidechat eval {mcq,grounding,region,report} FILE`` (:func:`score_file`) and ``slidechat
+eval cytology FILE`` (:func:`score_all`: every task in the file, one section each); see
+:mod:`cytology_io` for the inputs and task detection, and each scorer's module for its definitions.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from slidechat.evaluation.cytology_io import (CytoRecord, image_size_of, read_predictions,
-                                              require_predictions, select_task)
+from slidechat.evaluation.cytology_io import (SCORER_TASKS, CytoFile, CytoRecord, detect_task, image_size_of,
+                                              read_predictions, require_predictions, select_task)
 from slidechat.evaluation.grounding import IOU_THRESHOLDS
 from slidechat.utils.errors import SlideChatError
 
@@ -53,6 +54,40 @@ def score_file(path: PathLike, scorer: str, task: Optional[str] = None, *, sheet
                iou_thresholds: Sequence[float] = IOU_THRESHOLDS) -> ScoreResult:
     """Score ``path`` with ``scorer`` (mcq / grounding / region / report); see the module doc."""
     f = read_predictions(path, sheet=sheet)
+    return _score(f, scorer, task, image_size=image_size, image_dir=image_dir,
+                  drop_duplicates=drop_duplicates, aliases=aliases, iou_thresholds=iou_thresholds)
+
+
+def score_all(path: PathLike, *, sheet: Optional[str] = None, **kw: Any) -> ScoreResult:
+    """Score every task a file holds, each with its scorer (a LLaMA-Factory test set mixing tasks).
+
+    Every row must fit a task (else the error names the row); sections follow the order mcq,
+    grounding, region, report (with VQA). ``kw`` as for :func:`score_file`.
+    """
+    f = read_predictions(path, sheet=sheet)
+    detected = [detect_task(r.question, r.label, r.turns) for r in f.records]
+    for r, t in zip(f.records, detected):
+        if t is None:
+            raise SlideChatError(f"{r.where} fits no task (question {r.question[:80]!r})", f.path,
+                                 hint="score such rows with 'slidechat eval <scorer> --task <task>'")
+    data: Dict[str, Any] = {"source": str(f.path), "input_format": f.format, "n_rows": len(f.records),
+                            "scorers": {}}
+    parts = []
+    for scorer, tasks in SCORER_TASKS.items():
+        rows = [r for r, t in zip(f.records, detected) if t in tasks]
+        if not rows:
+            continue
+        sub = CytoFile(f.path, f.format, rows, list(f.notes))
+        res = _score(sub, scorer, None, **kw)
+        data["scorers"][scorer] = res.data
+        parts.append(res.markdown)
+    return ScoreResult(data, "\n".join(parts))
+
+
+def _score(f: CytoFile, scorer: str, task: Optional[str], *,
+           image_size: Optional[Tuple[int, int]] = None, image_dir: Optional[PathLike] = None,
+           drop_duplicates: bool = False, aliases: Optional[Mapping[str, str]] = None,
+           iou_thresholds: Sequence[float] = IOU_THRESHOLDS) -> ScoreResult:
     src = str(f.path)
     records, by_task, skipped = select_task(f, scorer, task)
     notes: List[str] = [f"Input: {f.format}, {len(f.records)} row(s)."] + list(f.notes)

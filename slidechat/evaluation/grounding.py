@@ -130,17 +130,19 @@ def _canon_items(items: Sequence[GroundingItem], aliases: Optional[Mapping[str, 
         q = canonical_class(it.query_class, vocab, aliases) if it.query_class else None
 
         def fix(r: Region, is_pred: bool) -> Region:
-            nonlocal unlabelled, off_query
+            nonlocal unlabelled
             lab = canonical_class(r.label, vocab, aliases) if r.label else None
             if lab is None:
                 lab = q
                 unlabelled += is_pred
-            elif is_pred and q is not None and lab != q:
-                off_query += 1
             return Region(lab, r.x1, r.y1, r.x2, r.y2)
 
-        out.append(GroundingItem(it.key, [fix(r, True) for r in it.pred], [fix(r, False) for r in it.truth],
-                                 q, it.malformed, it.failed))
+        truth = [fix(r, False) for r in it.truth]
+        pred = [fix(r, True) for r in it.pred]
+        # a class neither asked for nor present in this row's truth ("Locate all hsil." -> "lsil 1 ...")
+        allowed = {q} | {r.label for r in truth}
+        off_query += sum(1 for r in pred if q is not None and r.label not in allowed)
+        out.append(GroundingItem(it.key, pred, truth, q, it.malformed, it.failed))
     return out, unlabelled, off_query
 
 

@@ -173,8 +173,8 @@ def grounding_markdown(report: "GroundingReport", max_listed: int = 20) -> str:
         extra.append(f"{report.unlabelled_pred} predicted box(es) had no class label and took the "
                      "question's class.")
     if report.off_query_pred:
-        extra.append(f"{report.off_query_pred} predicted box(es) name a class other than the one asked for "
-                     "(they can only be false positives).")
+        extra.append(f"{report.off_query_pred} predicted box(es) name a class neither asked for nor in the "
+                     "row's truth (they can only be false positives).")
     mal = report.malformed
     extra.append(f"Malformed predicted regions (not boxes, not guessed): {mal['n']} in {mal['rows']} row(s).")
     if report.failed:
