@@ -64,6 +64,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     g.add_argument("--image-min-pixels", "--image_min_pixels", type=int, default=32 * 32)
     g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="images: model dtype (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="slides: cap on the text tokens of a turn's prompt (the conversation so far + the "
+                        "question); longer turns are refused (default: the LLM's context - max-new-tokens)")
+    g.add_argument("--max-input-chars", type=int, default=None,
+                   help="longest input line accepted, in characters; longer lines are refused unread "
+                        "(default: 16 x the prompt token cap, else 1,000,000)")
     g.add_argument("--jsonl", action="store_true",
                    help="print each turn as one JSON line {turn, question, answer} (for scripts)")
     g.add_argument("--show-prompt", action="store_true",
@@ -145,24 +151,40 @@ def run(args: argparse.Namespace) -> int:
     if feats.shape[1] != dim:  # never cut: other columns are other features
         raise SlideChatError(f"features are {feats.shape[1]} wide, the model expects {dim} (feature_dim)",
                              args.features or args.slide)
-    session = ChatSession(model, tok, feats[:, :dim], coords, max_new_tokens=args.max_new_tokens,
-                          max_patches=args.max_patches, system=args.system)
+    session = ChatSession(model, tok, feats, coords, max_new_tokens=args.max_new_tokens,
+                          max_patches=args.max_patches, system=args.system,
+                          max_prompt_tokens=args.max_prompt_tokens)
     return chat_loop(session, args, f"Slide loaded ({len(session.features)} patches).")
 
 
 def chat_loop(session, args: argparse.Namespace, banner: str) -> int:
     """The terminal loop for any session with ``ask``/``reset``/``prompt_text``/``history`` (slides:
     ``ChatSession``, images: ``ImageChatSession``)."""
+    from slidechat.engine.limits import DEFAULT_MAX_INPUT_CHARS, InputRefused, read_input_line
+    from slidechat.utils.errors import SlideChatError
+
     interactive = sys.stdin.isatty()
+    limit = getattr(session, "prompt_limit", None)
+    max_chars = (getattr(args, "max_input_chars", None) or getattr(limit, "max_chars", None)
+                 or DEFAULT_MAX_INPUT_CHARS)
+    if max_chars < 1:
+        raise SlideChatError(f"--max-input-chars must be >= 1, got {max_chars}")
     if interactive:
         print(f"{banner} Ask a question; 'exit' to quit.", file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = read_input_line(sys.stdin, max_chars)  # bytes, tolerantly: one bad line is one turn
+        if line is None:
             break
-        q = line.strip()
+        if line.too_long:
+            _refused(args, f"input refused: over {max_chars:,} characters ({line.n_bytes:,} bytes; "
+                           "--max-input-chars); the conversation continues")
+            continue
+        if line.invalid_utf8:
+            print("warning: input was not valid UTF-8; invalid bytes were replaced by \ufffd",
+                  file=sys.stderr, flush=True)
+        q = line.text.strip()
         if not q:
             continue
         if q.lower() in EXIT_WORDS:
@@ -174,10 +196,22 @@ def chat_loop(session, args: argparse.Namespace, banner: str) -> int:
         if args.show_prompt:
             print(f"--- prompt (turn {len(session.history) + 1}) ---\n{session.prompt_text(q)}\n---",
                   file=sys.stderr, flush=True)
-        answer = session.ask(q)
+        try:
+            answer = session.ask(q)
+        except InputRefused as e:
+            _refused(args, f"input refused: {e.reason}; the conversation continues")
+            continue
         if args.jsonl:
             print(json.dumps({"turn": len(session.history), "question": q, "answer": answer},
                              ensure_ascii=False), flush=True)
         else:
             print(answer if not interactive else f"slidechat> {answer}", flush=True)
     return 0
+
+
+def _refused(args: argparse.Namespace, message: str) -> None:
+    """A refused turn: the reason on stderr, and in --jsonl mode an ``{"error": ...}`` line on stdout so
+    scripts reading one line per question stay aligned."""
+    print(message, file=sys.stderr, flush=True)
+    if getattr(args, "jsonl", False):
+        print(json.dumps({"turn": None, "error": message}, ensure_ascii=False), flush=True)

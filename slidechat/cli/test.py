@@ -35,6 +35,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None,
                    help="generation limit (default: the config's max_new_tokens, 500)")
     p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
+    p.add_argument("--task", choices=["mcq", "caption"], default=None,
+                   help="force the task (default: from the CSV's columns: option columns A, B -> mcq; a "
+                        "Caption/Report/Reference/Text column -> caption; otherwise an error)")
+    p.add_argument("--max-prompt-tokens", "--max_prompt_tokens", type=int, default=None,
+                   help="cap on a prompt's text tokens; longer rows get an Error entry (default: the "
+                        "config's max_prompt_tokens, else the LLM's context length - max_new_tokens)")
     p.add_argument("--compat", default=None, choices=["slidechat_v1"],
                    help="released-SlideChat encoder behaviour (for the released weights)")
     p.add_argument("--work-dir", "--work_dir", default=None,
@@ -43,15 +49,15 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="other config overrides, as for xtuner")
+    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
+                        "holds unexpected ones, with a warning; by default that is an error")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
-    p.add_argument("--allow-partial", "--allow_partial", action="store_true",
-                   help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
-                        "holds unexpected ones, with a warning; by default that is an error")
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.testing import run_test
@@ -60,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                       feature_root=args.feature_root, feature_template=args.feature_template,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       overwrite=args.overwrite, cfg_options=parse_cfg_options(args.cfg_options),
-                      work_dir=args.work_dir, compat=args.compat, launcher=args.launcher)
+                      work_dir=args.work_dir, compat=args.compat, launcher=args.launcher,
+                      allow_partial=args.allow_partial, task=args.task,
+                      max_prompt_tokens=args.max_prompt_tokens)
     print(report.to_markdown(), end="")
     return 0

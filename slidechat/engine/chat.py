@@ -54,8 +54,9 @@ class ChatSession:
     def __init__(self, model: Any, tokenizer: Any, features: np.ndarray,
                  coords: Optional[np.ndarray] = None, max_new_tokens: int = 500,
                  max_patches: Optional[int] = None, template: str = "qwen_chat", system: str = "",
-                 **generation_kwargs: Any) -> None:
+                 max_prompt_tokens: Optional[int] = None, **generation_kwargs: Any) -> None:
         from slidechat.data.dataset import uniform_indices
+        from slidechat.engine.limits import model_prompt_limit
 
         self.model = model
         self.tokenizer = tokenizer
@@ -69,6 +70,8 @@ class ChatSession:
         self.features = torch.from_numpy(np.ascontiguousarray(feats))
         self.coords = None if coords is None else torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64))
         self.max_new_tokens = int(max_new_tokens)
+        # text tokens of the whole conversation + question (default: context - max_new_tokens)
+        self.prompt_limit = model_prompt_limit(model, self.max_new_tokens, max_prompt_tokens)
         self.template = template
         self.system = system
         self.generation_kwargs = dict(generation_kwargs)
@@ -102,7 +105,7 @@ class ChatSession:
         question = question.strip()
         if not question:
             raise ValueError("empty question")
-        ids = torch.tensor(self.prompt_ids(question), dtype=torch.long)
+        ids = torch.tensor(self.checked_prompt_ids(question), dtype=torch.long)
         if self._visual_tokens is None:
             self._visual_tokens = self.model.encode_slides(
                 [self.features], None if self.coords is None else [self.coords])
@@ -111,6 +114,19 @@ class ChatSession:
         answer = self.tokenizer.decode(out.tolist(), skip_special_tokens=True).strip()
         self.history.append((question, answer))
         return answer
+
+    def checked_prompt_ids(self, question: str) -> List[int]:
+        """``prompt_ids`` within :attr:`prompt_limit`, else :class:`~slidechat.engine.limits.InputRefused`
+        (the session is unchanged: the caller can go on with a shorter question or ``reset``)."""
+        from slidechat.engine.limits import InputRefused, check_prompt_length
+        from slidechat.model.constants import IMAGE_TOKEN_INDEX
+
+        ids, reason = check_prompt_length(question, lambda: self.prompt_ids(question), self.prompt_limit,
+                                          count=lambda t: sum(1 for x in t if x != IMAGE_TOKEN_INDEX))
+        if reason is not None:
+            raise InputRefused(reason + ("; 'reset' clears the conversation so far" if self.history else ""))
+        assert ids is not None
+        return ids
 
     def reset(self) -> None:
         self.history.clear()

@@ -11,6 +11,10 @@ copied into nested dicts), so the test set-up is read from top-level keys by
 ``feature_template`` e.g. ``{feature_root}/{Tumor}/{Slide}`` (default: from the CSV's columns)
 ``test_batch_size`` rows per generation batch (default 8)
 ``max_new_tokens``  default 500 (greedy decoding)
+``max_prompt_tokens`` cap on a prompt's text tokens (default: the LLM's context length minus
+                    ``max_new_tokens``; see :mod:`slidechat.engine.limits`). An over-long row gets
+                    an ``Error`` entry, the rest of its batch is answered, a resume moves past it.
+``test_task``       ``mcq`` or ``caption`` to force the task (default: from the CSV's columns)
 ``overwrite``       start the output afresh instead of resuming (default False)
 ==================  ==========================================================================
 
@@ -42,8 +46,10 @@ from mmengine.runner import TestLoop
 from torch.utils.data import Dataset, SequentialSampler
 
 from slidechat.data.dataset import uniform_indices
-from slidechat.evaluation.slidebench import (SlideBenchItem, SlideBenchTable, SlideBenchWriter,
-                                             merge_shards, read_csv_text, read_slidebench)
+from slidechat.engine.limits import PromptLimit, model_prompt_limit
+from slidechat.evaluation.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
+                                             merge_shards, read_csv_text, read_slidebench, require_rows)
+from slidechat.model.constants import IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +66,8 @@ TEST_KEYS: Dict[str, Any] = {
     "max_new_tokens": 500,
     "overwrite": False,
     "test_caption_prompt": None,
+    "max_prompt_tokens": None,
+    "test_task": None,
 }
 
 
@@ -85,6 +93,8 @@ class TestSettings:
     max_new_tokens: int
     overwrite: bool
     caption_prompt: Optional[str] = None
+    max_prompt_tokens: Optional[int] = None
+    task: Optional[str] = None
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any], defaults: Optional[Mapping[str, Any]] = None
@@ -102,10 +112,18 @@ class TestSettings:
         if bs < 1 or mnt < 1:
             raise SlideChatError(f"test_batch_size ({bs}) and max_new_tokens ({mnt}) must be >= 1")
         root = vals["feature_root"]
+        mpt = vals["max_prompt_tokens"]
+        mpt = None if mpt in (None, "") else int(mpt)
+        if mpt is not None and mpt < 1:
+            raise SlideChatError(f"max_prompt_tokens ({mpt}) must be >= 1")
+        task = vals["test_task"] or None
+        if task is not None and task not in TASKS:
+            raise SlideChatError(f"test_task {task!r} is not one of {', '.join(TASKS)}")
         return cls(test_slide_csv=Path(vals["test_slide_csv"]), test_output_csv=Path(vals["test_output_csv"]),
                    feature_root=None if root in (None, "") else Path(root),
                    feature_template=vals["feature_template"] or None, batch_size=bs, max_new_tokens=mnt,
-                   overwrite=_as_bool(vals["overwrite"]), caption_prompt=vals["test_caption_prompt"])
+                   overwrite=_as_bool(vals["overwrite"]), caption_prompt=vals["test_caption_prompt"],
+                   max_prompt_tokens=mpt, task=task)
 
 
 def _as_bool(v: Any) -> bool:
@@ -122,7 +140,8 @@ class SlideBenchTestDataset(Dataset):
     metainfo: Dict[str, Any] = {"name": "SlideBench"}
 
     def __init__(self, items: Sequence[SlideBenchItem], tokenizer: Any, feature_dim: int = 512,
-                 max_patches: int = 38400, template: str = "qwen_chat", system: str = "") -> None:
+                 max_patches: int = 38400, template: str = "qwen_chat", system: str = "",
+                 prompt_limit: Optional[PromptLimit] = None) -> None:
         from slidechat.data.dataset import build_object
 
         self.items = list(items)
@@ -131,6 +150,7 @@ class SlideBenchTestDataset(Dataset):
         self.max_patches = int(max_patches)
         self.template = template
         self.system = system
+        self.prompt_limit = prompt_limit or PromptLimit(None)  # no cap unless the loop sets one
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
 
@@ -149,6 +169,11 @@ class SlideBenchTestDataset(Dataset):
         out: Dict[str, Any] = {"item": item, "pad_token_id": self.pad_token_id}
         if not item.ok:
             return out
+        too_long = self.prompt_limit.check_chars(item.prompt)  # before reading features or tokenizing
+        if too_long is not None:
+            item.error = too_long
+            logger.warning("row %s: %s", item.key, too_long)
+            return out
         if item.feature_path is None:
             item.error = "no feature_root given: cannot find the slide's features"
             return out
@@ -164,6 +189,11 @@ class SlideBenchTestDataset(Dataset):
             feats = feats[idx]
             coords = None if coords is None else coords[idx]
         ids = encode_prompt(self.tokenizer, [], item.prompt, self.template, self.system)
+        too_long = self.prompt_limit.check_tokens(sum(1 for t in ids if t != IMAGE_TOKEN_INDEX))
+        if too_long is not None:
+            item.error = too_long
+            logger.warning("row %s: %s", item.key, too_long)
+            return out
         out.update(input_ids=torch.tensor(ids, dtype=torch.long),
                    features=torch.from_numpy(np.ascontiguousarray(feats)),
                    coords=None if coords is None else torch.from_numpy(np.ascontiguousarray(coords)))
@@ -243,6 +273,7 @@ def score_output(output_csv: PathLike, kind: str, write: bool = True) -> TestRep
 
     out = Path(output_csv)
     df = read_csv_text(out)
+    require_rows(df, out, "rows to score")  # a header-only output is an error, not accuracy 0/0
     n_err = int((df["Error"].str.strip() != "").sum()) if "Error" in df.columns else 0
     mcq = caption = None
     if kind != "caption":
@@ -359,7 +390,7 @@ class SlideBenchTestLoop(TestLoop):
             raise SlideChatError("config has no top-level 'tokenizer'")
         model = _unwrap(runner.model)
         core_cfg = model.core.config
-        table: SlideBenchTable = read_slidebench(s.test_slide_csv)
+        table: SlideBenchTable = read_slidebench(s.test_slide_csv, kind=s.task)
         rank, world = get_dist_info()
         self.world_size = world
         self.writer = SlideBenchWriter(table, s.test_output_csv, overwrite=s.overwrite,
@@ -374,7 +405,8 @@ class SlideBenchTestLoop(TestLoop):
         ds_cfg = dict(dl.get("dataset") or {})
         ds_cfg.pop("type", None)
         ds_cfg.update(items=items, tokenizer=cfg.tokenizer, feature_dim=core_cfg.feature_dim,
-                      max_patches=core_cfg.max_patches_test, template=template, system=system)
+                      max_patches=core_cfg.max_patches_test, template=template, system=system,
+                      prompt_limit=model_prompt_limit(model.core, s.max_new_tokens, s.max_prompt_tokens))
         dataset = SlideBenchTestDataset(**ds_cfg)
         dl.update(dataset=dataset, batch_size=s.batch_size, sampler=SequentialSampler(dataset),
                   collate_fn=slidebench_collate_fn, shuffle=None)
@@ -501,6 +533,7 @@ def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: P
         "feature_root": None if feature_root is None else os.fspath(feature_root),
         "feature_template": feature_template, "test_batch_size": batch_size,
         "max_new_tokens": max_new_tokens, "overwrite": True if overwrite else None,
+        "test_task": task, "max_prompt_tokens": max_prompt_tokens,
     }
     opts = dict(cfg_options or {})
     if compat is not None:
@@ -512,5 +545,6 @@ def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: P
     report = getattr(loop, "report", None)
     if report is None:  # another rank, or a loop that did not score
         s = TestSettings.from_cfg(runner.cfg)
-        report = score_output(s.test_output_csv, read_slidebench(s.test_slide_csv).kind, write=False)
+        report = score_output(s.test_output_csv, read_slidebench(s.test_slide_csv, kind=s.task).kind,
+                              write=False)
     return report

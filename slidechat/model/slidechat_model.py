@@ -24,7 +24,7 @@ from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_F
                                         load_weights)
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.model.projector import Projector
-from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig
+from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
 from slidechat.utils.atomic import atomic_path, atomic_write_text
 from slidechat.utils.errors import SlideChatError
 
@@ -395,6 +395,7 @@ class SlideChatModel(nn.Module):
             raise SlideChatError(f"not a SlideChat model folder (no {CONFIG_FILE})", path=folder)
         try:
             meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+            meta["encoder"] = saved_encoder_dict(meta.get("encoder", {}))  # no key: trained masked
             config = SlideChatConfig.from_dict(meta)
         except (ValueError, TypeError) as exc:
             raise SlideChatError(f"invalid config: {exc}", path=cfg_path) from exc
