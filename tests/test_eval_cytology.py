@@ -474,6 +474,13 @@ def test_cytochat_xlsx_vqa_list_prompt_and_report_rows(tmp_path):
 
 # --------------------------------------------------------------------------- CLI and committed examples
 
+def test_cli_caption_on_cytology_jsonl_is_the_report_scorer(tmp_path, capsys):
+    p = _jsonl(tmp_path / "r.jsonl", [{"prompt": SYS.format("Describe the Cytology diagnosis results."),
+                                       "predict": "Negative.", "label": "Negative."}])
+    assert main(["eval", "caption", str(p)]) == 0
+    assert "| report | 1 | 0 | 1.0000" in capsys.readouterr().out
+
+
 def test_cli_slidebench_csv_refuses_cytology_flags(tmp_path, caplog):
     csv = EX.parent / "slidebench" / "SlideBench-VQA-TCGA.output.example.csv"
     assert main(["eval", "mcq", str(csv), "--task", "mcq"]) == 1
