@@ -84,7 +84,7 @@ class AppendOnlyFile:
             except OSError as e:
                 self._fh.close()
                 raise SlideChatError("another process is writing this output", self.path,
-                                     hint="use one output file per process") from e
+                                     hint="use one output file (or one shard) per process") from e
 
     def append(self, data: bytes) -> None:
         if self._fh is None:

@@ -33,7 +33,6 @@ unless the row failed, e.g. missing features). Rows are appended in input order 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import io
@@ -50,11 +49,6 @@ from slidechat.features.io import find_feature_file
 from slidechat.model.constants import IMAGE_TOKEN
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
-
-try:  # POSIX advisory lock: a second writer on the same output is refused, not interleaved.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +388,9 @@ class SlideBenchWriter:
     ``write`` must receive exactly the next pending rows (any order inside the batch); rows are
     appended in input order and flushed + fsynced, so a killed run loses at most the batch in flight.
     Re-opening resumes after the last complete row (a torn last record is cut off); ``overwrite=True``
-    starts fresh. An output written for another input raises :class:`SlideChatError`.
+    starts fresh. An output written for another input raises :class:`SlideChatError`. This is the
+    :class:`slidechat.engine.writers.ResultWriter` protocol, so the shared inference loop
+    (:func:`slidechat.engine.inference.run_inference`) drives it like the JSONL writer.
 
     Concurrency: one writer per file, enforced with an advisory ``flock`` where available. For several
     ranks, give each ``shard=(rank, world_size)``: it handles rows ``rank, rank+world, ...`` and writes
@@ -442,15 +438,9 @@ class SlideBenchWriter:
             self.done = 0
         else:
             self.done = self._validate_existing()
-        self._fh = open(self.path, "ab")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                self._fh.close()
-                self._fh = None
-                raise SlideChatError("another process is writing this output", self.path,
-                                     hint="use one output file (or one shard) per process") from e
+        from slidechat.engine.writers import AppendOnlyFile  # the writers' one locked, fsynced append
+
+        self._fh = AppendOnlyFile(self.path)
         if self.done:
             logger.info("%s: resuming after %d/%d rows", self.path, self.done, len(self.indices))
 
@@ -486,10 +476,9 @@ class SlideBenchWriter:
                     hint="use --overwrite to start fresh")
         if good_end < len(data):
             logger.warning("%s: dropping a torn last record (%d bytes)", self.path, len(data) - good_end)
-            with open(self.path, "r+b") as fh:
-                fh.truncate(good_end)
-                fh.flush()
-                os.fsync(fh.fileno())
+            from slidechat.engine.writers import truncate_file
+
+            truncate_file(self.path, good_end)
         return len(rows)
 
     # -- the loop
@@ -553,16 +542,11 @@ class SlideBenchWriter:
                 pred = parse_choice(out, self.table.options(it.index)) if it.error is None else None
                 added[PRED_COLUMN] = pred or ""
             w.writerow(vals + [added[c] for c in self.added])
-        self._fh.write(buf.getvalue().encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._fh.append(buf.getvalue().encode("utf-8"))
         self.done += len(items)
 
     def close(self) -> None:
         if self._fh is not None:
-            with contextlib.suppress(OSError):
-                if fcntl is not None:
-                    fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
 
