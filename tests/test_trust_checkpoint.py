@@ -342,3 +342,26 @@ def test_slidechat_train_exit_status_tells_the_truth(train_demo, tmp_path):
     res = slidechat_train(TINY1, tmp_path / "bad", bad)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "missing.json" in res.stderr and "training failed (exit status 1)" in res.stderr
+
+
+def test_mmengine_resume_path_runs_the_same_check(setup, trained_sd):
+    """mmengine's resume loads through its own ``load_state_dict`` walker (strict=False: a shape mismatch
+    was only a warning, the tensor kept its random value); it now meets the same key check."""
+    from mmengine.config import Config
+    from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
+    from xtuner.registry import BUILDER
+
+    from slidechat.utils.errors import SlideChatError
+
+    cfg = Config.fromfile(str(CONFIG))
+    cfg.merge_from_dict(setup["overrides"])
+    model = BUILDER.build(cfg.model)
+    bad = dict(trained_sd)
+    bad["LongNet_encoder.layer_norm.weight"] = torch.ones(7)
+    with pytest.raises(SlideChatError, match=r"LongNet_encoder.layer_norm.weight: checkpoint \(7,\) vs model"):
+        mmengine_load_state_dict(model, bad, strict=False)
+    no_proj = {k: v for k, v in trained_sd.items() if not k.startswith("projector.")}
+    with pytest.raises(SlideChatError, match=r"lacks required weights: 4 keys: projector.model"):
+        mmengine_load_state_dict(model, no_proj, strict=False)
+    mmengine_load_state_dict(model, dict(trained_sd), strict=False)
+    assert torch.equal(model.state_dict()["projector.model.2.weight"], trained_sd["projector.model.2.weight"])

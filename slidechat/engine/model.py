@@ -312,6 +312,20 @@ class SlideChatTrainModel(BaseModel):
         return self._core.load_slidechat_state_dict(sd, required=self.required_keys(llm=llm),
                                                     allow_partial=allow, source=source)
 
+    def _load_from_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        """mmengine's resume (``runner.load_checkpoint`` -> ``mmengine.runner.checkpoint.load_state_dict``)
+        walks the modules itself instead of calling :meth:`load_state_dict`, and with ``strict=False``
+        only warns about a shape mismatch (the tensor stays as it was). It starts here with the whole
+        dict, so the same key check runs first: a checkpoint that does not fit is an error, not a
+        warning. (Our own loads go through the core, never through this method.)"""
+        if prefix == "":
+            report = self.load_weights_checked(
+                {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, source="resumed state")
+            _print_log(f"load_state_dict: {report.summary()}",
+                       logging.WARNING if not report.ok else logging.INFO)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def load_checkpoint(self, checkpoint: Union[str, os.PathLike],
                         allow_partial: Optional[bool] = None) -> KeyReport:
         """Resolve, read safely and load a checkpoint (file, DeepSpeed folder, work dir, exported folder,
