@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slidechat.data.collate import slidechat_collate_fn
 from slidechat.data.dataset import SlideInstructionDataset
+# importing slidechat.engine.model also makes `xtuner test --checkpoint` read through slidechat's
+# safe loader (no pickle code runs; see install_safe_xtuner_loader)
 from slidechat.engine.model import SlideChatTrainModel
 
 #######################################################################
@@ -125,6 +127,9 @@ log_processor = dict(by_epoch=False)
 # xtuner test <this config> --checkpoint CKPT --cfg-options test_slide_csv=A.csv \
 #     test_output_csv=B.csv [feature_root=DIR feature_template=... test_batch_size=8 max_new_tokens=500]
 # (or: slidechat test <this config> --checkpoint CKPT --test_slide_csv A.csv --test_output_csv B.csv)
+# The checkpoint must hold the trained modules (a partial one is refused; add
+# model.allow_partial=True to --cfg-options to accept it with a warning). xtuner's launcher
+# exits 0 even when the test fails: scripts should use `slidechat test`.
 # The loop reads these TOP-LEVEL keys (the only ones --cfg-options can change) and resumes an
 # interrupted output; feature_root above is reused unless overridden.
 from slidechat.engine.testing import SlideBenchMetric, SlideBenchTestDataset, SlideBenchTestLoop
