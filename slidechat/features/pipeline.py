@@ -293,8 +293,9 @@ def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_
     if device_type != "cpu":
         need = math.ceil(r / max(encode_s_per_patch, 1e-6))
         return max(1, min(need, max(1, cores - 1))), encoder_threads
-    enc_cpu = max(encode_s_per_patch, 1e-6) * max(1, encoder_threads)
-    share = r / (r + enc_cpu)
+    # the encoder's measured wall time per patch (with its threads) stands for its cost: counting
+    # threads x wall over-charges it when the threads contend, and would starve the decoding
+    share = r / (r + max(encode_s_per_patch, 1e-6))
     readers = max(1, min(cores, math.ceil(cores * share - 1e-9)))
     threads = cores if share < 0.15 else max(1, cores - readers)
     return readers, threads
@@ -455,8 +456,8 @@ def _process(path: Path, encoder: Any, opts: ExtractOptions, device: Any, want_t
             t1 = time.perf_counter()
             tm["open_s"] = t1 - t0
             stage = "tissue"
-            mask = whole_slide_mask(slide) if opts.no_tissue_seg else segment_tissue(slide, opts.tissue)
-            thumb = slide.thumbnail(1024) if want_thumb else None
+            slide.enable_direct_tiles(min(opts.cache_mb, 32))  # low-res reads, decoded directly
+            mask, thumb = _segment_and_thumbnail(slide, opts, want_thumb)
             t2 = time.perf_counter()
             tm["segment_s"] = t2 - t1
             stage = "patching"
@@ -476,6 +477,28 @@ def _process(path: Path, encoder: Any, opts: ExtractOptions, device: Any, want_t
     tm["total_s"] = time.perf_counter() - t0
     tm["patches_per_s"] = len(grid) / max(tm["total_s"], 1e-9)
     return SlideResult(slide_id(path), path, feats, grid.coords.copy(), grid, mask, dims, tm, thumb)
+
+
+def _segment_and_thumbnail(slide: Slide, opts: ExtractOptions, want_thumb: bool
+                           ) -> Tuple[TissueMask, Optional[np.ndarray]]:
+    """Tissue mask and QC thumbnail from one low-resolution read of the slide (not two)."""
+    import cv2
+
+    from slidechat.wsi.tissue import auto_downsample, segment_rgb
+
+    W, H = slide.dimensions
+    if opts.no_tissue_seg:
+        return whole_slide_mask(slide), (slide.thumbnail(1024) if want_thumb else None)
+    ds = opts.tissue.downsample or auto_downsample(W, H)
+    rgb = slide.read_downsampled(ds)
+    mask = segment_rgb(rgb, opts.tissue, level0_per_px=(W / rgb.shape[1], H / rgb.shape[0]))
+    thumb = None
+    if want_thumb:
+        f = min(1.0, 1024 / max(rgb.shape[:2]))
+        thumb = rgb if f >= 1.0 else cv2.resize(
+            rgb, (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f))),
+            interpolation=cv2.INTER_AREA)
+    return mask, thumb
 
 
 def extract_slide_features(slide_path: PathLike, encoder: Any = "conch_v1",

@@ -140,6 +140,13 @@ class Slide:
             if x2 > x1 and y2 > y1:
                 out[y1 - y:y2 - y, x1 - x:x2 - x] = self._img[y1:y2, x1:x2]
             return out
+        tiles = getattr(self, "_tiles", None)
+        if tiles is not None and tiles.has_level(level) and self._on_level_grid(x, y, level):
+            try:
+                return tiles.read(x, y, level, w, h, self.level_downsamples[level])
+            except Exception as e:
+                raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
+                                     f"{type(e).__name__}: {e}", self.path) from e
         try:
             rgba = np.asarray(self._osr.read_region((x, y), level, (w, h)))
         except Exception as e:
@@ -160,7 +167,7 @@ class Slide:
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
         tiles = getattr(self, "_tiles", None)
-        if tiles is not None and tiles.has_level(level):
+        if tiles is not None and tiles.has_level(level) and self._on_level_grid(x, y, level):
             try:
                 return Image.fromarray(tiles.read(x, y, level, w, h, self.level_downsamples[level]))
             except Exception as e:
@@ -198,6 +205,11 @@ class Slide:
                                          f"{type(e).__name__}: {e}", self.path) from e
         img = self.read_region_image((x, y), level, (w, h))
         return np.asarray(img.reduce(f) if f > 1 else img)
+
+    def _on_level_grid(self, x: int, y: int, level: int) -> bool:
+        """Whether level-0 (x, y) falls on a whole pixel of ``level`` (else OpenSlide interpolates)."""
+        ds = self.level_downsamples[level]
+        return float(x / ds).is_integer() and float(y / ds).is_integer()
 
     def enable_direct_tiles(self, cache_mb: float = 128, probe: Optional[Tuple[int, int]] = None) -> bool:
         """Read tiled-TIFF levels by decoding their JPEG tiles directly (``wsi.tiles``), ~6x cheaper than
