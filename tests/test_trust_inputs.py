@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,7 +25,6 @@ from slidechat.utils.errors import SlideChatError  # noqa: E402
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 HUGE = 5_000_000  # characters of the "5 MB question"
-csv.field_size_limit(2**31 - 1)  # read_rows (stdlib csv) on outputs holding the 5 MB question
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_huge_question_gets_an_error_row_and_resume_moves_on(setup, tmp_path):
     assert [r["ID"] for r in read_rows(out)] == [f"q{i}" for i in range(BATCH)]
     second = run(0)  # resume
     assert second.returncode == 0, second.stderr[-3000:]
-    rows = read_rows(out)
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False).to_dict("records")  # a 5 MB field
     ref = read_rows(setup["csv"])
     assert [r["ID"] for r in rows] == [r["ID"] for r in ref]
     assert rows[huge_row]["Error"].startswith("prompt too long") and rows[huge_row]["Output"] == ""
@@ -287,21 +287,34 @@ def _chat(setup, stdin: bytes, *extra):
 
 
 def test_chat_survives_invalid_utf8_and_over_long_inputs(setup):
+    """Default caps (no flags): a line that is not UTF-8 is answered with replacement characters and a
+    warning; a 5 MB line is refused unread; a 200,000-character line (under the character cap) is
+    refused on its token count; the conversation goes on after each."""
     stdin = (b"What tissue is this?\n"
              b"Is it \xff\xfe malignant \xc3(?\n"  # not UTF-8
              + b"y" * HUGE + b"\n"  # over the character cap: refused unread
-             + ("the tissue " * 100).encode() + b"\n"  # under the character cap, over the token cap
+             + ("word " * 40_000).encode() + b"\n"  # under the character cap, over the token cap
              + b"Anything else?\nexit\n")
-    res = _chat(setup, stdin, "--max-prompt-tokens", "150")
+    res = _chat(setup, stdin)
     err = res.stderr.decode("utf-8", errors="replace")
     assert res.returncode == 0, err[-3000:]
     lines = [json.loads(ln) for ln in res.stdout.decode("utf-8").splitlines()]
     assert [ln.get("turn") for ln in lines] == [1, 2, None, None, 3]
     assert lines[1]["question"] == "Is it \ufffd\ufffd malignant \ufffd(?"
-    assert "over 2,400 characters" in lines[2]["error"]
-    assert "tokens > max_prompt_tokens 150" in lines[3]["error"]
+    assert "input refused: over" in lines[2]["error"] and "characters" in lines[2]["error"]
+    assert "tokens > max_prompt_tokens" in lines[3]["error"]
     assert "not valid UTF-8" in err and err.count("input refused") == 2
     assert "Traceback" not in err
+
+
+def test_chat_flags_set_the_caps(setup):
+    stdin = b"Short question?\n" + b"z" * 500 + b"\n" + ("the tissue " * 30).encode() + b"\nexit\n"
+    res = _chat(setup, stdin, "--max-input-chars", "400", "--max-prompt-tokens", "60")
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    lines = [json.loads(ln) for ln in res.stdout.decode("utf-8").splitlines()]
+    assert [ln.get("turn") for ln in lines] == [1, None, None]
+    assert "over 400 characters" in lines[1]["error"]
+    assert "tokens > max_prompt_tokens 60" in lines[2]["error"]
 
 
 def test_chat_session_refuses_and_continues(setup):
