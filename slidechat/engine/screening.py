@@ -681,6 +681,9 @@ def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pat
             logger.info("%s: %d cellular fields of %d (read %.1fs, model %.1fs)", sid, len(res.rows),
                         res.plan.n_candidates, res.timings["read_s"], res.timings["model_s"])
     _write_failures(fail_path, failures)
+    if failures:
+        logger.warning("%d slide(s) failed (see %s); they are not in the slide table or the metrics",
+                       len(failures), fail_path)
     if world == 1:
         summary.update(reaggregate(out, labels=labels, opts=opts,
                                    slides=[slide_id(p) for p in jobs], label_map=label_map))
@@ -749,13 +752,17 @@ def reaggregate(out_dir: PathLike, labels: Optional[PathLike] = None, opts: Opti
 # demo
 
 
-def run_screen_demo(work_dir: PathLike, model_dir: PathLike, n_slides: int = 8, seed: int = 1,
-                    width: int = 2048, height: int = 2048, batch_size: int = 8,
-                    ground_top: int = 2) -> Dict[str, Any]:
-    """Held-out synthetic smears -> ``slidechat screen`` with ``model_dir`` -> AUC. For the demo.
+def run_screen_demo(work_dir: PathLike, model_dir: PathLike, n_slides: int = 8, seed: int = 101,
+                    width: int = 2048, height: int = 2048, batch_size: int = 8, ground_top: int = 1,
+                    image_max_pixels: int = 224 * 224, max_new_tokens: int = 64,
+                    n_boot: int = 1000) -> Dict[str, Any]:
+    """Held-out synthetic smears -> ``slidechat screen`` with ``model_dir`` -> slide AUC, for the demo.
 
-    Writes slides under ``<work_dir>/cyto_slides`` (reused when present) and the screening outputs
-    under ``<work_dir>/screen``; returns the summary (``metrics`` holds auc, auc_ci_low/high, ...).
+    Writes ``n_slides`` slides (half abnormal) under ``<work_dir>/cyto_slides`` (reused when present)
+    and the screening outputs under ``<work_dir>/screen``. ``image_max_pixels`` must match training
+    (``configs/tiny/cytochat_sft.py`` trains at 224x224). Returns the summary: ``metrics`` holds
+    ``auc``, ``auc_ci_low``, ``auc_ci_high``, ``sensitivity``, ``specificity``; ``metrics_line`` is
+    the printable line; pictures are under ``<work_dir>/screen/{heatmaps,galleries}``.
     """
     from slidechat.data.synthetic_cytology import write_cytology_slides
 
@@ -763,5 +770,6 @@ def run_screen_demo(work_dir: PathLike, model_dir: PathLike, n_slides: int = 8, 
     sl = work / "cyto_slides"
     if not (sl / "labels.csv").is_file():
         write_cytology_slides(sl, n_slides=n_slides, seed=seed, width=width, height=height)
-    opts = ScreenOptions(batch_size=batch_size, ground_top=ground_top, progress=False, n_boot=1000)
+    opts = ScreenOptions(batch_size=batch_size, ground_top=ground_top, progress=False, n_boot=n_boot,
+                         image_max_pixels=image_max_pixels, max_new_tokens=max_new_tokens)
     return screen_slides(sl / "slides", work / "screen", model_dir, labels=sl / "labels.csv", opts=opts)
