@@ -350,7 +350,8 @@ PARTIAL_HINT = "--allow-partial / allow_partial=True loads it anyway, leaving mi
 
 def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
                  required: Optional[Iterable[str]] = None, allow_partial: bool = False,
-                 source: Union[str, os.PathLike] = "") -> KeyReport:
+                 source: Union[str, os.PathLike] = "", allow_unexpected: bool = False,
+                 hint: Optional[str] = None) -> KeyReport:
     """Load ``state_dict`` into ``module`` after checking its keys; returns the :class:`KeyReport`.
 
     ``required``: the module keys that must come from the checkpoint (exact keys, or prefixes ending in
@@ -360,11 +361,16 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
 
     * a shape mismatch is always a one-line :class:`SlideChatError`;
     * missing required keys or unexpected keys are one too, naming the key prefixes, unless
-      ``allow_partial`` (then one warning line and the matching keys are loaded).
+      ``allow_partial`` (then one warning line and the matching keys are loaded);
+    * ``allow_unexpected`` only lets unexpected keys through (a warning), for loaders that take a part of
+      a larger file (a patch encoder's tower out of a whole CLIP/CoCa checkpoint).
+
+    ``hint`` replaces the default hint of the missing/unexpected error (how the caller opts in).
     """
     src = os.fspath(source) if source else ""
     own = nn.Module.state_dict(module)
-    req = _required_keys(list(own), required)
+    # BatchNorm's batch counter is a statistic, not a weight; old checkpoints lack it and torch fills it
+    req = {k for k in _required_keys(list(own), required) if not k.endswith(".num_batches_tracked")}
     matched: Dict[str, Tensor] = {}
     unexpected: List[str] = []
     mismatched: List[str] = []
@@ -386,7 +392,7 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
         raise SlideChatError(f"{len(mismatched)} checkpoint tensor(s) do not fit the model: "
                              f"{report.mismatch_text()}", path=src or None,
                              hint="check that the config matches the checkpoint: encoder size, feature_dim, LLM")
-    if (missing or unexpected) and not allow_partial:
+    if (missing or (unexpected and not allow_unexpected)) and not allow_partial:
         if not matched:
             reason = (f"checkpoint holds none of the {len(req)} weights the model must receive "
                       f"(missing {summarize_keys(missing)}; unexpected {summarize_keys(unexpected)})")
@@ -396,11 +402,12 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
                 reason += f"; and has unexpected ones: {summarize_keys(unexpected)}"
         else:
             reason = f"checkpoint has weights the model does not use: {summarize_keys(unexpected)}"
-        raise SlideChatError(reason, path=src or None, hint=PARTIAL_HINT)
+        raise SlideChatError(reason, path=src or None, hint=PARTIAL_HINT if hint is None else hint)
     if matched:
         nn.Module.load_state_dict(module, matched, strict=False)
     if missing or unexpected:
-        logger.warning("partial load (allowed): %s", report.summary())
+        logger.warning("partial load (allowed): %s" if missing else "unused checkpoint keys ignored: %s",
+                       report.summary())
     else:
         logger.info("%s", report.summary())
     return report

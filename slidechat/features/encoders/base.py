@@ -119,19 +119,15 @@ def require_checkpoint(path: Optional[PathLike], encoder: str) -> Path:
 
 def load_checked(module: nn.Module, sd: Dict[str, torch.Tensor], path: PathLike, encoder: str,
                  ignore_missing: Tuple[str, ...] = ()) -> None:
-    """``load_state_dict(strict=False)`` that logs unexpected keys and refuses missing ones.
+    """The encoders' use of :func:`slidechat.model.checkpoint.load_checked` (the one key check).
 
-    A model with silently-random weights produces plausible-looking garbage, so any missing
-    parameter is an error.
+    A model with silently-random weights produces plausible-looking garbage, so every parameter
+    (except ``ignore_missing`` prefixes) is required and shapes must match; keys the encoder does not
+    use are logged and ignored.
     """
-    result = module.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(ignore_missing or ("\0",))]
-    if result.unexpected_keys:
-        logger.warning("%s: %d unexpected keys ignored in %s (first: %s)", encoder,
-                       len(result.unexpected_keys), path, ", ".join(result.unexpected_keys[:5]))
-    if missing:
-        logger.error("%s: %d weights missing from %s: %s", encoder, len(missing), path,
-                     ", ".join(missing[:10]))
-        raise SlideChatError(f"checkpoint lacks {len(missing)} of {encoder}'s weights "
-                             f"(e.g. {missing[0]}); refusing to run with random weights", path,
-                             hint="is this the right --checkpoint for --encoder " + encoder + "?")
+    from slidechat.model.checkpoint import load_checked as checked
+
+    own = nn.Module.state_dict(module)
+    required = [k for k in own if not (ignore_missing and k.startswith(tuple(ignore_missing)))]
+    checked(module, sd, required=required, allow_unexpected=True, source=path,
+            hint=f"refusing to run with random weights: is this the right --checkpoint for --encoder {encoder}?")
