@@ -381,3 +381,48 @@ def test_encoder_resize_in_readers_equals_resize_on_device(synthetic_slides):
     host.close(), plain.close()
     assert a.shape[1:] == (224, 224, 3) and b.shape[1:] == (112, 112, 3)
     assert np.array_equal(a, pil_resize_uint8(torch.from_numpy(b), (224, 224), enc.interpolation).numpy())
+
+
+def _dicom_file(path: Path, series_uid: str, n_extra: int = 0) -> Path:
+    """A minimal explicit-VR little-endian DICOM file written byte by byte from the standard's layout:
+    preamble + DICM, a file-meta group, an undefined-length sequence, then Study/Series Instance UIDs."""
+    import struct
+
+    def el(group, elem, vr, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\0"
+        if vr in (b"OB", b"SQ", b"UN", b"UT"):
+            return struct.pack("<HH", group, elem) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    meta_body = el(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1")
+    meta = el(0x0002, 0x0000, b"UL", struct.pack("<I", len(meta_body))) + meta_body
+    item = el(0x0008, 0x0100, b"SH", b"CODE")
+    seq = (struct.pack("<HH", 0x0008, 0x1032) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF)
+           + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+           + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    body = (el(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.77.1.6") + seq
+            + el(0x0020, 0x000D, b"UI", b"1.2.3") + el(0x0020, 0x000E, b"UI", series_uid.encode())
+            + el(0x7FE0, 0x0010, b"OB", b"\0" * (16 + n_extra)))
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
+    return path
+
+
+def test_multi_file_dicom_slide_is_one_slide(tmp_path):
+    from slidechat.features.inputs import dicom_series_uid
+    from slidechat.wsi.slide import slide_id
+
+    slide_dir = tmp_path / "slides" / "CASE-7"
+    slide_dir.mkdir(parents=True)
+    files = [_dicom_file(slide_dir / f"1.2.3.4.{i}.dcm", "1.2.3.99", n_extra=1000 * (3 - i)) for i in range(3)]
+    assert dicom_series_uid(files[0]) == "1.2.3.99"
+    other = tmp_path / "slides" / "b.svs"
+    other.write_bytes(b"")
+    got = collect_slide_paths(tmp_path / "slides", recursive=True)
+    assert got == [files[0], other] or got == [other, files[0]]  # level 0 = the largest file
+    assert slide_id(files[0]) == "CASE-7"
+    # two series in one folder cannot be told apart by guessing: refused, naming the folder
+    _dicom_file(slide_dir / "9.9.dcm", "1.2.3.100")
+    with pytest.raises(SlideChatError, match="2 DICOM series") as e:
+        collect_slide_paths(slide_dir)
+    assert "CASE-7" in str(e.value)

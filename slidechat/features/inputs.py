@@ -31,12 +31,120 @@ def collect_slide_paths(inputs: Union[PathLike, Sequence[PathLike]], recursive: 
     for item in inputs:
         out.extend(_expand(item, recursive))
     seen, uniq = set(), []
-    for p in out:
+    for p in _one_per_dicom_series(out):
         key = os.path.abspath(p)
         if key not in seen:
             seen.add(key)
             uniq.append(p)
     return uniq
+
+
+def _one_per_dicom_series(paths: List[Path]) -> List[Path]:
+    """A DICOM whole-slide image is several ``.dcm`` files in one folder (pyramid levels, label,
+    overview); OpenSlide opens the whole slide from any of them. Keep one entry per folder (the largest
+    file, normally level 0) so the slide is extracted once, not once per file. A folder whose files
+    belong to different series is an error: which files make which slide cannot be guessed."""
+    groups: dict = {}
+    order: List[object] = []
+    for p in paths:
+        key: object = ("dcm", os.path.abspath(Path(p).parent)) if Path(p).suffix.lower() == ".dcm" else p
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(Path(p))
+    out: List[Path] = []
+    for key in order:
+        files = groups[key]
+        if not (isinstance(key, tuple) and key[0] == "dcm"):
+            out.extend(files)
+            continue
+        series = {u for u in (dicom_series_uid(f) for f in files) if u}
+        if len(series) > 1:
+            raise SlideChatError(f"folder holds {len(series)} DICOM series ({len(files)} .dcm files); "
+                                 "one folder must hold one slide", files[0].parent,
+                                 hint="put each slide's .dcm files in a folder of its own")
+        out.append(max(files, key=lambda f: (f.stat().st_size if f.exists() else 0, str(f))))
+        if len(files) > 1:
+            logger.info("%s: %d DICOM files of one slide", files[0].parent, len(files))
+    return out
+
+
+def dicom_series_uid(path: PathLike, max_bytes: int = 1 << 20) -> Optional[str]:
+    """SeriesInstanceUID (0020,000E) of a DICOM file, read from its header without a DICOM library, or
+    None when the file is not explicit-VR little-endian DICOM or the tag is absent.
+
+    Walks top-level elements (skipping sequences by their length or delimiters) until group 0x0020.
+    """
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read(max_bytes)
+    except OSError:
+        return None
+    if len(buf) < 132 or buf[128:132] != b"DICM":
+        return None
+    long_vrs = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+    pos, n = 132, len(buf)
+    while pos + 8 <= n:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        vr = buf[pos + 4:pos + 6]
+        if not (vr.isalpha() and vr.isupper()):
+            return None  # implicit VR or something unexpected: no guess
+        if vr in long_vrs:
+            if pos + 12 > n:
+                return None
+            length = struct.unpack_from("<I", buf, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", buf, pos + 6)[0]
+            start = pos + 8
+        if (group, elem) == (0x0020, 0x000E):
+            return buf[start:start + length].rstrip(b"\0 ").decode("ascii", "replace") or None
+        if group > 0x0020 or (group == 0x0020 and elem > 0x000E):
+            return None
+        if length == 0xFFFFFFFF:  # undefined length: find the matching sequence delimiter
+            end = _skip_undefined(buf, start)
+            if end is None:
+                return None
+            pos = end
+        else:
+            pos = start + length
+    return None
+
+
+def _skip_undefined(buf: bytes, pos: int) -> Optional[int]:
+    """Position after the (FFFE,E0DD) delimiter that closes the sequence starting at ``pos``."""
+    import struct
+
+    depth = 1
+    n = len(buf)
+    while pos + 8 <= n:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if group == 0xFFFE:
+            length = struct.unpack_from("<I", buf, pos + 4)[0]
+            if elem == 0xE0DD:
+                depth -= 1
+                pos += 8
+                if depth == 0:
+                    return pos
+                continue
+            if elem == 0xE000 and length != 0xFFFFFFFF:
+                pos += 8 + length  # a defined-length item
+                continue
+            pos += 8  # item of undefined length, or item delimiter
+            continue
+        vr = buf[pos + 4:pos + 6]
+        if vr in {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}:
+            length = struct.unpack_from("<I", buf, pos + 8)[0]
+            pos += 12
+            if length == 0xFFFFFFFF:
+                depth += 1
+                continue
+            pos += length
+        else:
+            pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
+    return None
 
 
 def _expand(item: PathLike, recursive: bool) -> List[Path]:

@@ -283,22 +283,20 @@ def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_
                     device_type: str, cores: Optional[int] = None) -> Tuple[int, int]:
     """``(reader processes, encoder threads)`` from a probe batch's measured costs.
 
-    CPU: split the cores in proportion to the CPU time each side needs per patch (readers get at least
-    one process, rounded up so decoding, the usual bottleneck, is never starved; a compute-bound encoder
-    keeps every core for its threads). GPU: enough readers that they deliver patches as fast as the GPU
-    encodes them, leaving one core for the main process.
+    CPU: when reading is a real share of the work (>= 25 %: light encoders), every core gets a reader
+    and the encoder one thread — single-threaded processes time-share the cores without idling, and the
+    probe's encoder timing on a shared machine is too noisy for finer splits; when the encoder dominates
+    (CONCH or ResNet-50 on CPU), one reader and every core for the encoder's threads. GPU: enough
+    readers that they deliver patches as fast as the GPU encodes them, one core left for the main process.
     """
     cores = cores or cpu_cores()
     r = max(read_s_per_patch, 1e-6)
+    e = max(encode_s_per_patch, 1e-6)
     if device_type != "cpu":
-        need = math.ceil(r / max(encode_s_per_patch, 1e-6))
-        return max(1, min(need, max(1, cores - 1))), encoder_threads
-    # the encoder's measured wall time per patch (with its threads) stands for its cost: counting
-    # threads x wall over-charges it when the threads contend, and would starve the decoding
-    share = r / (r + max(encode_s_per_patch, 1e-6))
-    readers = max(1, min(cores, math.ceil(cores * share - 1e-9)))
-    threads = cores if share < 0.15 else max(1, cores - readers)
-    return readers, threads
+        return max(1, min(math.ceil(r / e), max(1, cores - 1))), encoder_threads
+    if r / (r + e) >= 0.25:
+        return cores, 1
+    return 1, cores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +407,9 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
             if opts.num_workers is None:
                 nw, threads = balance_workers(secs / n0, (t["encode_s"] - e0) / n0, prev_threads,
                                               device.type)
+                logger.debug("%s: probe %.2f ms/patch read, %.2f ms/patch encode -> %d reader(s), %d "
+                             "encoder thread(s)", desc, 1e3 * secs / n0, 1e3 * (t["encode_s"] - e0) / n0,
+                             nw, threads)
             else:
                 nw, threads = max(0, int(opts.num_workers)), prev_threads
                 if device.type == "cpu" and nw > 0:  # leave the readers their cores

@@ -32,8 +32,11 @@ MPP_FLAG_HINT = "pass --base-mpp (micrometres per pixel at level 0) or --base-ma
 def slide_id(path: PathLike) -> str:
     """File name without its extension; double suffixes such as ``.ome.tiff`` are removed whole.
 
-    Dots inside the name are kept: ``TCGA-XX.1.svs`` -> ``TCGA-XX.1``.
+    Dots inside the name are kept: ``TCGA-XX.1.svs`` -> ``TCGA-XX.1``. A DICOM slide is a folder of
+    ``.dcm`` files (one per pyramid level, label, ...) with UID-like names: its id is the folder's name.
     """
+    if Path(path).suffix.lower() == ".dcm":
+        return Path(path).resolve().parent.name or Path(path).stem
     name = Path(path).name
     low = name.lower()
     for suf in _DOUBLE_SUFFIXES:
