@@ -62,7 +62,7 @@ def run_once(model, processor, data: Path, out: Path, batch: int, max_new: int) 
         dt = time.perf_counter() - t0
     assert stats.errors == 0, "benchmark rows failed"
     return {"batch": batch, "rows": stats.written, "seconds": dt, "examples_per_s": stats.written / dt,
-            "generate_s": stats.generate_s}
+            "generate_s": stats.generate_s, "new_tokens": family.new_tokens, "slots": family.token_slots}
 
 
 def main() -> int:
@@ -96,10 +96,11 @@ def main() -> int:
     print(f"slidechat infer throughput: tiny Qwen2-VL, {args.rows} rows, {args.image_size}px fields, "
           f"max_new_tokens {args.max_new_tokens}, greedy, {args.threads} torch thread(s), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
-    print("| batch | rows | seconds | examples/s | speed-up vs batch "
-          f"{results[0]['batch']} |\n|---:|---:|---:|---:|---:|")
+    print("| batch | rows | seconds | of which generate | answer tokens / decoded slots | examples/s | "
+          f"speed-up vs batch {results[0]['batch']} |\n|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['batch']} | {r['rows']} | {r['seconds']:.2f} | {r['examples_per_s']:.2f} | "
+        print(f"| {r['batch']} | {r['rows']} | {r['seconds']:.2f} | {r['generate_s']:.2f} | "
+              f"{r['new_tokens']} / {r['slots']} | {r['examples_per_s']:.2f} | "
               f"{r['examples_per_s'] / base:.2f}x |")
     print(f"\ngreedy outputs identical across batch sizes: {same}")
     return 0 if same else 1

@@ -20,12 +20,14 @@ engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is insta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence,
+                    Tuple, Union)
 
 import torch
 
@@ -252,6 +254,13 @@ class _Qwen2VLText:
 
         item.pil_images = [load_image(p, self.image_max_pixels, self.image_min_pixels) for p in item.images]
 
+    def answer_length(self, ids: Sequence[int]) -> int:
+        """Generated tokens up to and including the first stop token (all when none)."""
+        for k, t in enumerate(ids):
+            if t in self.stop_ids:
+                return k + 1
+        return len(ids)
+
     def decode_new(self, ids: Sequence[int]) -> str:
         """Generated ids -> text: cut at the first stop token, special tokens skipped or kept."""
         ids = list(ids)
@@ -276,6 +285,35 @@ def stop_token_ids(tokenizer: Any) -> List[int]:
     return ids
 
 
+@contextlib.contextmanager
+def per_image_vision(model: Any) -> Iterator[None]:
+    """Run Qwen2-VL's vision tower image by image inside ``model.generate``.
+
+    transformers 4.48 packs a batch's images into one sequence with a dense block-diagonal attention
+    mask (eager/SDPA), so the vision cost grows with the square of the batch's patch count; per image
+    it is linear, and each image's features no longer depend on its batch-mates. Same maths (the mask
+    is block-diagonal), so the answers are those of the packed call.
+    """
+    visual = getattr(model, "visual", None)
+    if visual is None or "forward" in vars(visual):
+        yield
+        return
+    packed = visual.forward
+
+    def forward(hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if grid_thw.shape[0] <= 1:
+            return packed(hidden_states, grid_thw=grid_thw, **kw)
+        sizes = [int(n) for n in grid_thw.prod(-1).tolist()]
+        return torch.cat([packed(h, grid_thw=g[None], **kw)
+                          for h, g in zip(hidden_states.split(sizes), grid_thw)])
+
+    visual.forward = forward
+    try:
+        yield
+    finally:
+        del visual.forward
+
+
 class Qwen2VLFamily(_Qwen2VLText):
     """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
 
@@ -287,6 +325,8 @@ class Qwen2VLFamily(_Qwen2VLText):
         self.gen_kwargs = sampling.hf_kwargs()
         pad = processor.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
+        self.new_tokens = 0  # answer tokens generated (through the stop token)
+        self.token_slots = 0  # rows x decoding steps: a batch runs until its longest answer ends
 
     def prepare(self, item: CytologyItem) -> None:
         self.render(item)
@@ -305,9 +345,12 @@ class Qwen2VLFamily(_Qwen2VLText):
                   if torch.is_tensor(v) else v for k, v in batch.items()}
         if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
             torch.manual_seed(int(self.sampling.seed) + items[0].position)
-        out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                  **self.gen_kwargs)
+        with per_image_vision(self.model):
+            out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                      **self.gen_kwargs)
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        self.token_slots += sum(len(row) for row in new)
+        self.new_tokens += sum(self.answer_length(row) for row in new)
         return [self.decode_new(row) for row in new]
 
 
