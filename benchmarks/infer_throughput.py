@@ -7,7 +7,7 @@ loaded once; only ``run_inference`` is timed, each batch size on a fresh output 
 the two batch sizes are compared (they must be identical). Prints a Markdown table.
 
     .venv/bin/python benchmarks/infer_throughput.py [--rows 32] [--image-size 224] [--max-new-tokens 32]
-        [--threads 1] [--batch-sizes 1 8] [--model DIR]
+        [--threads 1] [--batch-sizes 1 8] [--model DIR] [--device auto] [--dtype auto]
 
 (Not a pytest test: no function here is collected.)
 """
@@ -74,8 +74,11 @@ def main() -> int:
                                                              "too small to share)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--model", default=None, help="Qwen2-VL folder (default: build the tiny one)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from slidechat.engine.inference import resolve_device_dtype
     from slidechat.model.qwen2vl import load_qwen2vl
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
@@ -83,7 +86,8 @@ def main() -> int:
         root = Path(tmp)
         model_dir = Path(args.model) if args.model else make_tiny_qwen2vl(root / "tiny_qwen2vl")
         data = make_dataset(root, args.rows, args.image_size)
-        model, processor = load_qwen2vl(model_dir)
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        model, processor = load_qwen2vl(model_dir, torch_dtype=dtype, device=device)
         run_once(model, processor, data, root / "warmup.jsonl", max(args.batch_sizes), 2)  # warm-up
         results: List[Dict[str, float]] = []
         outputs = []
@@ -102,6 +106,8 @@ def main() -> int:
         print(f"| {r['batch']} | {r['rows']} | {r['seconds']:.2f} | {r['generate_s']:.2f} | "
               f"{r['new_tokens']} / {r['slots']} | {r['examples_per_s']:.2f} | "
               f"{r['examples_per_s'] / base:.2f}x |")
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB ({dtype})")
     print(f"\ngreedy outputs identical across batch sizes: {same}")
     return 0 if same else 1
 
