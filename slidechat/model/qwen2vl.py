@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -151,3 +151,13 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
         return processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
     finally:
         tok.padding_side = old_side
+
+
+
+def __getattr__(name: str) -> Any:
+    # the training model needs mmengine (seconds to import): loaded only when asked for
+    if name in ("Qwen2VLTrainModel",):
+        from slidechat.model import qwen2vl_train
+
+        return getattr(qwen2vl_train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -78,10 +78,12 @@ def _build_qwen2vl_tokenizer(vocab_size: int = 300):
 def make_tiny_qwen2vl(out_dir: Union[str, os.PathLike], seed: int = 0, vocab_size: int = 300,
                       hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                       intermediate_size: int = 64, vision_depth: int = 2, vision_embed_dim: int = 32,
-                      vision_heads: int = 4) -> Path:
+                      vision_heads: int = 4, initializer_range: float = 0.2) -> Path:
     """Write a tiny random ``Qwen2VLForConditionalGeneration`` + processor to ``out_dir``; returns the folder.
 
-    Built from scratch (no download), deterministic for a given ``seed``.
+    Built from scratch (no download), deterministic for a given ``seed``. ``initializer_range`` is
+    larger than Qwen2's 0.02 so the random output head has a usable logit range: with 0.02, LoRA on the
+    frozen head and norms of a 32-wide model could barely move the loss (a real model's head is trained).
     """
     import torch
     from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
@@ -122,6 +124,7 @@ def make_tiny_qwen2vl(out_dir: Union[str, os.PathLike], seed: int = 0, vocab_siz
         image_token_id=ids[IMAGE_PAD],
         video_token_id=ids[VIDEO_PAD],
         torch_dtype="float32",
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)

@@ -1,0 +1,152 @@
+"""Qwen2-VL supervised fine-tuning data (CytoChat): LLaMA-Factory datasets -> model inputs and labels.
+
+Rows come from :func:`slidechat.data.llamafactory.read_llamafactory` (checked at construction: a bad
+row fails naming file and row before any training, or is skipped and counted with ``skip_bad``).
+Each item is built like LLaMA-Factory's supervised processor for the ``qwen2_vl`` template:
+images scaled by LLaMA-Factory's rule (``image_max_pixels`` 768², ``image_min_pixels`` 32², sides
+>= 28) then Qwen2-VL's image processor; each ``<image>`` expanded to ``t*h*w / merge²`` pad tokens;
+loss only on assistant slots; ``cutoff_len`` truncation by ``infer_seqlen``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image
+from slidechat.data.llamafactory import Example, read_llamafactory
+from slidechat.data.template import ConversationError, encode_qwen2vl, get_vision_template
+from slidechat.model.constants import IGNORE_INDEX
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+def build_processor(processor: Any) -> Any:
+    """A processor object, an xtuner-style config dict, or a local model folder path."""
+    if isinstance(processor, (str, os.PathLike)):
+        from transformers import AutoProcessor
+
+        from slidechat.model.qwen2vl import check_qwen2vl_folder
+
+        return AutoProcessor.from_pretrained(str(check_qwen2vl_folder(processor)))
+    if isinstance(processor, dict) and "type" in processor:
+        from slidechat.data.dataset import build_object
+
+        return build_object(processor)
+    return processor
+
+
+class CytologySFTDataset(Dataset):
+    """LLaMA-Factory sharegpt rows for Qwen2-VL training (``xtuner train`` configs use this)."""
+
+    def __init__(self, dataset: str, processor: Any, dataset_dir: Optional[PathLike] = None,
+                 template: str = "qwen2_vl", cutoff_len: int = 2048,
+                 image_max_pixels: int = IMAGE_MAX_PIXELS, image_min_pixels: int = IMAGE_MIN_PIXELS,
+                 max_samples: Optional[int] = None, skip_bad: bool = False,
+                 default_system: Optional[str] = None) -> None:
+        self.processor = build_processor(processor)
+        self.tokenizer = self.processor.tokenizer
+        self.template = get_vision_template(template)
+        if cutoff_len < 8:
+            raise SlideChatError(f"cutoff_len must be >= 8, got {cutoff_len}")
+        self.cutoff_len = int(cutoff_len)
+        self.image_max_pixels = int(image_max_pixels)
+        self.image_min_pixels = int(image_min_pixels)
+        self.default_system = default_system
+        self.skip_bad = bool(skip_bad)
+        self.examples: List[Example] = read_llamafactory(dataset, dataset_dir, skip_bad=skip_bad,
+                                                         max_samples=max_samples)
+        self.num_skipped = self.examples.num_skipped  # type: ignore[attr-defined]
+        self.num_skipped_at_load = 0
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(self.template.image_token)
+        self.merge_length = int(getattr(self.processor.image_processor, "merge_size", 2)) ** 2
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _error(self, ex: Example, reason: str) -> SlideChatError:
+        rid = f" (id {ex.id})" if ex.id is not None else ""
+        return SlideChatError(f"row {ex.index}{rid}: {reason}", ex.source)
+
+    def load_item(self, i: int) -> Dict[str, Any]:
+        """Model inputs of row ``i``; a row that cannot be built raises a SlideChatError naming it."""
+        ex = self.examples[i]
+        images = []
+        for path in ex.images:
+            try:
+                images.append(load_image(path, self.image_max_pixels, self.image_min_pixels))
+            except SlideChatError as e:
+                raise self._error(ex, f"{e.path}: {e.reason}") from None
+        item: Dict[str, Any] = {"id": ex.id if ex.id is not None else str(ex.index),
+                                "pad_token_id": self.pad_token_id}
+        seqlens: List[int] = []
+        if images:
+            vis = self.processor.image_processor(images=images, return_tensors="pt")
+            grid = vis["image_grid_thw"]
+            seqlens = [int(n) for n in (grid.prod(-1) // self.merge_length).tolist()]
+            item["pixel_values"] = vis["pixel_values"]
+            item["image_grid_thw"] = grid
+        try:
+            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system, seqlens,
+                                         cutoff_len=self.cutoff_len, default_system=self.default_system,
+                                         template=self.template)
+        except ConversationError as e:
+            raise self._error(ex, str(e)) from None
+        if ids.count(self.image_pad_id) != sum(seqlens):
+            raise self._error(ex, f"cutoff_len={self.cutoff_len} cuts into the image tokens "
+                                  f"({sum(seqlens)} needed); raise cutoff_len or lower image_max_pixels")
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise self._error(ex, f"no answer token left within cutoff_len={self.cutoff_len}")
+        item["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        item["labels"] = torch.tensor(labels, dtype=torch.long)
+        return item
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if not self.skip_bad:
+            return self.load_item(i)
+        for k in range(len(self.examples)):  # a row failing at load time is replaced by the next good one
+            try:
+                return self.load_item((i + k) % len(self.examples))
+            except SlideChatError as e:
+                self.num_skipped_at_load += 1
+                logger.warning("skipping bad row at load time: %s", e)
+        raise SlideChatError("every row failed to load")
+
+
+def qwen2vl_collate_fn(instances: Sequence[Dict[str, Any]], pad_token_id: Optional[int] = None
+                       ) -> Dict[str, Any]:
+    """Right-pad text (labels IGNORE_INDEX, mask 0) and concatenate image patches and grids, as
+    LLaMA-Factory's collator does for training; shaped like xtuner's ``{'data', 'data_samples'}``."""
+    if not instances:
+        raise ValueError("empty batch")
+    if pad_token_id is None:
+        pad_token_id = instances[0].get("pad_token_id")
+        if pad_token_id is None:
+            raise ValueError("no pad_token_id given and the items carry none")
+    n = max(len(x["input_ids"]) for x in instances)
+    bsz = len(instances)
+    input_ids = torch.full((bsz, n), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((bsz, n), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((bsz, n), dtype=torch.long)
+    for b, x in enumerate(instances):
+        k = len(x["input_ids"])
+        input_ids[b, :k] = torch.as_tensor(x["input_ids"])
+        labels[b, :k] = torch.as_tensor(x["labels"])
+        attention_mask[b, :k] = 1
+    with_images = [x for x in instances if x.get("pixel_values") is not None]
+    data: Dict[str, Any] = {
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        "pixel_values": torch.cat([x["pixel_values"] for x in with_images]) if with_images else None,
+        "image_grid_thw": torch.cat([x["image_grid_thw"] for x in with_images]) if with_images else None,
+        "ids": [str(x.get("id", "")) for x in instances],
+    }
+    return {"data": data, "data_samples": None}

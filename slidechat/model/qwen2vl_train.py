@@ -1,0 +1,370 @@
+"""Qwen2-VL training model for stock ``xtuner train`` (mmengine ``BaseModel``), LLaMA-Factory's recipe.
+
+Kept apart from :mod:`slidechat.model.qwen2vl` so inference does not import mmengine;
+``slidechat.model.qwen2vl.Qwen2VLTrainModel`` resolves to the class here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from mmengine.model import BaseModel
+
+# importing engine.model registers the torch.load globals mmengine checkpoints need (weights-only resume)
+import slidechat.engine.model  # noqa: F401,E402
+from slidechat.model.qwen2vl import PathLike, check_qwen2vl_folder
+from slidechat.utils.errors import SlideChatError
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ training
+# LLaMA-Factory's composite-model keys for qwen2_vl (model/model_utils/visual.py, transformers < 4.52 names)
+VISION_TOWER_KEYS = ("visual.patch_embed", "visual.blocks")
+PROJECTOR_KEY = "visual.merger"
+LANGUAGE_MODEL_KEYS = ("model", "lm_head")
+LORA_CONFLICT_KEYS = ("patch_embed",)
+HF_CHILDREN = ("visual", "model", "lm_head")
+
+
+def _as_dtype(dtype: Any) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        value = getattr(torch, dtype, None)
+        if isinstance(value, torch.dtype):
+            return value
+    raise SlideChatError(f"unknown torch_dtype {dtype!r} (use float32, bfloat16 or float16)")
+
+
+def forbidden_modules(freeze_vision_tower: bool, freeze_multi_modal_projector: bool,
+                      freeze_language_model: bool) -> List[str]:
+    """Module-name substrings LLaMA-Factory keeps frozen (``get_forbidden_modules``)."""
+    out: List[str] = []
+    if freeze_vision_tower:
+        out += list(VISION_TOWER_KEYS)
+    if freeze_multi_modal_projector:
+        out.append(PROJECTOR_KEY)
+    if freeze_language_model:
+        out += list(LANGUAGE_MODEL_KEYS)
+    return out
+
+
+def lora_target_modules(model: torch.nn.Module, forbidden: Sequence[str],
+                        targets: Optional[Sequence[str]] = None) -> List[str]:
+    """LLaMA-Factory's ``lora_target: all`` for Qwen2-VL: every Linear but ``lm_head``, minus frozen
+    parts (``patch_embed`` always); ``targets`` restricts to modules whose name contains one of them."""
+    from torch import nn
+
+    bad = tuple(forbidden) + LORA_CONFLICT_KEYS
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or "lm_head" in name:
+            continue
+        if targets is not None and not any(t in name for t in targets):
+            continue
+        if any(f in name for f in bad):
+            continue
+        names.append(name)
+    return names
+
+
+class _LoadGuard:
+    """Marks a load that already goes through :func:`load_checked` (no second check)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> None:
+        object.__setattr__(self.owner, "_checked_load_active", True)
+
+    def __exit__(self, *exc: Any) -> None:
+        object.__setattr__(self.owner, "_checked_load_active", False)
+
+
+class Qwen2VLTrainModel(BaseModel):
+    """Qwen2-VL for stock ``xtuner train`` (xtuner 0.2.0 has no Qwen2-VL support), trained like
+    LLaMA-Factory trains CytoChat.
+
+    The Hugging Face model's children (``visual``, ``model``, ``lm_head``) are registered directly on
+    this module, so checkpoint keys are the Hugging Face names. Full fine-tuning trains everything but
+    the frozen parts (``freeze_vision_tower``: patch embedding + blocks; ``freeze_multi_modal_projector``:
+    the merger; both True by default as in LLaMA-Factory). ``lora`` (a peft ``LoraConfig`` or its config
+    dict) puts adapters on every Linear of the unfrozen parts except ``lm_head`` and ``patch_embed``
+    (LLaMA-Factory's ``lora_target: all``); the base weights stay frozen.
+
+    ``state_dict()`` holds only the trained tensors (LoRA: only adapter tensors). Every load
+    (``load_state_dict`` for DeepSpeed resume / xtuner, mmengine's own resume, ``pretrained_pth``) goes
+    through :func:`slidechat.model.checkpoint.load_checked`: shape mismatches, and (strictly) missing
+    trained or unexpected keys, are one-line errors.
+    """
+
+    def __init__(self, model_name_or_path: PathLike, torch_dtype: Any = "float32",
+                 freeze_vision_tower: bool = True, freeze_multi_modal_projector: bool = True,
+                 freeze_language_model: bool = False, lora: Any = None,
+                 lora_targets: Optional[Sequence[str]] = None, pretrained_pth: Optional[PathLike] = None,
+                 use_activation_checkpointing: bool = False, attn_implementation: Optional[str] = None
+                 ) -> None:
+        super().__init__()
+        from transformers import Qwen2VLForConditionalGeneration
+
+        folder = check_qwen2vl_folder(model_name_or_path)
+        kwargs: Dict[str, Any] = {"torch_dtype": _as_dtype(torch_dtype) or torch.float32}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), **kwargs)
+        hf.config.use_cache = False
+        object.__setattr__(self, "_hf", hf)
+        object.__setattr__(self, "_peft", None)
+        object.__setattr__(self, "_checked_load_active", False)
+        for name in HF_CHILDREN:
+            setattr(self, name, getattr(hf, name))
+        self.model_name_or_path = str(folder)
+        self.freeze_flags = dict(freeze_vision_tower=bool(freeze_vision_tower),
+                                 freeze_multi_modal_projector=bool(freeze_multi_modal_projector),
+                                 freeze_language_model=bool(freeze_language_model))
+        self.use_lora = lora is not None
+        self.use_activation_checkpointing = bool(use_activation_checkpointing)
+        self.pretrained_report = None
+        if pretrained_pth:
+            self.pretrained_report = self.load_pretrained(pretrained_pth)
+
+        forbidden = forbidden_modules(**self.freeze_flags)
+        if self.use_lora:
+            self._apply_lora(lora, lora_target_modules(hf, forbidden, lora_targets))
+        else:
+            for name, p in self.named_parameters():
+                p.requires_grad_(not any(f in name for f in forbidden))
+        if self.use_activation_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.enable_input_require_grads()
+        trained = [n for n, p in self.named_parameters() if p.requires_grad]
+        if not trained:
+            raise SlideChatError("nothing to train: every part is frozen", folder)
+        object.__setattr__(self, "_trained_keys", frozenset(trained))
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.parameters())
+        logger.info("Qwen2-VL %s: %d of %d parameters trainable (%s)", "LoRA" if self.use_lora else "full",
+                    n_train, n_all, ", ".join(f"{k}={v}" for k, v in self.freeze_flags.items()))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def hf_model(self) -> Any:
+        """The ``Qwen2VLForConditionalGeneration`` (shares every parameter with this module)."""
+        return self._hf
+
+    @property
+    def trained_keys(self) -> frozenset:
+        return self._trained_keys
+
+    def _apply_lora(self, lora_cfg: Any, targets: List[str]) -> None:
+        from slidechat.model.lora import apply_lora
+
+        if not targets:
+            raise SlideChatError("LoRA has no target modules (everything is frozen)")
+        if isinstance(lora_cfg, dict):
+            from slidechat.engine.model import build_cfg
+
+            lora_cfg = build_cfg(lora_cfg) if "type" in lora_cfg else _lora_config(**lora_cfg)
+        peft_model = apply_lora(self._hf, lora_cfg, target_modules=targets)
+        object.__setattr__(self, "_peft", peft_model)
+        logger.info("LoRA on %d modules (r=%s, alpha=%s)", len(targets), lora_cfg.r, lora_cfg.lora_alpha)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights (for export); children are replaced in place."""
+        if self._peft is None:
+            return
+        merged = self._peft.merge_and_unload()
+        object.__setattr__(self, "_hf", merged)
+        object.__setattr__(self, "_peft", None)
+        for name in HF_CHILDREN:
+            setattr(self, name, getattr(merged, name))
+        self.use_lora = False
+
+    def train(self, mode: bool = True) -> "Qwen2VLTrainModel":
+        super().train(mode)
+        self._hf.train(mode)
+        return self
+
+    def init_weights(self) -> None:
+        """Weights come from the model folder and ``pretrained_pth``; nothing is re-initialised."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        sd = super().state_dict(*args, **kwargs)
+        for k in list(sd.keys()):
+            name = k[len(prefix):] if prefix and k.startswith(prefix) else k
+            if name not in self._trained_keys:
+                del sd[k]
+        return sd
+
+    def _checked_load(self, state_dict: Mapping[str, torch.Tensor], strict: bool, source: str) -> Any:
+        from slidechat.model.checkpoint import load_checked
+
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        with _LoadGuard(self):
+            return load_checked(self, sd, required=sorted(self._trained_keys), allow_partial=not strict,
+                                source=source)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """Load a checkpoint of this model (what DeepSpeed resume and ``xtuner test`` call).
+
+        ``strict``: every trained key present, nothing unexpected; shapes always checked.
+        """
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        report = self._checked_load(state_dict, strict, "state_dict")
+        return _IncompatibleKeys(report.missing, report.unexpected)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:
+        # mmengine's runner (resume / load_from) loads by walking modules itself, bypassing
+        # load_state_dict; the walk reaches this module first, with the whole dict: check it here.
+        if not self._checked_load_active and prefix == "":
+            self._checked_load({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)},
+                               strict=True, source="checkpoint")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def load_pretrained(self, path: PathLike) -> Any:
+        """Initial weights from a checkpoint or a Hugging Face folder (before freezing/LoRA): every
+        tensor must fit the model (no unexpected keys, no shape mismatch); model keys it lacks keep
+        the model folder's values."""
+        from slidechat.model.checkpoint import load_checked, load_weights
+
+        sd = load_weights(path)
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+        with _LoadGuard(self):
+            report = load_checked(self, sd, required=[], source=os.fspath(path))
+        logger.info("pretrained_pth %s", report.summary())
+        return report
+
+    # ------------------------------------------------------------------ forward
+    def _hf_inputs(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        """Model inputs with explicit M-RoPE position ids.
+
+        transformers 4.48 computes Qwen2-VL's 3-D (t, h, w) positions only on the first forward
+        without ``position_ids`` and caches ``rope_deltas`` on the model; every later training
+        forward then falls back to plain 1-D positions. LLaMA-Factory's collator passes the positions
+        from ``get_rope_index``; so do we, on every step.
+        """
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids")
+        inputs = {k: data[k] for k in keys if data.get(k) is not None}
+        if "position_ids" not in inputs:
+            inputs["position_ids"], _ = self._hf.get_rope_index(
+                inputs["input_ids"], inputs.get("image_grid_thw"), None, inputs.get("attention_mask"))
+        return inputs
+
+    def forward(self, data: Dict[str, Any], data_samples: Any = None, mode: str = "loss") -> Any:
+        if mode == "loss":
+            out = self._hf(**self._hf_inputs(data), labels=data["labels"], use_cache=False)
+            return {"loss": out.loss}
+        if mode == "tensor":
+            return self._hf(**self._hf_inputs(data), use_cache=False).logits
+        raise NotImplementedError(f"mode '{mode}' is not supported (use slidechat infer for predictions)")
+
+
+def _lora_config(**kwargs: Any) -> Any:
+    """A peft ``LoraConfig`` with LLaMA-Factory's defaults (alpha = 2 * r, dropout 0)."""
+    from peft import LoraConfig
+
+    r = int(kwargs.pop("r", 8))
+    kwargs.setdefault("lora_alpha", 2 * r)
+    kwargs.setdefault("lora_dropout", 0.0)
+    kwargs.setdefault("bias", "none")
+    return LoraConfig(r=r, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ config -> model
+def config_is_qwen2vl(config: Any) -> bool:
+    """Whether a training config (path or mmengine Config) builds a :class:`Qwen2VLTrainModel`."""
+    from slidechat.engine.builder import load_config
+
+    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
+    mtype = cfg.model.get("type") if "model" in cfg else None
+    return mtype is Qwen2VLTrainModel or (isinstance(mtype, str) and mtype.endswith("Qwen2VLTrainModel"))
+
+
+def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None,
+                              cfg_options: Optional[Mapping[str, Any]] = None, allow_partial: bool = False
+                              ) -> Any:
+    """The config's :class:`Qwen2VLTrainModel` with ``checkpoint`` loaded through ``load_checked``.
+
+    With a checkpoint, the config's ``pretrained_pth`` is not loaded (the checkpoint holds what was
+    trained; the rest comes from the model folder). Strict unless ``allow_partial``.
+    """
+    from xtuner.registry import BUILDER
+
+    from slidechat.engine.builder import load_config
+    from slidechat.model.checkpoint import load_checked, load_weights
+
+    cfg = load_config(config, dict(cfg_options or {})) if isinstance(config, (str, os.PathLike)) else config
+    model_cfg = cfg.model.copy()
+    if checkpoint is not None:
+        model_cfg["pretrained_pth"] = None
+    model_cfg["use_activation_checkpointing"] = False
+    model = BUILDER.build(model_cfg)
+    if not isinstance(model, Qwen2VLTrainModel):
+        raise SlideChatError(f"config model is {type(model).__name__}, expected Qwen2VLTrainModel",
+                             config if isinstance(config, (str, os.PathLike)) else None)
+    if checkpoint is not None:
+        sd = load_weights(checkpoint)
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+        with _LoadGuard(model):
+            report = load_checked(model, sd, required=sorted(model.trained_keys), allow_partial=allow_partial,
+                                  source=os.fspath(checkpoint))
+        logger.info("checkpoint %s", report.summary())
+    model.eval()
+    return model
+
+
+def _processor_source(cfg: Any, model: Qwen2VLTrainModel) -> Any:
+    """The processor the config trains with (its dataset's ``processor``), else the model folder's."""
+    from slidechat.data.cytology_dataset import build_processor
+
+    ds = cfg.get("train_dataloader", {}).get("dataset", {}) if "train_dataloader" in cfg else {}
+    src = ds.get("processor") if hasattr(ds, "get") else None
+    return build_processor(src if src is not None else model.model_name_or_path)
+
+
+def export_qwen2vl(config: PathLike, checkpoint: Optional[PathLike], out: PathLike,
+                   cfg_options: Optional[Mapping[str, Any]] = None, allow_partial: bool = False) -> Path:
+    """Training checkpoint -> a plain Hugging Face Qwen2-VL folder (LoRA merged) that
+    ``Qwen2VLForConditionalGeneration.from_pretrained``, ``AutoProcessor`` and vLLM load as they are.
+
+    Written to a temporary folder beside ``out`` and renamed when complete; an existing non-empty
+    ``out`` is an error.
+    """
+    import shutil
+    import tempfile
+
+    from slidechat.engine.builder import load_config
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlideChatError("output folder exists and is not empty", out, hint="choose a new --out")
+    cfg = load_config(config, dict(cfg_options or {}))
+    model = build_qwen2vl_from_config(cfg, checkpoint, allow_partial=allow_partial)
+    model.merge_lora()
+    hf = model.hf_model
+    hf.config.use_cache = True
+    processor = _processor_source(cfg, model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported Qwen2-VL to %s", out)
+    return out

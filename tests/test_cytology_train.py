@@ -1,0 +1,262 @@
+"""Tiny Qwen2-VL trained through xtuner's own ``train`` entry point (full fine-tune and LoRA, CPU),
+resume, strict checkpoint loading, and export to a plain Hugging Face folder.
+
+``xtuner train CONFIG ...`` runs ``xtuner.tools.train.main``; it is called in-process here (same code,
+without paying the import cost per run), as tests/test_train.py does for the slide model.
+"""
+
+import glob
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from slidechat.utils.errors import SlideChatError
+
+REPO = Path(__file__).resolve().parents[1]
+SFT = REPO / "configs/tiny/cytochat_sft.py"
+LORA = REPO / "configs/tiny/cytochat_lora.py"
+EPOCHS = 8
+
+
+def xtuner_train(config, work_dir, options, extra=()):
+    from xtuner.tools import train
+
+    argv = ["train.py", str(config), "--work-dir", str(work_dir), *extra,
+            "--cfg-options", *options, f"experiment_name=test_{uuid.uuid4().hex[:8]}"]
+    with mock.patch.object(sys, "argv", argv):
+        train.main()
+
+
+def losses(work_dir):
+    scal = glob.glob(os.path.join(work_dir, "*", "vis_data", "scalars.json"))
+    assert len(scal) == 1, scal
+    rows = [json.loads(line) for line in Path(scal[0]).read_text().splitlines() if line.strip()]
+    log = Path(glob.glob(os.path.join(work_dir, "*", "*.log"))[0]).read_text()
+    return [r for r in rows if "loss" in r], log
+
+
+def field(path, seed, n_dark):
+    """A small synthetic field: pale cells, ``n_dark`` of them with dark nuclei."""
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (84, 56), (236, 222, 230))
+    d = ImageDraw.Draw(im)
+    for k in range(5):
+        x, y = rng.integers(6, 70), rng.integers(6, 42)
+        d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=(214, 170, 200))
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(60, 20, 80) if k < n_dark else (150, 110, 170))
+    im.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
+
+    root = tmp_path_factory.mktemp("cyto_train")
+    tiny = make_tiny_qwen2vl(root / "tiny_qwen2vl")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        n_dark = i % 3
+        field(data / "images" / f"f{i}.png", i, n_dark)
+        q = ("Please answer the multiple-choice question based on the image [Dark Nuclei], and select the best "
+             "option from the following options [A.None, B.One, C.Two]. Just answer the option.")
+        rows.append({"id": f"f{i}", "images": [f"images/f{i}.png"],
+                     "messages": [{"role": "user", "content": "<image>" + q},
+                                  {"role": "assistant", "content": ["A.None.", "B.One.", "C.Two."][n_dark]}]})
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "dataset_info.json").write_text(json.dumps({"tiny_train": {
+        "file_name": "train.jsonl", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                 "assistant_tag": "assistant"}}}))
+    opts = [f"model.model_name_or_path={tiny}", f"train_dataloader.dataset.processor={tiny}",
+            f"train_dataloader.dataset.dataset_dir={data}", "train_dataloader.dataset.dataset=tiny_train",
+            f"train_cfg.max_epochs={EPOCHS}", f"param_scheduler.1.end={EPOCHS}"]
+    return {"root": root, "tiny": tiny, "data": data, "opts": opts}
+
+
+@pytest.fixture(scope="module")
+def sft(setup):
+    wd = setup["root"] / "sft"
+    xtuner_train(SFT, wd, setup["opts"])
+    return wd
+
+
+@pytest.fixture(scope="module")
+def lora(setup):
+    wd = setup["root"] / "lora"
+    xtuner_train(LORA, wd, setup["opts"])
+    return wd
+
+
+def _ckpt(wd, epoch=EPOCHS):
+    return torch.load(Path(wd) / f"epoch_{epoch}.pth", map_location="cpu", weights_only=False)
+
+
+def _hf_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _epoch_means(rows, per_epoch):
+    vals = [r["loss"] for r in rows]
+    return [float(np.mean(vals[i:i + per_epoch])) for i in range(0, len(vals), per_epoch)]
+
+
+def test_full_finetune_learns_and_saves_only_trained_weights(setup, sft):
+    rows, log = losses(sft)
+    assert len(rows) == EPOCHS * 3  # 6 rows, batch 2
+    means = _epoch_means(rows, 3)
+    assert means[-1] < 0.5 * means[0], means
+    sd = _ckpt(sft)["state_dict"]
+    base = _hf_weights(setup["tiny"])
+    # vision tower and merger frozen (LLaMA-Factory's defaults): not saved; the LLM and head are
+    assert not any(k.startswith("visual.") for k in sd)
+    assert set(sd) == {k for k in base if not k.startswith("visual.")}
+    changed = [k for k in sd if not torch.equal(sd[k], base[k])]
+    assert len(changed) > 0.9 * len(sd)
+
+
+def test_lora_learns_and_saves_only_adapters(setup, lora):
+    rows, _ = losses(lora)
+    means = _epoch_means(rows, 3)
+    assert means[-1] < 0.5 * means[0], means
+    sd = _ckpt(lora)["state_dict"]
+    assert sd and all(("lora_A" in k or "lora_B" in k) for k in sd)
+    assert all(k.startswith("model.layers.") for k in sd)  # language model only
+    names = {k.split(".")[-4] for k in sd}  # model.layers.N.self_attn.q_proj.lora_A.default.weight
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft, tmp_path):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
+    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
+
+    opts = dict(o.split("=", 1) for o in setup["opts"][:4])
+    out = export_qwen2vl(SFT, sft, tmp_path / "hf", cfg_options=opts)
+    exported = _hf_weights(out)
+    base = _hf_weights(setup["tiny"])
+    for k in base:  # frozen vision tower identical, everything trained equals the checkpoint
+        if k.startswith("visual."):
+            assert torch.equal(exported[k], base[k]), k
+    sd = _ckpt(sft)["state_dict"]
+    for k, v in sd.items():
+        assert torch.equal(exported[k], v), k
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(out)).eval()
+    proc = AutoProcessor.from_pretrained(str(out))
+    assert type(proc).__name__ == "Qwen2VLProcessor"
+    trained = build_qwen2vl_from_config(SFT, sft, cfg_options=opts)
+    ds = CytologySFTDataset("tiny_train", proc, setup["data"], image_max_pixels=224 * 224)
+    batch = qwen2vl_collate_fn([ds[0], ds[1]])["data"]
+    with torch.no_grad():
+        a = trained(batch, mode="tensor")
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+        b = hf(**inputs).logits
+        # every training forward gets the 3-D M-RoPE positions (transformers 4.48 alone only computes
+        # them on a model's first call without position_ids, then falls back to 1-D positions)
+        again = trained(batch, mode="tensor")
+        plain_second_call = hf(**inputs).logits
+    assert torch.equal(a, b) and torch.equal(a, again)
+    assert not torch.allclose(plain_second_call, b)
+
+
+def test_export_lora_merges_adapters(setup, lora, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from slidechat.model.qwen2vl import load_qwen2vl, prepare_generation_batch
+    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
+
+    opts = dict(o.split("=", 1) for o in setup["opts"][:4])
+    out = export_qwen2vl(LORA, lora, tmp_path / "hf", cfg_options=opts)
+    exported = _hf_weights(out)
+    base = _hf_weights(setup["tiny"])
+    assert set(exported) == set(base)  # plain names: no peft wrappers left
+    changed = {k for k in base if not torch.equal(exported[k], base[k])}
+    assert changed and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in changed)
+    trained = build_qwen2vl_from_config(LORA, lora, cfg_options=opts)  # adapters unmerged
+    model, proc = load_qwen2vl(out)
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    from slidechat.data.llamafactory import read_llamafactory
+
+    batch = prepare_generation_batch(proc, read_llamafactory("tiny_train", setup["data"])[:2],
+                                     image_max_pixels=224 * 224)
+    with torch.no_grad():
+        a = trained(dict(batch), mode="tensor")
+        b = model(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_resume_continues_and_goes_through_the_strict_check(setup, sft, tmp_path):
+    rows, _ = losses(sft)
+    ckpt = Path(sft) / f"epoch_{EPOCHS - 1}.pth"
+    wd = tmp_path / "resumed"
+    xtuner_train(SFT, wd, setup["opts"], extra=("--resume", str(ckpt)))
+    new_rows, log = losses(wd)
+    assert "resumed" in log.lower() and ckpt.name in log
+    assert [r["step"] for r in new_rows] == [3 * EPOCHS - 2, 3 * EPOCHS - 1, 3 * EPOCHS]
+    old = {r["step"]: r["loss"] for r in rows}
+    for r in new_rows:
+        assert r["loss"] == pytest.approx(old[r["step"]], abs=1e-4)
+    # a checkpoint lacking a trained tensor is refused on resume, naming what is missing
+    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del ck["state_dict"]["model.layers.1.mlp.up_proj.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(ck, broken)
+    with pytest.raises(SlideChatError, match=r"lacks required weights: 1 keys: model.layers"):
+        xtuner_train(SFT, tmp_path / "broken_run", setup["opts"], extra=("--resume", str(broken)))
+
+
+def test_strict_loading_of_checkpoints(setup, sft, lora):
+    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config
+
+    opts = dict(o.split("=", 1) for o in setup["opts"][:4])
+    # a LoRA checkpoint does not fit the full fine-tune model (lacks every trained LLM weight)
+    with pytest.raises(SlideChatError, match=r"checkpoint holds none of the"):
+        build_qwen2vl_from_config(SFT, Path(lora) / f"epoch_{EPOCHS}.pth", cfg_options=opts)
+    # load_state_dict (DeepSpeed resume / xtuner) is strict by default, and checks shapes always
+    model = build_qwen2vl_from_config(SFT, sft, cfg_options=opts)
+    sd = dict(_ckpt(sft)["state_dict"])
+    sd["lm_head.weight"] = sd["lm_head.weight"][:-1]
+    with pytest.raises(SlideChatError, match=r"do not fit the model: lm_head.weight"):
+        model.load_state_dict(sd)
+    sd = dict(_ckpt(sft)["state_dict"])
+    model.load_state_dict({"module." + k: v for k, v in sd.items()})  # DeepSpeed's prefix is accepted
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_dataset_items_and_collate(setup):
+    from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
+    from slidechat.model.constants import IGNORE_INDEX
+
+    ds = CytologySFTDataset("tiny_train", str(setup["tiny"]), setup["data"], image_max_pixels=224 * 224)
+    item = ds[0]
+    tok = ds.tokenizer
+    # 84x56 field under 224^2: kept, then smart_resize -> 84x56 -> grid (1, 4, 6) -> 6 image tokens
+    assert item["image_grid_thw"].tolist() == [[1, 4, 6]]
+    assert item["pixel_values"].shape == (24, 3 * 2 * 14 * 14)
+    assert int((item["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum()) == 6
+    ans = item["input_ids"][item["labels"] != IGNORE_INDEX]
+    assert tok.decode(ans) == "A.None.<|im_end|>\n"
+    batch = qwen2vl_collate_fn([ds[0], ds[1]])["data"]
+    assert batch["pixel_values"].shape[0] == 48 and batch["image_grid_thw"].shape == (2, 3)
+    short = int(batch["attention_mask"].sum(1).min())
+    row = int(batch["attention_mask"].sum(1).argmin())
+    assert (batch["labels"][row, short:] == IGNORE_INDEX).all()  # right padding carries no loss
+    # a row whose image tokens do not fit cutoff_len is named
+    small = CytologySFTDataset("tiny_train", ds.processor, setup["data"], cutoff_len=12)
+    with pytest.raises(SlideChatError, match=r"train\.jsonl: row 0 \(id f0\): cutoff_len=12 cuts into"):
+        small[0]
