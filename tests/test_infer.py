@@ -416,3 +416,32 @@ def test_slidebench_writer_follows_the_protocol(tmp_path):
         got = list(csv.DictReader(f))
     assert [r["ID"] for r in got] == [f"q{i}" for i in range(5)]
     assert [r["Pred"] for r in got] == ["B", "A", "B", "A", "B"]
+
+
+def test_slidebench_through_the_shared_loop_equals_the_mmengine_loop(tmp_path_factory):
+    """The SlideChat family in ``run_inference`` (SlideFamily + SlideBenchWriter) writes the same CSV as
+    the mmengine test loop of ``slidechat test`` / ``xtuner test``, which delegates to that family."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_testing import BATCH, CONFIG, MAX_NEW, build_tiny_setup
+
+    from slidechat.engine.inference import run_inference
+    from slidechat.engine.testing import build_test_runner
+    from slidechat.engine.writers import SlideBenchWriter
+    from slidechat.evaluation.slidebench import read_slidebench
+
+    setup = build_tiny_setup(tmp_path_factory.getbasetemp() / "slidechat_testing_setup")
+    root = tmp_path_factory.mktemp("slide_loop")
+    ref = root / "mmengine.csv"
+    runner = build_test_runner(
+        CONFIG, setup["ckpt"], overrides={"test_slide_csv": str(setup["csv"]), "test_output_csv": str(ref),
+                                          "feature_root": str(setup["feats"]), "test_batch_size": BATCH,
+                                          "max_new_tokens": MAX_NEW},
+        cfg_options=setup["overrides"], work_dir=root / "wd")
+    runner.test()
+    family = runner.test_loop.family
+    out = root / "shared_loop.csv"
+    with SlideBenchWriter(read_slidebench(setup["csv"]), out, feature_root=setup["feats"]) as w:
+        items = [w.make_item(i) for i in w.indices]
+        stats = run_inference(items, w, family, batch_size=BATCH, progress=False)
+    assert (stats.written, stats.errors) == (len(items), 1)  # the row without features
+    assert out.read_bytes() == ref.read_bytes()
