@@ -203,6 +203,14 @@ def test_resume_refuses_another_inputs_output(cyto, reference, tmp_path, caplog)
     assert "belongs to another input" in caplog.text and "--overwrite" in caplog.text
     assert run_infer(cyto, out, "--overwrite", "--max_samples", "2", "--max_new_tokens", "2") == 0
     assert [x["id"]["index"] for x in read_lines(out)] == [0, 1]
+    # a resume with other generation settings would mix two set-ups in one file: refused
+    caplog.clear()
+    assert run_infer(cyto, out, "--max_samples", "3", "--max_new_tokens", "3") == 1
+    assert "other settings (max_new_tokens: 2 -> 3)" in caplog.text
+    assert len(read_lines(out)) == 2
+    # the same settings (batch size and device may differ) extend it
+    assert run_infer(cyto, out, "--max_samples", "3", "--max_new_tokens", "2", "--batch_size", "1") == 0
+    assert [x["id"]["index"] for x in read_lines(out)] == [0, 1, 2]
 
 
 def test_sampling_with_seed_is_reproducible(cyto, tmp_path):

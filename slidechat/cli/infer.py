@@ -97,12 +97,30 @@ def check_args(args: argparse.Namespace) -> None:
         require_vllm()
 
 
+#: flags that change the predictions (a resume with other values is refused)
+SETTINGS_KEYS = ("model_name_or_path", "adapter_name_or_path", "template", "engine", "cutoff_len",
+                 "default_system", "image_max_pixels", "image_min_pixels", "max_new_tokens", "temperature",
+                 "top_p", "top_k", "repetition_penalty", "skip_special_tokens", "seed", "vllm_config")
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What produced the predictions (model folders as absolute paths); batch size and device excluded."""
+    out = {k: getattr(args, k) for k in SETTINGS_KEYS}
+    for k in ("model_name_or_path", "adapter_name_or_path"):
+        if out[k] is not None:
+            out[k] = os.path.abspath(out[k])
+    if out["temperature"] == 0:  # greedy: the sampling knobs do not matter
+        for k in ("top_p", "top_k", "seed"):
+            out[k] = None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from slidechat.engine.inference import (Qwen2VLFamily, SamplingSettings, VllmQwen2VLFamily,
                                             cytology_items, resolve_device_dtype, run_inference)
-    from slidechat.engine.writers import JsonlPredictionWriter
+    from slidechat.engine.writers import JsonlPredictionWriter, check_run_settings
     from slidechat.data.llamafactory import read_llamafactory
     from slidechat.utils.errors import SlideChatError
 
@@ -115,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     writer = JsonlPredictionWriter(args.save_name, [(it.key, it.images) for it in items],
                                    overwrite=args.overwrite)
     try:
+        check_run_settings(args.save_name, run_settings(args), fresh=writer.done == 0)
         if writer.complete:
             logger.info("%s already holds all %d predictions (use --overwrite to redo them)",
                         args.save_name, len(items))

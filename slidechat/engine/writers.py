@@ -247,3 +247,38 @@ def make_id(dataset: str, index: int, id_value: Optional[Any]) -> Dict[str, Any]
 def id_to_tuple(obj: Mapping[str, Any]) -> Tuple[str, int, Any]:
     """``(dataset, index, id)`` of a line's ``id`` object, for joins."""
     return obj.get("dataset"), int(obj.get("index")), obj.get("id")
+
+
+def settings_path(output: PathLike) -> Path:
+    """``<output>.settings.json``: what produced an output, so a resume cannot mix two set-ups."""
+    p = Path(output)
+    return p.with_name(p.name + ".settings.json")
+
+
+def check_run_settings(output: PathLike, settings: Mapping[str, Any], fresh: bool) -> None:
+    """Record ``settings`` beside a fresh output; on resume refuse different ones.
+
+    ``settings`` holds what changes the answers (model, adapter, template, sampling, image limits,
+    engine...), not what only changes speed (batch size, device). A resumed output without a record
+    (written by hand or by an older version) gets one, with a warning.
+    """
+    side = settings_path(output)
+    current = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+    if not fresh:
+        if side.is_file():
+            try:
+                saved = json.loads(side.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise SlideChatError(f"unreadable settings record ({e})", side,
+                                     hint="use --overwrite to start fresh") from e
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            if diff:
+                changes = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+                raise SlideChatError(f"the existing predictions were made with other settings ({changes})",
+                                     output, hint="rerun with the same settings to resume, or use "
+                                                  "--overwrite / another --save_name")
+            return
+        logger.warning("%s: no settings record beside the existing predictions; assuming they match "
+                       "(writing %s)", output, side.name)
+    with atomic_path(side) as tmp:
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
