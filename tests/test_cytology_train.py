@@ -179,8 +179,14 @@ def test_export_lora_merges_adapters(setup, lora, tmp_path):
     from slidechat.model.qwen2vl import load_qwen2vl, prepare_generation_batch
     from slidechat.model.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
 
+    from slidechat.cli.main import main
+
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
-    out = export_qwen2vl(LORA, lora, tmp_path / "hf", cfg_options=opts)
+    out = tmp_path / "hf"  # through the CLI: `slidechat export CONFIG --checkpoint WORKDIR --out DIR`
+    assert main(["export", str(LORA), "--checkpoint", str(lora), "--out", str(out),
+                 "--cfg-options", *setup["opts"][:4]]) == 0
+    with pytest.raises(SlideChatError, match="output folder exists and is not empty"):
+        export_qwen2vl(LORA, lora, out, cfg_options=opts)
     exported = _hf_weights(out)
     base = _hf_weights(setup["tiny"])
     assert set(exported) == set(base)  # plain names: no peft wrappers left
@@ -260,3 +266,38 @@ def test_dataset_items_and_collate(setup):
     small = CytologySFTDataset("tiny_train", ds.processor, setup["data"], cutoff_len=12)
     with pytest.raises(SlideChatError, match=r"train\.jsonl: row 0 \(id f0\): cutoff_len=12 cuts into"):
         small[0]
+
+
+def test_freezing_switches_and_lora_targets(setup):
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+
+    full = Qwen2VLTrainModel(setup["tiny"])  # defaults: vision tower and merger frozen
+    assert all(k.startswith(("model.", "lm_head.")) for k in full.trained_keys)
+    assert set(full.state_dict()) == set(full.trained_keys)
+    both = Qwen2VLTrainModel(setup["tiny"], freeze_vision_tower=False)
+    assert any(k.startswith("visual.blocks.") for k in both.trained_keys)
+    assert not any(k.startswith("visual.merger.") for k in both.trained_keys)
+    assert any(k.startswith("visual.merger.") for k in Qwen2VLTrainModel(
+        setup["tiny"], freeze_multi_modal_projector=False).trained_keys)
+    lora = Qwen2VLTrainModel(setup["tiny"], freeze_vision_tower=False, lora=dict(r=4))
+    targets = {k.rsplit(".lora_", 1)[0] for k in lora.trained_keys}
+    assert any(t.startswith("visual.blocks.0.attn.qkv") for t in targets)
+    assert not any("patch_embed" in t or "merger" in t or "lm_head" in t for t in targets)
+
+
+def test_real_configs_follow_llamafactory_recipe():
+    from mmengine.config import Config
+
+    sft = Config.fromfile(str(REPO / "configs/cytochat/qwen2vl_sft.py"))
+    lora = Config.fromfile(str(REPO / "configs/cytochat/qwen2vl_lora.py"))
+    assert (sft.template, sft.cutoff_len, sft.image_max_pixels, sft.image_min_pixels) == (
+        "qwen2_vl", 2048, 768 * 768, 32 * 32)
+    assert sft.model.freeze_vision_tower and sft.model.freeze_multi_modal_projector and sft.model.lora is None
+    assert (sft.optim_wrapper.optimizer.lr, sft.optim_wrapper.accumulative_counts, sft.max_epochs,
+            sft.warmup_ratio, sft.model.torch_dtype) == (1e-5, 2, 3, 0.1, "bfloat16")
+    assert (lora.model.lora.r, lora.model.lora.lora_alpha, lora.model.lora.lora_dropout) == (8, 16, 0.0)
+    assert (lora.optim_wrapper.optimizer.lr, lora.optim_wrapper.accumulative_counts) == (1e-4, 8)
+    text = (REPO / "configs/cytochat/qwen2vl_sft.py").read_text() + \
+        (REPO / "configs/cytochat/qwen2vl_lora.py").read_text()
+    for name in ("deepspeed_zero2.json", "deepspeed_zero3.json"):  # the DeepSpeed JSONs the commands name
+        assert f"configs/deepspeed/{name}" in text and (REPO / "configs/deepspeed" / name).is_file()

@@ -2,7 +2,9 @@
 
 The folder (``SlideChatModel.save_pretrained``: LLM + tokenizer, slide modules, config) loads with
 ``SlideChatModel.from_pretrained`` without xtuner, the config or the original LLM folder. LoRA
-adapters are merged into the LLM weights.
+adapters are merged into the LLM weights. Qwen2-VL (cytology) configs export a plain Hugging Face folder
+instead (``save_pretrained`` of the model and its processor, LoRA merged) that ``transformers`` and vLLM
+load as they are.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from slidechat.engine.builder import build_model_from_config
     from slidechat.engine.overrides import parse_cfg_options
+    from slidechat.model.qwen2vl_train import config_is_qwen2vl, export_qwen2vl
 
+    if config_is_qwen2vl(args.config):  # cytology (Qwen2-VL) configs: a plain Hugging Face folder
+        out = export_qwen2vl(args.config, args.checkpoint, args.out,
+                             cfg_options=parse_cfg_options(args.cfg_options), allow_partial=args.allow_partial)
+        print(out)
+        return 0
     core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
                                               cfg_options=parse_cfg_options(args.cfg_options),
                                               allow_partial=args.allow_partial)
