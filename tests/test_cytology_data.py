@@ -338,3 +338,54 @@ def test_prepare_generation_batch_left_pads_and_matches_single_rows(tiny, ddir):
             one = prepare_generation_batch(proc, [row])
             single = model.generate(**one, max_new_tokens=4, do_sample=False)
             assert single[0, one["input_ids"].shape[1]:].tolist() == out[i, batch["input_ids"].shape[1]:].tolist()
+
+
+# --------------------------------------------------------------------------------------------- slide model
+def test_slide_dataset_reads_llamafactory_rows_with_feature_files(tmp_path, processor):
+    from slidechat.data.dataset import SlideInstructionDataset
+    from slidechat.features.io import write_feature_h5
+
+    d = tmp_path / "slides"
+    (d / "features").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("s1", 7), ("s2", 5)):
+        write_feature_h5(d / "features" / f"{name}.h5", rng.normal(size=(n, 512)).astype(np.float32),
+                         np.stack([np.arange(n) * 224, np.zeros(n)], 1).astype(np.int64))
+    q, a = "What is the diagnosis?", "Invasive carcinoma."
+    lf_rows = [{"id": "case-1", "messages": [{"role": "system", "content": "You are a pathologist."},
+                                             {"role": "user", "content": "<image>\n" + q},
+                                             {"role": "assistant", "content": a}], "images": ["features/s1.h5"]},
+               {"messages": [{"role": "user", "content": "<image>Grade?"}, {"role": "assistant", "content": "2"}],
+                "images": ["features/s2"]}]  # suffix optional, as for SlideChat rows
+    _jsonl(d / "slides.jsonl", lf_rows)
+    (d / "dataset_info.json").write_text(json.dumps({"slide_vqa": {
+        "file_name": "slides.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "system_tag": "system"}}}))
+    tok = processor.tokenizer
+    by_name = SlideInstructionDataset("slide_vqa", tok, dataset_dir=d, max_length=256, feature_dim=512)
+    by_path = SlideInstructionDataset(d / "slides.jsonl", tok, max_length=256, feature_dim=512)
+    # the same content in SlideChat's own format gives the same training item
+    sc = d / "slidechat.json"
+    sc.write_text(json.dumps([{"id": "case-1", "image": ["s1.h5"],
+                               "conversations": [{"from": "human", "value": q + "\n<image>"},
+                                                 {"from": "gpt", "value": a}]}]))
+    classic = SlideInstructionDataset(sc, tok, feature_root=d / "features", max_length=256, feature_dim=512,
+                                      system="You are a pathologist.")
+    assert len(by_name) == len(by_path) == 2
+    for ds in (by_name, by_path):
+        item = ds[0]
+        assert item["id"] == "case-1" and item["features"].shape == (7, 512)
+        ref = classic[0]
+        assert torch.equal(item["input_ids"], ref["input_ids"]) and torch.equal(item["labels"], ref["labels"])
+        assert torch.equal(item["features"], ref["features"])
+        assert ds[1]["features"].shape == (5, 512) and ds[1]["id"] == "1"
+    # bad rows: named with file and row, or skipped and counted with the same skip_bad switch
+    lf_rows.append({"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}],
+                    "images": ["features/absent.h5"]})
+    _jsonl(d / "slides.jsonl", lf_rows)
+    with pytest.raises(SlideChatError, match=r"slides\.jsonl: row 2: image 0 \(features/absent.h5\): "
+                                             r"feature file not found"):
+        SlideInstructionDataset("slide_vqa", tok, dataset_dir=d, max_length=256)
+    ds = SlideInstructionDataset("slide_vqa", tok, dataset_dir=d, max_length=256, skip_bad=True)
+    assert len(ds) == 2 and ds.num_skipped == 1

@@ -5,6 +5,12 @@ construction so a bad file fails before any GPU time is spent; NaN/Inf features 
 slide is loaded. Either way the error names the file and the row (``id`` or index). With
 ``skip_bad=True`` such rows are skipped and counted instead.
 
+Two row formats: SlideChat's (``id``, ``image: [name]``, ``conversations`` from/value, feature files under
+``feature_root``) and LLaMA-Factory's (``messages`` + ``images``, a JSON/JSONL path or names registered in
+``dataset_dir/dataset_info.json``), read by the same :func:`slidechat.data.llamafactory.read_llamafactory`
+as the cytology model; there each row's single "image" is its feature file (H5/CSV, suffix optional),
+relative to ``dataset_dir`` (default: the data file's folder), and a system message is honoured.
+
 Sequence budget: each patch becomes one visual token replacing the single ``<image>`` id, so an
 example costs ``len(text) - 1 + n_patches`` positions. Patches are first capped at ``max_patches``
 (uniform ``np.linspace`` over rows, as the original), then, if the total still exceeds
@@ -81,6 +87,23 @@ def resolve_feature_path(name: str, feature_root: Optional[PathLike]) -> Optiona
     return find_feature_file(p)
 
 
+def is_llamafactory_source(data_path: PathLike, dataset_dir: Optional[PathLike] = None) -> bool:
+    """Whether ``data_path`` names LLaMA-Factory data: a name in ``dataset_dir/dataset_info.json``, or
+    a JSON/JSONL file whose first row has ``messages`` or ``images`` (SlideChat rows have ``image``)."""
+    from slidechat.data.llamafactory import DATA_CONFIG, load_dataset_info, read_raw_rows
+
+    names = [n.strip() for n in str(data_path).split(",") if n.strip()]
+    if dataset_dir is not None and (Path(dataset_dir) / DATA_CONFIG).is_file():
+        registry = load_dataset_info(dataset_dir)
+        if any(n in registry for n in names):
+            return True
+    p = Path(data_path)
+    if len(names) != 1 or not p.is_file():
+        return len(names) > 1
+    first = next((row for _, _, row, err in read_raw_rows(p) if err is None), None)
+    return isinstance(first, dict) and ("messages" in first or ("images" in first and "image" not in first))
+
+
 def uniform_indices(n: int, k: int) -> np.ndarray:
     """``k`` row indices spread evenly over ``n`` rows (all rows when ``n <= k``)."""
     if n <= k:
@@ -98,7 +121,8 @@ class SlideInstructionDataset(Dataset):
     def __init__(self, data_path: PathLike, tokenizer: Any, feature_root: Optional[PathLike] = None,
                  max_length: int = 51200, max_patches: int = 10240, min_patches: int = 1,
                  feature_dim: int = 512, template: str = "qwen_chat", system: str = "",
-                 skip_bad: bool = False, check_files: bool = True) -> None:
+                 skip_bad: bool = False, check_files: bool = True,
+                 dataset_dir: Optional[PathLike] = None) -> None:
         self.data_path = Path(data_path)
         self.tokenizer = build_object(tokenizer)
         self.feature_root = None if feature_root is None else Path(feature_root)
@@ -117,14 +141,17 @@ class SlideInstructionDataset(Dataset):
         self.rows: List[Dict[str, Any]] = []
         self.num_skipped = 0
         self.num_skipped_at_load = 0
-        for index, row in enumerate(read_rows(self.data_path)):
-            try:
-                self.rows.append(self._validate(index, row, check_files))
-            except SlideChatError as e:
-                if not skip_bad:
-                    raise
-                self.num_skipped += 1
-                logger.warning("skipping bad row: %s", e)
+        if is_llamafactory_source(data_path, dataset_dir):
+            self._read_llamafactory(str(data_path), dataset_dir, check_files)
+        else:
+            for index, row in enumerate(read_rows(self.data_path)):
+                try:
+                    self.rows.append(self._validate(index, row, check_files))
+                except SlideChatError as e:
+                    if not skip_bad:
+                        raise
+                    self.num_skipped += 1
+                    logger.warning("skipping bad row: %s", e)
         if self.num_skipped:
             logger.warning("%s: skipped %d bad row(s) of %d", self.data_path, self.num_skipped,
                            self.num_skipped + len(self.rows))
@@ -136,7 +163,43 @@ class SlideInstructionDataset(Dataset):
         return f"row {index} (id {rid})" if rid is not None else f"row {index}"
 
     def _error(self, index: int, row: Any, reason: str) -> SlideChatError:
-        return SlideChatError(f"{self._row_name(index, row)}: {reason}", self.data_path)
+        source = row.get("source") if isinstance(row, dict) else None
+        return SlideChatError(f"{self._row_name(index, row)}: {reason}", source or self.data_path)
+
+    def _read_llamafactory(self, dataset: str, dataset_dir: Optional[PathLike], check_files: bool) -> None:
+        """Rows in LLaMA-Factory's format (``messages`` + ``images``, or a ``dataset_info.json`` name),
+        read by the same reader as the cytology model; each row's one "image" is its feature file."""
+        from slidechat.data.llamafactory import read_llamafactory
+
+        def check_feature_file(p: Path) -> None:
+            if resolve_feature_path(str(p), None) is None:
+                raise SlideChatError(f"feature file not found (tried {', '.join(FEATURE_SUFFIXES)})", p)
+
+        examples = read_llamafactory(dataset, dataset_dir, skip_bad=self.skip_bad, check_images=check_files,
+                                     check_image=check_feature_file)
+        self.num_skipped = examples.num_skipped
+        for ex in examples:
+            conv = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                    for m in ex.messages]
+            rec = {"index": ex.index, "id": ex.id if ex.id is not None else str(ex.index),
+                   "image": str(ex.images[0]) if ex.images else "", "conversations": conv,
+                   "system": ex.system, "source": ex.source}
+            try:
+                if len(ex.images) != 1:
+                    raise self._error(ex.index, rec, f"a slide sample needs exactly one feature file in its "
+                                                     f"images, got {len(ex.images)}")
+                try:
+                    normalize_conversation(conv)
+                except ConversationError as e:
+                    raise self._error(ex.index, rec, str(e)) from None
+            except SlideChatError as e:
+                if not self.skip_bad:
+                    raise
+                self.num_skipped += 1
+                logger.warning("skipping bad row: %s", e)
+                continue
+            rec["path"] = resolve_feature_path(rec["image"], None)
+            self.rows.append(rec)
 
     def _validate(self, index: int, row: Any, check_files: bool) -> Dict[str, Any]:
         if not isinstance(row, dict):
@@ -181,7 +244,8 @@ class SlideInstructionDataset(Dataset):
             feats, coords = load_features(path, num_columns=self.feature_dim, require_finite=True)
         except SlideChatError as e:  # name the training row too
             raise SlideChatError(f"{self._row_name(rec['index'], rec)}: {e.reason}", path) from None
-        enc = encode_conversation(self.tokenizer, rec["conversations"], self.template, self.system)
+        enc = encode_conversation(self.tokenizer, rec["conversations"], self.template,
+                                  rec.get("system") or self.system)
         input_ids, labels = enc["input_ids"], enc["labels"]
         n_text, n_patches = self.fit_lengths(len(input_ids), len(feats))
         if n_text < len(input_ids):
