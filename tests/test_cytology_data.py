@@ -389,3 +389,20 @@ def test_slide_dataset_reads_llamafactory_rows_with_feature_files(tmp_path, proc
         SlideInstructionDataset("slide_vqa", tok, dataset_dir=d, max_length=256)
     ds = SlideInstructionDataset("slide_vqa", tok, dataset_dir=d, max_length=256, skip_bad=True)
     assert len(ds) == 2 and ds.num_skipped == 1
+
+
+def test_checked_in_example_reads_and_is_reproducible(tmp_path, processor):
+    from slidechat.data.cytology_dataset import CytologySFTDataset
+    from slidechat.data.synthetic_cytology import write_fields_dataset
+
+    root = Path(__file__).resolve().parents[1] / "dataset" / "cytology"
+    info = json.loads((root / "dataset_info.json").read_text())
+    for name in info:
+        ex = read_llamafactory(name, root)
+        assert ex and all(len(e.images) == 1 and e.images[0].is_file() for e in ex)
+    ds = CytologySFTDataset("cyto_train", processor, root, image_max_pixels=128 * 128)
+    item = ds[0]
+    assert int((item["labels"] != IGNORE_INDEX).sum()) > 0 and item["image_grid_thw"].shape == (1, 3)
+    write_fields_dataset(tmp_path, n_fields=4, seed=0, size=256)  # the README's command
+    for f in sorted(root.glob("*.json*")):
+        assert (tmp_path / f.name).read_text() == f.read_text(), f.name
