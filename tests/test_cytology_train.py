@@ -301,3 +301,30 @@ def test_real_configs_follow_llamafactory_recipe():
         (REPO / "configs/cytochat/qwen2vl_lora.py").read_text()
     for name in ("deepspeed_zero2.json", "deepspeed_zero3.json"):  # the DeepSpeed JSONs the commands name
         assert f"configs/deepspeed/{name}" in text and (REPO / "configs/deepspeed" / name).is_file()
+
+
+def test_load_qwen2vl_merges_a_peft_adapter_folder(setup, tmp_path):
+    from slidechat.data.llamafactory import read_llamafactory
+    from slidechat.model.qwen2vl import load_qwen2vl, prepare_generation_batch
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+
+    trained = Qwen2VLTrainModel(setup["tiny"], lora=dict(r=4)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    trained._peft.save_pretrained(str(tmp_path / "adapter"))  # what LLaMA-Factory's LoRA runs write
+    model, proc = load_qwen2vl(setup["tiny"], tmp_path / "adapter")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    batch = prepare_generation_batch(proc, read_llamafactory("tiny_train", setup["data"])[:2],
+                                     image_max_pixels=224 * 224)
+    with torch.no_grad():
+        a = trained(dict(batch), mode="tensor")
+        b = model(**batch).logits
+        base, _ = load_qwen2vl(setup["tiny"])
+        c = base(**batch).logits
+    # merged weights differ from base + adapter by float rounding only (logits of size ~8 here)
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(b, c, atol=1e-2)
+    with pytest.raises(SlideChatError, match="not a LoRA adapter folder"):
+        load_qwen2vl(setup["tiny"], tmp_path)
