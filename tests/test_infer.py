@@ -174,7 +174,7 @@ def test_kill_9_and_resume_gives_each_row_once(cyto, reference, tmp_path):
             if out.exists() and out.read_bytes().count(b"\n") >= 3:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, "run ended before the kill: " + proc.stderr.read().decode()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -227,7 +227,8 @@ def test_vllm_absent_and_unknown_template(cyto, tmp_path, caplog, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
     caplog.set_level(logging.ERROR)
     assert run_infer(cyto, tmp_path / "v.jsonl", "--engine", "vllm") == 1
     msg = caplog.text
@@ -257,8 +258,10 @@ def test_over_long_prompt_is_an_error_entry(cyto):
     assert 2 * n_label < n_prompt  # the short-label branch of the rule
     _Qwen2VLText(tok, cutoff_len=n_prompt + n_label).render(item)
     assert item.prompt_text == prompt and item.label == a + "\n"
-    with pytest.raises(SlideChatError, match="cutoff_len"):
+    with pytest.raises(SlideChatError, match="would cut it to"):
         _Qwen2VLText(tok, cutoff_len=n_prompt + n_label - 1).render(item)
+    with pytest.raises(SlideChatError, match="characters.*not tokenized"):  # far over: never tokenized
+        _Qwen2VLText(tok, cutoff_len=2).render(item)
 
 
 def test_chat_on_one_image_scripted_stdin(cyto):
@@ -271,12 +274,14 @@ def test_chat_on_one_image_scripted_stdin(cyto):
     assert res.returncode == 0, res.stderr[-3000:]
     turns = [json.loads(x) for x in res.stdout.splitlines()]
     assert [t["turn"] for t in turns] == [1, 2] and [t["question"] for t in turns] == [q1, q2]
-    prompts = [p.split(" ---\n", 1)[1].rsplit("\n---", 1)[0] for p in res.stderr.split("--- prompt (turn ")[1:]]
+    prompts = [p.split(" ---\n", 1)[1].rsplit("\n---", 1)[0]
+               for p in res.stderr.split("--- prompt (turn ")[1:]]
     span = "<|vision_start|><|image_pad|><|vision_end|>"
     assert prompts[0] == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{span}{q1}"
                           f"<|im_end|>\n<|im_start|>assistant\n")
     a1 = turns[0]["answer"]
-    assert prompts[1] == prompts[0] + f"{a1}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts[1] == prompts[0] + (f"{a1}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n"
+                                       "<|im_start|>assistant\n")
     # the library session gives the CLI's first answer (greedy, boxes/special tokens kept as generated)
     from slidechat.engine.chat import ImageChatSession
     from slidechat.model.qwen2vl import load_qwen2vl

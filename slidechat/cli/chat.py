@@ -53,7 +53,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     help="minimum tissue fraction of a kept patch (default 0.5)")
     ex.add_argument("--no-tissue-seg", action="store_true", help="use the whole image")
     ex.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
-    ex.add_argument("--device", default="auto", help="device for the patch encoder (slides) or the Qwen2-VL model (--image)")
+    ex.add_argument("--device", default="auto",
+                    help="device for the patch encoder (slides) or the Qwen2-VL model (--image)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=500)
     g.add_argument("--max-patches", type=int, default=None,

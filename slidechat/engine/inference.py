@@ -226,22 +226,33 @@ class _Qwen2VLText:
         self.stop_ids = stop_token_ids(tokenizer)
 
     def render(self, item: CytologyItem) -> None:
-        """Fill ``prompt_text``, ``prompt`` and ``label`` (no image needed: failed rows keep them)."""
-        from slidechat.data.template import QWEN2_VL, infer_seqlen, render_qwen2vl_prompt
+        """Fill ``label``, ``prompt_text`` and ``prompt`` (no image needed: failed rows keep them).
 
-        try:
-            item.prompt_text = render_qwen2vl_prompt(item.messages, system=item.system,
-                                                     default_system=self.default_system)
-        except ValueError as e:  # ConversationError: a row the reader let through but cannot be asked
-            raise SlideChatError(str(e), item.source) from e
+        A prompt LLaMA-Factory's ``cutoff_len`` rule would truncate is refused (SlideChatError), and a
+        text far over any budget (:data:`~slidechat.engine.limits.CHARS_PER_TOKEN_BOUND` characters per
+        allowed token) is refused before it is tokenized.
+        """
+        from slidechat.data.template import QWEN2_VL, infer_seqlen, render_qwen2vl_prompt
+        from slidechat.engine.limits import CHARS_PER_TOKEN_BOUND
+
         tok = self.tokenizer
-        ids = tok(item.prompt_text, add_special_tokens=False)["input_ids"]
-        item.prompt = tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
         label_ids: List[int] = []
         if item.label_content is not None:
             label_ids = tok(QWEN2_VL.format_assistant.format(content=item.label_content),
                             add_special_tokens=False)["input_ids"]
             item.label = tok.decode(label_ids, skip_special_tokens=self.skip_special_tokens)
+        try:
+            item.prompt_text = render_qwen2vl_prompt(item.messages, system=item.system,
+                                                     default_system=self.default_system)
+        except ValueError as e:  # ConversationError: a row the reader let through but cannot be asked
+            raise SlideChatError(str(e), item.source) from e
+        max_chars = self.cutoff_len * CHARS_PER_TOKEN_BOUND
+        if len(item.prompt_text) > max_chars:
+            raise SlideChatError(f"prompt has {len(item.prompt_text):,} characters, over {max_chars:,} "
+                                 f"({CHARS_PER_TOKEN_BOUND} x cutoff_len {self.cutoff_len}); not tokenized",
+                                 item.source, hint="shorten the row or raise --cutoff_len")
+        ids = tok(item.prompt_text, add_special_tokens=False)["input_ids"]
+        item.prompt = tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
         keep, _ = infer_seqlen(len(ids), len(label_ids), self.cutoff_len)
         if keep < len(ids):
             raise SlideChatError(
