@@ -365,3 +365,10 @@ def test_mmengine_resume_path_runs_the_same_check(setup, trained_sd):
         mmengine_load_state_dict(model, no_proj, strict=False)
     mmengine_load_state_dict(model, dict(trained_sd), strict=False)
     assert torch.equal(model.state_dict()["projector.model.2.weight"], trained_sd["projector.model.2.weight"])
+    # a wrapper (as DistributedDataParallel under `xtuner test --launcher pytorch`) given the model's own
+    # keys used to load nothing, silently; now that is refused, and prefixed keys load
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    with pytest.raises(SlideChatError, match="holds none of the"):
+        wrapper.load_state_dict(dict(trained_sd), strict=False)
+    wrapper.load_state_dict({f"module.{k}": v for k, v in trained_sd.items()}, strict=False)

@@ -314,16 +314,17 @@ class SlideChatTrainModel(BaseModel):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
-        """mmengine's resume (``runner.load_checkpoint`` -> ``mmengine.runner.checkpoint.load_state_dict``)
-        walks the modules itself instead of calling :meth:`load_state_dict`, and with ``strict=False``
-        only warns about a shape mismatch (the tensor stays as it was). It starts here with the whole
-        dict, so the same key check runs first: a checkpoint that does not fit is an error, not a
-        warning. (Our own loads go through the core, never through this method.)"""
-        if prefix == "":
-            report = self.load_weights_checked(
-                {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, source="resumed state")
-            _print_log(f"load_state_dict: {report.summary()}",
-                       logging.WARNING if not report.ok else logging.INFO)
+        """Module walkers that do not call :meth:`load_state_dict` arrive here first with every key under
+        ``prefix``: mmengine's resume (``mmengine.runner.checkpoint.load_state_dict``, which with
+        ``strict=False`` only warned about a shape mismatch and kept the random tensor) and torch's
+        ``load_state_dict`` on a wrapper (``DistributedDataParallel`` under ``xtuner test --launcher
+        pytorch`` receives un-prefixed keys and loaded nothing). The same key check runs here, so such a
+        load either fits or is a one-line error. (Our own loads go through the core, never through here.)"""
+        own = {k[len(prefix):]: v for k, v in state_dict.items()
+               if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+        report = self.load_weights_checked(own, source=_last_loaded.pop("path", "") or "state dict")
+        _print_log(f"load_state_dict: {report.summary()}",
+                   logging.WARNING if not report.ok else logging.INFO)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def load_checkpoint(self, checkpoint: Union[str, os.PathLike],
