@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MAX_NEW = 64  # long enough for the kill test to catch the run in the middle
 N_ROWS = 10
-BAD_ROW, MISSING_ROW, MULTI_ROW, SYSTEM_ROW = 3, 6, 4, 8
+BAD_ROW, MISSING_ROW, MULTI_ROW, SYSTEM_ROW, TWO_IMAGE_ROW = 3, 6, 4, 8, 9
 
 
 def _rows(img_dir: Path) -> List[dict]:
@@ -51,6 +51,9 @@ def _rows(img_dir: Path) -> List[dict]:
             msgs += [{"role": "user", "content": "Any other abnormal cells?"},
                      {"role": "assistant", "content": "No."}]
         row = {"id": f"case-{i:02d}", "messages": msgs, "images": [f"imgs/{name}"]}
+        if i == TWO_IMAGE_ROW:  # two fields of view in one question
+            msgs[0]["content"] = f"<image><image>{q}"
+            row["images"].append("imgs/field_0.png")
         if i == SYSTEM_ROW:
             row["system"] = "You are a cytopathologist."
         rows.append(row)
@@ -127,7 +130,7 @@ def test_output_fields_exact(cyto, reference):
                                                                 for p in row["images"]]
         msgs = row["messages"]
         system = row.get("system", DEFAULT_SYSTEM)
-        q1 = msgs[0]["content"].replace("<image>", "")
+        q1 = msgs[0]["content"].replace("<image>", "")  # the vision spans are special tokens: skipped
         if i == MULTI_ROW:  # history included, final assistant turn is the label
             expected = (f"system\n{system}\nuser\n{q1}\nassistant\n{msgs[1]['content']}\n"
                         f"user\n{msgs[2]['content']}\nassistant\n")
