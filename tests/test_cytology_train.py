@@ -225,8 +225,8 @@ def test_resume_continues_and_goes_through_the_strict_check(setup, sft, tmp_path
         xtuner_train(SFT, tmp_path / "broken_run", setup["opts"], extra=("--resume", str(broken)))
 
 
-def test_strict_loading_of_checkpoints(setup, sft, lora):
-    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config
+def test_strict_loading_of_checkpoints(setup, sft, lora, tmp_path):
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel, build_qwen2vl_from_config
 
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
     # a LoRA checkpoint does not fit the full fine-tune model (lacks every trained LLM weight)
@@ -242,6 +242,13 @@ def test_strict_loading_of_checkpoints(setup, sft, lora):
     model.load_state_dict({"module." + k: v for k, v in sd.items()})  # DeepSpeed's prefix is accepted
     for k, v in sd.items():
         assert torch.equal(model.state_dict()[k], v)
+    # pretrained_pth (a work dir here) goes through the same check; foreign weights are refused
+    pre = Qwen2VLTrainModel(setup["tiny"], pretrained_pth=sft)
+    for k, v in sd.items():
+        assert torch.equal(pre.state_dict()[k], v)
+    torch.save({"state_dict": {"projector.0.weight": torch.zeros(2, 2)}}, tmp_path / "foreign.pth")
+    with pytest.raises(SlideChatError, match=r"foreign\.pth: .*unexpected 1 keys: projector\.0\)"):
+        Qwen2VLTrainModel(setup["tiny"], pretrained_pth=tmp_path / "foreign.pth")
 
 
 def test_dataset_items_and_collate(setup):
