@@ -7,13 +7,13 @@ For each slide (a 40x and a 20x synthetic Aperio slide by default) and encoder, 
     libjpeg-turbo), split over N processes — no compositing, resizing or encoding;
 (b) CLAM-style baseline, written here from CLAM's data path (``Whole_Slide_Bag_FP``): a Dataset whose item
     is one OpenSlide ``read_region(coord, level, (r, r)).convert('RGB')`` + torchvision ``Resize(224)``,
-    ``ToTensor``, ``Normalize`` (ImageNet), read by a ``DataLoader(batch_size=256, num_workers=N)``; the
-    encoder is free for ``tiny_test`` (a conservative baseline: CLAM would also encode) and the same
-    ``resnet50_trunc`` forward for ``resnet50_trunc``;
+    ``ToTensor``, ``Normalize`` (ImageNet), read by a ``DataLoader(batch_size=256, num_workers=N)``, and
+    the same encoder's forward on every batch (same compute as slidechat's);
+(b0) the same with a free encoder (CLAM's data path alone, as FACTS.md measured it);
 (c) slidechat: the whole ``extract_slides`` pipeline (open, tissue segmentation, patch plan, reading,
     encoding, H5 + QC writes), in this process, with its automatic reader/thread balance; and (c0) the
     same with a free encoder, which isolates the read path.
-Repeats are interleaved (a, b, c0, c, a, b, ...) so machine-load drift hits all alike; the median of the
+Repeats are interleaved (a, b0, b, c0, c, a, ...) so machine-load drift hits all alike; the median of the
 repeats and the per-repeat ratios are printed. No timing assertions live in tests; this is it.
 """
 
@@ -112,17 +112,21 @@ class ClamStyleBag:
 
 
 def clam_style(path: str, grid, workers: int, encoder=None, batch_size: int = 256) -> float:
+    """Seconds for CLAM's data path over ``grid``; ``encoder`` (optional) runs on every batch with the
+    same compute as in slidechat (``tiny_test`` sees its 112-px stride-2 input, as its own preprocess
+    makes it)."""
     import torch
     from torch.utils.data import DataLoader
 
     ds = ClamStyleBag(path, grid.coords, grid.read_level, grid.read_size, grid.patch_size)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
                         multiprocessing_context=mp.get_context("fork") if workers else None)
+    tiny = encoder is not None and encoder.name == "tiny_test"
     t = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
             if encoder is not None:
-                encoder.encode(batch)
+                encoder.encode(batch[:, :, ::2, ::2].contiguous() if tiny else batch)
     return time.perf_counter() - t
 
 
@@ -198,15 +202,15 @@ def run_case(path: Path, enc_name: str, work: Path, workers: int, repeats: int) 
     grid = plan(path)
     enc = build(enc_name, work)
     free = _free_encoder()
-    clam_enc = enc if enc_name != "tiny_test" else None
     n = len(grid)
-    rows: Dict[str, list] = {"a": [], "b": [], "c0": [], "c": [], "tiles": [], "timings": []}
+    rows: Dict[str, list] = {"a": [], "b0": [], "b": [], "c0": [], "c": [], "tiles": [], "timings": []}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         for _ in range(repeats):
             dt, ntiles = decode_limit(str(path), grid, workers)
             rows["a"].append(n / dt)
             rows["tiles"].append(ntiles)
-            rows["b"].append(n / clam_style(str(path), grid, workers, clam_enc))
+            rows["b0"].append(n / clam_style(str(path), grid, workers, None))
+            rows["b"].append(n / clam_style(str(path), grid, workers, enc))
             dt, _ = slidechat_pipeline(str(path), free, Path(tmp) / "free")
             rows["c0"].append(n / dt)
             dt, tm = slidechat_pipeline(str(path), enc, Path(tmp) / "enc")
@@ -221,13 +225,18 @@ def _med(v: Sequence[float]) -> float:
     return statistics.median(v) if v else float("nan")
 
 
+def _f(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="work_dirs/bench_extract")
     ap.add_argument("--slides", nargs="+", default=["40000x30000@40", "20000x15000@20"],
                     help="WIDTHxHEIGHT@MAG synthetic slides for tiny_test")
-    ap.add_argument("--resnet-slides", nargs="+", default=["12000x9000@40", "6000x4500@20"],
+    ap.add_argument("--resnet-slides", nargs="+", default=["8000x6000@40", "4000x3000@20"],
                     help="smaller slides for resnet50_trunc (compute-bound on CPU)")
+    ap.add_argument("--resnet-repeats", type=int, default=1)
     ap.add_argument("--encoders", nargs="+", default=["tiny_test", "resnet50_trunc"])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="processes for (a) and DataLoader workers for (b) (default: all cores)")
@@ -239,27 +248,33 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start, "
           f"torch {torch.__version__} threads {torch.get_num_threads()}, no GPU used")
-    print("| slide | encoder | patches | tiles decoded | (a) tile-decode limit | (b) CLAM-style | "
-          "(c0) slidechat, free encoder | (c) slidechat end to end | c/b | c/a | c0/a |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| slide | encoder | patches | tiles decoded | (a) tile-decode limit | (b0) CLAM-style, free encoder | "
+          "(b) CLAM-style + encoder | (c0) slidechat, free encoder | (c) slidechat end to end | c/b | c/b0 | "
+          "c0/b0 | c/a | c0/a |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     details = []
     for enc_name in a.encoders:
         for spec in (a.slides if enc_name == "tiny_test" else a.resnet_slides):
             size, mag = spec.split("@")
             w, h = (int(v) for v in size.split("x"))
             path = make_slide(work, w, h, float(mag))
-            r = run_case(path, enc_name, work, a.workers, a.repeats)
+            r = run_case(path, enc_name, work, a.workers,
+                         a.repeats if enc_name == "tiny_test" else a.resnet_repeats)
             cb = [c / b for c, b in zip(r["c"], r["b"])]
+            cb0 = [c / b for c, b in zip(r["c"], r["b0"])]
+            c0b0 = [c / b for c, b in zip(r["c0"], r["b0"])]
             ca = [c / x for c, x in zip(r["c"], r["a"])]
             c0a = [c / x for c, x in zip(r["c0"], r["a"])]
-            print(f"| {w}x{h} @{mag}x | {enc_name} | {r['n'][0]} | {r['tiles'][0]} | {_med(r['a']):.0f} | "
-                  f"{_med(r['b']):.0f} | {_med(r['c0']):.0f} | {_med(r['c']):.0f} | {_med(cb):.2f}x | "
-                  f"{_med(ca):.0%} | {_med(c0a):.0%} |", flush=True)
+            print(f"| {w}x{h} @{mag}x | {enc_name} | {r['n'][0]} | {r['tiles'][0]} | {_f(_med(r['a']))} | "
+                  f"{_f(_med(r['b0']))} | {_f(_med(r['b']))} | {_f(_med(r['c0']))} | {_f(_med(r['c']))} | "
+                  f"{_med(cb):.2f}x | {_med(cb0):.2f}x | {_med(c0b0):.2f}x | {_med(ca):.0%} | {_med(c0a):.0%} |",
+                  flush=True)
             details.append((spec, enc_name, r, cb, ca))
     print("\nper-repeat figures (patches/s) and slidechat's own timing breakdown (last repeat):")
     for spec, enc_name, r, cb, ca in details:
-        print(f"- {spec} {enc_name}: a={[round(v) for v in r['a']]} b={[round(v) for v in r['b']]} "
-              f"c0={[round(v) for v in r['c0']]} c={[round(v) for v in r['c']]} "
+        print(f"- {spec} {enc_name}: a={[_f(v) for v in r['a']]} b0={[_f(v) for v in r['b0']]} "
+              f"b={[_f(v) for v in r['b']]} "
+              f"c0={[_f(v) for v in r['c0']]} c={[_f(v) for v in r['c']]} "
               f"c/b={[round(v, 2) for v in cb]} c/a={[round(v, 2) for v in ca]}")
         tm = r["timings"][-1]
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()))

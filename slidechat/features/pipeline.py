@@ -391,8 +391,11 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
     t_start = time.perf_counter()
     try:
         with torch.inference_mode():
-            # probe: the first batch in this process measures the read and encode costs
-            first, secs = _read_batch(reader, reader.batches[0])
+            # probe: a small first batch in this process measures the read and encode costs (small, as
+            # the other cores idle meanwhile)
+            head = reader.batches[0]
+            probe_idx, head_rest = head[:16], head[16:]
+            first, secs = _read_batch(reader, probe_idx)
             if isinstance(first, _ReadFailure):
                 raise _StageError("read", first.error())
             t["read_s"] += secs
@@ -401,9 +404,9 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
                     encoder(torch.from_numpy(first[:1]).to(device))  # first-call costs out of the probe
                 encoder._slidechat_warm = True
             e0 = t["encode_s"]
-            encode(torch.from_numpy(first), reader.batches[0])
-            n0 = len(reader.batches[0])
-            rest = reader.batches[1:]
+            encode(torch.from_numpy(first), probe_idx)
+            n0 = len(probe_idx)
+            rest = ([head_rest] if len(head_rest) else []) + reader.batches[1:]
             if opts.num_workers is None:
                 nw, threads = balance_workers(secs / n0, (t["encode_s"] - e0) / n0, prev_threads,
                                               device.type)
@@ -667,7 +670,7 @@ def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask:
         cv2.rectangle(img, (int(x * sx), int(y * sy)), (int((x + ps) * sx) - 1, int((y + ps) * sy) - 1),
                       (30, 60, 220), 1)
     with (atomic_path(path) if atomic else contextlib.nullcontext(Path(path))) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # QC: speed over bytes
 
 
 def _write_failures(path: Path, failures: List[Dict[str, str]]) -> None:
