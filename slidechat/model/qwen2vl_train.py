@@ -146,6 +146,9 @@ class Qwen2VLTrainModel(BaseModel):
         if not trained:
             raise SlideChatError("nothing to train: every part is frozen", folder)
         object.__setattr__(self, "_trained_keys", frozenset(trained))
+        # frozen weights are never in our checkpoints: keep them out of "missing" reports (mmengine's
+        # resume prints one after load_checked has already checked the trained ones)
+        self.register_load_state_dict_post_hook(_drop_untrained_missing)
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.parameters())
         logger.info("Qwen2-VL %s: %d of %d parameters trainable (%s)", "LoRA" if self.use_lora else "full",
@@ -268,6 +271,10 @@ class Qwen2VLTrainModel(BaseModel):
         if mode == "tensor":
             return self._hf(**self._hf_inputs(data), use_cache=False).logits
         raise NotImplementedError(f"mode '{mode}' is not supported (use slidechat infer for predictions)")
+
+
+def _drop_untrained_missing(module: "Qwen2VLTrainModel", incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in module.trained_keys]
 
 
 def _lora_config(**kwargs: Any) -> Any:
