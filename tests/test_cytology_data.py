@@ -406,3 +406,20 @@ def test_checked_in_example_reads_and_is_reproducible(tmp_path, processor):
     write_fields_dataset(tmp_path, n_fields=4, seed=0, size=256)  # the README's command
     for f in sorted(root.glob("*.json*")):
         assert (tmp_path / f.name).read_text() == f.read_text(), f.name
+
+
+def test_sft_dataset_bad_image_at_load_time(ddir, processor):
+    from slidechat.data.cytology_dataset import CytologySFTDataset
+
+    (ddir / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": "<image>" + LOC_Q},
+                                          {"role": "assistant", "content": LOC_A}],
+             "images": ["images/broken.jpg" if i == 0 else "images/f0.png"]} for i in range(2)]
+    path = _jsonl(ddir / "sft.jsonl", rows)
+    ds = CytologySFTDataset(str(path), processor, ddir, check_images=False)
+    with pytest.raises(SlideChatError, match=r"sft\.jsonl: row 0 \(id r0\): .*broken\.jpg: cannot read image"):
+        ds[0]
+    skipping = CytologySFTDataset(str(path), processor, ddir, check_images=False, skip_bad=True)
+    assert skipping[0]["id"] == "r1" and skipping.num_skipped_at_load == 1
+    with pytest.raises(SlideChatError, match=r"row 0 \(id r0\): image 0 \(images/broken.jpg\)"):
+        CytologySFTDataset(str(path), processor, ddir)  # checked up front by default

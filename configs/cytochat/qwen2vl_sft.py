@@ -41,6 +41,7 @@ image_max_pixels = 768 * 768
 image_min_pixels = 32 * 32
 max_samples = None
 skip_bad = False  # True: bad rows are skipped and counted instead of stopping the run
+check_images = True  # open every image header before training (False: only when a row is loaded)
 freeze_vision_tower = True
 freeze_multi_modal_projector = True
 pretrained_pth = None  # optional start weights: a checkpoint of this config or a HF folder
@@ -77,7 +78,7 @@ model = dict(
 train_dataset = dict(type=CytologySFTDataset, dataset=dataset, dataset_dir=dataset_dir,
                      processor=model_name_or_path, template=template, cutoff_len=cutoff_len,
                      image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels,
-                     max_samples=max_samples, skip_bad=skip_bad)
+                     max_samples=max_samples, skip_bad=skip_bad, check_images=check_images)
 
 train_dataloader = dict(batch_size=batch_size, num_workers=dataloader_num_workers,
                         dataset=train_dataset, sampler=dict(type=DefaultSampler, shuffle=True),

@@ -50,7 +50,7 @@ class CytologySFTDataset(Dataset):
                  template: str = "qwen2_vl", cutoff_len: int = 2048,
                  image_max_pixels: int = IMAGE_MAX_PIXELS, image_min_pixels: int = IMAGE_MIN_PIXELS,
                  max_samples: Optional[int] = None, skip_bad: bool = False,
-                 default_system: Optional[str] = None) -> None:
+                 default_system: Optional[str] = None, check_images: bool = True) -> None:
         self.processor = build_processor(processor)
         self.tokenizer = self.processor.tokenizer
         self.template = get_vision_template(template)
@@ -61,8 +61,10 @@ class CytologySFTDataset(Dataset):
         self.image_min_pixels = int(image_min_pixels)
         self.default_system = default_system
         self.skip_bad = bool(skip_bad)
+        # check_images: open every image header up front (a bad image fails before training starts);
+        # False defers that to load time (then skip_bad replaces a bad row by the next good one)
         self.examples: List[Example] = read_llamafactory(dataset, dataset_dir, skip_bad=skip_bad,
-                                                         max_samples=max_samples)
+                                                         max_samples=max_samples, check_images=check_images)
         self.num_skipped = self.examples.num_skipped  # type: ignore[attr-defined]
         self.num_skipped_at_load = 0
         pad = self.tokenizer.pad_token_id
