@@ -372,3 +372,40 @@ def test_mmengine_resume_path_runs_the_same_check(setup, trained_sd):
     with pytest.raises(SlideChatError, match="holds none of the"):
         wrapper.load_state_dict(dict(trained_sd), strict=False)
     wrapper.load_state_dict({f"module.{k}": v for k, v in trained_sd.items()}, strict=False)
+
+
+def test_deepspeed_resume_reads_its_files_without_running_code(tmp_path):
+    """``--deepspeed ... --resume`` reads DeepSpeed's model/optimizer files through its checkpoint engine,
+    which unpickles with ``weights_only=False``; once a config has imported ``slidechat.engine.model`` the
+    engine reads weights-only with DeepSpeed's own classes allowed (ZeRO-2/3 bf16 resume was checked on CPU
+    against real DeepSpeed checkpoints with these classes)."""
+    import mmengine.runner  # noqa: F401  (imports DeepSpeed, as in xtuner train)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from slidechat.engine.model import install_safe_xtuner_loader, safe_deepspeed_load
+    from slidechat.utils.errors import SlideChatError
+
+    install_safe_xtuner_loader()
+    assert TorchCheckpointEngine.load is safe_deepspeed_load
+    engine = TorchCheckpointEngine()
+    good = tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "dyn": DynamicLossScaler(init_scale=8, scale_window=100, min_scale=1, delayed_shift=1,
+                                                                     consecutive_hysteresis=False),
+                                         "zero_stage": ZeroStageEnum.gradients,
+                                         "param_slice_mappings": [collections.OrderedDict(
+                                             w=fragment_address(numel=4, start=0))],
+                                         "single_partition_of_fp32_groups": [torch.ones(4)]},
+                "ds_version": "0.19.8"}, good)
+    back = engine.load(str(good), map_location="cpu")
+    osd = back["optimizer_state_dict"]
+    assert osd["loss_scaler"].cur_scale == 1.0 and osd["zero_stage"] == ZeroStageEnum.gradients
+    assert osd["param_slice_mappings"][0]["w"].numel == 4
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "crafted_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": Payload(str(marker))}}, bad)
+    with pytest.raises(SlideChatError, match=r"crafted_optim_states.pt: refusing to load a DeepSpeed checkpoint"):
+        engine.load(str(bad), map_location="cpu")
+    assert not marker.exists()

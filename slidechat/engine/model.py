@@ -94,6 +94,45 @@ def safe_guess_load_checkpoint(pth_model: Union[str, os.PathLike]) -> Dict[str, 
     return load_weights(path)
 
 
+_DS_ENGINE_MODULE = "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine"
+#: the non-tensor classes DeepSpeed (ZeRO 1-3, bf16/fp16) pickles into its checkpoints
+_DS_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+               ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+               ("deepspeed.utils.tensor_fragment", ("fragment_address",)))
+
+
+def _deepspeed_checkpoint_globals() -> List[Any]:
+    import importlib
+
+    out: List[Any] = []
+    for module, names in _DS_GLOBALS:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        out += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return out
+
+
+def safe_deepspeed_load(self: Any, path: str, map_location: Any = None) -> Any:
+    """Drop-in for DeepSpeed's ``TorchCheckpointEngine.load`` (``torch.load(weights_only=False)``), which
+    ``--deepspeed ... --resume`` uses for the model and optimizer-state files: torch's weights-only
+    unpickler with the few DeepSpeed classes those files hold (and mmengine's message-hub classes, see
+    :func:`allow_mmengine_checkpoint_globals`). Anything else is a one-line error, never executed."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported global" in ln or "refusing" in ln), lines[0] if lines
+                   else "unsupported content")
+        raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
+                             f"allow-list ({why})", path=path,
+                             hint="only DeepSpeed's own checkpoint classes are read") from None
+
+
 def _one_line_slidechat_errors(exc_type: Any, exc: BaseException, tb: Any) -> None:
     if isinstance(exc, SlideChatError):
         print(f"slidechat: error: {exc}", file=sys.stderr)
@@ -112,11 +151,15 @@ def install_safe_xtuner_loader() -> None:
     configs imports this module, which runs this function: every module already holding xtuner's
     function (``__main__``, ``xtuner.tools.test``, ``xtuner.model.llava`` ...) gets
     :func:`safe_guess_load_checkpoint` in its place, and so does ``xtuner.model.utils`` for later
-    importers. It runs again when :class:`SlideChatTrainModel` is built, i.e. before any checkpoint
-    is read. Module dicts are edited directly (no ``getattr`` on lazy modules). Under an xtuner tool
+    importers. DeepSpeed's ``TorchCheckpointEngine.load`` (``--deepspeed ... --resume``) becomes
+    :func:`safe_deepspeed_load`. It runs again when :class:`SlideChatTrainModel` is built, i.e. before
+    any checkpoint is read. Module dicts are edited directly (no ``getattr`` on lazy modules). Under an xtuner tool
     a :class:`SlideChatError` escaping to the top is printed as one line (exit status 1, as Python's
     default hook), without the traceback.
     """
+    ds_engine = sys.modules.get(_DS_ENGINE_MODULE)  # mmengine.runner imports DeepSpeed when installed
+    if ds_engine is not None and getattr(ds_engine, "TorchCheckpointEngine", None) is not None:
+        ds_engine.TorchCheckpointEngine.load = safe_deepspeed_load
     utils = sys.modules.get("xtuner.model.utils")
     if utils is None:
         return  # nothing can hold xtuner's loader yet; xtuner tools import it before reading configs
