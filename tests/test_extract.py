@@ -347,6 +347,7 @@ def test_balance_readers_against_the_encoder():
     assert balance_workers(0.004, 0.001, 1, "cpu", cores=2) == (2, 1)
     # a compute-bound encoder (CONCH on CPU): one reader, every core for the encoder's threads
     assert balance_workers(0.004, 1.0, 2, "cpu", cores=2) == (1, 2)
+    assert balance_workers(0.004, 0.012, 2, "cpu", cores=2) == (2, 1)  # a noisy probe of a light encoder
     # GPU: enough readers to keep up with the encoder, one core left for the main process
     assert balance_workers(0.004, 0.0005, 1, "cuda", cores=16) == (8, 1)
     assert balance_workers(0.004, 0.00001, 1, "cuda", cores=16) == (15, 1)

@@ -283,10 +283,11 @@ def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_
                     device_type: str, cores: Optional[int] = None) -> Tuple[int, int]:
     """``(reader processes, encoder threads)`` from a probe batch's measured costs.
 
-    CPU: when reading is a real share of the work (>= 25 %: light encoders), every core gets a reader
-    and the encoder one thread — single-threaded processes time-share the cores without idling, and the
-    probe's encoder timing on a shared machine is too noisy for finer splits; when the encoder dominates
-    (CONCH or ResNet-50 on CPU), one reader and every core for the encoder's threads. GPU: enough
+    CPU: unless the encoder clearly dominates (> 90 % of the probe's time: CONCH or ResNet-50 on CPU,
+    10-1000x the cost of decoding a patch), every core gets a reader and the encoder one thread —
+    single-threaded processes time-share the cores without idling, and a 16-patch probe on a shared
+    machine is too noisy (3-10x swings measured) for finer splits; when it dominates, one reader and
+    every core for the encoder's threads. GPU: enough
     readers that they deliver patches as fast as the GPU encodes them, one core left for the main process.
     """
     cores = cores or cpu_cores()
@@ -294,7 +295,7 @@ def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_
     e = max(encode_s_per_patch, 1e-6)
     if device_type != "cpu":
         return max(1, min(math.ceil(r / e), max(1, cores - 1))), encoder_threads
-    if r / (r + e) >= 0.25:
+    if r / (r + e) >= 0.1:
         return cores, 1
     return 1, cores
 
