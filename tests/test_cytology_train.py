@@ -344,3 +344,18 @@ def test_load_qwen2vl_merges_a_peft_adapter_folder(setup, tmp_path):
     assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(b, c, atol=1e-2)
     with pytest.raises(SlideChatError, match="not a LoRA adapter folder"):
         load_qwen2vl(setup["tiny"], tmp_path)
+
+
+def test_wrapper_walkers_go_through_the_check(setup, sft):
+    from torch import nn
+
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+
+    sd = _ckpt(sft)["state_dict"]
+    wrapper = nn.Module()
+    wrapper.module = Qwen2VLTrainModel(setup["tiny"])  # what DDP looks like to a module walker
+    with pytest.raises(SlideChatError, match="checkpoint holds none of the"):
+        nn.Module.load_state_dict(wrapper, sd, strict=False)  # un-prefixed keys: nothing would load
+    nn.Module.load_state_dict(wrapper, {"module." + k: v for k, v in sd.items()}, strict=False)
+    for k, v in sd.items():
+        assert torch.equal(wrapper.module.state_dict()[k], v)

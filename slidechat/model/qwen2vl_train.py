@@ -227,11 +227,14 @@ class Qwen2VLTrainModel(BaseModel):
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:
-        # mmengine's runner (resume / load_from) loads by walking modules itself, bypassing
-        # load_state_dict; the walk reaches this module first, with the whole dict: check it here.
-        if not self._checked_load_active and prefix == "":
-            self._checked_load({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)},
-                               strict=True, source="checkpoint")
+        # Module walkers that bypass load_state_dict reach this module first with every key under
+        # ``prefix``: mmengine's runner (resume / load_from), or torch's load_state_dict on a wrapper
+        # (DistributedDataParallel: prefix "module."). The same strict check runs here, so such a load
+        # either fits or is a one-line error (a wrapper given un-prefixed keys would load nothing).
+        if not self._checked_load_active:
+            own = {k[len(prefix):]: v for k, v in state_dict.items()
+                   if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+            self._checked_load(own, strict=True, source="checkpoint")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
