@@ -283,8 +283,9 @@ def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_
                     device_type: str, cores: Optional[int] = None) -> Tuple[int, int]:
     """``(reader processes, encoder threads)`` from a probe batch's measured costs.
 
-    CPU: unless the encoder clearly dominates (> 90 % of the probe's time: CONCH or ResNet-50 on CPU,
-    10-1000x the cost of decoding a patch), every core gets a reader and the encoder one thread —
+    CPU (both costs measured single-threaded): unless the encoder clearly dominates (> 90 % of the
+    probe's time: CONCH or ResNet-50 on CPU, 10-1000x the cost of decoding a patch), every core gets a
+    reader and the encoder one thread —
     single-threaded processes time-share the cores without idling, and a 16-patch probe on a shared
     machine is too noisy (3-10x swings measured) for finer splits; when it dominates, one reader and
     every core for the encoder's threads. GPU: enough
@@ -405,12 +406,17 @@ def _encode_grid(path: Path, grid: PatchGrid, encoder: Any, opts: ExtractOptions
                     encoder(torch.from_numpy(first[:1]).to(device))  # first-call costs out of the probe
                 encoder._slidechat_warm = True
             e0 = t["encode_s"]
+            if opts.num_workers is None and device.type == "cpu":
+                # compare like with like: one reader process vs one encoder thread (CPU seconds per
+                # patch); small encoders also run no faster, often slower, on contended extra threads
+                torch.set_num_threads(1)
             encode(torch.from_numpy(first), probe_idx)
+            torch.set_num_threads(prev_threads)
             n0 = len(probe_idx)
             rest = ([head_rest] if len(head_rest) else []) + reader.batches[1:]
             if opts.num_workers is None:
-                nw, threads = balance_workers(secs / n0, (t["encode_s"] - e0) / n0, prev_threads,
-                                              device.type)
+                nw, threads = balance_workers(secs / n0, (t["encode_s"] - e0) / n0, 1 if device.type == "cpu"
+                                              else prev_threads, device.type)
                 logger.debug("%s: probe %.2f ms/patch read, %.2f ms/patch encode -> %d reader(s), %d "
                              "encoder thread(s)", desc, 1e3 * secs / n0, 1e3 * (t["encode_s"] - e0) / n0,
                              nw, threads)
