@@ -294,9 +294,12 @@ class FieldModel:
         (a plain forward reuses ``rope_deltas`` cached by an earlier call and falls back to 1-D
         positions).
         """
+        return self.logits_from_batch(self._batch(self.prompt_text, images))
+
+    def logits_from_batch(self, batch: Any) -> Any:
+        """Last-position logits of a prepared batch (see :meth:`option_logits`)."""
         torch = self._torch
         m = self.model
-        batch = self._batch(self.prompt_text, images)
         ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
         with torch.inference_mode():
             emb = m.get_input_embeddings()(ids)
