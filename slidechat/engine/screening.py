@@ -757,13 +757,14 @@ def reaggregate(out_dir: PathLike, labels: Optional[PathLike] = None, opts: Opti
 
 def run_screen_demo(work_dir: PathLike, model_dir: PathLike, n_slides: int = 8, seed: int = 101,
                     width: int = 2048, height: int = 2048, batch_size: int = 8, ground_top: int = 1,
-                    image_max_pixels: int = 224 * 224, max_new_tokens: int = 64,
-                    n_boot: int = 1000) -> Dict[str, Any]:
+                    field_size: int = 224, target_mpp: float = 0.5, image_max_pixels: int = 224 * 224,
+                    max_new_tokens: int = 64, n_boot: int = 1000) -> Dict[str, Any]:
     """Held-out synthetic smears -> ``slidechat screen`` with ``model_dir`` -> slide AUC, for the demo.
 
     Writes ``n_slides`` slides (half abnormal) under ``<work_dir>/cyto_slides`` (reused when present)
-    and the screening outputs under ``<work_dir>/screen``. ``image_max_pixels`` must match training
-    (``configs/tiny/cytochat_sft.py`` trains at 224x224). Returns the summary: ``metrics`` holds
+    and the screening outputs under ``<work_dir>/screen``. Fields (``field_size`` px at ``target_mpp``)
+    and ``image_max_pixels`` must match what the model was trained on: the defaults fit the tiny model
+    trained on native 224-px fields at 0.5 µm/px (``configs/tiny/cytochat_sft.py`` feeds 224x224). Returns the summary: ``metrics`` holds
     ``auc``, ``auc_ci_low``, ``auc_ci_high``, ``sensitivity``, ``specificity``; ``metrics_line`` is
     the printable line; pictures are under ``<work_dir>/screen/{heatmaps,galleries}``.
     """
@@ -773,6 +774,7 @@ def run_screen_demo(work_dir: PathLike, model_dir: PathLike, n_slides: int = 8, 
     sl = work / "cyto_slides"
     if not (sl / "labels.csv").is_file():
         write_cytology_slides(sl, n_slides=n_slides, seed=seed, width=width, height=height)
-    opts = ScreenOptions(batch_size=batch_size, ground_top=ground_top, progress=False, n_boot=n_boot,
+    opts = ScreenOptions(field_size=field_size, target_mpp=target_mpp, batch_size=batch_size,
+                         ground_top=ground_top, progress=False, n_boot=n_boot,
                          image_max_pixels=image_max_pixels, max_new_tokens=max_new_tokens)
     return screen_slides(sl / "slides", work / "screen", model_dir, labels=sl / "labels.csv", opts=opts)
