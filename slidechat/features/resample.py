@@ -8,7 +8,10 @@ the features by 0.4-3 %. This module computes PIL's integer arithmetic bit for b
 any device (the GPU when there is one), so preprocessing stays exact without a Python loop per patch.
 
 Reference: Pillow ``src/libImaging/Resample.c`` (``precompute_coeffs``, ``normalize_coeffs_8bpc``,
-``ImagingResample{Horizontal,Vertical}_8bpc``, ``clip8``).
+``ImagingResample{Horizontal,Vertical}_8bpc``, ``clip8``). Pass order: horizontal then vertical, as Pillow
+does for every square patch (tested bit-exact against the installed Pillow 13). Pillow 13 switches to
+vertical-first for some non-square resizes whose height shrinks much more than their width (its exact
+rule is not reproduced here); encoders only ever see square patches.
 """
 
 from __future__ import annotations
