@@ -7,16 +7,20 @@ patch counts, so features and coords stay lists. The result is shaped like xtune
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from slidechat.model.constants import IGNORE_INDEX
 
 
-def slidechat_collate_fn(instances: Sequence[Dict[str, Any]], pad_token_id: Optional[int] = None
-                         ) -> Dict[str, Any]:
-    """Pad ``input_ids``/``labels`` to the longest row; ``pad_token_id`` defaults to the items'."""
+def pad_text_batch(instances: Sequence[Dict[str, Any]], pad_token_id: Optional[int] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``input_ids``/``labels`` to the longest row, shared by the slide and image collators.
+
+    Padding gets ``pad_token_id`` (default: the items' own), labels ``IGNORE_INDEX`` and mask 0.
+    Returns ``(input_ids, labels, attention_mask)``, each ``(batch, max_len)`` long.
+    """
     if not instances:
         raise ValueError("empty batch")
     if pad_token_id is None:
@@ -33,6 +37,13 @@ def slidechat_collate_fn(instances: Sequence[Dict[str, Any]], pad_token_id: Opti
         input_ids[b, :n] = torch.as_tensor(x["input_ids"], dtype=torch.long)
         labels[b, :n] = torch.as_tensor(x["labels"], dtype=torch.long)
         attention_mask[b, :n] = 1
+    return input_ids, labels, attention_mask
+
+
+def slidechat_collate_fn(instances: Sequence[Dict[str, Any]], pad_token_id: Optional[int] = None
+                         ) -> Dict[str, Any]:
+    """Pad ``input_ids``/``labels`` to the longest row; ``pad_token_id`` defaults to the items'."""
+    input_ids, labels, attention_mask = pad_text_batch(instances, pad_token_id)
     features: List[torch.Tensor] = [torch.as_tensor(x["features"]) for x in instances]
     coords_list = [x.get("coords") for x in instances]
     coords = None if all(c is None for c in coords_list) else coords_list

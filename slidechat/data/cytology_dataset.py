@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
+from slidechat.data.collate import pad_text_batch
 from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image
 from slidechat.data.llamafactory import Example, read_llamafactory
 from slidechat.data.template import ConversationError, encode_qwen2vl, get_vision_template
@@ -128,22 +129,7 @@ def qwen2vl_collate_fn(instances: Sequence[Dict[str, Any]], pad_token_id: Option
                        ) -> Dict[str, Any]:
     """Right-pad text (labels IGNORE_INDEX, mask 0) and concatenate image patches and grids, as
     LLaMA-Factory's collator does for training; shaped like xtuner's ``{'data', 'data_samples'}``."""
-    if not instances:
-        raise ValueError("empty batch")
-    if pad_token_id is None:
-        pad_token_id = instances[0].get("pad_token_id")
-        if pad_token_id is None:
-            raise ValueError("no pad_token_id given and the items carry none")
-    n = max(len(x["input_ids"]) for x in instances)
-    bsz = len(instances)
-    input_ids = torch.full((bsz, n), int(pad_token_id), dtype=torch.long)
-    labels = torch.full((bsz, n), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((bsz, n), dtype=torch.long)
-    for b, x in enumerate(instances):
-        k = len(x["input_ids"])
-        input_ids[b, :k] = torch.as_tensor(x["input_ids"])
-        labels[b, :k] = torch.as_tensor(x["labels"])
-        attention_mask[b, :k] = 1
+    input_ids, labels, attention_mask = pad_text_batch(instances, pad_token_id)
     with_images = [x for x in instances if x.get("pixel_values") is not None]
     data: Dict[str, Any] = {
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
