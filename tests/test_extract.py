@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from slidechat.features.inputs import collect_slide_paths, rank_and_world, shard
+from slidechat.features.inputs import collect_slide_paths, rank_and_world, shard, unique_shard
 from slidechat.features.io import load_features
 from slidechat.features.pipeline import extract_slide_features, extract_slides
 from slidechat.utils.errors import SlideChatError
@@ -181,6 +181,16 @@ def test_rank_sharding_exactly_once(synthetic_slides, tmp_path, monkeypatch):
     assert [f["slide"] for f in s1["failed"]] == ["s_blank"]
     assert set(_failures(tmp_path / "failures_rank0.csv")) == {"s_corrupt"}
     assert set(_failures(tmp_path / "failures_rank1.csv")) == {"s_blank"}
+
+
+def test_unique_shard_drops_repeated_ids_once(tmp_path):
+    # same id "a" from two folders: the first path wins; only rank 0 reports the duplicate
+    paths = [tmp_path / "x" / "a.svs", tmp_path / "b.svs", tmp_path / "y" / "a.tif", tmp_path / "c.svs"]
+    parts = [unique_shard(paths, r, 2) for r in range(2)]
+    assert sorted(sum((m for m, _ in parts), []), key=str) == sorted([paths[0], paths[1], paths[3]], key=str)
+    assert parts[0][0] == [paths[0], paths[3]] and parts[1][0] == [paths[1]]
+    assert [(f["slide"], f["path"], f["stage"]) for f in parts[0][1]] == [("a", str(paths[2]), "input")]
+    assert str(paths[0]) in parts[0][1][0]["reason"] and parts[1][1] == []
 
 
 def test_input_forms(synthetic_slides, tmp_path):

@@ -615,7 +615,7 @@ def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pat
     """
     from tqdm.auto import tqdm
 
-    from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, shard
+    from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, unique_shard
     from slidechat.features.pipeline import _write_failures  # extraction's failures.csv writer
 
     opts = opts or ScreenOptions()
@@ -627,19 +627,7 @@ def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fail_path = out / ("failures.csv" if world == 1 else f"failures_rank{rank}.csv")
-    failures: List[Dict[str, str]] = []
-    seen: Dict[str, Path] = {}
-    jobs: List[Path] = []
-    for p in paths:
-        sid = slide_id(p)
-        if sid in seen:
-            if rank == 0:
-                failures.append({"slide": sid, "path": str(p), "stage": "input",
-                                 "reason": f"duplicate slide id (also {seen[sid]})"})
-            continue
-        seen[sid] = p
-        jobs.append(p)
-    mine = shard(jobs, rank, world)
+    mine, failures = unique_shard(paths, rank, world)
     summary: Dict[str, Any] = {"out_dir": str(out), "rank": rank, "world_size": world, "done": [],
                                "skipped": [], "failed": failures, "n_fields": 0,
                                "failures_file": str(fail_path), "read_s": 0.0, "model_s": 0.0}
@@ -689,7 +677,7 @@ def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pat
                        len(failures), fail_path)
     if world == 1:
         summary.update(reaggregate(out, labels=labels, opts=opts,
-                                   slides=[slide_id(p) for p in jobs], label_map=label_map))
+                                   slides=[slide_id(p) for p in mine], label_map=label_map))
     else:
         logger.info("rank %d/%d done; when every rank has finished run: slidechat screen --reaggregate %s",
                     rank, world, out)

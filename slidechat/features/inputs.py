@@ -7,10 +7,10 @@ import glob
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from slidechat.utils.errors import SlideChatError
-from slidechat.wsi.slide import SLIDE_SUFFIXES
+from slidechat.wsi.slide import SLIDE_SUFFIXES, slide_id
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,29 @@ def rank_and_world(rank: Optional[int] = None, world_size: Optional[int] = None)
 def shard(items: Sequence, rank: int, world_size: int) -> List:
     """Round-robin share of ``items`` for ``rank``: every item goes to exactly one rank."""
     return list(items[rank::world_size])
+
+
+def unique_shard(paths: Sequence[Path], rank: int, world_size: int
+                 ) -> Tuple[List[Path], List[Dict[str, str]]]:
+    """This rank's share of ``paths`` after dropping repeated slide ids (outputs are named by id).
+
+    Decided identically on every rank, so a slide goes to exactly one rank; the first path of an id
+    wins. Returns ``(mine, failures)``: one ``{slide, path, stage, reason}`` failure row per dropped
+    duplicate, reported by rank 0 only so a sharded run lists it once.
+    """
+    failures: List[Dict[str, str]] = []
+    seen: Dict[str, Path] = {}
+    jobs: List[Path] = []
+    for p in paths:
+        sid = slide_id(p)
+        if sid in seen:
+            if rank == 0:
+                failures.append({"slide": sid, "path": str(p), "stage": "input",
+                                 "reason": f"duplicate slide id (also {seen[sid]})"})
+            continue
+        seen[sid] = p
+        jobs.append(p)
+    return shard(jobs, rank, world_size), failures
 
 
 def limit(items: Iterable, n: Optional[int]) -> List:

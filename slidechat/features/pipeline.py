@@ -702,7 +702,7 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
     """
     from tqdm.auto import tqdm
 
-    from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, shard
+    from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, unique_shard
 
     opts = ExtractOptions.from_kwargs(**options)
     out = check_output_dir(out_dir)  # before any work: a bad --out fails in a second
@@ -714,20 +714,7 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
     all_paths = _limit(slide_paths, limit)
     fail_path = out / ("failures.csv" if world == 1 else f"failures_rank{rank}.csv")
 
-    # ids must be unique across the whole list (decided identically on every rank)
-    failures: List[Dict[str, str]] = []
-    seen: Dict[str, Path] = {}
-    jobs: List[Tuple[int, Path]] = []
-    for i, p in enumerate(all_paths):
-        sid = slide_id(p)
-        if sid in seen:
-            if rank == 0:
-                failures.append({"slide": sid, "path": str(p), "stage": "input",
-                                 "reason": f"duplicate slide id (also {seen[sid]})"})
-            continue
-        seen[sid] = p
-        jobs.append((i, p))
-    mine = [p for _, p in shard(jobs, rank, world)]
+    mine, failures = unique_shard(all_paths, rank, world)  # ids unique across the whole list
 
     summary: Dict[str, Any] = {"out_dir": str(out), "rank": rank, "world_size": world,
                                "done": [], "skipped": [], "failed": failures, "n_patches": 0,
