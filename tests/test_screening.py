@@ -120,6 +120,24 @@ def test_labels_csv_errors_name_the_row(tmp_path: Path) -> None:
     assert ev.read_labels_csv(p) == {"a": 0, "b": 1, "c": 1}
 
 
+def test_save_figure_is_atomic_and_closes_the_figure(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slidechat.utils.atomic import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    out = save_figure(fig, tmp_path / "f.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError):  # a failed save leaves neither a partial file nor an open figure
+        save_figure(fig, tmp_path / "g.png", format="no-such-format")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png"] and not plt.fignum_exists(fig.number)
+
+
 # ----------------------------------------------------------------------------------------------
 # slides, detector, model
 

@@ -60,7 +60,7 @@ from slidechat.evaluation.screening import (DEFAULT_AGGREGATOR, DEFAULT_FIELD_TH
                                             FIELD_COLUMNS, evaluate_slides, plot_roc, read_field_table,
                                             read_labels_csv, slide_scores_from_tables, slide_table,
                                             write_rows_csv)
-from slidechat.utils.atomic import atomic_path, atomic_write_text
+from slidechat.utils.atomic import atomic_path, atomic_write_text, save_figure
 from slidechat.utils.errors import SlideChatError
 from slidechat.wsi.patching import PatchGrid, plan_patches
 from slidechat.wsi.slide import Slide, resolve_resolution, slide_id
@@ -486,11 +486,7 @@ def write_heatmap(path: PathLike, res: SlideScreen) -> Path:
     ax.set_title(f"{res.slide}: field abnormality scores ({len(res.rows)} cellular fields)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_gallery(path: PathLike, res: SlideScreen, k: int = 8, max_tile: int = 256) -> Path:

@@ -230,7 +230,7 @@ def plot_roc(path: PathLike, labels: Sequence[int], scores: Sequence[float],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from slidechat.utils.atomic import atomic_path
+    from slidechat.utils.atomic import save_figure
 
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
@@ -249,11 +249,7 @@ def plot_roc(path: PathLike, labels: Sequence[int], scores: Sequence[float],
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,6 +50,24 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
 def atomic_write_text(final: PathLike, text: str, encoding: str = "utf-8") -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text, encoding=encoding)
+
+
+def save_figure(fig: Any, final: PathLike, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically (PNG unless ``format=`` says otherwise), then close it.
+
+    The format is passed explicitly because the temporary name ends in ``.partial``; closing (also on
+    error) keeps a run that plots many slides from piling up open pyplot figures.
+    """
+    import matplotlib.pyplot as plt
+
+    final = Path(final)
+    savefig_kwargs.setdefault("format", "png")
+    try:
+        with atomic_path(final) as tmp:
+            fig.savefig(tmp, **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    return final
 
 
 def remove_stale_partials(folder: PathLike) -> int:
