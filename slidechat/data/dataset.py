@@ -20,7 +20,6 @@ text alone leaves fewer than ``min_patches`` positions.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -53,27 +52,14 @@ def build_object(obj: Any) -> Any:
 
 def read_rows(data_path: PathLike) -> List[Any]:
     """A JSON list, or JSONL (one object per line); errors name the file (and line for JSONL)."""
+    from slidechat.data.llamafactory import read_raw_rows
+
     p = Path(data_path)
-    if not p.is_file():
-        raise SlideChatError("training data file not found", p)
-    text = p.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SlideChatError(f"malformed JSON: {e}", p) from e
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise SlideChatError(f"malformed JSON on line {lineno}: {e}", p) from e
-    if not rows:
-        raise SlideChatError("no rows (expected a JSON list or JSON lines)", p)
+    rows: List[Any] = []
+    for _, lineno, row, error in read_raw_rows(p, kind="training data file"):
+        if error is not None:  # SlideChat training has no skip for unparsable lines: stop at the first
+            raise SlideChatError(f"line {lineno}: {error}", p)
+        rows.append(row)
     return rows
 
 

@@ -193,10 +193,14 @@ def _spec_for_file(path: Path, first_row: Any) -> DatasetSpec:
 RawRow = Tuple[int, Optional[int], Any, Optional[str]]  # (row index, line number, value, parse error)
 
 
-def read_raw_rows(path: Path) -> List[RawRow]:
-    """Rows of a JSON list or JSONL file; a JSONL line that does not parse becomes a row with an error."""
+def read_raw_rows(path: Path, kind: str = "dataset file") -> List[RawRow]:
+    """Rows of a JSON list or JSONL file; a JSONL line that does not parse becomes a row with an error.
+
+    The one reader for LLaMA-Factory and SlideChat training files: callers decide whether a bad line
+    is skipped or fatal; ``kind`` names the file in the not-found error.
+    """
     if not path.is_file():
-        raise SlideChatError("dataset file not found", path)
+        raise SlideChatError(f"{kind} not found", path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
