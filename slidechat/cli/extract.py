@@ -6,6 +6,8 @@ import argparse
 import logging
 from typing import Any
 
+from slidechat.cli.args import add_slide_run_arguments
+
 logger = logging.getLogger("slidechat.extract")
 
 EPILOG = """\
@@ -72,12 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenSlide tile cache per reader process, MB (default: %(default)g)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
-    g.add_argument("--overwrite", action="store_true", help="redo slides whose H5 exists")
-    g.add_argument("--rank", type=int, help="this shard (default: $RANK or 0)")
-    g.add_argument("--world-size", type=int, help="number of shards (default: $WORLD_SIZE or 1)")
-    g.add_argument("--limit", type=int, help="only the first N slides of the list")
-    g.add_argument("--recursive", action="store_true", help="search input folders recursively")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_slide_run_arguments(g, overwrite_help="redo slides whose H5 exists")
 
 
 def _workers(v: str) -> Any:

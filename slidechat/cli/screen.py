@@ -7,6 +7,8 @@ import argparse
 import logging
 from typing import Any
 
+from slidechat.cli.args import add_slide_run_arguments
+
 logger = logging.getLogger("slidechat.screen")
 
 EPILOG = """\
@@ -77,12 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the AUC CI")
     g.add_argument("--gallery-k", type=int, default=8, help="fields in each gallery (default: 8)")
     g = p.add_argument_group("run")
-    g.add_argument("--overwrite", action="store_true", help="redo slides already screened")
-    g.add_argument("--rank", type=int, help="this shard (default: $RANK or 0)")
-    g.add_argument("--world-size", type=int, help="number of shards (default: $WORLD_SIZE or 1)")
-    g.add_argument("--limit", type=int, help="only the first N slides")
-    g.add_argument("--recursive", action="store_true", help="search input folders recursively")
-    g.add_argument("--no-progress", action="store_true")
+    add_slide_run_arguments(g, overwrite_help="redo slides already screened")
 
 
 def register(subparsers: Any) -> None:
