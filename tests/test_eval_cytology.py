@@ -504,3 +504,19 @@ def test_cli_matches_committed_example_reports(tmp_path, monkeypatch, capsys, na
     assert json.loads((tmp_path / f"{stem}.{scorer}.json").read_text()) == \
         json.loads((EX / f"{stem}.{scorer}.json").read_text())
     assert capsys.readouterr().out == got_md
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no rows"),
+    (b"\xff\xfe not text", "not UTF-8"),
+    (b'{"prompt": "Locate all hsil."\n', "line 1 is not valid JSON"),
+])
+def test_unreadable_predictions_file_is_one_line(tmp_path, caplog, content, message):
+    """Empty, non-UTF-8 and broken JSONL prediction files: exit 1 with one line naming the file
+    (a non-UTF-8 file used to end in a UnicodeDecodeError traceback)."""
+    path = tmp_path / "preds.jsonl"
+    path.write_bytes(content)
+    assert main(["eval", "grounding", str(path)]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and "preds.jsonl" in errors[0]
+    assert "\n" not in errors[0]

@@ -131,28 +131,19 @@ def read_predictions(path: PathLike, sheet: Optional[str] = None) -> CytoFile:
 
 
 def _read_jsonl(p: Path) -> CytoFile:
+    """Predictions JSONL (or a JSON list) through the project's one JSON/JSONL row reader."""
+    from slidechat.data.llamafactory import read_raw_rows
+
     records: List[CytoRecord] = []
     ours = False
-    with open(p, encoding="utf-8") as fh:
-        text = fh.read()
-    lines = text.splitlines()
-    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            objs = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SlideChatError(f"not valid JSON: {e}", p) from None
-        numbered = [(i + 1, o) for i, o in enumerate(objs)]
-        unit = "item"
-    else:
-        numbered = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise SlideChatError(f"line {n} is not valid JSON: {e.msg}", p) from None
-        unit = "line"
+    numbered = []
+    unit = "line"
+    for index, lineno, obj, error in read_raw_rows(p, kind="predictions file"):
+        if error is not None:
+            raise SlideChatError(f"line {lineno} is not valid JSON: {error}", p)
+        if lineno is None:  # a JSON list
+            unit = "item"
+        numbered.append((index + 1 if lineno is None else lineno, obj))
     for n, o in numbered:
         where = f"{unit} {n}"
         if not isinstance(o, dict):
