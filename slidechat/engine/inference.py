@@ -20,13 +20,11 @@ engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is insta
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence,
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
                     Tuple, Union)
 
 import torch
@@ -296,35 +294,6 @@ def stop_token_ids(tokenizer: Any) -> List[int]:
     return ids
 
 
-@contextlib.contextmanager
-def per_image_vision(model: Any) -> Iterator[None]:
-    """Run Qwen2-VL's vision tower image by image inside ``model.generate``.
-
-    transformers 4.48 packs a batch's images into one sequence with a dense block-diagonal attention
-    mask (eager/SDPA), so the vision cost grows with the square of the batch's patch count; per image
-    it is linear, and each image's features no longer depend on its batch-mates. Same maths (the mask
-    is block-diagonal), so the answers are those of the packed call.
-    """
-    visual = getattr(model, "visual", None)
-    if visual is None or "forward" in vars(visual):
-        yield
-        return
-    packed = visual.forward
-
-    def forward(hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kw: Any) -> torch.Tensor:
-        if grid_thw.shape[0] <= 1:
-            return packed(hidden_states, grid_thw=grid_thw, **kw)
-        sizes = [int(n) for n in grid_thw.prod(-1).tolist()]
-        return torch.cat([packed(h, grid_thw=g[None], **kw)
-                          for h, g in zip(hidden_states.split(sizes), grid_thw)])
-
-    visual.forward = forward
-    try:
-        yield
-    finally:
-        del visual.forward
-
-
 class Qwen2VLFamily(_Qwen2VLText):
     """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
 
@@ -356,6 +325,8 @@ class Qwen2VLFamily(_Qwen2VLText):
                   if torch.is_tensor(v) else v for k, v in batch.items()}
         if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
             torch.manual_seed(int(self.sampling.seed) + items[0].position)
+        from slidechat.model.qwen2vl import per_image_vision
+
         with per_image_vision(self.model):
             out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                       **self.gen_kwargs)

@@ -287,33 +287,18 @@ class FieldModel:
     def option_logits(self, images: Sequence[Any]) -> Any:
         """Logits (N, vocab) at the answer position (the last prompt token; prompts are left-padded).
 
-        Same result as ``model(**batch)``, computed in two steps for speed and correctness:
-        the vision tower runs image by image (transformers 4.48 packs a batch's images into one
-        sequence with a dense block-diagonal mask under eager/SDPA attention, so a batch of 8 costs
-        8x per image), and the M-RoPE ``position_ids`` are computed here with ``get_rope_index``
-        (a plain forward reuses ``rope_deltas`` cached by an earlier call and falls back to 1-D
-        positions).
+        Same result as a stock ``model(**batch)`` on a fresh model, through
+        :func:`slidechat.model.qwen2vl.last_token_logits`: the vision tower runs image by image (a
+        batch of 8 would otherwise cost 8x per image) and the M-RoPE ``position_ids`` are explicit (a
+        plain forward reuses ``rope_deltas`` cached by an earlier call and falls back to 1-D positions).
         """
         return self.logits_from_batch(self._batch(self.prompt_text, images))
 
     def logits_from_batch(self, batch: Any) -> Any:
         """Last-position logits of a prepared batch (see :meth:`option_logits`)."""
-        torch = self._torch
-        m = self.model
-        ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
-        with torch.inference_mode():
-            emb = m.get_input_embeddings()(ids)
-            pv = batch["pixel_values"].type(m.visual.get_dtype())
-            sizes = [int(v) for v in grid.prod(-1).tolist()]
-            feats = torch.cat([m.visual(c, grid_thw=g[None]) for c, g in zip(pv.split(sizes), grid)])
-            mask = ids == m.config.image_token_id
-            if int(mask.sum()) != feats.shape[0]:
-                raise SlideChatError(f"image tokens ({int(mask.sum())}) and image features "
-                                     f"({feats.shape[0]}) do not match")
-            emb = emb.masked_scatter(mask[..., None].expand_as(emb), feats.to(emb.dtype))
-            pos, _ = m.get_rope_index(ids, grid, None, am)
-            out = m(inputs_embeds=emb, attention_mask=am, position_ids=pos, use_cache=False)
-        return out.logits[:, -1, :].float()
+        from slidechat.model.qwen2vl import last_token_logits
+
+        return last_token_logits(self.model, batch)
 
     def option_probs(self, images: Sequence[Any]) -> Tuple[np.ndarray, np.ndarray]:
         """(N, n_options) softmax over the option tokens' logits, and the full-vocab mass on them."""

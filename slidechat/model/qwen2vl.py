@@ -8,11 +8,12 @@ and images LLaMA-Factory's scaling (:mod:`slidechat.data.images`), so inputs mat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -161,3 +162,57 @@ def __getattr__(name: str) -> Any:
 
         return getattr(qwen2vl_train, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def mrope_position_ids(model: Any, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                       attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Qwen2-VL's 3-D (t, h, w) M-RoPE position ids, computed explicitly.
+
+    transformers 4.48 computes them only on a model's first forward without ``position_ids`` and
+    caches ``rope_deltas``; every later plain forward (training steps, scoring) then silently falls
+    back to 1-D positions. LLaMA-Factory's collator passes them explicitly; so does every caller here.
+    """
+    position_ids, _ = model.get_rope_index(input_ids, image_grid_thw, None, attention_mask)
+    return position_ids
+
+
+@contextlib.contextmanager
+def per_image_vision(model: Any) -> Iterator[None]:
+    """Run Qwen2-VL's vision tower image by image inside ``model(...)`` / ``model.generate``.
+
+    transformers 4.48 packs a batch's images into one sequence with a dense block-diagonal attention
+    mask (eager/SDPA), so the vision cost grows with the square of the batch's patch count; per image
+    it is linear, and each image's features no longer depend on its batch-mates. Same maths (the mask
+    is block-diagonal), so the results are those of the packed call.
+    """
+    visual = getattr(model, "visual", None)
+    if visual is None or "forward" in vars(visual):
+        yield
+        return
+    packed = visual.forward
+
+    def forward(hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if grid_thw.shape[0] <= 1:
+            return packed(hidden_states, grid_thw=grid_thw, **kw)
+        sizes = [int(n) for n in grid_thw.prod(-1).tolist()]
+        return torch.cat([packed(h, grid_thw=g[None], **kw)
+                          for h, g in zip(hidden_states.split(sizes), grid_thw)])
+
+    visual.forward = forward
+    try:
+        yield
+    finally:
+        del visual.forward
+
+
+def last_token_logits(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Float logits ``(N, vocab)`` at the last position of a left-padded batch (the answer's first
+    token): one forward with explicit M-RoPE positions and the vision tower run image by image."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+              if batch.get(k) is not None}
+    with torch.inference_mode(), per_image_vision(model):
+        pos = mrope_position_ids(model, inputs["input_ids"], inputs.get("image_grid_thw"),
+                                 inputs.get("attention_mask"))
+        out = model(**inputs, position_ids=pos, use_cache=False)
+    return out.logits[:, -1, :].float()

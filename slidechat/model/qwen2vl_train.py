@@ -263,8 +263,10 @@ class Qwen2VLTrainModel(BaseModel):
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids")
         inputs = {k: data[k] for k in keys if data.get(k) is not None}
         if "position_ids" not in inputs:
-            inputs["position_ids"], _ = self._hf.get_rope_index(
-                inputs["input_ids"], inputs.get("image_grid_thw"), None, inputs.get("attention_mask"))
+            from slidechat.model.qwen2vl import mrope_position_ids
+
+            inputs["position_ids"] = mrope_position_ids(
+                self._hf, inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("attention_mask"))
         return inputs
 
     def forward(self, data: Dict[str, Any], data_samples: Any = None, mode: str = "loss") -> Any:
