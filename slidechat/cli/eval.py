@@ -50,14 +50,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     g = sub.add_parser("grounding", help="cytology multi-cell grounding: Hungarian-matched precision / "
                                          "recall / F1 at IoU 0.3, 0.5, 0.75, per class, count error")
     g.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
-    g.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=None,
-                   help="image size for Qwen2-VL native 0-1000 boxes when the images cannot be read")
-    g.add_argument("--image-dir", type=Path, default=None,
-                   help="folder that relative image paths are under (default: the file's folder)")
+    _image_options(g)
     g.add_argument("--iou", type=float, nargs="+", default=None, metavar="T",
                    help="IoU thresholds (default: 0.3 0.5 0.75; 0.5 is always included)")
-    g.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
-                   help="extra class-name alias (repeatable)")
+    _alias_option(g)
     _outputs(g)
     _cytology_options(g, "grounding")
     g.set_defaults(func=run_cytology, scorer="grounding")
@@ -65,8 +61,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     r = sub.add_parser("region", help="cytology referring expressions: region -> class accuracy "
                                       "(confusion table), description -> region at IoU >= 0.5")
     r.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
-    r.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
-                   help="extra class-name alias (repeatable)")
+    _alias_option(r)
     _outputs(r)
     _cytology_options(r, "region")
     r.set_defaults(func=run_cytology, scorer="region")
@@ -80,15 +75,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     a = sub.add_parser("cytology", help="every task in a cytology predictions file, each with its scorer "
                                         "(one section per task)")
     a.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
-    a.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=None,
-                   help="image size for Qwen2-VL native 0-1000 boxes when the images cannot be read")
-    a.add_argument("--image-dir", type=Path, default=None,
-                   help="folder that relative image paths are under (default: the file's folder)")
-    a.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
-                   help="extra class-name alias (repeatable)")
-    a.add_argument("--sheet", default=None, help="xlsx sheet name (default: the first)")
-    a.add_argument("--drop-duplicates", action="store_true",
-                   help="score rows that repeat an earlier row exactly only once")
+    _image_options(a)
+    _alias_option(a)
+    _file_options(a)
     _outputs(a)
     a.set_defaults(func=run_cytology_all)
 
@@ -109,9 +98,25 @@ def _cytology_options(p: argparse.ArgumentParser, scorer: str) -> None:
                    help="cytology files: score the rows of this task (and rows fitting no task) as it; rows "
                         "of other tasks are left out and counted. Default: detect from the prompts and "
                         "refuse mixed files")
+    _file_options(p)
+
+
+def _file_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sheet", default=None, help="xlsx sheet name (default: the first)")
     p.add_argument("--drop-duplicates", action="store_true",
                    help="score rows that repeat an earlier row exactly only once")
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="image size for Qwen2-VL native 0-1000 boxes when the images cannot be read")
+    p.add_argument("--image-dir", type=Path, default=None,
+                   help="folder that relative image paths are under (default: the file's folder)")
+
+
+def _alias_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", action="append", default=[], metavar="NAME=CLASS",
+                   help="extra class-name alias (repeatable)")
 
 
 def _report_paths(args: argparse.Namespace, path: Path, scorer: str):
