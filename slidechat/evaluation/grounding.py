@@ -238,21 +238,5 @@ def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional
     return items
 
 
-def duplicate_rows(records: Sequence[Any]) -> int:
-    """How many rows repeat an earlier row exactly (images, question, label and prediction)."""
-    seen = set()
-    n = 0
-    for r in records:
-        k = (tuple(r.images), r.question, r.label, r.predict)
-        n += k in seen
-        seen.add(k)
-    return n
-
-
-def f1_of(report: GroundingReport, t: float = HEADLINE_IOU) -> float:
-    v = report.overall[_key(t)]["f1"]
-    return float("nan") if v is None else float(v)
-
-
 __all__ = ["IOU_THRESHOLDS", "GroundingItem", "GroundingReport", "match_boxes", "score_grounding",
-           "grounding_items", "query_class", "duplicate_rows", "f1_of"]
+           "grounding_items", "query_class"]
