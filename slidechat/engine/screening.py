@@ -198,31 +198,13 @@ def plan_fields(slide: Slide, opts: ScreenOptions) -> FieldPlan:
 
 def read_fields(path: PathLike, grid: PatchGrid, idx: np.ndarray) -> np.ndarray:
     """uint8 (b, P, P, 3) fields, read exactly as extraction reads patches (same reader class)."""
-    from slidechat.features.pipeline import _PatchBatches
+    from slidechat.features.pipeline import PatchReader
 
-    reader = _PatchBatches(Path(path), grid, max(1, len(idx)))
+    reader = PatchReader(Path(path), grid, max(1, len(idx)))
     try:
         return reader.read(np.asarray(idx))
     finally:
-        if reader._slide is not None:
-            reader._slide.close()
-
-
-class _FieldReader:
-    """One slide handle for the whole slide (the extraction reader keeps its handle open)."""
-
-    def __init__(self, path: PathLike, grid: PatchGrid) -> None:
-        from slidechat.features.pipeline import _PatchBatches
-
-        self._r = _PatchBatches(Path(path), grid, 1)
-
-    def read(self, idx: np.ndarray) -> np.ndarray:
-        return self._r.read(np.asarray(idx))
-
-    def close(self) -> None:
-        if self._r._slide is not None:
-            self._r._slide.close()
-            self._r._slide = None
+        reader.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +344,7 @@ def screen_slide(path: PathLike, scorer: FieldModel, opts: ScreenOptions) -> Sli
     from tqdm.auto import tqdm
 
     from slidechat.evaluation.regions import parse_regions
+    from slidechat.features.pipeline import PatchReader
 
     path = Path(path)
     sid = slide_id(path)
@@ -373,9 +356,9 @@ def screen_slide(path: PathLike, scorer: FieldModel, opts: ScreenOptions) -> Sli
     n = len(grid)
     probs = np.zeros((n, len(opts.options)))
     mass = np.zeros(n)
-    reader = _FieldReader(path, grid)
-    t_read = t_model = 0.0
     bs = max(1, int(opts.batch_size))
+    reader = PatchReader(path, grid, bs)  # one slide handle for the whole slide
+    t_read = t_model = 0.0
     bar = tqdm(total=n, desc=sid[:30], unit="field", leave=False, disable=not opts.progress)
     try:
         for s in range(0, n, bs):

@@ -211,9 +211,6 @@ class PatchReader:
         return runs
 
 
-#: Kept for callers written against the first reader (cytology screening reads fields with it).
-_PatchBatches = PatchReader
-
 _PIL_FILTERS: Dict[str, int] = {"bicubic": 3, "bilinear": 2, "box": 4, "hamming": 5, "lanczos": 1,
                                 "nearest": 0}
 
