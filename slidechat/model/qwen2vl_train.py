@@ -206,13 +206,16 @@ class Qwen2VLTrainModel(BaseModel):
                 del sd[k]
         return sd
 
-    def _checked_load(self, state_dict: Mapping[str, torch.Tensor], strict: bool, source: str) -> Any:
+    def _checked_load(self, state_dict: Mapping[str, torch.Tensor], strict: bool, source: str,
+                      required: Optional[Sequence[str]] = None) -> Any:
+        """Every load of this model: ``module.`` prefixes dropped, then :func:`load_checked` (``required``
+        defaults to the trained keys; ``strict=False`` allows a partial load)."""
         from slidechat.model.checkpoint import load_checked
 
         sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        req = sorted(self._trained_keys) if required is None else required
         with _LoadGuard(self):
-            return load_checked(self, sd, required=sorted(self._trained_keys), allow_partial=not strict,
-                                source=source)
+            return load_checked(self, sd, required=req, allow_partial=not strict, source=source)
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                         assign: bool = False) -> Any:
@@ -242,12 +245,9 @@ class Qwen2VLTrainModel(BaseModel):
         """Initial weights from a checkpoint or a Hugging Face folder (before freezing/LoRA): every
         tensor must fit the model (no unexpected keys, no shape mismatch); model keys it lacks keep
         the model folder's values."""
-        from slidechat.model.checkpoint import load_checked, load_weights
+        from slidechat.model.checkpoint import load_weights
 
-        sd = load_weights(path)
-        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-        with _LoadGuard(self):
-            report = load_checked(self, sd, required=[], source=os.fspath(path))
+        report = self._checked_load(load_weights(path), strict=True, source=os.fspath(path), required=[])
         logger.info("pretrained_pth %s", report.summary())
         return report
 
@@ -314,7 +314,7 @@ def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None
     from xtuner.registry import BUILDER
 
     from slidechat.engine.builder import load_config
-    from slidechat.model.checkpoint import load_checked, load_weights
+    from slidechat.model.checkpoint import load_weights
 
     cfg = load_config(config, dict(cfg_options or {})) if isinstance(config, (str, os.PathLike)) else config
     model_cfg = cfg.model.copy()
@@ -326,11 +326,8 @@ def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None
         raise SlideChatError(f"config model is {type(model).__name__}, expected Qwen2VLTrainModel",
                              config if isinstance(config, (str, os.PathLike)) else None)
     if checkpoint is not None:
-        sd = load_weights(checkpoint)
-        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-        with _LoadGuard(model):
-            report = load_checked(model, sd, required=sorted(model.trained_keys), allow_partial=allow_partial,
-                                  source=os.fspath(checkpoint))
+        report = model._checked_load(load_weights(checkpoint), strict=not allow_partial,
+                                     source=os.fspath(checkpoint))
         logger.info("checkpoint %s", report.summary())
     model.eval()
     return model
