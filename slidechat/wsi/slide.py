@@ -46,6 +46,16 @@ def slide_id(path: PathLike) -> str:
     return stem or name
 
 
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 -> RGB: transparent pixels (outside the scanned area) become white, like glass."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() < 255:
+        rgb = rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))
+        rgb = np.minimum(rgb, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb)
+
+
 class Slide:
     """Common interface: level geometry, ``read_region`` (RGB uint8), thumbnails, metadata."""
 
@@ -143,19 +153,14 @@ class Slide:
             if x2 > x1 and y2 > y1:
                 out[y1 - y:y2 - y, x1 - x:x2 - x] = self._img[y1:y2, x1:x2]
             return out
-        tiles = getattr(self, "_tiles", None)
-        if tiles is not None and tiles.has_level(level) and self._on_level_grid(x, y, level):
-            try:
-                return tiles.read(x, y, level, w, h, self.level_downsamples[level])
-            except Exception as e:
-                raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
-                                     f"{type(e).__name__}: {e}", self.path) from e
+        direct = self._direct_region(x, y, level, w, h)
+        if direct is not None:
+            return direct
         try:
             rgba = np.asarray(self._osr.read_region((x, y), level, (w, h)))
         except Exception as e:
-            raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
-                                 f"{type(e).__name__}: {e}", self.path) from e
-        return self._rgba_to_rgb(rgba)
+            raise self._read_error(x, y, w, h, level, e) from e
+        return rgba_to_rgb(rgba)
 
     def read_region_image(self, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> "Any":
         """Like :meth:`read_region` but a PIL ``RGB`` image, without numpy copies on the common path.
@@ -169,21 +174,16 @@ class Slide:
             return Image.fromarray(self.read_region(location, level, size))
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
-        tiles = getattr(self, "_tiles", None)
-        if tiles is not None and tiles.has_level(level) and self._on_level_grid(x, y, level):
-            try:
-                return Image.fromarray(tiles.read(x, y, level, w, h, self.level_downsamples[level]))
-            except Exception as e:
-                raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
-                                     f"{type(e).__name__}: {e}", self.path) from e
+        direct = self._direct_region(x, y, level, w, h)
+        if direct is not None:
+            return Image.fromarray(direct)
         try:
             rgba = self._osr.read_region((x, y), level, (w, h))
         except Exception as e:
-            raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
-                                 f"{type(e).__name__}: {e}", self.path) from e
+            raise self._read_error(x, y, w, h, level, e) from e
         if rgba.getextrema()[3][0] == 255:  # fully opaque: the usual case inside the scan
             return rgba.convert("RGB")
-        return Image.fromarray(self._rgba_to_rgb(np.asarray(rgba)))
+        return Image.fromarray(rgba_to_rgb(np.asarray(rgba)))
 
     def read_region_reduced(self, location: Tuple[int, int], level: int, size: Tuple[int, int],
                             factor: int = 1) -> np.ndarray:
@@ -196,7 +196,7 @@ class Slide:
         f = max(1, int(factor))
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
-        tiles = getattr(self, "_tiles", None)
+        tiles = self._tiles
         if tiles is not None and tiles.has_level(level) and tiles.can_reduce(level, f):
             ds = self.level_downsamples[level]
             lx, ly = int(x // ds), int(y // ds)
@@ -204,10 +204,24 @@ class Slide:
                 try:
                     return tiles.read(x, y, level, w, h, ds, f)
                 except Exception as e:
-                    raise SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: "
-                                         f"{type(e).__name__}: {e}", self.path) from e
+                    raise self._read_error(x, y, w, h, level, e) from e
         img = self.read_region_image((x, y), level, (w, h))
         return np.asarray(img.reduce(f) if f > 1 else img)
+
+    def _direct_region(self, x: int, y: int, level: int, w: int, h: int) -> Optional[np.ndarray]:
+        """The region from the direct tile reader when it covers ``level`` and (x, y) falls on a whole
+        pixel of it; None when OpenSlide must read it."""
+        tiles = self._tiles
+        if tiles is None or not tiles.has_level(level) or not self._on_level_grid(x, y, level):
+            return None
+        try:
+            return tiles.read(x, y, level, w, h, self.level_downsamples[level])
+        except Exception as e:
+            raise self._read_error(x, y, w, h, level, e) from e
+
+    def _read_error(self, x: int, y: int, w: int, h: int, level: int, e: Exception) -> SlideChatError:
+        return SlideChatError(f"cannot read region {(x, y, w, h)} at level {level}: {type(e).__name__}: {e}",
+                              self.path)
 
     def _on_level_grid(self, x: int, y: int, level: int) -> bool:
         """Whether level-0 (x, y) falls on a whole pixel of ``level`` (else OpenSlide interpolates)."""
@@ -219,7 +233,7 @@ class Slide:
         OpenSlide's ``read_region`` per tile, after a pixel-identity self-check; False if not possible."""
         from slidechat.wsi.tiles import open_tile_reader
 
-        if getattr(self, "_tiles", None) is None:
+        if self._tiles is None:
             self._tiles = open_tile_reader(self, cache_mb, probe)
         return self._tiles is not None
 
@@ -237,16 +251,6 @@ class Slide:
             self._osr.set_cache(openslide.OpenSlideCache(int(megabytes * 2 ** 20)))
         except (AttributeError, Exception) as e:  # pragma: no cover - depends on the OpenSlide build
             logger.debug("%s: no per-handle tile cache (%s)", self.name, e)
-
-    @staticmethod
-    def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-        """Transparent pixels (outside the scanned area) become white, like glass."""
-        rgb = rgba[..., :3]
-        alpha = rgba[..., 3]
-        if alpha.min() < 255:
-            rgb = rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))
-            rgb = np.minimum(rgb, 255).astype(np.uint8)
-        return np.ascontiguousarray(rgb)
 
     def read_downsampled(self, downsample: float, chunk: int = 4096) -> np.ndarray:
         """The whole slide as RGB at ``downsample`` (w.r.t. level 0), read chunk by chunk.
@@ -284,7 +288,7 @@ class Slide:
         return self.read_downsampled(ds)
 
     def close(self) -> None:
-        if getattr(self, "_tiles", None) is not None:
+        if self._tiles is not None:
             self._tiles.close()
             self._tiles = None
         if self._osr is not None:

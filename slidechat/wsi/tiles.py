@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from slidechat.wsi.slide import rgba_to_rgb
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -72,10 +74,9 @@ class TiffTileReader:
             self._fh.seek(int(page.dataoffsets[i]))
             data = self._fh.read(count)
             seg = page.decode(data, i, jpegtables=page.jpegtables)[0]
-            tile = np.ascontiguousarray(seg.reshape(seg.shape[-3:])[..., :3])
-            if seg.shape[-1] == 4:  # RGBA tiles: transparent -> white, as Slide.read_region does
-                alpha = seg.reshape(seg.shape[-3:])[..., 3:4].astype(np.uint16)
-                tile = np.minimum(tile.astype(np.uint16) + (255 - alpha), 255).astype(np.uint8)
+            seg = seg.reshape(seg.shape[-3:])
+            # RGBA tiles: transparent -> white, as Slide.read_region does
+            tile = rgba_to_rgb(seg) if seg.shape[-1] == 4 else np.ascontiguousarray(seg[..., :3])
             self.tiles_decoded += 1
         if factor > 1:  # PIL's block average (``Image.reduce``), done per tile: blocks never straddle tiles
             tile = reduce_blocks(tile, factor)
