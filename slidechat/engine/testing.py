@@ -46,7 +46,7 @@ from mmengine.runner import TestLoop
 from torch.utils.data import Dataset, SequentialSampler
 
 from slidechat.data.dataset import uniform_indices
-from slidechat.engine.limits import PromptLimit, model_prompt_limit
+from slidechat.engine.limits import PromptLimit, check_prompt_length, model_prompt_limit
 from slidechat.evaluation.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
                                              merge_shards, read_csv_text, read_slidebench, require_rows)
 from slidechat.model.constants import IMAGE_TOKEN_INDEX
@@ -169,7 +169,10 @@ class SlideBenchTestDataset(Dataset):
         out: Dict[str, Any] = {"item": item, "pad_token_id": self.pad_token_id}
         if not item.ok:
             return out
-        too_long = self.prompt_limit.check_chars(item.prompt)  # before reading features or tokenizing
+        # the length cap before reading features: characters first, then the text tokens (not the slide)
+        ids, too_long = check_prompt_length(
+            item.prompt, lambda: encode_prompt(self.tokenizer, [], item.prompt, self.template, self.system),
+            self.prompt_limit, count=lambda t: sum(1 for x in t if x != IMAGE_TOKEN_INDEX))
         if too_long is not None:
             item.error = too_long
             logger.warning("row %s: %s", item.key, too_long)
@@ -188,12 +191,6 @@ class SlideBenchTestDataset(Dataset):
         if len(idx) < len(feats):
             feats = feats[idx]
             coords = None if coords is None else coords[idx]
-        ids = encode_prompt(self.tokenizer, [], item.prompt, self.template, self.system)
-        too_long = self.prompt_limit.check_tokens(sum(1 for t in ids if t != IMAGE_TOKEN_INDEX))
-        if too_long is not None:
-            item.error = too_long
-            logger.warning("row %s: %s", item.key, too_long)
-            return out
         out.update(input_ids=torch.tensor(ids, dtype=torch.long),
                    features=torch.from_numpy(np.ascontiguousarray(feats)),
                    coords=None if coords is None else torch.from_numpy(np.ascontiguousarray(coords)))
