@@ -69,6 +69,11 @@ def _one_per_dicom_series(paths: List[Path]) -> List[Path]:
     return out
 
 
+#: DICOM value representations with a 4-byte length after 2 reserved bytes (explicit VR little endian)
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+                       b"UV"))
+
+
 def dicom_series_uid(path: PathLike, max_bytes: int = 1 << 20) -> Optional[str]:
     """SeriesInstanceUID (0020,000E) of a DICOM file, read from its header without a DICOM library, or
     None when the file is not explicit-VR little-endian DICOM or the tag is absent.
@@ -84,14 +89,13 @@ def dicom_series_uid(path: PathLike, max_bytes: int = 1 << 20) -> Optional[str]:
         return None
     if len(buf) < 132 or buf[128:132] != b"DICM":
         return None
-    long_vrs = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
     pos, n = 132, len(buf)
     while pos + 8 <= n:
         group, elem = struct.unpack_from("<HH", buf, pos)
         vr = buf[pos + 4:pos + 6]
         if not (vr.isalpha() and vr.isupper()):
             return None  # implicit VR or something unexpected: no guess
-        if vr in long_vrs:
+        if vr in _LONG_VRS:
             if pos + 12 > n:
                 return None
             length = struct.unpack_from("<I", buf, pos + 8)[0]
@@ -135,7 +139,7 @@ def _skip_undefined(buf: bytes, pos: int) -> Optional[int]:
             pos += 8  # item of undefined length, or item delimiter
             continue
         vr = buf[pos + 4:pos + 6]
-        if vr in {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}:
+        if vr in _LONG_VRS:
             length = struct.unpack_from("<I", buf, pos + 8)[0]
             pos += 12
             if length == 0xFFFFFFFF:
