@@ -17,7 +17,7 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch
 
-from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image
+from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image, scale_image
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
     from slidechat.data.llamafactory import Example
     from slidechat.data.template import QWEN2_VL, render_qwen2vl_prompt
 
+    span = f"{QWEN2_VL.vision_bos}{QWEN2_VL.image_token}{QWEN2_VL.vision_eos}"
     texts: List[str] = []
     flat: List[Any] = []
     for i, item in enumerate(examples_or_prompts):
@@ -133,14 +134,11 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
             row_images = [] if images is None or images[i] is None else images[i]
         else:
             raise TypeError(f"item {i}: expected an Example or a prompt string, got {type(item).__name__}")
-        span = f"{QWEN2_VL.vision_bos}{QWEN2_VL.image_token}{QWEN2_VL.vision_eos}"
         if text.count(span) != len(row_images):
             raise SlideChatError(f"prompt {i} has {text.count(span)} image span(s) but {len(row_images)} "
                                  f"image(s) were given")
         for im in row_images:
             if isinstance(im, Image.Image):
-                from slidechat.data.images import scale_image
-
                 flat.append(scale_image(im, image_max_pixels, image_min_pixels))
             else:
                 flat.append(load_image(im, image_max_pixels, image_min_pixels))
