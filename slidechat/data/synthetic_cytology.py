@@ -224,6 +224,17 @@ def render_cells(cells: Sequence[Cell], x0: float, y0: float, w: int, h: int, do
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
+def _fits(cell: Cell, width: float, height: float, others: Iterable[Cell]) -> bool:
+    """Whether ``cell``'s nucleus lies at least 1 px inside the image and its cytoplasm circle clears
+    every one of ``others`` by more than 1 px (the placement rule of fields and slides)."""
+    nx1, ny1 = cell.nucleus.min(0)
+    nx2, ny2 = cell.nucleus.max(0)
+    if nx1 < 1 or ny1 < 1 or nx2 > width - 1 or ny2 > height - 1:
+        return False
+    rad = cell.radius()
+    return all(math.hypot(cell.cx - o.cx, cell.cy - o.cy) > rad + o.radius() + 1.0 for o in others)
+
+
 def _place_cells(rng: np.random.Generator, classes: Sequence[str], width: float, height: float,
                  mpp: float, margin: float = 0.0, max_tries: int = 200) -> List[Cell]:
     """Place cells of the given classes without overlap; nuclei stay inside [margin, size - margin]."""
@@ -232,12 +243,7 @@ def _place_cells(rng: np.random.Generator, classes: Sequence[str], width: float,
         for _ in range(max_tries):
             cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
             cell = make_cell(rng, cls, cx, cy, mpp)
-            nx1, ny1 = cell.nucleus.min(0)
-            nx2, ny2 = cell.nucleus.max(0)
-            if nx1 < 1 or ny1 < 1 or nx2 > width - 1 or ny2 > height - 1:
-                continue
-            rad = cell.radius()
-            if all(math.hypot(cx - o.cx, cy - o.cy) > rad + o.radius() + 1.0 for o in cells):
+            if _fits(cell, width, height, cells):
                 cells.append(cell)
                 break
     return cells
@@ -535,25 +541,10 @@ def make_cytology_slide(name: str, label: str, width: int = 4096, height: int = 
                                                                               dens.shape[1] - 1)]:
             continue
         c = make_cell(rng, "normal", cx, cy, base_mpp)
-        nx1, ny1 = c.nucleus.min(0)
-        nx2, ny2 = c.nucleus.max(0)
-        if nx1 < 1 or ny1 < 1 or nx2 > width - 1 or ny2 > height - 1:
-            continue
-        rad = c.radius()
         gx, gy = int(cx // gsz), int(cy // gsz)
-        ok = True
-        for ix in range(gx - 1, gx + 2):
-            for iy in range(gy - 1, gy + 2):
-                for j in grid.get((ix, iy), ()):
-                    o = cells[j]
-                    if math.hypot(cx - o.cx, cy - o.cy) <= rad + o.radius() + 1.0:
-                        ok = False
-                        break
-                if not ok:
-                    break
-            if not ok:
-                break
-        if ok:
+        near = (cells[j] for ix in range(gx - 1, gx + 2) for iy in range(gy - 1, gy + 2)
+                for j in grid.get((ix, iy), ()))
+        if _fits(c, width, height, near):
             grid.setdefault((gx, gy), []).append(len(cells))
             cells.append(c)
     if label == "abnormal" and cells:
