@@ -147,10 +147,11 @@ class ImageChatSession:
                  image_min_pixels: int = 32 * 32) -> None:
         from slidechat.data.images import load_image
         from slidechat.engine.inference import Qwen2VLFamily, SamplingSettings
+        from slidechat.engine.limits import llm_context_length
 
         self.image_path = Path(image)
         self.image = load_image(self.image_path, image_max_pixels, image_min_pixels)
-        limit = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 32768)
+        limit = llm_context_length(model) or 32768
         self.family = Qwen2VLFamily(model, processor,
                                     SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=0.0),
                                     cutoff_len=limit, skip_special_tokens=False,
