@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -81,10 +81,6 @@ class Region:
     def area(self) -> float:
         return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
 
-    def to_text(self, ndigits: int = 2) -> str:
-        """CytoChat's form, ``<region>x1 y1 x2 y2</region>``."""
-        return REGION_OPEN + " ".join(_fmt(v, ndigits) for v in self.box) + REGION_CLOSE
-
 
 @dataclass
 class RegionParse:
@@ -92,18 +88,6 @@ class RegionParse:
 
     boxes: List[Region] = field(default_factory=list)
     malformed: List[str] = field(default_factory=list)
-
-    @property
-    def n_malformed(self) -> int:
-        return len(self.malformed)
-
-    def labels(self) -> List[Optional[str]]:
-        return [b.label for b in self.boxes]
-
-
-def _fmt(v: float, ndigits: int) -> str:
-    s = f"{round(float(v), ndigits):.{ndigits}f}".rstrip("0").rstrip(".")
-    return s if s not in ("-0", "") else "0"
 
 
 def _snippet(text: str, n: int = 80) -> str:
@@ -288,20 +272,3 @@ def iou_matrix(a: Sequence[Region], b: Sequence[Region]) -> np.ndarray:
         out = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
     return out
 
-
-def regions_text(regions: Iterable[Region], ndigits: int = 2) -> str:
-    """CytoChat's answer text for a list of boxes: ``"hsil 1 is located at <region>...</region>. ..."``."""
-    counts: Dict[str, int] = {}
-    parts = []
-    for r in regions:
-        name = r.label or "cell"
-        counts[name] = counts.get(name, 0) + 1
-        parts.append(f"{name} {counts[name]} is located at {r.to_text(ndigits)}.")
-    return " ".join(parts)
-
-
-def class_counts(regions: Iterable[Region]) -> Mapping[Optional[str], int]:
-    out: Dict[Optional[str], int] = {}
-    for r in regions:
-        out[r.label] = out.get(r.label, 0) + 1
-    return out
