@@ -27,7 +27,6 @@ Anything else fits no task; :func:`select_task` refuses such rows, and files mix
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import os
 import re
@@ -73,10 +72,6 @@ class CytoFile:
     format: str  # "slidechat-jsonl" | "llamafactory-jsonl" | "cytochat-xlsx"
     records: List[CytoRecord]
     notes: List[str] = field(default_factory=list)
-
-    @property
-    def has_predictions(self) -> bool:
-        return any(r.predict is not None for r in self.records)
 
 
 _TURN = re.compile(r"(?:^|\n)(?:<\|im_start\|>)?user\n(.*?)(?:<\|im_end\|>)?\n"
@@ -213,7 +208,7 @@ def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
                                      f"({type(e).__name__})", p) from None
             if not isinstance(d, dict) or "prompt" not in d:
                 raise SlideChatError(f"{where}: Prompt dict has no 'prompt' key", p)
-            prompt = _text(d["prompt"])
+            prompt = last_turn = _text(d["prompt"])
             if "predict" in d:
                 if predict is not None and predict.strip() and predict.strip() != _text(d["predict"]).strip():
                     raise SlideChatError(f"{where}: both a {pred_col} column and a predict inside Prompt, "
@@ -232,10 +227,6 @@ def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
                 turns = len(lst)
                 prompt = "\n".join(lst)
                 last_turn = lst[-1]
-        else:
-            last_turn = prompt
-        if stripped.startswith("{"):
-            last_turn = prompt
         question = user_question(last_turn)
         fields = {}
         for c in ("Task", "Class number"):
