@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,13 +50,18 @@ def build_object(obj: Any) -> Any:
     return obj
 
 
-def read_rows(data_path: PathLike) -> List[Any]:
-    """A JSON list, or JSONL (one object per line); errors name the file (and line for JSONL)."""
+def read_rows(data_path: PathLike, raw_rows: Optional[List[Any]] = None) -> List[Any]:
+    """A JSON list, or JSONL (one object per line); errors name the file (and line for JSONL).
+
+    ``raw_rows``: the file as :func:`slidechat.data.llamafactory.read_raw_rows` already read it (not
+    read again)."""
     from slidechat.data.llamafactory import read_raw_rows
 
     p = Path(data_path)
     rows: List[Any] = []
-    for _, lineno, row, error in read_raw_rows(p, kind="training data file"):
+    if raw_rows is None:
+        raw_rows = read_raw_rows(p, kind="training data file")
+    for _, lineno, row, error in raw_rows:
         if error is not None:  # SlideChat training has no skip for unparsable lines: stop at the first
             raise SlideChatError(f"line {lineno}: {error}", p)
         rows.append(row)
@@ -73,21 +78,26 @@ def resolve_feature_path(name: str, feature_root: Optional[PathLike]) -> Optiona
     return find_feature_file(p)
 
 
-def is_llamafactory_source(data_path: PathLike, dataset_dir: Optional[PathLike] = None) -> bool:
-    """Whether ``data_path`` names LLaMA-Factory data: a name in ``dataset_dir/dataset_info.json``, or
-    a JSON/JSONL file whose first row has ``messages`` or ``images`` (SlideChat rows have ``image``)."""
+def sniff_training_data(data_path: PathLike, dataset_dir: Optional[PathLike] = None
+                        ) -> Tuple[bool, Optional[List[Any]]]:
+    """``(is_llamafactory, raw_rows)``: whether ``data_path`` names LLaMA-Factory data (a name in
+    ``dataset_dir/dataset_info.json``, or a JSON/JSONL file whose first row has ``messages`` or ``images``;
+    SlideChat rows have ``image``), and the file's raw rows (``read_raw_rows``) when it had to be read to
+    tell, else None, so a SlideChat file is parsed once, not twice."""
     from slidechat.data.llamafactory import DATA_CONFIG, load_dataset_info, read_raw_rows
 
     names = [n.strip() for n in str(data_path).split(",") if n.strip()]
     if dataset_dir is not None and (Path(dataset_dir) / DATA_CONFIG).is_file():
         registry = load_dataset_info(dataset_dir)
         if any(n in registry for n in names):
-            return True
+            return True, None
     p = Path(data_path)
     if len(names) != 1 or not p.is_file():
-        return len(names) > 1
-    first = next((row for _, _, row, err in read_raw_rows(p) if err is None), None)
-    return isinstance(first, dict) and ("messages" in first or ("images" in first and "image" not in first))
+        return len(names) > 1, None
+    raw_rows = read_raw_rows(p)
+    first = next((row for _, _, row, err in raw_rows if err is None), None)
+    is_lf = isinstance(first, dict) and ("messages" in first or ("images" in first and "image" not in first))
+    return is_lf, raw_rows
 
 
 def uniform_indices(n: int, k: int) -> np.ndarray:
@@ -127,10 +137,11 @@ class SlideInstructionDataset(Dataset):
         self.rows: List[Dict[str, Any]] = []
         self.num_skipped = 0
         self.num_skipped_at_load = 0
-        if is_llamafactory_source(data_path, dataset_dir):
+        is_lf, raw_rows = sniff_training_data(data_path, dataset_dir)
+        if is_lf:
             self._read_llamafactory(str(data_path), dataset_dir, check_files)
         else:
-            for index, row in enumerate(read_rows(self.data_path)):
+            for index, row in enumerate(read_rows(self.data_path, raw_rows)):
                 try:
                     self.rows.append(self._validate(index, row, check_files))
                 except SlideChatError as e:
