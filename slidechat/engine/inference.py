@@ -258,6 +258,11 @@ class _Qwen2VLText:
                 f"label, cutoff_len {self.cutoff_len} would cut it to {keep} (LLaMA-Factory's rule)",
                 item.source, hint="raise --cutoff_len; the row is not truncated")
 
+    def prepare(self, item: CytologyItem) -> None:
+        """The family's ``prepare``: render the prompt (length checks), then read the images."""
+        self.render(item)
+        self.load_images(item)
+
     def load_images(self, item: CytologyItem) -> None:
         from slidechat.data.images import load_image
 
@@ -307,10 +312,6 @@ class Qwen2VLFamily(_Qwen2VLText):
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
         self.new_tokens = 0  # answer tokens generated (through the stop token)
         self.token_slots = 0  # rows x decoding steps: a batch runs until its longest answer ends
-
-    def prepare(self, item: CytologyItem) -> None:
-        self.render(item)
-        self.load_images(item)
 
     @torch.no_grad()
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
@@ -365,10 +366,6 @@ class VllmQwen2VLFamily(_Qwen2VLText):
             from vllm.lora.request import LoRARequest
 
             self.lora = LoRARequest("default", 1, os.fspath(adapter_name_or_path))
-
-    def prepare(self, item: CytologyItem) -> None:
-        self.render(item)
-        self.load_images(item)
 
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
         inputs = [{"prompt": it.prompt_text,
