@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from slidechat.data.synthetic_cytology import (GROUND_ABNORMAL_QUESTION, SCREENING_ABNORMAL_INDEX,
+from slidechat.data.synthetic_cytology import (GROUND_ABNORMAL_QUESTION, LETTERS, SCREENING_ABNORMAL_INDEX,
                                                SCREENING_OPTIONS, SCREENING_QUESTION)
 from slidechat.evaluation.screening import (DEFAULT_AGGREGATOR, DEFAULT_FIELD_THRESHOLD, DEFAULT_TOP_K,
                                             FIELD_COLUMNS, evaluate_slides, plot_roc, read_field_table,
@@ -69,7 +69,6 @@ from slidechat.wsi.tissue import TissueMask
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-LETTERS = "ABCDEFGHIJ"
 DEFAULT_FIELD_SIZE = 512
 DEFAULT_TARGET_MPP = 0.5
 
