@@ -29,7 +29,7 @@ from slidechat.utils.errors import SlideChatError
 from slidechat.wsi.patching import (DEFAULT_MAGNIFICATION, DEFAULT_PATCH_SIZE, DEFAULT_TISSUE_THRESHOLD,
                                     PatchGrid, plan_patches)
 from slidechat.wsi.slide import Slide, resolve_resolution, slide_id
-from slidechat.wsi.tissue import TissueMask, TissueParams, segment_tissue, whole_slide_mask
+from slidechat.wsi.tissue import TissueMask, TissueParams, whole_slide_mask
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +140,6 @@ class PatchReader:
     def out_size(self) -> Tuple[int, int]:
         return (self.host_resize[0], self.host_resize[1]) if self.host_resize else \
             (self.patch_size, self.patch_size)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> Tuple[Any, Any]:
-        import torch
-
-        idx = self.batches[i]
-        return torch.from_numpy(self.read(idx)), torch.from_numpy(idx)
 
     def _handle(self) -> Slide:
         if self._slide is None or self._pid != os.getpid():  # one handle per process
