@@ -188,6 +188,15 @@ def test_bad_rows_raise_named_errors(tokenizer, feature_root, tmp_path, kind):
     assert key in msg
 
 
+def test_row_source_field_does_not_replace_the_file_in_errors(tokenizer, feature_root, tmp_path):
+    # a SlideChat row may carry its own "source" (the corpus it came from): errors still name the file
+    bad = dict(_bad_rows()["no <image>"], source="PathText")
+    data = _write_json(tmp_path / "train.json", GOOD + [bad])
+    with pytest.raises(SlideChatError) as ei:
+        SlideInstructionDataset(data, tokenizer, feature_root=feature_root)
+    assert str(ei.value.path) == str(data) and "row 2" in str(ei.value)
+
+
 def test_malformed_json_and_nan_and_skip_bad(tokenizer, feature_root, tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": "x", "image": ["slideA.csv"], ')

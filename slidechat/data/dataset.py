@@ -159,8 +159,9 @@ class SlideInstructionDataset(Dataset):
         rid = row.get("id") if isinstance(row, dict) else None
         return f"row {index} (id {rid})" if rid is not None else f"row {index}"
 
-    def _error(self, index: int, row: Any, reason: str) -> SlideChatError:
-        source = row.get("source") if isinstance(row, dict) else None
+    def _error(self, index: int, row: Any, reason: str, source: Optional[Path] = None) -> SlideChatError:
+        """``source``: the file a LLaMA-Factory record came from (default: ``data_path``). Never read from
+        ``row`` itself: a SlideChat row may carry its own ``source`` field."""
         return SlideChatError(f"{self._row_name(index, row)}: {reason}", source or self.data_path)
 
     def _read_llamafactory(self, dataset: str, dataset_dir: Optional[PathLike], check_files: bool) -> None:
@@ -184,11 +185,11 @@ class SlideInstructionDataset(Dataset):
             try:
                 if len(ex.images) != 1:
                     raise self._error(ex.index, rec, f"a slide sample needs exactly one feature file in its "
-                                                     f"images, got {len(ex.images)}")
+                                                     f"images, got {len(ex.images)}", ex.source)
                 try:
                     normalize_conversation(conv)
                 except ConversationError as e:
-                    raise self._error(ex.index, rec, str(e)) from None
+                    raise self._error(ex.index, rec, str(e), ex.source) from None
             except SlideChatError as e:
                 if not self.skip_bad:
                     raise
@@ -236,7 +237,8 @@ class SlideInstructionDataset(Dataset):
         rec = self.rows[i]
         path = rec["path"] or resolve_feature_path(rec["image"], self.feature_root)
         if path is None:
-            raise self._error(rec["index"], rec, f"feature file for '{rec['image']}' not found")
+            raise self._error(rec["index"], rec, f"feature file for '{rec['image']}' not found",
+                              rec.get("source"))
         try:
             feats, coords = load_features(path, num_columns=self.feature_dim, require_finite=True)
         except SlideChatError as e:  # name the training row too
@@ -251,7 +253,8 @@ class SlideInstructionDataset(Dataset):
                            n_text, self.max_length)
             input_ids, labels = input_ids[:n_text], labels[:n_text]
             if IMAGE_TOKEN_INDEX not in input_ids:
-                raise self._error(rec["index"], rec, "max_length too small to keep the slide")
+                raise self._error(rec["index"], rec, "max_length too small to keep the slide",
+                                  rec.get("source"))
             if all(x == IGNORE_INDEX for x in labels):
                 logger.warning("%s %s: no answer token left after truncation",
                                self.data_path, self._row_name(rec["index"], rec))
