@@ -29,7 +29,8 @@ TINY_IMAGE_MAX_PIXELS = 224 * 224
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on synthetic slides and a tiny model (CPU)",
+    p = sub.add_parser("demo", help="[slides, cytology] run the whole pipeline on synthetic data and tiny "
+                                     "models (CPU)",
                        description=__doc__)
     p.add_argument("--work-dir", default="work_dirs/demo", help="where everything is written")
     p.add_argument("--n-slides", type=int, default=24,

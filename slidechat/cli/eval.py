@@ -16,7 +16,7 @@ logger = logging.getLogger("slidechat.eval")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    p = subparsers.add_parser("eval", help="score SlideBench and cytology outputs (accuracy, grounding, "
+    p = subparsers.add_parser("eval", help="[slides, cytology] score SlideBench / cytology outputs (accuracy, grounding, "
                                            "referring expressions, report metrics)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="eval_task", metavar="TASK")

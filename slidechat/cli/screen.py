@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("screen", help="cytology slides -> field scores -> slide scores/AUC",
+    p = subparsers.add_parser("screen", help="[cytology] cytology slides -> field scores -> slide scores/AUC",
                               description=__doc__.splitlines()[0], epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)

@@ -1,4 +1,4 @@
-"""``slidechat train CONFIG [xtuner train flags...]``: ``xtuner train`` with an exit status that tells the truth.
+"""``slidechat train CONFIG [xtuner train flags...]``: [slides, cytology] ``xtuner train`` with an exit status that tells the truth.
 
 Runs the very training ``xtuner train`` runs — xtuner's own ``xtuner/tools/train.py`` with the same
 flags (``--work-dir``, ``--deepspeed``, ``--resume``, ``--seed``, ``--cfg-options``, ``--launcher``) and
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
-        "train", help="train with a config (xtuner train, with a truthful exit status)",
+        "train", help="[slides, cytology] train with a config (xtuner train, with a truthful exit status)",
         description=__doc__.splitlines()[0],
         epilog="Every argument after CONFIG goes to xtuner's train script unchanged, e.g. --work-dir DIR "
                "--deepspeed configs/deepspeed/deepspeed_zero2.json --resume CKPT --seed 0 --cfg-options "
