@@ -4,7 +4,8 @@ xtuner 0.2.0 pins bitsandbytes 0.45.0, which fails to import next to the triton 
 ships (``No module named 'triton.ops'``). peft only checks that the package is *installed* and then
 imports it while wrapping layers, so ``get_peft_model`` crashes even for plain fp32/bf16 LoRA.
 When bitsandbytes cannot be imported we tell peft it is absent; quantized (4/8-bit) LLMs still need
-a working bitsandbytes and fail with its own error.
+a working bitsandbytes and fail with its own error. The import's CPU-only notice is one of the
+known-noise messages silenced in :mod:`slidechat.utils.quiet`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def bitsandbytes_importable() -> bool:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or errors raised by its own import-time checks
-        logger.warning("bitsandbytes is installed but cannot be imported (%s: %s); LoRA runs "
-                       "without it (no 4/8-bit layers)", type(e).__name__, e)
+        # debug, not warning: plain LoRA does not need bitsandbytes, and a 4/8-bit LLM fails with
+        # bitsandbytes' own import error; a warning here was printed by every LoRA run (issue 16)
+        logger.debug("bitsandbytes is installed but cannot be imported (%s: %s); LoRA runs "
+                     "without it (no 4/8-bit layers)", type(e).__name__, e)
         return False
     return True
 
