@@ -15,6 +15,7 @@ from slidechat.model.slide_encoder import SlideEncoderConfig  # noqa: E402
 from slidechat.model.slidechat_model import SlideChatConfig, SlideChatModel  # noqa: E402
 from slidechat.model.tiny_llm import make_tiny_llm  # noqa: E402
 from slidechat.utils.errors import SlideChatError  # noqa: E402
+from tolerances import FP32_RTOL, assert_close_rel  # noqa: E402
 
 try:  # tests/ is a rootdir-inserted folder (no package) under pytest's default import mode
     from test_model_encoder import released_slide_shapes  # noqa: E402
@@ -106,7 +107,7 @@ def test_forward_splices_and_masks_labels(model, tokenizer):
         p = int((r == IMAGE_TOKEN_INDEX).nonzero())
         n = feats[i].shape[0]
         assert (lab[i, p: p + n] == IGNORE_INDEX).all()
-        torch.testing.assert_close(emb[i, p: p + n], vis[i])
+        assert torch.equal(emb[i, p: p + n], vis[i])  # the same encode_slides on the same inputs: exact
         length = len(r) - 1 + n
         assert m[i, :length].all() and not m[i, length:].any()
         assert (lab[i, length:] == IGNORE_INDEX).all()
@@ -114,7 +115,8 @@ def test_forward_splices_and_masks_labels(model, tokenizer):
         assert torch.equal(torch.cat([lab[i, :p], lab[i, p + n: length]]), kept)
         # batching with right padding leaves each row's logits unchanged
         single = model(r[None], torch.ones(1, len(r), dtype=torch.long), [feats[i]])
-        torch.testing.assert_close(out.logits[i, :length], single.logits[0], atol=1e-5, rtol=1e-5)
+        # other shapes, other kernel blocking: float noise only (FP32_RTOL); padding that leaks moves them by O(1)
+        assert_close_rel(out.logits[i, :length], single.logits[0], FP32_RTOL, what="batched vs single")
     # loss reacts to the slide: gradients reach encoder and projector
     model.zero_grad()
     model(ids, mask, feats, labels=labels).loss.backward()
@@ -210,7 +212,9 @@ def test_export_merges_lora(tiny_dir, tokenizer, tmp_path):
     assert not any("lora" in k for k in again.state_dict())
     with torch.no_grad():
         after = again(ids, torch.ones_like(ids), feats).logits
-    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    # merged W + BA vs unmerged adapters: float32 rounding only (FP32_RTOL); the random (init_lora_weights=False)
+    # adapters move the logits by far more, so a lost or mis-scaled merge fails
+    assert_close_rel(after, before, FP32_RTOL, what="merged LoRA export vs adapters")
 
 
 def test_released_keys_load_without_gaps(tiny_dir):
@@ -229,7 +233,7 @@ def test_released_keys_load_without_gaps(tiny_dir):
     assert report.missing == [] and report.unexpected == [] and report.ok
     # llm.* absent from a stage-1 style checkpoint: kept from the LLM folder, reported as such
     assert report.kept and all(k.startswith(("llm.", "LongNet_encoder.coord_pos_embed")) for k in report.kept)
-    torch.testing.assert_close(m.LongNet_encoder.layers[1].ffn.fc1.weight, ckpt["LongNet_encoder.layers.1.ffn.fc1.weight"])
+    assert torch.equal(m.LongNet_encoder.layers[1].ffn.fc1.weight, ckpt["LongNet_encoder.layers.1.ffn.fc1.weight"])
     with pytest.raises(SlideChatError, match=r"lacks required weights: \d+ keys: llm\."):
         m.load_slidechat_state_dict(ckpt, strict_llm=True)
     # a full checkpoint (with llm.*) leaves nothing missing; an unknown key is refused unless partial loads
@@ -257,4 +261,4 @@ def test_compat_model_and_released_checkpoint(tiny_dir):
     feats = torch.randn(6, 512)
     a = m.encode_slides([feats])[0]
     b = m.encode_slides([feats[:3]])[0]
-    torch.testing.assert_close(a[:3], b, atol=1e-5, rtol=1e-5)  # no cross-patch interaction
+    assert_close_rel(a[:3], b, FP32_RTOL, what="6 vs 3 patches")  # no cross-patch interaction (kernel noise only)
