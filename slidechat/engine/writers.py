@@ -30,7 +30,6 @@ Writers:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -40,11 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 from slidechat.evaluation.slidebench import SlideBenchWriter
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
-
-try:  # POSIX advisory lock: a second writer on the same output is refused, not interleaved
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from slidechat.utils.locks import lock_handle, unlock_handle
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +73,11 @@ class AppendOnlyFile:
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         self._fh = open(self.path, "ab")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                self._fh.close()
-                raise SlideChatError("another process is writing this output", self.path,
-                                     hint="use one output file (or one shard) per process") from e
+        # a second writer on the same output is refused, not interleaved
+        if not lock_handle(self._fh):
+            self._fh.close()
+            raise SlideChatError("another process is writing this output", self.path,
+                                 hint="use one output file (or one shard) per process")
 
     def append(self, data: bytes) -> None:
         if self._fh is None:
@@ -95,9 +88,7 @@ class AppendOnlyFile:
 
     def close(self) -> None:
         if self._fh is not None:
-            with contextlib.suppress(OSError):
-                if fcntl is not None:
-                    fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            unlock_handle(self._fh)
             self._fh.close()
             self._fh = None  # type: ignore[assignment]
 
