@@ -13,10 +13,10 @@ from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
 from mmengine.runner import EpochBasedTrainLoop
 from mmengine.visualization import LocalVisBackend, Visualizer
 from torch.optim import AdamW
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slidechat.data.collate import slidechat_collate_fn
 from slidechat.data.dataset import SlideInstructionDataset
+from slidechat.model.hf_folder import CheckedCausalLM, CheckedTokenizer  # no folder code, no random weights
 # importing slidechat.engine.model also makes `xtuner test --checkpoint` read through slidechat's
 # safe loader (no pickle code runs; see install_safe_xtuner_loader)
 from slidechat.engine.model import SlideChatTrainModel
@@ -48,7 +48,7 @@ save_total_limit = 2
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-tokenizer = dict(type=AutoTokenizer.from_pretrained,
+tokenizer = dict(type=CheckedTokenizer.from_pretrained, trust_remote_code=False,
                  pretrained_model_name_or_path=llm_name_or_path, padding_side='right')
 
 model = dict(
@@ -59,7 +59,7 @@ model = dict(
     llm_lora=None,
     compat=None,
     use_activation_checkpointing=False,
-    llm=dict(type=AutoModelForCausalLM.from_pretrained,
+    llm=dict(type=CheckedCausalLM.from_pretrained, trust_remote_code=False,
              pretrained_model_name_or_path=llm_name_or_path, torch_dtype=torch.float32),
     slidechat_config=dict(
         feature_dim=feature_dim,

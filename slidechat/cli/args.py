@@ -18,3 +18,13 @@ def add_slide_run_arguments(group: Any, overwrite_help: str) -> None:
     group.add_argument("--limit", type=int, help="only the first N slides of the list")
     group.add_argument("--recursive", action="store_true", help="search input folders recursively")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_trust_remote_code_argument(group: Any) -> None:
+    """``--trust-remote-code`` of every command that loads a Hugging Face folder (off by default; the
+    rule is :mod:`slidechat.model.hf_folder`'s, whose refusal names this flag)."""
+    group.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+                       help="let a Hugging Face model folder run its own Python code (an auto_map entry in "
+                            "its config, tokenizer or processor files). Off by default: such a folder is "
+                            "refused with one line and nothing is asked on stdin. Give it only for folders "
+                            "whose code you have read")

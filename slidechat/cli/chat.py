@@ -17,6 +17,8 @@ import json
 import logging
 import sys
 
+from slidechat.cli.args import add_trust_remote_code_argument
+
 logger = logging.getLogger(__name__)
 
 EXIT_WORDS = ("exit", "quit", ":q")
@@ -78,6 +80,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--allow-partial", "--allow_partial", action="store_true",
                    help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
                         "holds unexpected ones, with a warning; by default that is an error")
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run)
 
 
@@ -126,7 +129,8 @@ def _image_session(args: argparse.Namespace):
     if not path:
         raise SlideChatError("--image needs --model_name_or_path (a Qwen2-VL folder)")
     model, processor = load_image_chat_model(path, args.adapter_name_or_path, device=args.device,
-                                             dtype=args.dtype)
+                                             dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                             allow_partial=args.allow_partial)
     return ImageChatSession(model, processor, args.image, max_new_tokens=args.max_new_tokens,
                             system=args.system or None, image_max_pixels=args.image_max_pixels,
                             image_min_pixels=args.image_min_pixels)
@@ -146,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
                              "checkpoint with --config)")
     model, tok = load_chat_model(args.checkpoint or args.model_name_or_path, args.config,
                                  parse_cfg_options(args.cfg_options),
-                                 allow_partial=args.allow_partial)
-    feats, coords = _features(args)
+                                 allow_partial=args.allow_partial, trust_remote_code=args.trust_remote_code)
     dim = model.config.feature_dim
     if feats.shape[1] != dim:  # never cut: other columns are other features
         raise SlideChatError(f"features are {feats.shape[1]} wide, the model expects {dim} (feature_dim)",

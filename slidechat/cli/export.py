@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from slidechat.cli.args import add_trust_remote_code_argument
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-partial", "--allow_partial", action="store_true",
                    help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
                         "holds unexpected ones, with a warning; by default that is an error")
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
                                               cfg_options=parse_cfg_options(args.cfg_options),
-                                              allow_partial=args.allow_partial)
+                                              allow_partial=args.allow_partial,
+                                              trust_remote_code=args.trust_remote_code)
     out = core.save_pretrained(args.out, tokenizer=tokenizer)
     logger.info("exported to %s", out)
     print(out)

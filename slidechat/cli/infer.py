@@ -14,6 +14,8 @@ import logging
 import os
 from typing import Any, Optional
 
+from slidechat.cli.args import add_trust_remote_code_argument
+
 logger = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "vllm")
@@ -43,6 +45,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="transformers (default; CPU or GPU) or vllm (only if vLLM is installed)")
     m.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    add_trust_remote_code_argument(m)
+    m.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a model folder whose weights files lack some of the model's weights (they "
+                        "stay random) or hold unexpected ones, with a warning; by default that is an error")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="alpaca_en_demo",
                    help="dataset name(s) in <dataset_dir>/dataset_info.json (comma-separated), or a "
@@ -151,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 raise SlideChatError(f"--vllm_config is not JSON: {e}") from e
             family: Any = VllmQwen2VLFamily(args.model_name_or_path, sampling,
                                             adapter_name_or_path=args.adapter_name_or_path,
-                                            vllm_config=vcfg, **text_kw)
+                                            vllm_config=vcfg, trust_remote_code=args.trust_remote_code,
+                                            **text_kw)
         else:
             from slidechat.model.qwen2vl import load_qwen2vl
 
@@ -161,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
 
                 transformers.set_seed(args.seed)
             model, processor = load_qwen2vl(args.model_name_or_path, args.adapter_name_or_path,
-                                            torch_dtype=dtype, device=device)
+                                            torch_dtype=dtype, device=device,
+                                            trust_remote_code=args.trust_remote_code,
+                                            allow_partial=args.allow_partial)
             family = Qwen2VLFamily(model, processor, sampling, **text_kw)
         logger.info("%s: %d rows, %d done, %d to run (batch %d, %s engine, %s)", args.save_name,
                     len(items), writer.done, writer.num_pending, args.batch_size, args.engine,

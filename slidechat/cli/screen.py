@@ -7,7 +7,7 @@ import argparse
 import logging
 from typing import Any
 
-from slidechat.cli.args import add_slide_run_arguments
+from slidechat.cli.args import add_slide_run_arguments, add_trust_remote_code_argument
 
 logger = logging.getLogger("slidechat.screen")
 
@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", "--model", help="Qwen2-VL folder (tiny, base, CytoChat, exported)")
     g.add_argument("--adapter_name_or_path", help="LoRA adapter folder to merge")
+    add_trust_remote_code_argument(g)
+    g.add_argument("--allow-partial", "--allow_partial", action="store_true",
+                   help="accept a model folder whose weights files lack some of the model's weights (they "
+                        "stay random) or hold unexpected ones, with a warning; by default that is an error")
     g.add_argument("--image_max_pixels", type=int, default=768 * 768)
     g.add_argument("--image_min_pixels", type=int, default=32 * 32)
     g.add_argument("--prompt", default=SCREENING_QUESTION, help="screening question (default: %(default)r)")
@@ -112,6 +116,7 @@ def _options(args: argparse.Namespace) -> Any:
                          top_k=args.top_k, aggregator=args.aggregator,
                          field_threshold=args.field_threshold, slide_threshold=args.threshold,
                          n_boot=args.n_boot, gallery_k=args.gallery_k, device=args.device,
+                         trust_remote_code=args.trust_remote_code, allow_partial=args.allow_partial,
                          progress=not args.no_progress)
 
 

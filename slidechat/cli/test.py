@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from slidechat.cli.args import add_trust_remote_code_argument
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,6 +54,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--allow-partial", "--allow_partial", action="store_true",
                    help="accept a checkpoint that lacks some trained weights (they stay as initialised) or "
                         "holds unexpected ones, with a warning; by default that is an error")
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run)
 
 
@@ -68,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, cfg_options=parse_cfg_options(args.cfg_options),
                       work_dir=args.work_dir, compat=args.compat, launcher=args.launcher,
                       allow_partial=args.allow_partial, task=args.task,
-                      max_prompt_tokens=args.max_prompt_tokens)
+                      max_prompt_tokens=args.max_prompt_tokens, trust_remote_code=args.trust_remote_code)
     print(report.to_markdown(), end="")
     return 0

@@ -32,11 +32,10 @@ PathLike = Union[str, os.PathLike]
 def build_processor(processor: Any) -> Any:
     """A processor object, an xtuner-style config dict, or a local model folder path."""
     if isinstance(processor, (str, os.PathLike)):
-        from transformers import AutoProcessor
-
+        from slidechat.model.hf_folder import load_processor
         from slidechat.model.qwen2vl import check_qwen2vl_folder
 
-        return AutoProcessor.from_pretrained(str(check_qwen2vl_folder(processor)))
+        return load_processor(check_qwen2vl_folder(processor))  # never runs the folder's code
     if isinstance(processor, dict) and "type" in processor:
         from slidechat.data.dataset import build_object
 

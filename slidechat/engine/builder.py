@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 from slidechat.model.checkpoint import is_exported_folder  # noqa: F401  (re-exported for callers)
+from slidechat.model.hf_folder import harden_config
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ def checkpoint_overrides(checkpoint: PathLike) -> Dict[str, Any]:
     return out
 
 
-def load_config(config_path: Union[str, os.PathLike], cfg_options: Optional[Dict[str, Any]] = None):
+def load_config(config_path: Union[str, os.PathLike], cfg_options: Optional[Dict[str, Any]] = None,
+                trust_remote_code: bool = False, allow_partial: bool = False):
+    """The config with its overrides, every Hugging Face loader in it under
+    :func:`slidechat.model.hf_folder.harden_config`'s rules (``trust_remote_code`` explicit: the
+    user's ``--trust-remote-code``, else ``False`` unless the config itself says ``True``; models
+    refused when their folder lacks weights unless ``allow_partial``)."""
     from mmengine.config import Config
 
     if not os.path.isfile(config_path):
@@ -61,17 +67,19 @@ def load_config(config_path: Union[str, os.PathLike], cfg_options: Optional[Dict
         cfg.merge_from_dict(cfg_options)
     if "model" not in cfg:
         raise SlideChatError("config has no 'model'", config_path)
+    for key in list(cfg.keys()):
+        harden_config(cfg[key], trust_remote_code, allow_partial)
     return cfg
 
 
 def build_model_from_config(config_path: Union[str, os.PathLike], checkpoint: Optional[PathLike] = None,
                             cfg_options: Optional[Dict[str, Any]] = None, allow_partial: bool = False,
-                            ) -> Tuple[Any, Any]:
+                            trust_remote_code: bool = False) -> Tuple[Any, Any]:
     """``(SlideChatModel in eval mode, tokenizer)``; the checkpoint goes through the strict key check.
 
     With a checkpoint, the config's ``pretrained_pth`` is not loaded (the checkpoint holds the
     trained encoder/projector, and the LLM when the config trains it). ``allow_partial`` accepts a
-    checkpoint lacking some of those, with a warning.
+    checkpoint lacking some of those, with a warning. ``trust_remote_code``: see :func:`load_config`.
     """
     from xtuner.registry import BUILDER
 
@@ -80,7 +88,8 @@ def build_model_from_config(config_path: Union[str, os.PathLike], checkpoint: Op
     cfg_options = dict(cfg_options or {})
     if checkpoint is not None:
         cfg_options.update(checkpoint_overrides(checkpoint))
-    cfg = load_config(config_path, cfg_options)
+    cfg = load_config(config_path, cfg_options, trust_remote_code=trust_remote_code,
+                      allow_partial=allow_partial)
     model_cfg = cfg.model.copy()
     model_cfg["use_activation_checkpointing"] = False
     model = BUILDER.build(model_cfg)

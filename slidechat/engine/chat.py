@@ -23,10 +23,11 @@ PathLike = Union[str, os.PathLike]
 
 
 def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
-                    cfg_options: Optional[dict] = None, allow_partial: bool = False) -> Tuple[Any, Any]:
+                    cfg_options: Optional[dict] = None, allow_partial: bool = False,
+                    trust_remote_code: bool = False) -> Tuple[Any, Any]:
     """``(SlideChatModel in eval mode, tokenizer)`` from an exported folder (no config needed) or a
     config + training checkpoint (strict key check; ``allow_partial`` accepts missing weights with a
-    warning)."""
+    warning). The LLM folder's own code runs only with ``trust_remote_code`` (``--trust-remote-code``)."""
     from slidechat.engine.builder import build_model_from_config, is_exported_folder
     from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
 
@@ -35,12 +36,13 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
         if not is_exported_folder(ckpt):
             raise SlideChatError("not an exported model folder; pass --config with a training checkpoint",
                                  ckpt, hint=f"an exported folder holds {CONFIG_FILE}")
-        model = SlideChatModel.from_pretrained(ckpt)
+        model = SlideChatModel.from_pretrained(ckpt, trust_remote_code=trust_remote_code,
+                                               allow_partial=allow_partial)
         if model.tokenizer is None:
             raise SlideChatError("exported folder has no tokenizer", ckpt / "llm")
         return model, model.tokenizer
     model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options,
-                                         allow_partial=allow_partial)
+                                         allow_partial=allow_partial, trust_remote_code=trust_remote_code)
     if tok is None:
         raise SlideChatError("config has no tokenizer", config)
     model.tokenizer = tok
@@ -191,10 +193,12 @@ class ImageChatSession:
 
 
 def load_image_chat_model(model_name_or_path: PathLike, adapter_name_or_path: Optional[PathLike] = None,
-                          device: str = "auto", dtype: str = "auto") -> Tuple[Any, Any]:
+                          device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                          allow_partial: bool = False) -> Tuple[Any, Any]:
     """``(Qwen2-VL model in eval mode, processor)`` for ``chat --image`` (same loader as ``infer``)."""
     from slidechat.engine.inference import resolve_device_dtype
     from slidechat.model.qwen2vl import load_qwen2vl
 
     dev, torch_dtype = resolve_device_dtype(device, dtype)
-    return load_qwen2vl(model_name_or_path, adapter_name_or_path, torch_dtype=torch_dtype, device=dev)
+    return load_qwen2vl(model_name_or_path, adapter_name_or_path, torch_dtype=torch_dtype, device=dev,
+                        trust_remote_code=trust_remote_code, allow_partial=allow_partial)

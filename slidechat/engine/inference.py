@@ -30,6 +30,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Prot
 import torch
 
 from slidechat.engine.writers import ResultWriter, make_id
+from slidechat.model.hf_folder import load_tokenizer
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -342,17 +343,16 @@ class VllmQwen2VLFamily(_Qwen2VLText):
 
     def __init__(self, model_name_or_path: PathLike, sampling: SamplingSettings,
                  adapter_name_or_path: Optional[PathLike] = None, dtype: str = "auto",
-                 vllm_config: Optional[Mapping[str, Any]] = None, **kw: Any) -> None:
+                 vllm_config: Optional[Mapping[str, Any]] = None, trust_remote_code: bool = False,
+                 **kw: Any) -> None:
         vllm = require_vllm()
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(os.fspath(model_name_or_path))
+        tok = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         super().__init__(tok, **kw)
         engine_args: Dict[str, Any] = {
             "model": os.fspath(model_name_or_path), "dtype": dtype,
             "max_model_len": self.cutoff_len + sampling.max_new_tokens,
             "tensor_parallel_size": max(torch.cuda.device_count(), 1), "disable_log_stats": True,
-            "enable_lora": adapter_name_or_path is not None,
+            "enable_lora": adapter_name_or_path is not None, "trust_remote_code": bool(trust_remote_code),
             "limit_mm_per_prompt": {"image": 4, "video": 2}}
         engine_args.update(dict(vllm_config or {}))
         self.llm = vllm.LLM(**engine_args)

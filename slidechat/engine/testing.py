@@ -476,7 +476,7 @@ def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
                       overrides: Optional[Mapping[str, Any]] = None,
                       cfg_options: Optional[Mapping[str, Any]] = None,
                       work_dir: Optional[PathLike] = None, launcher: str = "none",
-                      allow_partial: bool = False) -> Any:
+                      allow_partial: bool = False, trust_remote_code: bool = False) -> Any:
     """The mmengine Runner ``xtuner test`` would build, with the checkpoint loaded into its model
     through the strict key check (``SlideChatTrainModel.load_checkpoint``): a checkpoint without the
     trained modules is an error before anything is generated, unless ``allow_partial``."""
@@ -485,7 +485,8 @@ def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
 
     from slidechat.engine.builder import checkpoint_overrides, load_config
 
-    cfg = load_config(config, dict(cfg_options) if cfg_options else None)
+    cfg = load_config(config, dict(cfg_options) if cfg_options else None,
+                      trust_remote_code=trust_remote_code, allow_partial=allow_partial)
     cfg.launcher = launcher
     if overrides:
         cfg.merge_from_dict({k: v for k, v in overrides.items() if v is not None})
@@ -518,7 +519,7 @@ def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: P
              cfg_options: Optional[Mapping[str, Any]] = None, work_dir: Optional[PathLike] = None,
              compat: Optional[str] = None, launcher: str = "none",
              allow_partial: bool = False, task: Optional[str] = None,
-             max_prompt_tokens: Optional[int] = None) -> TestReport:
+             max_prompt_tokens: Optional[int] = None, trust_remote_code: bool = False) -> TestReport:
     """Answer a SlideBench CSV with a trained model and score it (the ``slidechat test`` path).
 
     ``None`` arguments keep the config's values. Returns the report also written to
@@ -536,7 +537,7 @@ def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: P
     if compat is not None:
         opts["model.compat"] = compat
     runner = build_test_runner(config, checkpoint, overrides, opts, work_dir, launcher,
-                               allow_partial=allow_partial)
+                               allow_partial=allow_partial, trust_remote_code=trust_remote_code)
     runner.test()
     loop = runner.test_loop
     report = getattr(loop, "report", None)

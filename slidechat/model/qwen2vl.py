@@ -18,6 +18,7 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 
 from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image, scale_image
+from slidechat.model.hf_folder import load_model, load_processor
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -76,28 +77,28 @@ def merge_adapter(model: Any, adapter_name_or_path: PathLike) -> Any:
 
 
 def load_qwen2vl(model_name_or_path: PathLike, adapter_name_or_path: Optional[PathLike] = None, *,
-                 torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
-                 ) -> Tuple[Any, Any]:
+                 torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
+                 trust_remote_code: bool = False, allow_partial: bool = False) -> Tuple[Any, Any]:
     """``(Qwen2VLForConditionalGeneration in eval mode, Qwen2VLProcessor)`` from a local folder.
 
     ``adapter_name_or_path`` (a peft LoRA folder, e.g. LLaMA-Factory's) is merged into the weights.
-    Refuses non-Qwen2-VL folders with a one-line error.
+    Refuses non-Qwen2-VL folders, folders whose weights files lack model weights (unless
+    ``allow_partial``) and folders that need their own code (unless ``trust_remote_code``) with a
+    one-line error (:mod:`slidechat.model.hf_folder`).
     """
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
     folder = check_qwen2vl_folder(model_name_or_path)
     if not (folder / "preprocessor_config.json").is_file():
         raise SlideChatError("no preprocessor_config.json (the Qwen2-VL image processor) in the model "
                              "folder", folder)
     dtype = torch_dtype if torch_dtype is not None else default_dtype(device)
-    try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SlideChatError(f"cannot load the model: {e}", folder) from None
+    model = load_model(Qwen2VLForConditionalGeneration, folder, torch_dtype=dtype,
+                       trust_remote_code=trust_remote_code, allow_partial=allow_partial)
     if adapter_name_or_path is not None:
         model = merge_adapter(model, adapter_name_or_path)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(str(folder))
+    processor = load_processor(folder, trust_remote_code=trust_remote_code)
     if not isinstance(processor, Qwen2VLProcessor):
         raise SlideChatError(f"the folder's processor is {type(processor).__name__}, expected "
                              f"Qwen2VLProcessor", folder)

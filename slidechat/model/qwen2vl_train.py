@@ -16,6 +16,7 @@ from mmengine.model import BaseModel
 
 # importing engine.model registers the torch.load globals mmengine checkpoints need (weights-only resume)
 import slidechat.engine.model  # noqa: F401,E402
+from slidechat.model.hf_folder import load_model
 from slidechat.model.qwen2vl import PathLike, check_qwen2vl_folder
 from slidechat.utils.errors import SlideChatError
 
@@ -116,7 +117,7 @@ class Qwen2VLTrainModel(BaseModel):
         kwargs: Dict[str, Any] = {"torch_dtype": _as_dtype(torch_dtype) or torch.float32}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), **kwargs)
+        hf = load_model(Qwen2VLForConditionalGeneration, folder, **kwargs)  # no folder code, no missing weights
         hf.config.use_cache = False
         object.__setattr__(self, "_hf", hf)
         object.__setattr__(self, "_peft", None)

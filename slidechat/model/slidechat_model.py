@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_FILE, KeyReport, load_checked,
                                         load_weights)
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from slidechat.model.hf_folder import load_model, load_tokenizer as hf_load_tokenizer
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
 from slidechat.utils.atomic import atomic_path, atomic_write_text
@@ -385,9 +386,11 @@ class SlideChatModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: PathLike, torch_dtype: Optional[torch.dtype] = None,
-                        device_map: Any = None, load_tokenizer: bool = True) -> "SlideChatModel":
-        """Load a folder written by ``save_pretrained``."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                        device_map: Any = None, load_tokenizer: bool = True, *,
+                        trust_remote_code: bool = False, allow_partial: bool = False) -> "SlideChatModel":
+        """Load a folder written by ``save_pretrained`` (the LLM through :mod:`slidechat.model.hf_folder`:
+        no folder code unless ``trust_remote_code``, no missing LLM weights unless ``allow_partial``)."""
+        from transformers import AutoModelForCausalLM
 
         folder = Path(folder)
         cfg_path = folder / CONFIG_FILE
@@ -407,10 +410,11 @@ class SlideChatModel(nn.Module):
             kwargs["torch_dtype"] = torch_dtype
         if device_map is not None:
             kwargs["device_map"] = device_map
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, **kwargs)
+        llm = load_model(AutoModelForCausalLM, llm_dir, trust_remote_code=trust_remote_code,
+                         allow_partial=allow_partial, **kwargs)
         tok = None
         if load_tokenizer and ((llm_dir / "tokenizer.json").is_file() or (llm_dir / "tokenizer_config.json").is_file()):
-            tok = AutoTokenizer.from_pretrained(llm_dir)
+            tok = hf_load_tokenizer(llm_dir, trust_remote_code=trust_remote_code)
         model = cls(llm, config, tokenizer=tok)
         slide_file = folder / SLIDE_MODULES_FILE
         if not slide_file.is_file():
