@@ -60,6 +60,7 @@ from slidechat.evaluation.screening import (DEFAULT_AGGREGATOR, DEFAULT_FIELD_TH
                                             FIELD_COLUMNS, evaluate_slides, plot_roc, read_field_table,
                                             read_labels_csv, slide_scores_from_tables, slide_table,
                                             write_rows_csv)
+from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path, atomic_write_text, save_figure
 from slidechat.utils.errors import SlideChatError
 from slidechat.wsi.patching import PatchGrid, plan_patches
@@ -102,12 +103,10 @@ class ScreenOptions:
     gallery_k: int = 8
     device: str = "auto"
     progress: bool = True
-    trust_remote_code: bool = False  # --trust-remote-code (slidechat.model.hf_folder)
-    allow_partial: bool = False  # --allow-partial: a model folder lacking weights loads, with a warning
 
     def settings(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
-                if k not in ("progress", "device", "trust_remote_code", "allow_partial")}
+                if k not in ("progress", "device")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +179,15 @@ class FieldPlan:
 def plan_fields(slide: Slide, opts: ScreenOptions) -> FieldPlan:
     """Field grid at the target MPP/size, filtered by the cellular-content detector."""
     res = resolve_resolution(slide, opts.base_mpp, opts.base_magnification)
+    W, H = slide.dimensions
+    size0 = int(round(opts.field_size * opts.target_mpp / res.mpp))  # plan_patches' level-0 field side
+    if opts.field_size > 0 and opts.target_mpp > 0 and (W < size0 or H < size0):
+        # checked here, not left to plan_patches: its hint names extract-features' flags
+        raise SlideChatError(
+            f"slide is {W}x{H} px, smaller than one field ({opts.field_size} px at {opts.target_mpp:g} "
+            f"µm/px = {size0} px at the slide's {res.mpp:g} µm/px, {res.source})", slide.path,
+            hint="use a smaller --field-size or a smaller --mpp; if the slide's own µm/px is wrong, "
+                 "give --base-mpp")
     whole = TissueMask(np.ones((1, 1), bool), tuple(float(v) for v in slide.dimensions), None, "none")
     grid = plan_patches(slide, whole, res, target_magnification=None, target_mpp=opts.target_mpp,
                         patch_size=opts.field_size, tissue_threshold=0.0)
@@ -244,9 +252,7 @@ class FieldModel:
             from slidechat.model.qwen2vl import load_qwen2vl
 
             dev = resolve_device(self.opts.device)
-            model, processor = load_qwen2vl(model_name_or_path, adapter_name_or_path, device=dev,
-                                            trust_remote_code=self.opts.trust_remote_code,
-                                            allow_partial=self.opts.allow_partial)
+            model, processor = load_qwen2vl(model_name_or_path, adapter_name_or_path, device=dev)
         self.model, self.processor = model, processor
         self.device = next(model.parameters()).device
         self.source = str(model_name_or_path)
@@ -460,41 +466,123 @@ def write_heatmap(path: PathLike, res: SlideScreen) -> Path:
     return save_figure(fig, path)
 
 
-def write_gallery(path: PathLike, res: SlideScreen, k: int = 8, max_tile: int = 256) -> Path:
-    """The top-k fields (highest score first) side by side, grounded boxes drawn, score captioned."""
+BOX_RGB = (230, 30, 30)
+
+
+@dataclass
+class GalleryTile:
+    """One field in a gallery picture: where it is and which boxes were drawn on it (picture px)."""
+
+    field: int
+    origin: Tuple[int, int]                      # (x, y) of the tile's top-left pixel
+    size: int                                    # tile side, px
+    boxes: List[Tuple[int, int, int, int]]       # drawn rectangles (x1, y1, x2, y2), inclusive
+    grounding: str                               # "2 boxes", "no regions", "not grounded"
+
+
+@dataclass
+class Gallery:
+    image: np.ndarray
+    tiles: List[GalleryTile]
+    note: str                                    # the legend, or why no box is drawn
+    scale_bar: Optional[ScaleBar]
+
+
+def box_on_tile(box: Sequence[float], field_xy: Tuple[float, float], size_level0: float,
+                tile_px: int) -> Optional[Tuple[int, int, int, int]]:
+    """A level-0 box ``(x1, y1, x2, y2)`` of a field (top-left ``field_xy``, side ``size_level0``)
+    as inclusive tile pixels, clipped to the tile; None when it lies outside the tile."""
+    f = tile_px / float(size_level0)
+    x1, y1, x2, y2 = ((float(box[i]) - float(field_xy[i % 2])) * f for i in range(4))
+    if x2 < x1:
+        x1, x2 = x2, x1
+    if y2 < y1:
+        y1, y2 = y2, y1
+    c = [int(round(x1)), int(round(y1)), int(round(x2)) - 1, int(round(y2)) - 1]  # [x1, x2) -> inclusive
+    c[2], c[3] = max(c[2], c[0]), max(c[3], c[1])
+    if c[2] < 0 or c[3] < 0 or c[0] > tile_px - 1 or c[1] > tile_px - 1:
+        return None
+    lo, hi = 0, tile_px - 1
+    return (min(max(c[0], lo), hi), min(max(c[1], lo), hi), min(max(c[2], lo), hi), min(max(c[3], lo), hi))
+
+
+def _grounding_note(rows: Sequence[Mapping[str, Any]], shown: Sequence[int], malformed: int) -> str:
+    """The picture's legend: boxes drawn, or why there are none (grounding off / no regions)."""
+    grounded = [r for r in rows if r.get("n_grounded", "") != ""]
+    n_boxes = sum(len(json.loads(rows[i]["grounded"])) for i in shown if rows[i].get("grounded"))
+    if not grounded:
+        return "no boxes: grounding off (slidechat screen --ground-top N draws the N top fields' cells)"
+    if n_boxes:
+        return f"red boxes: abnormal cells located by the model ({len(grounded)} field(s) grounded)"
+    bad = f", {malformed} malformed region(s) ignored" if malformed else ""
+    return f"no boxes: the model gave no regions for the {len(grounded)} grounded field(s){bad}"
+
+
+def render_gallery(slide: str, rows: Sequence[Mapping[str, Any]], order: Sequence[int], fields: np.ndarray,
+                   size_level0: float, base_mpp: Optional[float], max_tile: int = 256,
+                   malformed: int = 0) -> Gallery:
+    """The gallery picture of ``rows[order]`` (their field pixels in ``fields``, same order): tiles
+    scaled to ``max_tile`` px, grounded level-0 boxes drawn where they are on each tile, each tile
+    captioned with its score and its grounding, a title, a legend (or why no boxes) and a scale bar."""
     import cv2
+
+    P = fields.shape[1]
+    t = min(P, max_tile)
+    cap = 34
+    cols = min(4, len(order))
+    rows_n = math.ceil(len(order) / cols)
+    canvas = np.full((rows_n * (t + cap) + 4, cols * (t + 4) + 4, 3), 255, np.uint8)
+    tiles: List[GalleryTile] = []
+    for j, i in enumerate(order):
+        r = rows[i]
+        tile = np.ascontiguousarray(cv2.resize(fields[j], (t, t), interpolation=cv2.INTER_AREA) if t != P
+                                    else fields[j].copy())
+        gy, gx = divmod(j, cols)
+        y0, x0 = 4 + gy * (t + cap), 4 + gx * (t + 4)
+        drawn: List[Tuple[int, int, int, int]] = []
+        boxes = json.loads(r["grounded"]) if r.get("grounded") else []
+        for lab, *box in boxes:
+            b = box_on_tile(box, (float(r["x"]), float(r["y"])), size_level0, t)
+            if b is None:
+                continue
+            cv2.rectangle(tile, (b[0], b[1]), (b[2], b[3]), BOX_RGB, 1 if t < 96 else 2)
+            cv2.putText(tile, str(lab), (b[0] + 2, max(b[1] - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.4, BOX_RGB, 1, cv2.LINE_AA)
+            drawn.append((b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0))
+        canvas[y0:y0 + t, x0:x0 + t] = tile
+        if r.get("n_grounded", "") == "":
+            gnote = "not grounded"
+        else:
+            gnote = f"{len(boxes)} box{'es' if len(boxes) != 1 else ''}" if boxes else "no regions"
+        cv2.putText(canvas, f"#{j + 1} p={float(r['score']):.3f} ({r['x']},{r['y']})", (x0, y0 + t + 14),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.38, (20, 20, 20), 1, cv2.LINE_AA)
+        cv2.putText(canvas, gnote, (x0, y0 + t + 28), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                    BOX_RGB if boxes else (90, 90, 90), 1, cv2.LINE_AA)
+        tiles.append(GalleryTile(int(i), (x0, y0), t, drawn, gnote))
+    note = _grounding_note(rows, order, malformed)
+    title = [f"{slide}: top {len(order)} of {len(rows)} fields by abnormality probability", note]
+    um_per_px = base_mpp * size_level0 / t if base_mpp else None
+    image, bar, top = add_title_and_scale_bar(canvas, title, um_per_px)
+    for tile in tiles:
+        tile.origin = (tile.origin[0], tile.origin[1] + top)
+        tile.boxes = [(a, b + top, c, d + top) for a, b, c, d in tile.boxes]
+    return Gallery(image, tiles, note, bar)
+
+
+def write_gallery(path: PathLike, res: SlideScreen, k: int = 8, max_tile: int = 256) -> Gallery:
+    """The top-k fields (highest score first) side by side, grounded boxes drawn (or the picture says
+    why there are none), score captioned; returns what was drawn where."""
     from PIL import Image
 
     order = sorted(range(len(res.rows)), key=lambda i: -float(res.rows[i]["score"]))[:max(1, k)]
     arr = read_fields(res.path, res.plan.grid, np.array(order))
-    P = arr.shape[1]
-    t = min(P, max_tile)
-    cap = 22
-    cols = min(4, len(order))
-    rows_n = math.ceil(len(order) / cols)
-    canvas = np.full((rows_n * (t + cap) + 4, cols * (t + 4) + 4, 3), 255, np.uint8)
-    size0 = float(res.plan.grid.patch_size_level0)
-    for j, i in enumerate(order):
-        r = res.rows[i]
-        tile = np.ascontiguousarray(cv2.resize(arr[j], (t, t), interpolation=cv2.INTER_AREA) if t != P
-                                    else arr[j].copy())
-        f = t / size0
-        if r.get("grounded"):
-            for lab, x1, y1, x2, y2 in json.loads(r["grounded"]):
-                p1 = (int(round((x1 - r["x"]) * f)), int(round((y1 - r["y"]) * f)))
-                p2 = (int(round((x2 - r["x"]) * f)), int(round((y2 - r["y"]) * f)))
-                cv2.rectangle(tile, p1, p2, (230, 30, 30), 2)
-                cv2.putText(tile, str(lab), (p1[0] + 2, max(p1[1] - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                            0.4, (230, 30, 30), 1, cv2.LINE_AA)
-        gy, gx = divmod(j, cols)
-        y0, x0 = 4 + gy * (t + cap), 4 + gx * (t + 4)
-        canvas[y0:y0 + t, x0:x0 + t] = tile
-        cv2.putText(canvas, f"#{j + 1} p={float(r['score']):.3f} ({r['x']},{r['y']})", (x0, y0 + t + 15),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.38, (20, 20, 20), 1, cv2.LINE_AA)
+    grid = res.plan.grid
+    gallery = render_gallery(res.slide, res.rows, order, arr, float(grid.patch_size_level0), grid.base_mpp,
+                             max_tile, int(res.timings.get("malformed_regions", 0) or 0))
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-    return path
+        Image.fromarray(gallery.image).save(tmp, format="PNG")
+    return gallery
 
 
 def slide_report(res: SlideScreen, opts: ScreenOptions, slide_score: float) -> str:

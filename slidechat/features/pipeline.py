@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.wsi.patching import (DEFAULT_MAGNIFICATION, DEFAULT_PATCH_SIZE, DEFAULT_TISSUE_THRESHOLD,
@@ -579,7 +580,8 @@ def _write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save
             write_slidechat_csv(temps["csv"], r.features, atomic=False)
         if save_qc and r.thumbnail is not None:
             temps["qc"] = temp_path_for(paths["qc"])
-            write_qc_png(temps["qc"], r.thumbnail, r.dimensions, r.mask, r.grid, atomic=False)
+            write_qc_png(temps["qc"], r.thumbnail, r.dimensions, r.mask, r.grid, atomic=False,
+                         slide_name=r.slide)
         temps["h5"] = temp_path_for(paths["h5"])
         write_feature_h5(temps["h5"], r.features, r.coords, coords_attrs, file_attrs, atomic=False)
         r.timings["write_s"] = time.perf_counter() - t0
@@ -648,8 +650,10 @@ def check_output_dir(out_dir: PathLike) -> Path:
 
 
 def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask: TissueMask,
-                 grid: PatchGrid, atomic: bool = True) -> None:
-    """Thumbnail with the tissue contour (green) and kept patches (blue boxes)."""
+                 grid: PatchGrid, atomic: bool = True, slide_name: Optional[str] = None) -> Optional[ScaleBar]:
+    """Thumbnail with the tissue contour (green) and kept patches (blue boxes), titled with the slide
+    name, patch count, magnification and MPP, and a scale bar (level-0 MPP x the thumbnail's
+    downsample), so the picture says what it shows on its own. Returns the bar drawn (None: MPP unknown)."""
     import cv2
     from PIL import Image
 
@@ -664,8 +668,14 @@ def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask:
     for x, y in grid.coords:
         cv2.rectangle(img, (int(x * sx), int(y * sy)), (int((x + ps) * sx) - 1, int((y + ps) * sy) - 1),
                       (30, 60, 220), 1)
+    name = slide_name or slide_id(Path(path))
+    title = [f"{name}: {len(grid)} patches (blue), tissue (green)",
+             f"{grid.patch_size} px patches at {grid.target_magnification:g}x ({grid.target_mpp:g} um/px); "
+             f"scan {grid.base_mpp:g} um/px ({grid.mpp_source}), {dims[0]}x{dims[1]} px"]
+    img, bar, _ = add_title_and_scale_bar(img, title, grid.base_mpp * dims[0] / tw)
     with (atomic_path(path) if atomic else contextlib.nullcontext(Path(path))) as tmp:
         Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # QC: speed over bytes
+    return bar
 
 
 def _write_failures(path: Path, failures: List[Dict[str, str]]) -> None:
