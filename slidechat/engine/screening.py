@@ -103,10 +103,12 @@ class ScreenOptions:
     gallery_k: int = 8
     device: str = "auto"
     progress: bool = True
+    trust_remote_code: bool = False  # --trust-remote-code (slidechat.model.hf_folder)
+    allow_partial: bool = False  # --allow-partial: a model folder lacking weights loads, with a warning
 
     def settings(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
-                if k not in ("progress", "device")}
+                if k not in ("progress", "device", "trust_remote_code", "allow_partial")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +254,9 @@ class FieldModel:
             from slidechat.model.qwen2vl import load_qwen2vl
 
             dev = resolve_device(self.opts.device)
-            model, processor = load_qwen2vl(model_name_or_path, adapter_name_or_path, device=dev)
+            model, processor = load_qwen2vl(model_name_or_path, adapter_name_or_path, device=dev,
+                                            trust_remote_code=self.opts.trust_remote_code,
+                                            allow_partial=self.opts.allow_partial)
         self.model, self.processor = model, processor
         self.device = next(model.parameters()).device
         self.source = str(model_name_or_path)
