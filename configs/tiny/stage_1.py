@@ -19,6 +19,10 @@ from slidechat.model.hf_folder import CheckedCausalLM, CheckedTokenizer  # no fo
 # importing slidechat.engine.model also makes `xtuner test --checkpoint` read through slidechat's
 # safe loader (no pickle code runs; see install_safe_xtuner_loader)
 from slidechat.engine.model import SlideChatTrainModel
+# mmengine reads this file in lazy-import mode: the imports above run only when the model is built, but
+# `xtuner train --resume` reads the checkpoint before that; this import installs the safe loaders now
+# (resume: weights-only with mmengine's own classes allowed; see install_safe_xtuner_loader)
+__import__('slidechat.engine.model')
 
 #######################################################################
 #                          PART 1  Settings                           #

@@ -9,17 +9,19 @@ when LoRA is used).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from mmengine.model import BaseModel
 
-from slidechat.model.checkpoint import KeyReport, is_exported_folder, load_weights, resolve_checkpoint
+from slidechat.model.checkpoint import (KeyReport, is_exported_folder, load_weights, pickle_refusal,
+                                        resolve_checkpoint)
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
@@ -46,15 +48,15 @@ def history_buffer_getattr(obj: Any, name: str) -> Any:
     raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a weights-only checkpoint")
 
 
-def allow_mmengine_checkpoint_globals() -> None:
-    """Let ``torch.load``'s weights-only default read mmengine checkpoints (needed for resume).
+def mmengine_checkpoint_globals() -> List[Any]:
+    """The non-tensor globals a genuine mmengine/xtuner training checkpoint holds, and nothing more.
 
-    torch >= 2.6 loads with ``weights_only=True`` by default; xtuner 0.2.0 (``--resume`` seed lookup)
-    and mmengine 0.10 (``runner.resume``) call ``torch.load`` without ``weights_only``, and an
-    mmengine checkpoint's message hub holds ``HistoryBuffer`` objects and numpy arrays. These are the
-    only extra globals such a file needs; ``builtins.getattr`` is mapped to
-    :func:`history_buffer_getattr`, never to the real ``getattr``. Runs when a config imports this
-    module, i.e. only in processes that train or load our checkpoints.
+    Read off the weights-only unpickler's refusals on checkpoints our own training writes: the message
+    hub's ``HistoryBuffer`` (its statistics methods pickled as ``getattr(HistoryBuffer, name)``, mapped
+    to :func:`history_buffer_getattr`, never to the real ``getattr``), the numpy arrays and scalars it
+    and ``runtime_info`` keep (``ndarray``, ``_reconstruct``, ``scalar``, ``dtype``) and the dtype
+    classes of numbers (bool, integers, floats, complex; not object, string or structured dtypes).
+    ``collections.OrderedDict``, tensors and plain containers are allowed by torch already.
     """
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
@@ -63,16 +65,84 @@ def allow_mmengine_checkpoint_globals() -> None:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar  # type: ignore
-    import numpy.dtypes as np_dtypes
 
-    dtype_classes = [getattr(np_dtypes, n) for n in dir(np_dtypes) if n.endswith("DType")]
+    numeric_dtypes = list(dict.fromkeys(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"))
+    return [HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar,
+            (history_buffer_getattr, "builtins.getattr"), *numeric_dtypes]
+
+
+def allow_mmengine_checkpoint_globals() -> None:
+    """Let ``torch.load``'s weights-only default read genuine mmengine checkpoints (needed for resume).
+
+    torch >= 2.6 loads with ``weights_only=True`` by default; xtuner 0.2.0 (``--resume`` seed lookup)
+    and mmengine 0.10 (``runner.resume``) call ``torch.load`` without ``weights_only``. Those two are
+    replaced by :func:`load_training_checkpoint` / :func:`safe_seed_from_checkpoint` when
+    :func:`install_safe_xtuner_loader` runs; the process-wide allow-list
+    (:func:`mmengine_checkpoint_globals`, classes that cannot run code) covers any module that bound
+    the originals before that. Runs when a config is parsed (see ``configs/tiny/stage_1.py``) or this
+    module is imported, i.e. only in processes that train or load our checkpoints.
+    """
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
-        add([HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar,
-             (history_buffer_getattr, "builtins.getattr")] + dtype_classes)
+        add(mmengine_checkpoint_globals())
 
 
 allow_mmengine_checkpoint_globals()
+
+
+RESUME_HINT = ("resume only from a checkpoint this training wrote (WORK_DIR/epoch_N.pth or iter_N.pth); to start "
+               "from other weights use model.pretrained_pth, which reads tensors only")
+
+
+def _weights_only_load(path: str, map_location: Any, extra_globals: Sequence[Any], what: str) -> Any:
+    """``torch.load(weights_only=True)`` with ``extra_globals`` allowed for this call; a refusal or an
+    unreadable file is a one-line :class:`SlideChatError` (nothing in the file has run)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(list(extra_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SlideChatError(f"{what} holds a non-tensor Python object outside the allow-list of the "
+                             f"framework's own classes ({pickle_refusal(exc)}); refused, nothing in it was run",
+                             path=path, hint=RESUME_HINT) from None
+    except (RuntimeError, EOFError, ValueError) as exc:  # truncated / not a torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlideChatError(f"cannot read {what}: {first}", path=path) from None
+
+
+def load_training_checkpoint(filename: Union[str, os.PathLike], map_location: Any = None) -> Any:
+    """mmengine's loader for local checkpoint files (``runner.resume``, ``load_from``), weights-only.
+
+    Replaces ``mmengine.runner.checkpoint.load_from_local`` (``torch.load`` with torch's default): the
+    framework's own classes (:func:`mmengine_checkpoint_globals`) are allowed, everything else is a
+    one-line error. A missing file stays mmengine's ``FileNotFoundError``.
+    """
+    path = os.path.expanduser(os.fspath(filename))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} can not be found.")
+    return _weights_only_load(path, map_location, mmengine_checkpoint_globals(), "training checkpoint")
+
+
+def safe_seed_from_checkpoint(pth_model: Union[str, os.PathLike]) -> Any:
+    """Drop-in for ``xtuner.tools.utils.get_seed_from_checkpoint`` (``xtuner train --resume``): the seed
+    of a checkpoint file or DeepSpeed folder, read weights-only with the framework's classes allowed."""
+    path = os.fspath(pth_model)
+    if os.path.isdir(path):
+        states = sorted(glob.glob(os.path.join(path, "*_model_states.pt")))  # what DeepSpeed looks for
+        if not states:
+            raise SlideChatError("resume folder holds no DeepSpeed *_model_states.pt", path=path,
+                                 hint=RESUME_HINT)
+        ckpt = _weights_only_load(states[0], "cpu", mmengine_checkpoint_globals()
+                                  + _deepspeed_checkpoint_globals(), "DeepSpeed checkpoint")
+    elif os.path.isfile(path):
+        ckpt = load_training_checkpoint(path, "cpu")
+    else:
+        raise SlideChatError("resume checkpoint not found", path=path)
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "seed" not in meta:
+        raise SlideChatError("not an mmengine training checkpoint (no meta.seed)", path=path, hint=RESUME_HINT)
+    return meta["seed"]
 
 
 # ------------------------------------------------------------------------------------ xtuner's loader
@@ -117,20 +187,17 @@ def _deepspeed_checkpoint_globals() -> List[Any]:
 def safe_deepspeed_load(self: Any, path: str, map_location: Any = None) -> Any:
     """Drop-in for DeepSpeed's ``TorchCheckpointEngine.load`` (``torch.load(weights_only=False)``), which
     ``--deepspeed ... --resume`` uses for the model and optimizer-state files: torch's weights-only
-    unpickler with the few DeepSpeed classes those files hold (and mmengine's message-hub classes, see
-    :func:`allow_mmengine_checkpoint_globals`). Anything else is a one-line error, never executed."""
+    unpickler with the few DeepSpeed classes those files hold and mmengine's message-hub classes
+    (:func:`mmengine_checkpoint_globals`). Anything else is a one-line error, never executed."""
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals() + mmengine_checkpoint_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported global" in ln or "refusing" in ln), lines[0] if lines
-                   else "unsupported content")
         raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
-                             f"allow-list ({why})", path=path,
-                             hint="only DeepSpeed's own checkpoint classes are read") from None
+                             f"allow-list ({pickle_refusal(exc)}); nothing in it was run", path=path,
+                             hint="only DeepSpeed's and mmengine's own checkpoint classes are read") from None
 
 
 def _one_line_slidechat_errors(exc_type: Any, exc: BaseException, tb: Any) -> None:
@@ -143,33 +210,47 @@ def _one_line_slidechat_errors(exc_type: Any, exc: BaseException, tb: Any) -> No
 _previous_excepthook = sys.excepthook
 
 
-def install_safe_xtuner_loader() -> None:
-    """Make stock ``xtuner test`` (and any xtuner tool) read checkpoints through our safe loader.
+def _replace_everywhere(module_name: str, name: str, replacement: Any) -> None:
+    """``module_name.name`` -> ``replacement``, also in every loaded module that bound the original with
+    ``from module_name import name``. Module dicts are edited directly (no ``getattr`` on lazy modules)."""
+    home = sys.modules.get(module_name)
+    original = vars(home).get(name) if home is not None else None
+    if original is None or original is replacement:
+        return
+    setattr(home, name, replacement)
+    for mod in list(sys.modules.values()):
+        d = getattr(mod, "__dict__", None)
+        if isinstance(d, dict) and d.get(name) is original:
+            d[name] = replacement
 
-    ``xtuner test`` runs ``xtuner/tools/test.py`` as ``__main__``; that script binds
-    ``guess_load_checkpoint`` at import and calls it only after parsing the config. Parsing one of our
-    configs imports this module, which runs this function: every module already holding xtuner's
-    function (``__main__``, ``xtuner.tools.test``, ``xtuner.model.llava`` ...) gets
-    :func:`safe_guess_load_checkpoint` in its place, and so does ``xtuner.model.utils`` for later
-    importers. DeepSpeed's ``TorchCheckpointEngine.load`` (``--deepspeed ... --resume``) becomes
-    :func:`safe_deepspeed_load`. It runs again when :class:`SlideChatTrainModel` is built, i.e. before
-    any checkpoint is read. Module dicts are edited directly (no ``getattr`` on lazy modules). Under an xtuner tool
-    a :class:`SlideChatError` escaping to the top is printed as one line (exit status 1, as Python's
-    default hook), without the traceback.
+
+def install_safe_xtuner_loader() -> None:
+    """Make stock xtuner tools (``xtuner test``, ``xtuner train --resume``) read checkpoints safely.
+
+    xtuner tools run as ``__main__`` and bind their loaders at import, then parse the config; parsing
+    one of our configs imports this module (see ``configs/tiny/stage_1.py``), which runs this function:
+
+    * ``guess_load_checkpoint`` (``xtuner test --checkpoint``) -> :func:`safe_guess_load_checkpoint`;
+    * ``get_seed_from_checkpoint`` (``xtuner train --resume``, read before the model is built) ->
+      :func:`safe_seed_from_checkpoint`;
+    * mmengine's loader for local files (``runner.resume``, ``load_from``) ->
+      :func:`load_training_checkpoint`;
+    * DeepSpeed's ``TorchCheckpointEngine.load`` (``--deepspeed ... --resume``) ->
+      :func:`safe_deepspeed_load`.
+
+    Each module already holding an original gets the replacement too. It runs again when
+    :class:`SlideChatTrainModel` is built, i.e. before the model's checkpoint is read. Under an xtuner
+    tool a :class:`SlideChatError` escaping to the top is printed as one line (exit status 1, as
+    Python's default hook), without the traceback.
     """
     ds_engine = sys.modules.get(_DS_ENGINE_MODULE)  # mmengine.runner imports DeepSpeed when installed
     if ds_engine is not None and getattr(ds_engine, "TorchCheckpointEngine", None) is not None:
         ds_engine.TorchCheckpointEngine.load = safe_deepspeed_load
-    utils = sys.modules.get("xtuner.model.utils")
-    if utils is None:
-        return  # nothing can hold xtuner's loader yet; xtuner tools import it before reading configs
-    original = vars(utils).get("guess_load_checkpoint")
-    if original is not None and original is not safe_guess_load_checkpoint:
-        utils.guess_load_checkpoint = safe_guess_load_checkpoint
-        for mod in list(sys.modules.values()):
-            d = getattr(mod, "__dict__", None)
-            if isinstance(d, dict) and d.get("guess_load_checkpoint") is original:
-                d["guess_load_checkpoint"] = safe_guess_load_checkpoint
+    mm_ckpt = sys.modules.get("mmengine.runner.checkpoint")
+    if mm_ckpt is not None and vars(mm_ckpt).get("CheckpointLoader") is not None:
+        mm_ckpt.CheckpointLoader.register_scheme(prefixes="", loader=load_training_checkpoint, force=True)
+    _replace_everywhere("xtuner.model.utils", "guess_load_checkpoint", safe_guess_load_checkpoint)
+    _replace_everywhere("xtuner.tools.utils", "get_seed_from_checkpoint", safe_seed_from_checkpoint)
     main_file = os.fspath(getattr(sys.modules.get("__main__"), "__file__", "") or "")
     if os.path.join("xtuner", "tools") in main_file and sys.excepthook is _previous_excepthook:
         sys.excepthook = _one_line_slidechat_errors

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -107,6 +108,33 @@ class _RestrictedPickleModule:
     __name__ = "slidechat_restricted_pickle"
 
 
+#: what torch's weights-only unpickler names when it refuses a file: a global it may not import ("Unsupported
+#: global: GLOBAL os.system", "unsupported GLOBAL posix.system whose module posix is blocked"), or a class it
+#: may not build ("but got <class 'x.Y'>")
+_REFUSED_NAME = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
+
+
+def pickle_refusal(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, in a few words (``global posix.system``).
+
+    torch's message is a page of advice whose first step is to reload with ``weights_only=False``, i.e. to
+    run whatever the file holds; no slidechat command does that, so only the refused name is kept.
+    """
+    text = str(exc)
+    m = _REFUSED_NAME.search(text)
+    if m:
+        return f"global {m.group(1) or m.group(2)}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    own = [ln for ln in lines if "weights_only" not in ln and not ln.startswith(("Weights only load failed",
+                                                                                "Check the documentation"))]
+    first = own[0].replace("WeightsUnpickler error:", "").strip() if own else ""
+    return (first[:200] or type(exc).__name__).rstrip(".")
+
+
+UNSAFE_PICKLE_HINT = ("re-save its tensors as .safetensors (safetensors.torch.save_file) in a Python session "
+                      "that trusts the file, and pass that file")
+
+
 def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
@@ -114,18 +142,20 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
         first_error = exc
     except RuntimeError as exc:  # some torch versions wrap the unpickling error
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise SlideChatError(f"cannot read checkpoint: {exc}", path=path) from exc
+            raise SlideChatError(f"cannot read checkpoint: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                                 path=path) from exc
         first_error = exc
     logger.info("%s holds non-tensor metadata; extracting tensors with a restricted unpickler", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not loadable safely"
-        if allow_unsafe_pickle:
+        if allow_unsafe_pickle:  # Python-only escape hatch (load_state_dict_file); no command offers it
             logger.warning("loading %s with full unpickling (allow_unsafe_pickle=True)", path)
             return torch.load(path, map_location="cpu", weights_only=False)
         raise SlideChatError(
-            f"cannot load checkpoint safely (weights-only: {first_error}; restricted: {exc})", path=path,
-            hint="re-save it as safetensors, or pass allow_unsafe_pickle=True if you trust the file") from exc
+            f"holds non-tensor Python objects ({pickle_refusal(first_error)}) that are never unpickled, and its "
+            f"tensors cannot be read without them; nothing in it was run", path=path,
+            hint=UNSAFE_PICKLE_HINT) from None
 
 
 def _tensors_only(d: Dict[Any, Any]) -> Dict[str, Tensor]:
