@@ -550,8 +550,9 @@ def render_gallery(slide: str, rows: Sequence[Mapping[str, Any]], order: Sequenc
             if b is None:
                 continue
             cv2.rectangle(tile, (b[0], b[1]), (b[2], b[3]), BOX_RGB, 1 if t < 96 else 2)
-            cv2.putText(tile, str(lab), (b[0] + 2, max(b[1] - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.4, BOX_RGB, 1, cv2.LINE_AA)
+            (tw, _), _ = cv2.getTextSize(str(lab), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+            cv2.putText(tile, str(lab), (max(0, min(b[0] + 2, t - tw - 1)), max(b[1] - 3, 10)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, BOX_RGB, 1, cv2.LINE_AA)
             drawn.append((b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0))
         canvas[y0:y0 + t, x0:x0 + t] = tile
         if r.get("n_grounded", "") == "":
