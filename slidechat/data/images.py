@@ -6,6 +6,13 @@ enlarges one below ``image_min_pixels`` by ``sqrt(min / (w*h))`` (new sides trun
 converts to RGB, raises each side to at least 28 px and caps the aspect ratio at 180:1 when it exceeds
 200:1. Resizes use PIL's default filter for ``Image.resize``, as there. Qwen2-VL's own processor then
 snaps the result to multiples of 28 (``smart_resize``); that step stays in the processor.
+
+Files are decoded by the project's one image loader (:mod:`slidechat.wsi.imageio`): a pixel-count limit
+read from the header (``$SLIDECHAT_IMAGE_PIXEL_LIMIT``) and its mode rules. Images reach the scaling
+as RGB already, which for RGB/L/CMYK/1 files gives LLaMA-Factory's pixels exactly; it deliberately
+differs where LLaMA-Factory's ``convert("RGB")`` is wrong: 16-bit grey (clipped to white there),
+alpha (dropped there, exposing whatever colour is under transparent pixels; composited on white
+here) and palette images (resized with nearest neighbour there, as palette indices).
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from PIL import Image
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.wsi.imageio import image_size, read_image, to_rgb
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,7 +44,7 @@ def scale_image(img: Image.Image, max_pixels: int = IMAGE_MAX_PIXELS,
         factor = math.sqrt(min_pixels / (img.width * img.height))
         img = img.resize((int(img.width * factor), int(img.height * factor)))
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = to_rgb(img)  # the loader's mode rules (16-bit, alpha on white, ...), not PIL's convert
     if min(img.width, img.height) < MIN_SIDE:
         img = img.resize((max(img.width, MIN_SIDE), max(img.height, MIN_SIDE)))
     if img.width / img.height > 200:
@@ -46,34 +54,25 @@ def scale_image(img: Image.Image, max_pixels: int = IMAGE_MAX_PIXELS,
     return img
 
 
-def open_image(path: PathLike) -> Image.Image:
-    """Open and fully decode an image; a missing, truncated or non-image file is a SlideChatError."""
-    p = Path(path)
-    if not p.is_file():
-        raise SlideChatError("image not found", p)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()  # mode kept: scale_image resizes first, then converts (as LLaMA-Factory)
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
-        raise SlideChatError(f"cannot read image ({type(e).__name__}: {e})", p) from None
+def open_image(path: PathLike, max_pixels: Optional[int] = None) -> Image.Image:
+    """Decode a whole image as RGB through the one image loader (:func:`slidechat.wsi.imageio.read_image`).
+
+    ``max_pixels`` is the decoding limit (default ``$SLIDECHAT_IMAGE_PIXEL_LIMIT`` or the loader's);
+    a missing, truncated, over-limit or non-image file is a SlideChatError naming it.
+    """
+    return read_image(path, max_pixels)
 
 
 def load_image(path: PathLike, max_pixels: int = IMAGE_MAX_PIXELS,
                min_pixels: int = IMAGE_MIN_PIXELS) -> Image.Image:
-    """Read ``path`` and apply :func:`scale_image`; errors name the file."""
+    """Read ``path`` and apply :func:`scale_image`; errors name the file.
+
+    ``max_pixels``/``min_pixels`` are LLaMA-Factory's scaling targets, not the decoding limit.
+    """
     return scale_image(open_image(path), max_pixels=max_pixels, min_pixels=min_pixels)
 
 
 def check_image_header(path: PathLike) -> None:
-    """Cheap readability check (header only) used when a dataset is read; full decode happens at load."""
-    p = Path(path)
-    if not p.is_file():
-        raise SlideChatError("image not found", p)
-    try:
-        with Image.open(p) as im:
-            w, h = im.size
-    except Exception as e:
-        raise SlideChatError(f"cannot read image ({type(e).__name__}: {e})", p) from None
-    if w < 1 or h < 1:
-        raise SlideChatError(f"image has no pixels ({w}x{h})", p)
+    """Cheap check (header only) used when a dataset is read: readable, has pixels, within the decoding
+    limit, so a bad or oversized image is refused before any model loads; full decode happens at load."""
+    image_size(path)

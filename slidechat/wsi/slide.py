@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
@@ -17,6 +16,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.wsi.imageio import (ImageTooLargeError, composite_on_white, limit_hint, read_image,
+                                   sniff_format)
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,12 @@ def slide_id(path: PathLike) -> str:
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """RGBA uint8 -> RGB: transparent pixels (outside the scanned area) become white, like glass."""
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3]
-    if alpha.min() < 255:
-        rgb = rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))
-        rgb = np.minimum(rgb, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb)
+    """RGBA uint8 -> RGB: transparent pixels (outside the scanned area) become white, like glass.
+
+    OpenSlide hands back straight (un-premultiplied) RGBA, so this is the same composite on white as
+    for image files (:func:`slidechat.wsi.imageio.composite_on_white`): one rule for every path.
+    """
+    return composite_on_white(rgba[..., :3], rgba[..., 3])
 
 
 class Slide:
@@ -68,9 +68,16 @@ class Slide:
         self._tiles: Any = None  # direct tile reader (wsi.tiles), when enabled
         if not self.path.is_file():
             raise SlideChatError("slide file not found", self.path)
-        if self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+        plain_name = self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES
+        content = sniff_format(self.path) if plain_name else None
+        if plain_name and content in ("tiff", "bigtiff", "dicom"):
+            # routed by content, not name: an Aperio slide renamed .png is still a slide for OpenSlide
+            logger.warning("%s: named %s but the file is a %s; reading it as a slide", self.path,
+                           self.path.suffix, content.upper())
+            self._open_openslide()
+        elif plain_name:
             self._open_plain()
-        else:
+        else:  # OpenSlide first; what it does not support (a PNG named .svs, a stripped TIFF) -> PIL
             self._open_openslide()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -83,6 +90,8 @@ class Slide:
             try:  # e.g. a stripped (non-tiled) TIFF that PIL reads fine
                 self._open_plain()
                 return
+            except ImageTooLargeError:
+                raise
             except SlideChatError:
                 raise SlideChatError("unsupported or corrupt slide file (neither OpenSlide nor PIL "
                                      "can open it)", self.path) from None
@@ -100,17 +109,11 @@ class Slide:
             self.mpp = None
 
     def _open_plain(self) -> None:
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None  # large fields of view are legitimate here
-        try:
-            with warnings.catch_warnings():  # a corrupt file should fail with one clear error
-                warnings.simplefilter("ignore")
-                with Image.open(self.path) as im:
-                    im.load()
-                    arr = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise SlideChatError(f"cannot open image: {type(e).__name__}: {e}", self.path) from e
+        """A plain image is decoded whole, through the one image loader (its pixel-count limit and
+        mode rules); beyond the limit, a tiled pyramidal TIFF is the format that scales."""
+        img = read_image(self.path, hint=f"{limit_hint()}, or save it as a tiled pyramidal TIFF")
+        arr = np.asarray(img)
+        del img
         self._img = np.ascontiguousarray(arr)
         h, w = arr.shape[:2]
         self.level_dimensions = ((w, h),)

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 #: OpenSlide vendors whose levels are the TIFF's tiled pages, pixel for pixel (no overlaps/offsets).
 DIRECT_VENDORS = ("aperio", "generic-tiff")
+#: Larger declared tiles are left to OpenSlide: one hostile tile header must not make this reader
+#: allocate gigabytes (scanners write 240-1024 px tiles).
+MAX_TILE_PIXELS = 4096 * 4096
 
 
 class TiffTileReader:
@@ -42,7 +45,8 @@ class TiffTileReader:
             for page in self._tf.pages:
                 if (getattr(page, "is_tiled", False) and int(page.imagewidth) == int(w)
                         and int(page.imagelength) == int(h) and page.samplesperpixel in (3, 4)
-                        and page.bitspersample == 8 and page.imagedepth == 1):
+                        and page.bitspersample == 8 and page.imagedepth == 1
+                        and 0 < int(page.tilewidth) * int(page.tilelength) <= MAX_TILE_PIXELS):
                     self.pages[level] = page
                     break
         self._cache: "OrderedDict[Tuple[int, int, int, int], np.ndarray]" = OrderedDict()
