@@ -312,6 +312,7 @@ def test_check_catches_unknown_subcommands_configs_scripts_and_commands(tmp_path
 def test_check_accepts_valid_commands_and_ignores_other_blocks(tmp_path: Path) -> None:
     text, path = _doc(tmp_path, "```bash\nNPROC_PER_NODE=8 slidechat train configs/tiny/stage_1.py --seed 0\n"
                                 "slidechat eval mcq out.csv --out reports/   # a comment\n"
+                                "slidechat eval mcq out.csv > report.md 2>&1 | head\n"
                                 "slidechat --help\nsource .venv/bin/activate\n```\n\n"
                                 "```\nslidechat not a command, just output\n```\n")
     assert check_markdown(text, path) == []
