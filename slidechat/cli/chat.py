@@ -1,4 +1,4 @@
-"""``slidechat chat``: talk about one slide or one cytology field of view in the terminal.
+"""``slidechat chat``: [slides, cytology] talk about one slide or one cytology field of view in the terminal.
 
 Slides: ``--checkpoint CKPT (--features X.h5 | --slide X.svs)``; images (Qwen2-VL / CytoChat):
 ``--image field.jpg --model_name_or_path DIR`` -- the same loop, boxes printed as generated.
@@ -7,14 +7,19 @@ Reads one question per line from stdin and prints each answer; ``exit``/``quit``
 stops, ``reset`` clears the conversation. The conversation so far is part of every prompt. A raw
 slide is patched and encoded on the fly with the feature extraction pipeline (same options as
 ``slidechat extract``). The checkpoint is an exported folder, or a training checkpoint with --config.
+
+The input (features, slide, image) is read and checked before the model loads, so a wrong path costs
+seconds, not the minutes a 7B model takes. stdout carries the answers only (with ``--jsonl``: JSON
+lines only); every log line, the framework's included, goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import json
 import logging
+import os
 import sys
 
 from slidechat.cli.args import add_trust_remote_code_argument
@@ -25,7 +30,7 @@ EXIT_WORDS = ("exit", "quit", ":q")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    p = subparsers.add_parser("chat", help="multi-turn chat about one slide in the terminal",
+    p = subparsers.add_parser("chat", help="[slides, cytology] multi-turn chat about one slide or one field of view",
                               description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None,
                    help="slides: exported model folder, or a training checkpoint (with --config)")
@@ -136,11 +141,45 @@ def _image_session(args: argparse.Namespace):
                             image_min_pixels=args.image_min_pixels)
 
 
+def _require_paths(args: argparse.Namespace) -> None:
+    """The paths the user gave exist, checked before anything heavy runs (one line naming the flag)."""
+    from slidechat.utils.errors import SlideChatError
+
+    for flag, value, want_file in (("--features", args.features, True), ("--slide", args.slide, None),
+                                   ("--image", args.image, True), ("--config", args.config, True),
+                                   ("--checkpoint", args.checkpoint, None),
+                                   ("--model_name_or_path", args.model_name_or_path, None),
+                                   ("--adapter_name_or_path", args.adapter_name_or_path, False)):
+        if value is None:
+            continue
+        if not os.path.exists(value):
+            raise SlideChatError(f"{flag}: no such file or folder", value)
+        if want_file is True and not os.path.isfile(value):
+            raise SlideChatError(f"{flag} must be a file, not a folder", value)
+        if want_file is False and not os.path.isdir(value):
+            raise SlideChatError(f"{flag} must be a folder", value)
+
+
 def run(args: argparse.Namespace) -> int:
+    from slidechat.utils.logging import route_mmengine_logs_to_stderr
+
     _keep_stdout_for_answers()
+    _require_paths(args)
+    route_mmengine_logs_to_stderr()
+    # loading prints nothing on stdout: a stray print of a library goes to stderr with the logs
+    with contextlib.redirect_stdout(sys.stderr):
+        session, banner = _session(args)
+    return chat_loop(session, args, banner)
+
+
+def _session(args: argparse.Namespace):
+    """The chat session and its banner; the input is read (and checked) before the model loads."""
     if args.image:
+        from slidechat.data.images import check_image_header
+
+        check_image_header(args.image)  # readable image within the pixel limits, before the model
         session = _image_session(args)
-        return chat_loop(session, args, f"Image loaded ({session.image.width}x{session.image.height}).")
+        return session, f"Image loaded ({session.image.width}x{session.image.height})."
     from slidechat.engine.overrides import parse_cfg_options
     from slidechat.engine.chat import ChatSession, load_chat_model
     from slidechat.utils.errors import SlideChatError
@@ -148,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.checkpoint or args.model_name_or_path):
         raise SlideChatError("--features/--slide need --checkpoint (an exported folder or a training "
                              "checkpoint with --config)")
+    feats, coords = _features(args)  # the input first: a bad feature file or slide fails in seconds
     model, tok = load_chat_model(args.checkpoint or args.model_name_or_path, args.config,
                                  parse_cfg_options(args.cfg_options),
                                  allow_partial=args.allow_partial, trust_remote_code=args.trust_remote_code)
@@ -158,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(model, tok, feats, coords, max_new_tokens=args.max_new_tokens,
                           max_patches=args.max_patches, system=args.system,
                           max_prompt_tokens=args.max_prompt_tokens)
-    return chat_loop(session, args, f"Slide loaded ({len(session.features)} patches).")
+    return session, f"Slide loaded ({len(session.features)} patches)."
 
 
 def chat_loop(session, args: argparse.Namespace, banner: str) -> int:

@@ -1,10 +1,14 @@
-"""``slidechat export CONFIG --checkpoint CKPT --out DIR``: training checkpoint -> self-contained model folder.
+"""``slidechat export CONFIG --checkpoint CKPT --out DIR``: checkpoint -> model folder (slides: SlideChat; cytology: Qwen2-VL).
 
 The folder (``SlideChatModel.save_pretrained``: LLM + tokenizer, slide modules, config) loads with
 ``SlideChatModel.from_pretrained`` without xtuner, the config or the original LLM folder. LoRA
 adapters are merged into the LLM weights. Qwen2-VL (cytology) configs export a plain Hugging Face folder
 instead (``save_pretrained`` of the model and its processor, LoRA merged) that ``transformers`` and vLLM
 load as they are.
+
+Either way the folder is written whole beside ``--out`` and swapped in when complete (an earlier export
+there is replaced atomically; a crash leaves it as it was). A non-empty ``--out`` that is not an export
+of ours is refused unless ``--overwrite``, which writes the export there and keeps the other files.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a trained checkpoint as a model folder",
+    p = subparsers.add_parser("export", help="[slides, cytology] export a trained checkpoint as a model folder",
                               description=__doc__.splitlines()[0])
     p.add_argument("config", help="the training config (configs/slidechat/stage_2.py, ...)")
     p.add_argument("--checkpoint", default=None,
                    help="iter_N.pth / epoch_N.pth, a DeepSpeed checkpoint folder, a work dir "
                         "(its last checkpoint) or a released-style state dict; omitted: the "
                         "config's model as built (pretrained_pth loaded)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder (new, empty, or an earlier export, which is replaced atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that holds no export of ours (its other files "
+                        "are kept; the export's own entries replace same-named ones)")
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="config overrides, as for xtuner train")
     p.add_argument("--allow-partial", "--allow_partial", action="store_true",
@@ -38,18 +46,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from slidechat.engine.builder import build_model_from_config
     from slidechat.engine.overrides import parse_cfg_options
-    from slidechat.model.qwen2vl_train import config_is_qwen2vl, export_qwen2vl
+    from slidechat.model.qwen2vl_train import QWEN2VL_EXPORT_KIND, config_is_qwen2vl, export_qwen2vl
+    from slidechat.model.slidechat_model import EXPORT_KIND, legacy_export_entries
+    from slidechat.utils.outputs import check_output_folder
 
-    if config_is_qwen2vl(args.config):  # cytology (Qwen2-VL) configs: a plain Hugging Face folder
+    qwen2vl = config_is_qwen2vl(args.config)
+    # the output rule first: a bad --out is one line in a second, not after the model is built
+    if qwen2vl:
+        check_output_folder(args.out, QWEN2VL_EXPORT_KIND, overwrite=args.overwrite)
+    else:
+        check_output_folder(args.out, EXPORT_KIND, overwrite=args.overwrite, legacy=legacy_export_entries)
+    if qwen2vl:  # cytology (Qwen2-VL) configs: a plain Hugging Face folder
         out = export_qwen2vl(args.config, args.checkpoint, args.out,
-                             cfg_options=parse_cfg_options(args.cfg_options), allow_partial=args.allow_partial)
+                             cfg_options=parse_cfg_options(args.cfg_options), allow_partial=args.allow_partial,
+                             overwrite=args.overwrite)
         print(out)
         return 0
     core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
                                               cfg_options=parse_cfg_options(args.cfg_options),
                                               allow_partial=args.allow_partial,
                                               trust_remote_code=args.trust_remote_code)
-    out = core.save_pretrained(args.out, tokenizer=tokenizer)
+    out = core.save_pretrained(args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     logger.info("exported to %s", out)
     print(out)
     return 0

@@ -1,4 +1,4 @@
-"""``slidechat extract-features``: raw slides -> per-slide patch features (H5, optional CSV, QC PNG)."""
+"""``slidechat extract-features``: [slides] raw slides -> patch features (H5, CSV, QC PNG); cytology: ``screen``."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _workers(v: str) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("extract-features", help="raw slides -> patch features (H5/CSV)",
+    p = subparsers.add_parser("extract-features", help="[slides] raw slides -> patch features (H5/CSV)",
                               description=__doc__.splitlines()[0], epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)

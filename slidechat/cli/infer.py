@@ -1,4 +1,4 @@
-"""``slidechat infer``: batch predictions for a LLaMA-Factory dataset with a Qwen2-VL model (CytoChat).
+"""``slidechat infer``: [cytology] batch predictions for a LLaMA-Factory dataset with a Qwen2-VL model (CytoChat).
 
 Same flags and defaults as LLaMA-Factory's ``scripts/vllm_infer.py``; the output JSONL has its
 ``prompt``/``predict``/``label`` plus ``id`` (dataset, row index, id column) and ``images`` so rows
@@ -34,7 +34,8 @@ def _bool(value: str) -> bool:
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
-        "infer", help="batch predictions (JSONL) for a LLaMA-Factory dataset with a Qwen2-VL model",
+        "infer", help="[cytology] batch predictions (JSONL) for a LLaMA-Factory dataset with a Qwen2-VL "
+                      "model",
         description=__doc__.splitlines()[0])
     m = p.add_argument_group("model")
     m.add_argument("--model_name_or_path", required=True,
@@ -129,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from slidechat.engine.writers import JsonlPredictionWriter, check_run_settings
     from slidechat.data.llamafactory import read_llamafactory
     from slidechat.utils.errors import SlideChatError
+    from slidechat.utils.outputs import require_file_path
 
     check_args(args)
+    require_file_path(args.save_name, "--save_name")  # the output rule, before the dataset or model
     examples = read_llamafactory(args.dataset, args.dataset_dir, check_images=False,
                                  max_samples=args.max_samples)
     if not examples:

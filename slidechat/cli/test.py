@@ -1,10 +1,12 @@
-"""``slidechat test CONFIG --checkpoint CKPT --test_slide_csv A.csv --test_output_csv B.csv``.
+"""``slidechat test CONFIG --checkpoint CKPT --test_slide_csv A.csv --test_output_csv B.csv``: [slides] SlideBench.
 
 The same path as ``xtuner test CONFIG --checkpoint CKPT --cfg-options test_slide_csv=A.csv ...``: the
 mmengine Runner is built from the config with these flags as top-level overrides, the checkpoint is
 loaded through the model's ``load_state_dict`` and ``runner.test()`` runs the SlideBench test loop,
 so both give the same output CSV. An interrupted run resumes where it stopped (``--overwrite``
 starts afresh). The accuracy table is printed and written to ``<output>.report.json/.md``.
+The question CSV, the feature folder and the output path are checked before the model is built.
+Cytology models are answered with ``slidechat infer`` and scored with ``slidechat eval``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    p = subparsers.add_parser("test", help="answer a SlideBench CSV with a trained model and score it",
+    p = subparsers.add_parser("test", help="[slides] answer a SlideBench CSV with a trained model and score it",
                               description=__doc__.splitlines()[0])
     p.add_argument("config", help="training config with the SlideBench test section "
                                   "(configs/slidechat/stage_2.py, ...)")

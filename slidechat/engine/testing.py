@@ -48,9 +48,12 @@ from torch.utils.data import Dataset, SequentialSampler
 from slidechat.data.dataset import uniform_indices
 from slidechat.engine.limits import PromptLimit, check_prompt_length, model_prompt_limit
 from slidechat.evaluation.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
-                                             merge_shards, read_csv_text, read_slidebench, require_rows)
+                                             check_template, default_template, merge_shards, read_csv_text,
+                                             read_slidebench, require_rows, resolve_feature_path)
 from slidechat.model.constants import IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.logging import route_mmengine_logs_to_stderr
+from slidechat.utils.outputs import require_file_path
 
 logger = logging.getLogger(__name__)
 
@@ -472,6 +475,27 @@ def _device_type(model: Any) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
+def check_test_inputs(cfg: Mapping[str, Any]) -> TestSettings:
+    """The test's inputs and output, checked before the model is built (minutes at 7B): the question
+    CSV (readable, its task's columns), the feature folder and template (and that some row's features
+    are there: a wrong ``feature_root`` is one line now, not N error rows later), the output path."""
+    s = TestSettings.from_cfg(cfg)
+    table = read_slidebench(s.test_slide_csv, kind=s.task)
+    require_file_path(s.test_output_csv, "--test_output_csv")
+    if s.feature_root is not None:
+        if not s.feature_root.is_dir():
+            raise SlideChatError("feature_root is not a folder", s.feature_root,
+                                 hint="--feature_root: the folder of the slides' feature files")
+        template = s.feature_template or default_template(table.columns)
+        check_template(template, table.columns, table.path)
+        if len(table) and not any(resolve_feature_path(table.row(i), template, s.feature_root)[0]
+                                  for i in range(len(table))):
+            raise SlideChatError(f"none of the {len(table)} rows' feature files is there (template "
+                                 f"{template!r})", s.feature_root,
+                                 hint="check --feature_root / --feature_template")
+    return s
+
+
 def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
                       overrides: Optional[Mapping[str, Any]] = None,
                       cfg_options: Optional[Mapping[str, Any]] = None,
@@ -496,6 +520,8 @@ def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
         if cfg.get(key) is None:
             raise SlideChatError(f"config has no {key}: it lacks the SlideBench test section", config,
                                  hint="see configs/tiny/stage_2.py, PART 6")
+    check_test_inputs(cfg)  # before the Runner builds the model
+    route_mmengine_logs_to_stderr()  # stdout: the report only
     try:  # as xtuner test does: plain functions in the config become registry names
         from xtuner.tools.test import register_function
 

@@ -27,6 +27,8 @@ import numpy as np
 from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.locks import FileLock, try_lock
+from slidechat.utils.outputs import check_output_folder, read_marker, write_marker
 from slidechat.wsi.patching import (DEFAULT_MAGNIFICATION, DEFAULT_PATCH_SIZE, DEFAULT_TISSUE_THRESHOLD,
                                     PatchGrid, plan_patches)
 from slidechat.wsi.slide import Slide, resolve_resolution, slide_id
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 FAILURE_COLUMNS = ("slide", "path", "stage", "reason")
+#: ``utils.outputs`` kind of an extraction folder
+FEATURES_KIND = "feature extraction"
+#: hidden folder of the per-slide locks that let several jobs share one ``--out``
+LOCK_DIR = ".locks"
 
 
 @dataclass
@@ -622,30 +628,47 @@ def _remove_outputs_for(out_dir: Path, sid: str) -> List[Path]:
     return gone
 
 
-def check_output_dir(out_dir: PathLike) -> Path:
-    """Create ``out_dir`` and prove it writable before any work, or raise one clear error.
-
-    Run first, so a typo'd or read-only ``--out`` fails in a second, not after hours of extraction.
-    """
-    import tempfile
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SlideChatError("--out exists and is not a folder", out)
+def _is_failures_csv(path: Path) -> bool:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SlideChatError(f"cannot create the output folder: {e.strerror or e}", out) from None
+        with open(path, newline="", encoding="utf-8") as fh:
+            return tuple(next(csv.reader(fh), ())) == FAILURE_COLUMNS
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def legacy_extraction_entries(folder: Path) -> Optional[set]:
+    """The entries of an extraction folder written before the output marker (``h5_files/``, ``csv/``,
+    ``qc/``, our ``failures*.csv``), or ``None`` when the folder holds anything else (not ours)."""
+    names = {e for e in os.listdir(folder) if not e.startswith(".")}
+    if not names:
+        return None
+    for e in names:
+        p = folder / e
+        if e in ("h5_files", "csv", "qc"):  # a file there is refused by name in check_output_dir
+            continue
+        if e.startswith("failures") and e.endswith(".csv") and p.is_file() and _is_failures_csv(p):
+            continue
+        return None
+    return names
+
+
+def check_output_dir(out_dir: PathLike) -> Path:
+    """The output-folder rule (``utils.outputs``) for extraction, checked before any work: create
+    ``out_dir``, prove it writable, and mark it as ours -- or raise one clear error.
+
+    A new or empty folder, or one holding an earlier extraction (resumed: finished slides are skipped),
+    is accepted; a non-empty folder holding anything else is refused (``--overwrite`` redoes slides,
+    it does not make a user's folder ours), so a user's ``failures.csv`` is never overwritten.
+    """
+    out = check_output_folder(out_dir, FEATURES_KIND, legacy=legacy_extraction_entries, create=True,
+                              refuse_hint="extract into a new or empty folder, or into an earlier "
+                                          "extraction's --out to resume it")
     for sub in ("h5_files", "csv", "qc"):
         q = out / sub
         if q.exists() and not q.is_dir():
             raise SlideChatError("exists and is not a folder (it must hold outputs)", q)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".slidechat-write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SlideChatError(f"the output folder is not writable: {e.strerror or e}", out) from None
+    if read_marker(out) is None:
+        write_marker(out, FEATURES_KIND)
     return out
 
 
@@ -678,12 +701,27 @@ def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask:
     return bar
 
 
-def _write_failures(path: Path, failures: List[Dict[str, str]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(FAILURE_COLUMNS))
-            w.writeheader()
-            w.writerows(failures)
+def _lock_path(out_dir: Path, name: str) -> Path:
+    return out_dir / LOCK_DIR / f"{name}.lock"
+
+
+def _write_failures(path: Path, failures: List[Dict[str, str]], others: Sequence[str] = ()) -> None:
+    """Write this run's ``failures``, keeping the rows already there for the slides in ``others``
+    (slides another job on the same ``--out`` handles). Serialised by a lock, so two jobs never drop
+    each other's rows."""
+    keep = set(others)
+    with FileLock(_lock_path(path.parent, path.name)):
+        rows: List[Dict[str, str]] = []
+        if keep and path.is_file() and _is_failures_csv(path):
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("slide") in keep]
+        mine = {f["slide"] for f in failures}
+        rows = [r for r in rows if r.get("slide") not in mine] + list(failures)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(FAILURE_COLUMNS), extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
 
 
 def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
@@ -696,13 +734,20 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
     ``slide_paths``: paths, or a folder / glob / CSV-or-text list (see ``collect_slide_paths``).
     Slides are sharded round-robin over ``rank``/``world_size`` (default: torchrun's env). Slides whose
     H5 exists are skipped unless ``overwrite``. Returns a summary dict with ``done``, ``skipped``,
-    ``failed`` (list of {slide, path, stage, reason}), ``n_patches``, ``failures_file``.
+    ``failed`` (list of {slide, path, stage, reason}), ``busy``, ``n_patches``, ``failures_file``.
+
+    Several jobs may share one ``out_dir`` (a re-queued cluster job, or a job array run twice): each
+    slide is extracted under its own lock (``.locks/<slide>.lock``), so a job leaves a slide that
+    another is extracting (``busy``) or has finished to it, and the jobs split the work instead of
+    both redoing every slide. With ``overwrite``, a slide finished by another job during this run is
+    not redone either.
     """
     from tqdm.auto import tqdm
 
     from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, unique_shard
 
     opts = ExtractOptions.from_kwargs(**options)
+    run_started = time.time()
     out = check_output_dir(out_dir)  # before any work: a bad --out fails in a second
     if isinstance(slide_paths, (str, os.PathLike)):
         slide_paths = collect_slide_paths(slide_paths)
@@ -715,18 +760,20 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
     mine, failures = unique_shard(all_paths, rank, world)  # ids unique across the whole list
 
     summary: Dict[str, Any] = {"out_dir": str(out), "rank": rank, "world_size": world,
-                               "done": [], "skipped": [], "failed": failures, "n_patches": 0,
+                               "done": [], "skipped": [], "failed": failures, "busy": [], "n_patches": 0,
                                "failures_file": str(fail_path)}
     todo = []
     for p in mine:
         sid = slide_id(p)
-        _remove_partials_for(out, sid)
         paths = output_paths(out, sid)
         if paths["h5"].is_file() and not overwrite:
-            if save_csv and not paths["csv"].is_file():  # resume a run that lacked --save-csv
-                from slidechat.features.io import load_features, write_slidechat_csv
+            with try_lock(_lock_path(out, sid)) as got:
+                if got:  # leftovers of a killed run only when no other job is writing this slide
+                    _remove_partials_for(out, sid)
+                if got and save_csv and not paths["csv"].is_file():  # resume a run that lacked --save-csv
+                    from slidechat.features.io import load_features, write_slidechat_csv
 
-                write_slidechat_csv(paths["csv"], load_features(paths["h5"])[0])
+                    write_slidechat_csv(paths["csv"], load_features(paths["h5"])[0])
             summary["skipped"].append(sid)
             continue
         todo.append(p)
@@ -734,7 +781,7 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
         logger.info("rank %d: %d slide(s) already done, skipped (use --overwrite to redo)", rank,
                     len(summary["skipped"]))
     if not todo:
-        _write_failures(fail_path, failures)
+        _write_failures(fail_path, failures, summary["busy"])
         _log_summary(summary)
         return summary
 
@@ -746,7 +793,18 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
     for p in tqdm(todo, desc=f"slides (rank {rank})" if world > 1 else "slides", unit="slide",
                   disable=not opts.progress):
         sid = slide_id(p)
+        lock = FileLock(_lock_path(out, sid))
+        if not lock.acquire():
+            logger.info("%s: another job on %s is extracting it; left to that job", sid, out)
+            summary["busy"].append(sid)
+            continue
         try:
+            h5 = output_paths(out, sid)["h5"]
+            if h5.is_file() and (not overwrite or h5.stat().st_mtime >= run_started):
+                logger.info("%s: finished by another job on %s meanwhile; skipped", sid, out)
+                summary["skipped"].append(sid)
+                continue
+            _remove_partials_for(out, sid)  # only under the slide's lock: another job may be writing
             r = _process(p, enc, opts, device, want_thumb=save_qc)
             try:
                 _write_outputs(r, out, enc, save_csv, save_qc)
@@ -761,15 +819,17 @@ def extract_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pa
             if gone:
                 logger.info("%s: removed its earlier outputs (%s)", sid, ", ".join(str(g) for g in gone))
             failures.append({"slide": sid, "path": str(p), "stage": e.stage, "reason": reason})
-            _write_failures(fail_path, failures)
+            _write_failures(fail_path, failures, summary["busy"])
             continue
+        finally:
+            lock.release()
         summary["done"].append(sid)
         summary["n_patches"] += len(r.coords)
         summary.setdefault("timings", {})[sid] = dict(r.timings)
         logger.info("%s (%s): %s", sid, f"{r.grid.patch_size}px@{r.grid.target_magnification:g}x",
                     format_timings(r.timings, len(r.coords)))
     summary["seconds"] = time.perf_counter() - t0
-    _write_failures(fail_path, failures)
+    _write_failures(fail_path, failures, summary["busy"])
     _log_summary(summary)
     return summary
 
@@ -780,6 +840,7 @@ def _one_line(text: str) -> str:
 
 
 def _log_summary(s: Dict[str, Any]) -> None:
-    logger.info("extraction summary (rank %d): %d done, %d skipped, %d failed, %d patches -> %s%s",
-                s["rank"], len(s["done"]), len(s["skipped"]), len(s["failed"]), s["n_patches"],
+    busy = f", {len(s['busy'])} left to another job" if s.get("busy") else ""
+    logger.info("extraction summary (rank %d): %d done, %d skipped%s, %d failed, %d patches -> %s%s",
+                s["rank"], len(s["done"]), len(s["skipped"]), busy, len(s["failed"]), s["n_patches"],
                 s["out_dir"], f"; failures in {s['failures_file']}" if s["failed"] else "")

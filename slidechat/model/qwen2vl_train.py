@@ -19,6 +19,7 @@ import slidechat.engine.model  # noqa: F401,E402
 from slidechat.model.hf_folder import load_model
 from slidechat.model.qwen2vl import PathLike, check_qwen2vl_folder
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.outputs import check_output_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -343,38 +344,32 @@ def _processor_source(cfg: Any, model: Qwen2VLTrainModel) -> Any:
     return build_processor(src if src is not None else model.model_name_or_path)
 
 
+#: ``utils.outputs`` kind of an exported Qwen2-VL folder
+QWEN2VL_EXPORT_KIND = "Qwen2-VL model export"
+
+
 def export_qwen2vl(config: PathLike, checkpoint: Optional[PathLike], out: PathLike,
-                   cfg_options: Optional[Mapping[str, Any]] = None, allow_partial: bool = False) -> Path:
+                   cfg_options: Optional[Mapping[str, Any]] = None, allow_partial: bool = False,
+                   overwrite: bool = False) -> Path:
     """Training checkpoint -> a plain Hugging Face Qwen2-VL folder (LoRA merged) that
     ``Qwen2VLForConditionalGeneration.from_pretrained``, ``AutoProcessor`` and vLLM load as they are.
 
-    Written to a temporary folder beside ``out`` and renamed when complete; an existing non-empty
-    ``out`` is an error.
+    The output-folder rule (``utils.outputs``) is checked before the model is built; the folder is
+    written whole beside ``out`` and swapped in when complete, so a crash leaves an earlier export as
+    it was. A non-empty ``out`` that is not an export of ours is refused unless ``overwrite`` (the
+    user's other files there are kept).
     """
-    import shutil
-    import tempfile
-
     from slidechat.engine.builder import load_config
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SlideChatError("output folder exists and is not empty", out, hint="choose a new --out")
+    out = check_output_folder(out, QWEN2VL_EXPORT_KIND, overwrite=overwrite)
     cfg = load_config(config, dict(cfg_options or {}))
     model = build_qwen2vl_from_config(cfg, checkpoint, allow_partial=allow_partial)
     model.merge_lora()
     hf = model.hf_model
     hf.config.use_cache = True
     processor = _processor_source(cfg, model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out, QWEN2VL_EXPORT_KIND, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported Qwen2-VL to %s", out)
     return out

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -26,8 +24,8 @@ from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.model.hf_folder import load_model, load_tokenizer as hf_load_tokenizer
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
-from slidechat.utils.atomic import atomic_path, atomic_write_text
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.outputs import check_output_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +38,15 @@ SLIDE_PREFIXES = ("LongNet_encoder.", "projector.")
 # parameters our encoder may add on top of the released layout: absent from released checkpoints by design
 OPTIONAL_SLIDE_KEYS = ("LongNet_encoder.coord_pos_embed.",)
 FORMAT_VERSION = 1
+#: ``utils.outputs`` kind of an exported SlideChat folder
+EXPORT_KIND = "SlideChat model export"
+
+
+def legacy_export_entries(folder: Path) -> Optional[set]:
+    """The entries an export written before the output marker holds (``None``: not such an export)."""
+    if (folder / CONFIG_FILE).is_file() and (folder / LLM_DIR).is_dir():
+        return {CONFIG_FILE, LLM_DIR, SLIDE_MODULES_FILE}
+    return None
 
 
 @dataclass
@@ -350,37 +357,33 @@ class SlideChatModel(nn.Module):
         return self.load_slidechat_state_dict(sd, strict_llm=strict_llm, allow_partial=allow_partial,
                                               source=path)
 
-    def save_pretrained(self, folder: PathLike, tokenizer: Any = None) -> Path:
+    def save_pretrained(self, folder: PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
         """Write a self-contained folder: ``llm/`` (+ tokenizer), slide modules, config.
 
-        A peft-wrapped LLM is merged first (in place: afterwards ``self.llm`` is the merged model).
+        The whole folder is written beside ``folder`` and swapped in at the end
+        (``utils.outputs.staged_folder``): a crash leaves the previous export as it was, never a mix
+        of a new ``llm/`` and old slide modules. A non-empty folder that is not an export of ours is
+        refused unless ``overwrite`` (the user's other files there are kept). A peft-wrapped LLM is
+        merged first (in place: afterwards ``self.llm`` is the merged model).
         """
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        check_output_folder(folder, EXPORT_KIND, overwrite=overwrite, legacy=legacy_export_entries)
         if _is_peft(self.llm):
             logger.warning("merging LoRA adapters into the LLM before saving")
             self.llm = self.llm.merge_and_unload()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{LLM_DIR}.", suffix=".partial", dir=folder))
-        try:
-            self.llm.save_pretrained(tmp, safe_serialization=True)
+        with staged_folder(folder, EXPORT_KIND, overwrite=overwrite, legacy=legacy_export_entries) as tmp:
+            self.llm.save_pretrained(tmp / LLM_DIR, safe_serialization=True)
             tok = tokenizer if tokenizer is not None else self.tokenizer
             if tok is not None:
-                tok.save_pretrained(tmp)
-            final = folder / LLM_DIR
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.slide_state_dict().items()}
-        with atomic_path(folder / SLIDE_MODULES_FILE) as p:
-            save_file(tensors, str(p), metadata={"format": "pt", "slidechat_format": str(FORMAT_VERSION)})
-        meta = {"format_version": FORMAT_VERSION, "llm_hidden_size": self._llm_hidden_size(),
-                **self.config.to_dict()}
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+                tok.save_pretrained(tmp / LLM_DIR)
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.slide_state_dict().items()}
+            save_file(tensors, str(tmp / SLIDE_MODULES_FILE),
+                      metadata={"format": "pt", "slidechat_format": str(FORMAT_VERSION)})
+            meta = {"format_version": FORMAT_VERSION, "llm_hidden_size": self._llm_hidden_size(),
+                    **self.config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         logger.info("saved SlideChat model to %s", folder)
         return folder
 
