@@ -120,6 +120,21 @@ def _options(args: argparse.Namespace) -> Any:
                          progress=not args.no_progress)
 
 
+SCREEN_LAYOUT = ("fields", "heatmaps", "galleries", "reports", "slides.csv", "metrics.json", "roc.png")
+
+
+def _screen_entries(folder: Any) -> Any:
+    """The entries of an earlier screening --out (the EPILOG's layout), or None when it holds anything else."""
+    import os
+
+    from slidechat.features.pipeline import is_failures_csv
+
+    names = {e for e in os.listdir(folder) if not e.startswith(".")}
+    ours = all(e in SCREEN_LAYOUT or (e.startswith("failures") and e.endswith(".csv")
+                                      and is_failures_csv(os.path.join(folder, e))) for e in names)
+    return names if names and ours else None
+
+
 def run(args: argparse.Namespace) -> int:
     from slidechat.engine.screening import reaggregate, screen_slides
     from slidechat.utils.errors import SlideChatError
@@ -136,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.model_name_or_path:
         raise SlideChatError("--model_name_or_path is required to screen slides")
     from slidechat.features.inputs import collect_slide_paths
+    from slidechat.utils.outputs import check_output_folder
 
+    # the output-folder rule before the model loads: a user's folder (its failures.csv) is never written into
+    check_output_folder(args.out, "screening", legacy=_screen_entries, create=True,
+                        refuse_hint="screen into a new or empty folder, or an earlier screening's --out "
+                                    "to resume it")
     paths = collect_slide_paths(args.inputs, recursive=args.recursive)
     summary = screen_slides(paths, args.out, args.model_name_or_path, args.adapter_name_or_path,
                             labels=args.labels, opts=opts, overwrite=args.overwrite, rank=args.rank,

@@ -628,7 +628,7 @@ def _remove_outputs_for(out_dir: Path, sid: str) -> List[Path]:
     return gone
 
 
-def _is_failures_csv(path: Path) -> bool:
+def is_failures_csv(path: Path) -> bool:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             return tuple(next(csv.reader(fh), ())) == FAILURE_COLUMNS
@@ -646,7 +646,7 @@ def legacy_extraction_entries(folder: Path) -> Optional[set]:
         p = folder / e
         if e in ("h5_files", "csv", "qc"):  # a file there is refused by name in check_output_dir
             continue
-        if e.startswith("failures") and e.endswith(".csv") and p.is_file() and _is_failures_csv(p):
+        if e.startswith("failures") and e.endswith(".csv") and p.is_file() and is_failures_csv(p):
             continue
         return None
     return names
@@ -712,7 +712,7 @@ def _write_failures(path: Path, failures: List[Dict[str, str]], others: Sequence
     keep = set(others)
     with FileLock(_lock_path(path.parent, path.name)):
         rows: List[Dict[str, str]] = []
-        if keep and path.is_file() and _is_failures_csv(path):
+        if keep and path.is_file() and is_failures_csv(path):
             with open(path, newline="", encoding="utf-8") as fh:
                 rows = [r for r in csv.DictReader(fh) if r.get("slide") in keep]
         mine = {f["slide"] for f in failures}
