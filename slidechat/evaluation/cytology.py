@@ -132,7 +132,7 @@ def _score(f: CytoFile, scorer: str, task: Optional[str], *,
         from slidechat.evaluation.tables import text_metrics_markdown
 
         data = text_task_metrics({t: [(r.predict, r.label, r.error) for r in rs]
-                                  for t, rs in by_task.items()})
+                                  for t, rs in by_task.items()}, source=f.path)
         data.update(task="report", source=src, notes=notes)
         md = text_metrics_markdown(data, src)
     else:

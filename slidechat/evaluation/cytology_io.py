@@ -22,6 +22,14 @@ a ``<region>`` in the question, or a label that is one ``<region>``), ``report``
 cytology diagnosis results", "report"), ``vqa`` (a multi-turn prompt or a question ending in "?").
 Anything else fits no task; :func:`select_task` refuses such rows, and files mixing tasks, unless
 ``--task`` says which rows to score.
+
+Spreadsheets are checked before openpyxl parses them (:func:`check_spreadsheet`): an ``.xlsx`` is a zip
+whose XML can inflate a thousandfold, and openpyxl parses about 1-5 MB of sheet XML a second, so a
+small file declaring gigabytes would keep ``slidechat eval`` busy for an hour. The members' declared
+uncompressed sizes (``zipfile`` never inflates a member past its declared size) must total at most
+``$SLIDECHAT_MAX_SHEET_MB`` (default :data:`DEFAULT_SHEET_MB` MB: a 10,000-row sheet of long reports is
+about 20 MB of XML), and no member over 1 MB may be compressed more than :data:`MAX_SHEET_RATIO` times
+(sheet XML of real text compresses 5-20 times).
 """
 
 from __future__ import annotations
@@ -30,12 +38,14 @@ import ast
 import logging
 import os
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.wsi.imageio import image_size
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,11 @@ SCORER_TASKS: Dict[str, Tuple[str, ...]] = {"mcq": ("mcq",), "grounding": ("grou
                                             "region": ("region",), "report": ("report", "vqa")}
 PRED_COLUMNS = ("predict", "Predict", "prediction", "Prediction", "Output", "output")
 LABEL_COLUMNS = ("Lable", "Label", "label", "lable")
+#: ``$SLIDECHAT_MAX_SHEET_MB`` overrides :data:`DEFAULT_SHEET_MB` (uncompressed MB of a spreadsheet).
+SHEET_LIMIT_ENV = "SLIDECHAT_MAX_SHEET_MB"
+DEFAULT_SHEET_MB = 64
+MAX_SHEET_RATIO = 100
+_RATIO_FLOOR = 1 << 20  # small members may compress well; only large ones are held to the ratio
 
 
 @dataclass
@@ -174,9 +189,47 @@ def _read_jsonl(p: Path) -> CytoFile:
     return CytoFile(p, "slidechat-jsonl" if ours else "llamafactory-jsonl", records)
 
 
+def sheet_limit_bytes(max_mb: Optional[float] = None) -> int:
+    """The spreadsheet size limit in bytes: ``max_mb``, else ``$SLIDECHAT_MAX_SHEET_MB``, else the default."""
+    if max_mb is None:
+        env = os.environ.get(SHEET_LIMIT_ENV, "").strip()
+        try:
+            max_mb = float(env) if env else float(DEFAULT_SHEET_MB)
+        except ValueError:
+            max_mb = -1.0
+        if not max_mb > 0:
+            raise SlideChatError(f"${SHEET_LIMIT_ENV}={env!r} is not a positive number of MB")
+    return int(float(max_mb) * 2 ** 20)
+
+
+def check_spreadsheet(path: PathLike, max_mb: Optional[float] = None,
+                      max_ratio: float = MAX_SHEET_RATIO) -> None:
+    """Refuse an ``.xlsx`` whose members would inflate past the size limit or by more than ``max_ratio``,
+    from the zip's directory alone (nothing is decompressed); see the module doc for the limits."""
+    p = Path(path)
+    limit = sheet_limit_bytes(max_mb)
+    hint = f"set {SHEET_LIMIT_ENV}=<MB> to raise the limit if the file is genuine"
+    try:
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise SlideChatError(f"not an .xlsx workbook (not a zip archive: {e})", p,
+                             hint="save the sheet as .xlsx (Excel 2007+)") from None
+    total = sum(max(0, i.file_size) for i in infos)
+    if total > limit:
+        raise SlideChatError(f"spreadsheet inflates to {total / 2 ** 20:,.0f} MB of XML, over the limit of "
+                             f"{limit / 2 ** 20:,.0f} MB", p, hint=hint)
+    for i in infos:
+        if i.file_size > _RATIO_FLOOR and i.file_size > max_ratio * max(i.compress_size, 1):
+            raise SlideChatError(f"spreadsheet member {i.filename} is compressed "
+                                 f"{i.file_size / max(i.compress_size, 1):,.0f} times "
+                                 f"(limit {max_ratio:g}): a zip bomb, not a spreadsheet", p, hint=hint)
+
+
 def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
     import pandas as pd
 
+    check_spreadsheet(p)
     try:
         df = pd.read_excel(p, sheet_name=sheet or 0, dtype=object, engine="openpyxl")
     except Exception as e:  # openpyxl raises many types for broken files
@@ -343,18 +396,19 @@ def require_predictions(file: CytoFile, records: Sequence[CytoRecord]) -> None:
 
 def image_size_of(record: CytoRecord, base_dir: Optional[Path], fallback: Optional[Tuple[int, int]],
                   source: Path) -> Optional[Tuple[int, int]]:
-    """``(width, height)`` of the row's first image when readable, else ``fallback`` (``--image-size``)."""
-    from PIL import Image
+    """``(width, height)`` of the row's first image when readable, else ``fallback`` (``--image-size``).
 
+    Header only, through the one image loader; no pixel is decoded, so no pixel limit applies here.
+    """
     for im in record.images[:1]:
         cand = Path(im)
         if not cand.is_absolute() and base_dir is not None:
             cand = base_dir / cand
         if cand.is_file():
             try:
-                with Image.open(cand) as img:
-                    return img.size
-            except OSError as e:
+                return image_size(cand, check_limit=False)
+            except SlideChatError as e:
                 if fallback is None:
-                    raise SlideChatError(f"{record.where}: cannot read image {cand}: {e}", source) from None
+                    raise SlideChatError(f"{record.where}: cannot read image {cand}: {e.reason}",
+                                         source) from None
     return fallback
