@@ -33,9 +33,9 @@ def _env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
 
 
-def _cli(args: List[str], stdin: str = STDIN) -> subprocess.CompletedProcess:
+def _cli(args: List[str], stdin: str = STDIN, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "slidechat.cli.main", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, env=_env(), timeout=600)
+                          capture_output=True, text=True, env=dict(_env(), **env), timeout=600)
 
 
 def _assert_refused(res: subprocess.CompletedProcess, folder: Path, *words: str) -> str:
@@ -117,9 +117,9 @@ def _infer(vl: dict, model: Path, out: Path, *extra: str) -> subprocess.Complete
                  "--device", "cpu", *extra])
 
 
-def _chat_image(vl: dict, model: Path, *extra: str) -> subprocess.CompletedProcess:
+def _chat_image(vl: dict, model: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     return _cli(["chat", "--image", vl["image"], "--model_name_or_path", model, "--device", "cpu",
-                 "--max-new-tokens", "2", "--jsonl", *extra])
+                 "--max-new-tokens", "2", "--jsonl", *extra], **env)
 
 
 def _screen(vl: dict, model: Path, out: Path) -> subprocess.CompletedProcess:
@@ -154,6 +154,23 @@ def test_qwen2vl_folder_asking_for_remote_code_is_refused_by_infer_and_chat(vl, 
         _assert_refused(res, folder, "--trust-remote-code")
         assert not marker.exists()
         assert res.stdout == ""
+    # the user's flag is the one way in (the fake processor then fails to load: still one line)
+    res = _chat_image(vl, folder, "--trust-remote-code", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    assert marker.exists()
+    assert "Traceback" not in res.stderr and PROMPT_TEXT not in res.stderr + res.stdout
+
+
+def test_every_model_loading_command_has_the_flag_off_by_default() -> None:
+    from slidechat.cli.main import build_parser
+
+    parser = build_parser()
+    commands = {"chat": ["chat", "--features", "f.h5"], "infer": ["infer", "--model_name_or_path", "m"],
+                "screen": ["screen", "s.svs"], "test": ["test", "c.py", "--checkpoint", "k",
+                                                        "--test_slide_csv", "a", "--test_output_csv", "b"],
+                "export": ["export", "c.py", "--out", "o"]}
+    for name, argv in commands.items():
+        assert parser.parse_args(argv).trust_remote_code is False, name
+        assert parser.parse_args(argv + ["--trust-remote-code"]).trust_remote_code is True, name
 
 
 def test_trust_remote_code_is_explicit_in_every_config_loader() -> None:
