@@ -15,6 +15,7 @@ from slidechat.features.inputs import collect_slide_paths, rank_and_world, shard
 from slidechat.features.io import load_features
 from slidechat.features.pipeline import extract_slide_features, extract_slides
 from slidechat.utils.errors import SlideChatError
+from tolerances import FP32_RTOL, assert_close_rel, assert_rounded_to_decimals
 
 GOOD = ["s20_tumor", "s20_inflamed", "s40_tumor", "odd name ü.v2"]
 
@@ -66,7 +67,7 @@ def test_csv_slidechat_layout_and_single_reader(extracted):
     fh, ch = load_features(out / "h5_files" / "s20_tumor.h5")
     fc, cc = load_features(csv_path)
     assert cc is None and ch is not None and ch.shape == (len(fh), 2)
-    assert fc.shape == fh.shape and np.abs(fc - fh).max() <= 5e-5 + 1e-6 * np.abs(fh).max()
+    assert_rounded_to_decimals(fc, fh, 4)  # %.4f text: exact rounding, the same on every machine
     assert len(lines) == len(fh) + 1
 
 
@@ -76,7 +77,9 @@ def test_in_memory_api_matches_files(extracted, synthetic_slides):
                                                  num_workers=0, progress=False)
     fh, ch = load_features(out / "h5_files" / "s20_tumor.h5")
     assert np.array_equal(coords, ch)
-    np.testing.assert_allclose(feats, fh, rtol=1e-4, atol=1e-4)
+    # other batch sizes and worker counts: the encoder's convolutions (K <= 48) add in other orders; the
+    # colour statistics are the same ops on the same pixels. Float noise only (FP32_RTOL of max|feature|)
+    assert_close_rel(feats, fh, FP32_RTOL, what="in-memory vs file features")
     assert info["coords_attrs"]["patch_size_level0"] == 224 and info["encoder"] == "tiny_test"
 
 
@@ -151,7 +154,7 @@ def test_sigkill_mid_write_leaves_no_final_file_and_rerun_recovers(synthetic_sli
     feats, coords = load_features(final)
     csv_feats, _ = load_features(tmp_path / "csv" / "s20_tumor.csv")
     assert len(feats) == len(coords) == len(csv_feats) > 0
-    assert np.allclose(feats, csv_feats, atol=6e-5)
+    assert_rounded_to_decimals(csv_feats, feats, 4)  # the CSV is the H5 at %.4f
 
 
 def test_missing_metadata_fails_unless_base_mpp(synthetic_slides, tmp_path):
@@ -371,7 +374,8 @@ def test_encoder_resize_in_readers_equals_resize_on_device(synthetic_slides):
             for host, nw in ((True, 2), (False, 0))]
     (fa, ca, info), (fb, cb, _) = runs
     assert np.array_equal(ca, cb) and len(ca) > 8
-    np.testing.assert_allclose(fa, fb, rtol=0, atol=1e-5)  # float noise only (threads, batch shapes)
+    # float noise only (threads, batch shapes: the pixels are identical, checked below): FP32_RTOL of max|feature|
+    assert_close_rel(fa, fb, FP32_RTOL, what="resize in readers vs on device")
     # and the pixels themselves are identical
     import torch
 

@@ -132,7 +132,8 @@ def test_resume_continues_from_checkpoint(demo, stage1, tmp_path):
     assert [r["step"] for r in new_rows] == [29, 30, 31, 32]
     old = {r["step"]: r["loss"] for r in rows}
     for r in new_rows:  # same data order, weights, optimizer and LR state as the uninterrupted run
-        assert r["loss"] == pytest.approx(old[r["step"]], abs=1e-4)
+        # same process, threads and kernels: float noise at most (observed: bit for bit), relative to the loss
+        assert r["loss"] == pytest.approx(old[r["step"]], rel=1e-5)
     assert (wd / "epoch_8.pth").is_file()
 
 
