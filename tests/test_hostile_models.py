@@ -69,6 +69,20 @@ def _empty_weights(weights: Path) -> None:
     save_file({"unrelated.tensor": torch.zeros(3)}, str(weights), metadata={"format": "pt"})
 
 
+def _old_style_config(tmp_path: Path) -> Path:
+    """The tiny stage-2 config as configs were written before hf_folder (transformers' Auto classes,
+    no trust_remote_code)."""
+    text = CONFIG.read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines() if ln.startswith("from slidechat.model.hf_folder import"))
+    text = text.replace(line, "from transformers import AutoModelForCausalLM, AutoTokenizer")
+    for checked, auto in (("CheckedCausalLM", "AutoModelForCausalLM"), ("CheckedTokenizer", "AutoTokenizer")):
+        text = text.replace(f"{checked}.from_pretrained, trust_remote_code=False,", f"{auto}.from_pretrained,")
+    assert "Checked" not in text and "trust_remote_code" not in text
+    out = tmp_path / "old_style_stage_2.py"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory) -> dict:
@@ -198,6 +212,21 @@ def test_trust_remote_code_is_explicit_in_every_config_loader() -> None:
             old["model"]["other"][0]["trust_remote_code"]] == [False, False, False]
     harden_config(old, trust_remote_code=True)
     assert old["model"]["llm"]["trust_remote_code"] is True
+
+
+def test_old_style_config_is_hardened_and_still_dumps(tmp_path) -> None:
+    """slidechat's config loader puts a config naming transformers' classes under the same rules, in the
+    form mmengine's lazy-import mode can still write out (the Runner dumps every config it runs)."""
+    from slidechat.engine.builder import load_config
+    from slidechat.model.hf_folder import CheckedCausalLM, CheckedTokenizer
+
+    cfg = load_config(_old_style_config(tmp_path))
+    assert cfg.model.llm.type == CheckedCausalLM.from_pretrained
+    assert cfg.tokenizer.type == CheckedTokenizer.from_pretrained
+    assert cfg.model.llm.trust_remote_code is False and cfg.tokenizer.trust_remote_code is False
+    assert "hf_folder.CheckedCausalLM.from_pretrained" in cfg.pretty_text
+    trusted = load_config(_old_style_config(tmp_path), trust_remote_code=True)
+    assert trusted.model.llm.trust_remote_code is True
 
 
 # ---------------------------------------------------------------------------- (b) Qwen2-VL, no weights

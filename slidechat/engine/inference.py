@@ -355,7 +355,12 @@ class VllmQwen2VLFamily(_Qwen2VLText):
             "enable_lora": adapter_name_or_path is not None, "trust_remote_code": bool(trust_remote_code),
             "limit_mm_per_prompt": {"image": 4, "video": 2}}
         engine_args.update(dict(vllm_config or {}))
-        self.llm = vllm.LLM(**engine_args)
+        try:
+            self.llm = vllm.LLM(**engine_args)
+        except (ValueError, RuntimeError, OSError) as e:  # e.g. vLLM's "weights ... were not initialized"
+            reason = " ".join(str(e).split())[:300]
+            raise SlideChatError(f"vLLM cannot load the model: {type(e).__name__}: {reason}",
+                                 model_name_or_path) from None
         self.params = vllm.SamplingParams(
             repetition_penalty=sampling.repetition_penalty or 1.0,
             temperature=sampling.temperature, top_p=sampling.top_p or 1.0,
