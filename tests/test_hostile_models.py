@@ -203,7 +203,8 @@ def test_trust_remote_code_is_explicit_in_every_config_loader() -> None:
         assert cfg.model.llm.type == CheckedCausalLM.from_pretrained, name
         assert cfg.tokenizer.type == CheckedTokenizer.from_pretrained, name
     old = {"tokenizer": {"type": AutoTokenizer.from_pretrained, "pretrained_model_name_or_path": "x"},
-           "model": {"llm": {"type": AutoModelForCausalLM.from_pretrained, "pretrained_model_name_or_path": "x"},
+           "model": {"llm": {"type": AutoModelForCausalLM.from_pretrained,
+                             "pretrained_model_name_or_path": "x"},
                      "other": [{"type": AutoTokenizer.from_pretrained, "trust_remote_code": None}]}}
     assert harden_config(old) == 3
     assert old["model"]["llm"]["type"] == CheckedCausalLM.from_pretrained
@@ -271,6 +272,8 @@ def test_exported_slide_folder_without_llm_weights_is_refused(slide, tmp_path) -
     # through a config too (slidechat test / export / chat --config build the LLM from the config)
     with pytest.raises(SlideChatError, match="would stay random"):
         load_chat_model(folder, CONFIG)
+    with pytest.raises(SlideChatError, match="would stay random"):  # a config naming transformers' classes
+        load_chat_model(folder, _old_style_config(tmp_path))
     model, _ = load_chat_model(folder, allow_partial=True)  # the opt-in: loads, with a warning
     assert model is not None
 

@@ -205,6 +205,16 @@ def _hf_loader(fn: Any) -> Tuple[bool, Optional[Any]]:
     return True, _REPLACEMENTS.get(owner.__name__)
 
 
+def _as_config_value(fn: Any, original: Any) -> Any:
+    """``fn`` in the form of the value it replaces: a lazy import when the config was read in mmengine's
+    lazy-import mode (its text dump needs one), the bound method itself otherwise."""
+    if type(original).__module__ == "mmengine.config.lazy":
+        from mmengine.config.lazy import LazyObject  # only reached for configs mmengine has read
+
+        return getattr(LazyObject(__name__, fn.__self__.__name__), fn.__name__)
+    return fn
+
+
 def harden_config(node: Any, trust_remote_code: bool = False, allow_partial: bool = False) -> int:
     """Walk a config (``mmengine`` Config / dicts / lists) and put every Hugging Face loader dict under
     this module's rules: ``AutoModelForCausalLM`` / ``AutoTokenizer`` / ``AutoProcessor`` become their
@@ -220,7 +230,8 @@ def harden_config(node: Any, trust_remote_code: bool = False, allow_partial: boo
             if is_hf:
                 count += 1
                 if replacement is not None:
-                    node["type"] = replacement
+                    raw = dict.get(node, "type") if isinstance(node, dict) else node["type"]  # lazy or not
+                    node["type"] = _as_config_value(replacement, raw)
                 node["trust_remote_code"] = bool(trust_remote_code) or node.get("trust_remote_code") is True
                 if allow_partial and node["type"] == CheckedCausalLM.from_pretrained:
                     node["allow_partial"] = True
