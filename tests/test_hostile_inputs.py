@@ -112,6 +112,9 @@ def test_mcq_output_without_option_columns_is_not_scored_as_captions(tmp_path, c
     line = _one_error_line(capsys, caplog)
     assert str(p) in line and "option letter" in line and "slidechat eval mcq" in line
     assert not (tmp_path / "r.json").exists()
+    caplog.clear()
+    assert main(["eval", "caption", str(p), "--ref-column", "Answer"]) == 0  # named: scored, with a warning
+    assert "option letter" in caplog.text
     with pytest.raises(SlideChatError, match="multiple-choice output"):
         caption_metrics(["a. x", "b"], ["(A)", " B. "])
     # captions stay scorable, including one that happens to be a single letter among real ones

@@ -231,7 +231,8 @@ def run_caption(args: argparse.Namespace) -> int:
             logger.warning("%d row(s) have an Error (no output); they are scored as empty predictions",
                            failed)
     report = caption_metrics(df[args.pred_column].tolist(), df[ref].tolist(), per_row=True,
-                             source=args.pred_csv, ref_name=f"{ref} column")
+                             source=args.pred_csv, ref_name=f"{ref} column",
+                             insist=args.ref_column is not None)
     report.update(source=str(args.pred_csv), pred_column=args.pred_column, ref_column=ref)
     md = caption_markdown(report, str(args.pred_csv))
     out_json, out_md = _report_paths(args, args.pred_csv, "caption")

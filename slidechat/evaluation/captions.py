@@ -152,27 +152,34 @@ def _bleu(order: int, sentence: bool) -> Any:
 
 
 def check_references(refs: Sequence[Optional[str]], source: Optional[Any] = None,
-                     ref_name: str = "reference") -> None:
+                     ref_name: str = "reference", insist: bool = False) -> None:
     """Refuse references that are an option letter in every non-empty row: a multiple-choice output
-    scored as captions (its answers, not reference texts) gives numbers that mean nothing."""
+    scored as captions (its answers, not reference texts) gives numbers that mean nothing.
+
+    ``insist`` (the user named the column, ``--ref-column``) turns the refusal into a warning.
+    """
     filled = [str(r).strip() for r in refs if r is not None and str(r).strip()]
-    if filled and all(_OPTION_LETTER.match(r) for r in filled):
-        raise SlideChatError(
-            f"the {ref_name} of every row is an option letter ({', '.join(sorted(set(filled))[:5])}): this is "
-            "a multiple-choice output, not reference captions", source,
-            hint="score it with `slidechat eval mcq` (with its option columns A, B, ...)")
+    if not filled or not all(_OPTION_LETTER.match(r) for r in filled):
+        return
+    what = (f"the {ref_name} of every row is an option letter ({', '.join(sorted(set(filled))[:5])}): this is "
+            "a multiple-choice output, not reference captions")
+    if insist:
+        logger.warning("%s: %s; scored as asked", source if source is not None else "captions", what)
+        return
+    raise SlideChatError(what, source, hint="score it with `slidechat eval mcq` (with its option columns A, "
+                                            "B, ...), or name the column with --ref-column to insist")
 
 
 def caption_metrics(preds: Sequence[str], refs: Sequence[str], per_row: bool = True,
                     metrics: Sequence[str] = METRIC_NAMES, source: Optional[Any] = None,
-                    ref_name: str = "reference") -> Dict[str, Any]:
+                    ref_name: str = "reference", insist: bool = False) -> Dict[str, Any]:
     """Corpus-level (and per-row) caption metrics; returns ``{"n", "corpus", "rows", "settings"}``.
 
-    ``source``/``ref_name`` name the file and column in errors (:func:`check_references`).
+    ``source``/``ref_name`` name the file and column in errors; ``insist``: see :func:`check_references`.
     """
     preds = ["" if p is None else str(p) for p in preds]
     refs = ["" if r is None else str(r) for r in refs]
-    check_references(refs, source, ref_name)
+    check_references(refs, source, ref_name, insist)
     if len(preds) != len(refs):
         raise SlideChatError(f"{len(preds)} predictions but {len(refs)} references")
     unknown = [m for m in metrics if m not in METRIC_NAMES]
