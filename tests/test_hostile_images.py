@@ -230,3 +230,17 @@ def test_aperio_slide_renamed_png_is_read_as_a_slide(synthetic_slides, tmp_path,
         assert resolve_resolution(s) == resolve_resolution(ref)
         assert np.array_equal(s.read_region((100, 200), 0, (64, 64)), ref.read_region((100, 200), 0, (64, 64)))
     assert "named .png but the file is a TIFF" in caplog.text
+
+
+def test_oversized_declared_tiles_are_left_to_openslide(synthetic_slides, monkeypatch):
+    """The direct tile reader decodes a whole tile per read: tiles declared larger than MAX_TILE_PIXELS
+    (a hostile header) are not read by it; OpenSlide reads the slide, with the same pixels."""
+    from slidechat.wsi import tiles
+
+    with Slide(synthetic_slides["tumor20"]) as s:
+        ref = s.read_region((256, 256), 0, (128, 128))
+        assert s.enable_direct_tiles()  # 256-px tiles: read directly by default
+    monkeypatch.setattr(tiles, "MAX_TILE_PIXELS", 255 * 255)
+    with Slide(synthetic_slides["tumor20"]) as s:
+        assert not s.enable_direct_tiles()
+        assert np.array_equal(s.read_region((256, 256), 0, (128, 128)), ref)
