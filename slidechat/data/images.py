@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Optional, Union
 
 from PIL import Image
 
-from slidechat.utils.errors import SlideChatError
 from slidechat.wsi.imageio import image_size, read_image, to_rgb
 
 PathLike = Union[str, os.PathLike]

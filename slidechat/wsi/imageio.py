@@ -33,19 +33,16 @@ Two rules, applied per call and never by changing PIL's process-wide state:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from slidechat.utils.errors import SlideChatError
-
-logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -111,7 +108,7 @@ def sniff_format(path: PathLike) -> Optional[str]:
     return None
 
 
-def _identify(fh, filename: str) -> Image.Image:
+def _identify(fh: BinaryIO, filename: str) -> Image.Image:
     """``Image.open`` without its global decompression-bomb check (the caller applies a per-call limit).
 
     Same registry and order as ``Image.open``: common plugins first (``preinit``), then all (``init``).
