@@ -246,9 +246,10 @@ def test_qwen2vl_good_folder_still_works_and_partial_is_an_opt_in(vl, tmp_path, 
     from slidechat.model.qwen2vl import load_qwen2vl
     from slidechat.utils.errors import SlideChatError
 
-    res = _infer(vl, vl["model"], tmp_path / "pred.jsonl")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert len((tmp_path / "pred.jsonl").read_text().splitlines()) == 1
+    with caplog.at_level("WARNING"):  # the good folder (tests/test_infer.py runs it through every command)
+        model, processor = load_qwen2vl(vl["model"])
+    assert model is not None and processor is not None and "hf_folder" not in caplog.text
+    caplog.clear()
     folder = _copy(vl["model"], tmp_path / "vl_empty")
     _empty_weights(folder / "model.safetensors")
     with pytest.raises(SlideChatError, match="would stay random"):
