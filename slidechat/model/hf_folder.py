@@ -36,8 +36,8 @@ PathLike = Union[str, os.PathLike]
 
 #: the command-line opt-in (every command that loads a Hugging Face folder has it)
 TRUST_FLAG = "--trust-remote-code"
-TRUST_HINT = (f"{TRUST_FLAG} runs it; give it only for a folder whose Python files you have read "
-              "(--cfg-options ...trust_remote_code=True in configs)")
+TRUST_HINT = (f"{TRUST_FLAG} runs it; give it only for a folder whose Python files you have read; "
+              "in a config: --cfg-options ...trust_remote_code=True")
 _TRANSFORMERS_LOGGERS = ("transformers.modeling_utils",)
 
 
