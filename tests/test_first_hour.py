@@ -209,6 +209,8 @@ def test_commands_print_none_of_the_known_noise(tmp_path: Path) -> None:
 
 def _demo_results(root: Path) -> None:
     """The files a finished demo leaves (numbers chosen here, so the block must read them)."""
+    from slidechat.model.checkpoint import EXPORTED_CONFIG_FILE  # what `slidechat export` writes
+
     def write(rel: str, text: str = "x") -> None:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +227,7 @@ def _demo_results(root: Path) -> None:
                                              "auc_ci_high": 1.0}))
     for rel in ("features/qc/demo_000.png", "features/qc/demo_002.png", "screen/roc.png",
                 "screen/heatmaps/c0.png", "screen/galleries/c0.png", "screen/galleries/c1.png",
-                "export/config.json", "cytochat_screen_hf/config.json", "cytology/images/test/f_0007.png",
+                f"export/{EXPORTED_CONFIG_FILE}", "cytochat_screen_hf/config.json", "cytology/images/test/f_0007.png",
                 "features/h5_files/demo_000.h5", "features/h5_files/demo_002.h5"):
         write(rel)
     write("data/test_vqa.csv", "ID,Slide,Question,A,B,Answer\n0,demo_002,Q?,x,y,A\n")

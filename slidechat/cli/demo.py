@@ -245,7 +245,7 @@ def run_slide_demo(root: Path, n_slides: int, steps: Optional[Steps] = None) -> 
                           cfg_options=parse_cfg_options(path_overrides(**common)))
         print("\n" + _report_markdown(report, out_csv))
 
-    exported = (export_dir / "config.json").is_file()
+    exported = _exported(export_dir)
     with steps.step(f"[slide 8/8] export the stage-2 model for chat (slidechat export -> {export_dir})",
                     done=exported):
         if not exported:
@@ -360,6 +360,13 @@ def demo_paths(root: Path) -> Dict[str, Path]:
     }
 
 
+def _exported(folder: Path) -> bool:
+    """Whether ``folder`` holds a slide-model export (the file ``SlideChatModel.from_pretrained`` reads)."""
+    from slidechat.model.checkpoint import EXPORTED_CONFIG_FILE  # here: that module imports torch
+
+    return (folder / EXPORTED_CONFIG_FILE).is_file()
+
+
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -461,7 +468,7 @@ def summary_block(root: Path, log_path: Optional[Path] = None, minutes: Optional
         lines.append(f"Full output of every step: {log_path}")
     lines += ["", "Next, try"]
     feat = _held_out_feature(root, paths)
-    if (paths["export"] / "config.json").is_file() and feat is not None:
+    if _exported(paths["export"]) and feat is not None:
         lines.append(f"  slidechat chat --checkpoint {paths['export']} --features {feat}")
     field = _first(paths["fields"] / "images" / "test", "*.png")
     if (paths["cyto_model"] / "config.json").is_file() and field is not None:
