@@ -113,7 +113,8 @@ def write_marker(folder: PathLike, kind: str, entries: Optional[List[str]] = Non
 
 
 def _visible_entries(folder: Path) -> List[str]:
-    return sorted(os.listdir(folder))
+    """Entries that make a folder "not empty" (hidden ones such as ``.DS_Store`` do not; they are kept)."""
+    return sorted(e for e in os.listdir(folder) if not e.startswith("."))
 
 
 def our_entries(folder: PathLike, kind: str, legacy: Optional[LegacyLayout] = None) -> Optional[Set[str]]:
@@ -149,10 +150,9 @@ def check_output_folder(path: Optional[PathLike], kind: str, *, overwrite: bool 
         raise SlideChatError(
             f"output folder exists and is not empty, and holds no slidechat {kind} output", p,
             hint=refuse_hint or f"choose a new or empty folder, or pass --overwrite to write the "
-                                f"{kind} into it (your other files there are kept)")
+                                f"{kind} into it; your other files there are kept")
     check_writable(p, flag)
-    if not p.exists():
-        # the parent too: a staged folder is written beside the target
+    if not create:  # a staged folder is written beside the target: its parent must take it too
         check_writable(p.parent, flag)
     if create:
         try:
