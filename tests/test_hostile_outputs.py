@@ -279,6 +279,19 @@ def test_slidechat_test_checks_the_csv_before_the_model_loads(setup, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_infer_checks_the_dataset_images_before_the_model_loads(tmp_path):
+    row = {"messages": [{"role": "user", "content": "<image>What is seen?"},
+                        {"role": "assistant", "content": "A."}], "images": ["fields/f0.png"]}
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    no_model = tmp_path / "no_model"  # were the model loaded first, this would be the error
+    res = slidechat("infer", "--model_name_or_path", no_model, "--dataset", data, "--dataset_dir", tmp_path,
+                    "--save_name", tmp_path / "preds.jsonl", "--no_progress")
+    line = one_error_line(res, tmp_path)
+    assert "image" in line and str(no_model) not in res.stderr
+    assert not (tmp_path / "preds.jsonl").exists()
+
+
 def test_help_lists_both_families():
     res = slidechat("--help")
     assert res.returncode == 0

@@ -122,6 +122,21 @@ def run_settings(args: argparse.Namespace) -> dict:
     return out
 
 
+def _check_images_exist(items: Any, dataset_dir: str) -> None:
+    """A missing image is one row's ``error``; none of them there (a wrong --dataset_dir, images not
+    copied) is one line now, before the model loads, not an output of error rows after it."""
+    from slidechat.utils.errors import SlideChatError
+
+    paths = [p for it in items for p in it.images]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if paths and len(missing) == len(paths):
+        raise SlideChatError(f"none of the dataset's {len(paths)} image files exists (first: {missing[0]})",
+                             dataset_dir, hint="check --dataset_dir and the rows' image paths")
+    if missing:
+        logger.warning("%d of %d image files are missing (first: %s); their rows will get an error",
+                       len(missing), len(paths), missing[0])
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -139,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if not examples:
         raise SlideChatError(f"dataset {args.dataset!r} has no rows", args.dataset_dir)
     items = cytology_items(examples)
+    _check_images_exist(items, args.dataset_dir)  # before the model loads
     writer = JsonlPredictionWriter(args.save_name, [(it.key, it.images) for it in items],
                                    overwrite=args.overwrite)
     try:
