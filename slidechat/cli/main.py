@@ -81,13 +81,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SlideChatError as e:
-        logger.error("%s", e, exc_info=args.verbose)
+        logger.error("%s", e, exc_info=True if args.verbose else None)
         return 1
     except OSError as e:
         line = os_error_line(e)
         if line is None:  # not about a path: a programming or system error, shown in full
             raise
-        logger.error("%s", line, exc_info=args.verbose)
+        logger.error("%s", line, exc_info=True if args.verbose else None)
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted")
