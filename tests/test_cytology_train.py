@@ -197,8 +197,11 @@ def test_export_lora_merges_adapters(setup, lora, tmp_path):
     out = tmp_path / "hf"  # through the CLI: `slidechat export CONFIG --checkpoint WORKDIR --out DIR`
     assert main(["export", str(LORA), "--checkpoint", str(lora), "--out", str(out),
                  "--cfg-options", *setup["opts"][:4]]) == 0
+    foreign = tmp_path / "mine"  # a folder holding a user's file (not an export of ours) is refused
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(SlideChatError, match="output folder exists and is not empty"):
-        export_qwen2vl(LORA, lora, out, cfg_options=opts)
+        export_qwen2vl(LORA, lora, foreign, cfg_options=opts)
     exported = _hf_weights(out)
     base = _hf_weights(setup["tiny"])
     assert set(exported) == set(base)  # plain names: no peft wrappers left
