@@ -394,12 +394,16 @@ def _cytology_lines(scores: Optional[Dict[str, Any]]) -> List[str]:
     mcq = (((scores or {}).get("scorers") or {}).get("mcq")) or {}
     overall = mcq.get("overall") or {}
     if not overall:
-        return ["  cytology fields, multiple choice  not run"]
-    lines = [f"  cytology fields, all questions    {_pct(overall.get('correct'), overall.get('n'))}"]
+        return [_figure("cytology fields, multiple choice", "not run")]
+    lines = [_figure("cytology fields, all questions", _pct(overall.get("correct"), overall.get("n")))]
     for g in (mcq.get("groups") or {}).get("task") or []:
-        name = f"  cytology fields, {g.get('value')}"
-        lines.append(f"{name:<35}{_pct(g.get('correct'), g.get('n'))}")
+        lines.append(_figure(f"  {g.get('value')}", _pct(g.get("correct"), g.get("n"))))
     return lines
+
+
+def _figure(label: str, value: str) -> str:
+    """``  label ....... value``: one aligned line of the summary (long labels keep two spaces)."""
+    return f"  {label:<40} {value}" if len(label) <= 40 else f"  {label}  {value}"
 
 
 def _screen_line(metrics: Optional[Dict[str, Any]]) -> str:
@@ -444,9 +448,9 @@ def summary_block(root: Path, log_path: Optional[Path] = None, minutes: Optional
              "slidechat demo: summary" + (f" ({minutes:.1f} min)" if minutes is not None else ""),
              "=" * 78,
              "Headline figures (tiny models on synthetic data: they show the pipeline works, not a benchmark)",
-             f"  slides, held-out VQA accuracy      {slide}",
+             _figure("slides, held-out VQA accuracy", slide),
              *_cytology_lines(_read_json(paths["cyto_scores"])),
-             f"  cytology slides, screening         {_screen_line(_read_json(paths['screen_metrics']))}",
+             _figure("cytology slides, screening", _screen_line(_read_json(paths["screen_metrics"]))),
              "",
              "Pictures"]
     pictures = [("QC (tissue, patches, scale bar)", paths["qc"], "*.png"),
@@ -459,7 +463,7 @@ def summary_block(root: Path, log_path: Optional[Path] = None, minutes: Optional
         else:
             n = len(list(where.glob(pattern))) if where.is_dir() else 0
             state = f"{where}/ ({n} PNG)" if n else "not made"
-        lines.append(f"  {label:<34}{state}")
+        lines.append(_figure(label, state))
     reports = [str(p) for p in (Path(str(paths["slide_test"]) + ".report.md"),
                                 paths["cyto_scores"].with_suffix(".md"), paths["screen"] / "reports")
                if p.exists()]
