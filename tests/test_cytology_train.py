@@ -18,10 +18,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from slidechat.utils.errors import SlideChatError
 from tolerances import FP32_RTOL, assert_close_rel, assert_differs_rel
+from train_data import cyto_train_data
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = REPO / "configs/tiny/cytochat_sft.py"
@@ -46,46 +46,9 @@ def losses(work_dir):
     return [r for r in rows if "loss" in r], log
 
 
-def field(path, seed, n_dark):
-    """A small synthetic field: pale cells, ``n_dark`` of them with dark nuclei."""
-    rng = np.random.default_rng(seed)
-    im = Image.new("RGB", (84, 56), (236, 222, 230))
-    d = ImageDraw.Draw(im)
-    for k in range(5):
-        x, y = rng.integers(6, 70), rng.integers(6, 42)
-        d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=(214, 170, 200))
-        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(60, 20, 80) if k < n_dark else (150, 110, 170))
-    im.save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
-
-    root = tmp_path_factory.mktemp("cyto_train")
-    tiny = make_tiny_qwen2vl(root / "tiny_qwen2vl")
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    rows = []
-    for i in range(6):
-        n_dark = i % 3
-        field(data / "images" / f"f{i}.png", i, n_dark)
-        q = ("Please answer the multiple-choice question based on the image [Dark Nuclei], and select the best "
-             "option from the following options [A.None, B.One, C.Two]. Just answer the option.")
-        rows.append({"id": f"f{i}", "images": [f"images/f{i}.png"],
-                     "messages": [{"role": "user", "content": "<image>" + q},
-                                  {"role": "assistant", "content": ["A.None.", "B.One.", "C.Two."][n_dark]}]})
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "dataset_info.json").write_text(json.dumps({"tiny_train": {
-        "file_name": "train.jsonl", "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant"}}}))
-    opts = [f"model.model_name_or_path={tiny}", f"train_dataloader.dataset.processor={tiny}",
-            f"train_dataloader.dataset.dataset_dir={data}", "train_dataloader.dataset.dataset=tiny_train",
-            f"train_cfg.max_epochs={EPOCHS}", f"param_scheduler.1.end={EPOCHS}"]
-    return {"root": root, "tiny": tiny, "data": data, "opts": opts}
+    return cyto_train_data(tmp_path_factory.mktemp("cyto_train"), EPOCHS)
 
 
 @pytest.fixture(scope="module")

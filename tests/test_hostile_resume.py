@@ -20,11 +20,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from slidechat.utils.errors import SlideChatError
+from train_data import cyto_train_data, slide_train_demo
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,30 +103,7 @@ def crafted_resume_checkpoint(path, marker):
 
 @pytest.fixture(scope="module")
 def slide_demo(tmp_path_factory):
-    import csv
-
-    from slidechat.data.synthetic import write_synthetic_dataset
-    from slidechat.features.io import write_feature_h5
-    from slidechat.model.tiny_llm import make_tiny_llm
-
-    root = tmp_path_factory.mktemp("hostile_resume_slide")
-    llm = make_tiny_llm(root / "tiny_llm")
-    feats = root / "features" / "h5_files"
-    feats.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(4, 512)).astype(np.float32)
-    labels = ["tumor", "normal", "inflamed", "necrotic"]
-    with open(root / "manifest.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide", "path", "label"])
-        for i in range(8):
-            n = int(rng.integers(40, 70))
-            x = centers[i % 4] + 0.5 * rng.normal(size=(n, 512)).astype(np.float32)
-            xy = np.stack([np.arange(n) * 224, np.zeros(n)], 1).astype(np.int64)
-            write_feature_h5(feats / f"demo_{i}.h5", x, xy)
-            w.writerow([f"demo_{i}", f"slides/demo_{i}.tiff", labels[i % 4]])
-    paths = write_synthetic_dataset(root / "manifest.csv", root / "data", seed=0)
-    return {"root": root, "llm": llm, "features": feats, **paths}
+    return slide_train_demo(tmp_path_factory.mktemp("hostile_resume_slide"))
 
 
 @pytest.fixture(scope="module")
@@ -141,40 +118,8 @@ def stage1_full(slide_demo):
 
 @pytest.fixture(scope="module")
 def cyto_demo(tmp_path_factory):
-    from PIL import Image, ImageDraw
+    return cyto_train_data(tmp_path_factory.mktemp("hostile_resume_cyto"), EPOCHS)
 
-    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
-
-    root = tmp_path_factory.mktemp("hostile_resume_cyto")
-    tiny = make_tiny_qwen2vl(root / "tiny_qwen2vl")
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    rows = []
-    for i in range(6):
-        rng = np.random.default_rng(i)
-        im = Image.new("RGB", (84, 56), (236, 222, 230))
-        d = ImageDraw.Draw(im)
-        for k in range(5):
-            x, y = rng.integers(6, 70), rng.integers(6, 42)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(60, 20, 80) if k < i % 3 else (150, 110, 170))
-        im.save(data / "images" / f"f{i}.png")
-        q = "<image>How many dark nuclei? Options [A.None, B.One, C.Two]. Just answer the option."
-        rows.append({"id": f"f{i}", "images": [f"images/f{i}.png"],
-                     "messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": ["A.None.", "B.One.", "C.Two."][i % 3]}]})
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "dataset_info.json").write_text(json.dumps({"tiny_train": {
-        "file_name": "train.jsonl", "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant"}}}))
-    opts = [f"model.model_name_or_path={tiny}", f"train_dataloader.dataset.processor={tiny}",
-            f"train_dataloader.dataset.dataset_dir={data}", "train_dataloader.dataset.dataset=tiny_train",
-            f"train_cfg.max_epochs={EPOCHS}", f"param_scheduler.1.end={EPOCHS}"]
-    return {"root": root, "opts": opts}
-
-
-# ------------------------------------------------------------------------------------------------ tests
 
 def test_stage1_resume_through_slidechat_train_matches_uninterrupted(stage1_full):
     assert (stage1_full / "last_checkpoint").is_file()
@@ -261,3 +206,22 @@ def test_unsafe_checkpoint_message_is_one_line_with_our_advice(tmp_path):
     assert "safetensors" in msg, msg
     # torch's advice (reload with weights_only=False) and a parameter no command offers are gone
     assert "weights_only" not in msg and "allow_unsafe_pickle" not in msg, msg
+
+
+def test_a_safe_load_leaves_the_process_wide_allow_list_in_place(tmp_path):
+    """torch's ``safe_globals`` context removes on exit what it was given, even entries allowed
+    process-wide before it; a safe load must not take the mmengine allow-list away from later loads
+    (stock xtuner code bound before our loaders were installed relies on it)."""
+    from mmengine.logging import MessageHub
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    from slidechat.engine.model import load_training_checkpoint
+
+    hub = MessageHub.get_instance("allow_list_kept")
+    hub.update_scalar("train/loss", 1.0)
+    path = tmp_path / "epoch_1.pth"
+    torch.save({"message_hub": hub.state_dict(), "w": torch.ones(1)}, path)
+    assert HistoryBuffer in torch.serialization.get_safe_globals()
+    load_training_checkpoint(path, "cpu")
+    assert HistoryBuffer in torch.serialization.get_safe_globals()
+    assert torch.load(path)["w"].item() == 1.0  # torch's default (weights-only) still reads it

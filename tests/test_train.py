@@ -4,7 +4,6 @@
 it is called in-process here (same code, without paying the import cost once per run).
 """
 
-import csv
 import glob
 import json
 import os
@@ -17,14 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from slidechat.data.synthetic import write_synthetic_dataset
 from slidechat.engine.overrides import parse_cfg_options, path_overrides
-from slidechat.features.io import write_feature_h5
+from train_data import slide_train_demo
 
 REPO = Path(__file__).resolve().parents[1]
 TINY1 = REPO / "configs/tiny/stage_1.py"
 TINY2 = REPO / "configs/tiny/stage_2.py"
-LABELS = ["tumor", "normal", "inflamed", "necrotic"]
 
 
 def xtuner_train(config, work_dir, options, extra=()):
@@ -53,25 +50,7 @@ def llm_folder_tensors(folder):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from slidechat.model.tiny_llm import make_tiny_llm
-
-    root = tmp_path_factory.mktemp("train_demo")
-    llm = make_tiny_llm(root / "tiny_llm")
-    feats_dir = root / "features" / "h5_files"
-    feats_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(4, 512)).astype(np.float32)
-    with open(root / "manifest.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide", "path", "label"])
-        for i in range(8):
-            n = int(rng.integers(40, 70))
-            x = centers[i % 4] + 0.5 * rng.normal(size=(n, 512)).astype(np.float32)
-            xy = np.stack([np.arange(n) * 224, np.zeros(n)], 1).astype(np.int64)
-            write_feature_h5(feats_dir / f"demo_{i}.h5", x, xy)
-            w.writerow([f"demo_{i}", f"slides/demo_{i}.tiff", LABELS[i % 4]])
-    paths = write_synthetic_dataset(root / "manifest.csv", root / "data", seed=0)
-    return {"root": root, "llm": llm, "features": feats_dir, **paths}
+    return slide_train_demo(tmp_path_factory.mktemp("train_demo"))
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,13 @@ def _weights_only_load(path: str, map_location: Any, extra_globals: Sequence[Any
     unreadable file is a one-line :class:`SlideChatError` (nothing in the file has run)."""
     import pickle
 
+    # safe_globals' exit removes what it was given, even entries that were allowed process-wide before
+    # (allow_mmengine_checkpoint_globals): scope only the ones not already allowed, or the first load
+    # would silently take the process-wide allow-list away from every later torch.load
+    already = set(torch.serialization.get_safe_globals())
+    scoped = [g for g in extra_globals if g not in already]
     try:
-        with torch.serialization.safe_globals(list(extra_globals)):
+        with torch.serialization.safe_globals(scoped):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise SlideChatError(f"{what} holds a non-tensor Python object outside the allow-list of the "
