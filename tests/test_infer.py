@@ -172,7 +172,11 @@ def test_greedy_batch_1_equals_batch_4(cyto, reference, tmp_path):
 def test_kill_9_and_resume_gives_each_row_once(cyto, reference, tmp_path):
     out = tmp_path / "killed.jsonl"
     cmd = [str(BIN / "slidechat"), *infer_args(cyto, out, "--batch_size", "1")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    # tests/slow_appends makes each appended row wait 0.3 s, so the run is still going when the third
+    # row is seen on any machine, however fast (without it a fast CPU can finish all rows between polls)
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "slow_appends"),
+                                                   os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
