@@ -96,7 +96,9 @@ def test_forward_splices_and_masks_labels(model, tokenizer):
 
     model.llm.forward = spy
     try:
-        out = model(ids, mask, feats, labels=labels)
+        # full_logits: the stock ``llm(..., labels=...)`` call, whose inputs and logits are checked here
+        # (the labelled-positions-only loss is tests/test_label_logits.py's)
+        out = model(ids, mask, feats, labels=labels, full_logits=True)
     finally:
         del model.llm.forward
     assert torch.isfinite(out.loss)

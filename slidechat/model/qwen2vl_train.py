@@ -271,10 +271,40 @@ class Qwen2VLTrainModel(BaseModel):
                 self._hf, inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("attention_mask"))
         return inputs
 
+    def _input_embeds(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Token embeddings with the vision tower's features spliced in at the image tokens, as
+        ``Qwen2VLForConditionalGeneration.forward`` (transformers 4.48) builds them."""
+        hf = self._hf
+        input_ids = inputs["input_ids"]
+        embeds = hf.get_input_embeddings()(input_ids)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            image_embeds = hf.visual(pixel_values.type(hf.visual.get_dtype()), grid_thw=inputs["image_grid_thw"])
+            image_mask = input_ids == hf.config.image_token_id
+            if int(image_mask.sum()) != image_embeds.shape[0]:
+                raise SlideChatError(f"image features and image tokens do not match: tokens "
+                                     f"{int(image_mask.sum())}, features {image_embeds.shape[0]}")
+            image_mask = image_mask.unsqueeze(-1).expand_as(embeds).to(embeds.device)
+            embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.device, embeds.dtype))
+        return embeds
+
+    def loss_at_labels(self, data: Mapping[str, Any]) -> torch.Tensor:
+        """The stock ``Qwen2VLForConditionalGeneration(..., labels=...)`` loss with the LM head applied
+        only at labelled positions (``label_logits``): vision features and explicit M-RoPE positions
+        into the decoder, then the head where the shifted label is not ignored."""
+        from slidechat.model.label_logits import loss_at_labels
+
+        inputs = self._hf_inputs(data)
+        embeds = self._input_embeds(inputs)
+        mask = inputs.get("attention_mask")
+        out = self._hf.get_decoder()(input_ids=None, position_ids=inputs["position_ids"],
+                                     attention_mask=None if mask is None else mask.to(embeds.device),
+                                     inputs_embeds=embeds, use_cache=False, return_dict=True)
+        return loss_at_labels(out.last_hidden_state, self._hf.get_output_embeddings(), data["labels"])
+
     def forward(self, data: Dict[str, Any], data_samples: Any = None, mode: str = "loss") -> Any:
         if mode == "loss":
-            out = self._hf(**self._hf_inputs(data), labels=data["labels"], use_cache=False)
-            return {"loss": out.loss}
+            return {"loss": self.loss_at_labels(data)}
         if mode == "tensor":
             return self._hf(**self._hf_inputs(data), use_cache=False).logits
         raise NotImplementedError(f"mode '{mode}' is not supported (use slidechat infer for predictions)")

@@ -22,6 +22,7 @@ from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_F
                                         load_weights)
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.model.hf_folder import load_model, load_tokenizer as hf_load_tokenizer
+from slidechat.model.label_logits import causal_lm_parts, loss_at_labels
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
 from slidechat.utils.errors import SlideChatError
@@ -176,8 +177,14 @@ class SlideChatModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 features: Optional[Sequence[Tensor]] = None, coords: Optional[Sequence[Optional[Tensor]]] = None,
-                labels: Optional[Tensor] = None, **llm_kwargs: Any):
-        """Splice each row's visual tokens in at its placeholder, right-pad, run the LLM (loss if labels)."""
+                labels: Optional[Tensor] = None, full_logits: bool = False, **llm_kwargs: Any):
+        """Splice each row's visual tokens in at its placeholder, right-pad, run the LLM (loss if labels).
+
+        With labels, the LM head runs only at positions that carry a label (``label_logits``; the loss
+        equals the stock ``llm(..., labels=...)`` one up to float32 summation order) and the output has
+        ``logits=None``: full-vocabulary logits for every visual token were most of a step's memory and
+        time. ``full_logits=True`` (or an LLM that path does not know) makes the stock call instead.
+        """
         if input_ids.dim() != 2:
             raise SlideChatError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
         if features is None or len(features) != input_ids.shape[0]:
@@ -213,7 +220,27 @@ class SlideChatModel(nn.Module):
             if lab_t is not None:
                 lab_t[i, :n] = labs[i]
         llm_kwargs.setdefault("use_cache", False)
+        if lab_t is not None and not full_logits and llm_kwargs.get("return_dict", True):
+            parts = causal_lm_parts(self.llm)
+            if parts is not None:
+                return self._loss_at_labels(parts, emb, mask, lab_t, llm_kwargs)
         return self.llm(inputs_embeds=emb, attention_mask=mask, labels=lab_t, **llm_kwargs)
+
+    @staticmethod
+    def _loss_at_labels(parts: Any, emb: Tensor, mask: Tensor, labels: Tensor,
+                        llm_kwargs: Dict[str, Any]) -> Any:
+        """What ``...ForCausalLM.forward`` does with labels, the head applied at labelled positions only
+        (``num_items_in_batch`` goes to the loss, every other keyword to the decoder, as there)."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        decoder, head = parts
+        kwargs = dict(llm_kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs["return_dict"] = True
+        out = decoder(inputs_embeds=emb, attention_mask=mask, **kwargs)
+        loss = loss_at_labels(out.last_hidden_state, head, labels, num_items_in_batch=num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
 
     # ---------------------------------------------------------------------------------------------------
     # generation
