@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
