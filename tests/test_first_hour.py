@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train_data import write_sharegpt_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 #: the CLI of this checkout (run from REPO, so `python -m` imports this checkout's package)
 SLIDECHAT = [sys.executable, "-m", "slidechat.cli.main"]
@@ -184,10 +186,7 @@ def test_commands_print_none_of_the_known_noise(tmp_path: Path) -> None:
         data / "imgs" / "a.png")
     row = {"messages": [{"role": "user", "content": "<image>Normal or abnormal?"},
                         {"role": "assistant", "content": "A.Normal."}], "images": ["imgs/a.png"]}
-    (data / "t.jsonl").write_text(json.dumps(row) + "\n")
-    (data / "dataset_info.json").write_text(json.dumps({"t": {
-        "file_name": "t.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    write_sharegpt_dataset(data, "t", [row], "t.jsonl")
     out = tmp_path / "pred.jsonl"
     infer = subprocess.run([*SLIDECHAT, "infer", "--model_name_or_path", str(model), "--dataset", "t",
                             "--dataset_dir", str(data), "--template", "qwen2_vl", "--save_name", str(out),

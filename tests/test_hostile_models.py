@@ -24,6 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_testing import CONFIG, build_tiny_setup  # noqa: E402
+from train_data import write_sharegpt_dataset  # noqa: E402
 
 PROMPT_TEXT = "Do you wish to run the custom code"
 STDIN = "y\nWhat is this?\nexit\n"  # "y" would be the answer to transformers' trust prompt
@@ -106,12 +107,7 @@ def vl(tmp_path_factory) -> Dict[str, Path]:
         data / "imgs" / "field.png")
     row = {"messages": [{"role": "user", "content": "<image>What is seen?"},
                         {"role": "assistant", "content": "Cells."}], "images": ["imgs/field.png"]}
-    (data / "rows.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
-    info = {"rows": {"file_name": "rows.jsonl", "formatting": "sharegpt",
-                     "columns": {"messages": "messages", "images": "images"},
-                     "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                              "assistant_tag": "assistant"}}}
-    (data / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    write_sharegpt_dataset(data, "rows", [row], "rows.jsonl")
     sc.write_cytology_slides(root / "slides", n_slides=1, seed=3, width=512, height=512, base_mpp=0.5,
                              field_size=256, field_mpp=1.0, n_abnormal=4)
     slides = sorted((root / "slides").rglob("*.svs"))

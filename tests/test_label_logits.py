@@ -13,7 +13,6 @@ by O(1) of its value (checked below with assert_differs_rel).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,7 +21,7 @@ import torch
 
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from tolerances import FP32_RTOL, assert_close_rel, assert_differs_rel, max_rel_diff
-from train_data import field
+from train_data import field, write_sharegpt_dataset
 
 ENC = dict(embed_dim=512, ffn_dim=64, num_heads=8, num_layers=1, segment_lengths=[16, 32],
            dilated_ratios=[1, 2], dropout=0.0, drop_path=0.0)
@@ -231,12 +230,7 @@ def cyto(tmp_path_factory):
     ]
     field(data / "images" / "a.png", 0, 2)
     field(data / "images" / "b.png", 1, 0)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "dataset_info.json").write_text(json.dumps({"ll": {
-        "file_name": "train.jsonl", "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant"}}}))
+    write_sharegpt_dataset(data, "ll", rows, "train.jsonl")
     ds = CytologySFTDataset("ll", str(tiny), data, image_max_pixels=224 * 224)
     batch = qwen2vl_collate_fn([ds[0], ds[1]])["data"]
     lab = batch["labels"]

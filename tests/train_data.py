@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -58,6 +58,17 @@ def field(path: Path, seed: int, n_dark: int) -> Path:
     return path
 
 
+def write_sharegpt_dataset(data: Path, name: str, rows: List[Dict[str, Any]], file_name: str) -> Path:
+    """``rows`` as JSONL in ``data/file_name`` and a ``dataset_info.json`` naming it ``name`` (CytoChat's
+    sharegpt columns and tags, as the project's own generator writes them)."""
+    from slidechat.data.synthetic_cytology import dataset_info_entry
+
+    (data / file_name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    info = data / "dataset_info.json"
+    info.write_text(json.dumps({name: dataset_info_entry(file_name)}), encoding="utf-8")
+    return info
+
+
 def cyto_train_data(root: Path, epochs: int) -> Dict[str, Any]:
     """Tiny Qwen2-VL and a 6-row MCQ dataset under ``root`` (keys: root, tiny, data, opts)."""
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
@@ -72,12 +83,7 @@ def cyto_train_data(root: Path, epochs: int) -> Dict[str, Any]:
         rows.append({"id": f"f{i}", "images": [f"images/f{i}.png"],
                      "messages": [{"role": "user", "content": "<image>" + MCQ_QUESTION},
                                   {"role": "assistant", "content": ["A.None.", "B.One.", "C.Two."][n_dark]}]})
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "dataset_info.json").write_text(json.dumps({"tiny_train": {
-        "file_name": "train.jsonl", "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant"}}}))
+    write_sharegpt_dataset(data, "tiny_train", rows, "train.jsonl")
     opts = [f"model.model_name_or_path={tiny}", f"train_dataloader.dataset.processor={tiny}",
             f"train_dataloader.dataset.dataset_dir={data}", "train_dataloader.dataset.dataset=tiny_train",
             f"train_cfg.max_epochs={epochs}", f"param_scheduler.1.end={epochs}"]
