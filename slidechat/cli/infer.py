@@ -56,6 +56,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "JSON/JSONL file")
     d.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json (default data)")
     d.add_argument("--max_samples", type=int, default=None, help="first N rows of each dataset")
+    d.add_argument("--skip_bad", action="store_true",
+                   help="follow LLaMA-Factory's row rules instead of stopping: drop the rows it drops (a "
+                        "conversation ending with a user turn, roles out of order, a system message without "
+                        "system_tag), keep empty answers, skip unreadable rows; the counts go in one log line")
     d.add_argument("--cutoff_len", type=int, default=2048,
                    help="prompt+label token budget (images counted once); rows LLaMA-Factory would "
                         "truncate get an error instead (default 2048)")
@@ -150,10 +154,11 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     require_file_path(args.save_name, "--save_name")  # the output rule, before the dataset or model
     examples = read_llamafactory(args.dataset, args.dataset_dir, check_images=False,
-                                 max_samples=args.max_samples)
+                                 max_samples=args.max_samples, skip_bad=args.skip_bad, lf_rules=args.skip_bad,
+                                 predict=True)
     if not examples:
         raise SlideChatError(f"dataset {args.dataset!r} has no rows", args.dataset_dir)
-    items = cytology_items(examples)
+    items = cytology_items(examples, args.default_system)
     _check_images_exist(items, args.dataset_dir)  # before the model loads
     writer = JsonlPredictionWriter(args.save_name, [(it.key, it.images) for it in items],
                                    overwrite=args.overwrite)

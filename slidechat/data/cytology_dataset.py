@@ -50,7 +50,8 @@ class CytologySFTDataset(Dataset):
                  template: str = "qwen2_vl", cutoff_len: int = 2048,
                  image_max_pixels: int = IMAGE_MAX_PIXELS, image_min_pixels: int = IMAGE_MIN_PIXELS,
                  max_samples: Optional[int] = None, skip_bad: bool = False,
-                 default_system: Optional[str] = None, check_images: bool = True) -> None:
+                 default_system: Optional[str] = None, check_images: bool = True, lf_rules: bool = False,
+                 media_dir: Optional[PathLike] = None) -> None:
         self.processor = build_processor(processor)
         self.tokenizer = self.processor.tokenizer
         self.template = get_vision_template(template)
@@ -63,8 +64,11 @@ class CytologySFTDataset(Dataset):
         self.skip_bad = bool(skip_bad)
         # check_images: open every image header up front (a bad image fails before training starts);
         # False defers that to load time (then skip_bad replaces a bad row by the next good one)
+        # lf_rules: rows LLaMA-Factory drops are dropped (counted), empty answers kept, as it trains;
+        # media_dir: where relative image paths resolve (LLaMA-Factory's media_dir, default dataset_dir)
         self.examples: List[Example] = read_llamafactory(dataset, dataset_dir, skip_bad=skip_bad,
-                                                         max_samples=max_samples, check_images=check_images)
+                                                         max_samples=max_samples, check_images=check_images,
+                                                         lf_rules=lf_rules, media_dir=media_dir)
         self.num_skipped = self.examples.num_skipped  # type: ignore[attr-defined]
         self.num_skipped_at_load = 0
         pad = self.tokenizer.pad_token_id
@@ -98,7 +102,8 @@ class CytologySFTDataset(Dataset):
             item["pixel_values"] = vis["pixel_values"]
             item["image_grid_thw"] = grid
         try:
-            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system, seqlens,
+            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system_prompt(self.default_system),
+                                         seqlens,
                                          cutoff_len=self.cutoff_len, default_system=self.default_system,
                                          template=self.template)
         except ConversationError as e:

@@ -183,6 +183,9 @@ class SlideInstructionDataset(Dataset):
                    "image": str(ex.images[0]) if ex.images else "", "conversations": conv,
                    "system": ex.system, "source": ex.source}
             try:
+                if ex.tools:  # never dropped silently: the slide templates have no tool format
+                    raise self._error(ex.index, rec, "a 'tools' column is not supported for slide models "
+                                                     "(only the qwen2_vl template writes tools)", ex.source)
                 if len(ex.images) != 1:
                     raise self._error(ex.index, rec, f"a slide sample needs exactly one feature file in its "
                                                      f"images, got {len(ex.images)}", ex.source)

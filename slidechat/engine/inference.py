@@ -174,12 +174,13 @@ class CytologyItem:
         self.pil_images = []
 
 
-def cytology_items(examples: Sequence[Any]) -> List[CytologyItem]:
+def cytology_items(examples: Sequence[Any], default_system: Optional[str] = None) -> List[CytologyItem]:
     """:class:`CytologyItem` per ``slidechat.data.llamafactory.Example`` (prompts rendered later):
-    the final assistant turn is the label, as in vllm_infer."""
+    the final assistant turn is the label, as in vllm_infer. A row's tools join its system prompt
+    (``default_system`` is the one a row without a system prompt gets, as the family renders it)."""
     return [CytologyItem(position=pos, key=make_id(ex.dataset, ex.index, ex.id),
                          images=[os.fspath(p) for p in ex.images], messages=list(ex.prompt_messages),
-                         system=ex.system, label_content=ex.label, source=ex.name)
+                         system=ex.system_prompt(default_system), label_content=ex.label, source=ex.name)
             for pos, ex in enumerate(examples)]
 
 

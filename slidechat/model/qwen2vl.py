@@ -127,7 +127,7 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
     flat: List[Any] = []
     for i, item in enumerate(examples_or_prompts):
         if isinstance(item, Example):
-            text = render_qwen2vl_prompt(item.prompt_messages, system=item.system,
+            text = render_qwen2vl_prompt(item.prompt_messages, system=item.system_prompt(default_system),
                                          default_system=default_system)
             row_images = item.images if images is None or images[i] is None else images[i]
         elif isinstance(item, str):
