@@ -248,9 +248,11 @@ def test_vllm_absent_and_unknown_template(cyto, tmp_path, caplog, monkeypatch):
     assert "unknown template 'llama3'" in caplog.text and "qwen2_vl" in caplog.text
 
 
-def test_over_long_prompt_is_an_error_entry(cyto):
-    """The cutoff follows LLaMA-Factory's infer_seqlen: prompt kept whole iff cutoff - label >= prompt
-    (when the label is short); one token less and the row is refused, not truncated."""
+def test_over_long_prompt_is_cut_as_llamafactory_or_refused_in_chat(cyto):
+    """The cutoff follows LLaMA-Factory's infer_seqlen (data/processor/processor_utils.py) as its
+    unsupervised processor applies it for vllm_infer: prompt kept whole iff cutoff - label >= prompt (when
+    the label is short); one token less and the prompt's last token is cut (``input_ids[:source_len]``).
+    ``chat --image`` (truncate=False) refuses such a prompt instead."""
     from transformers import AutoTokenizer
 
     from slidechat.engine.inference import CytologyItem, _Qwen2VLText
@@ -258,19 +260,29 @@ def test_over_long_prompt_is_an_error_entry(cyto):
 
     tok = AutoTokenizer.from_pretrained(cyto["model"])
     q, a = "Locate all dark nuclei in this field of view, please.", "No."
-    item = CytologyItem(position=0, key={}, images=["x.png"], system=None, label_content=a,
-                        messages=[{"role": "user", "content": f"<image>{q}"}], source="cyto.jsonl row 0")
+
+    def item():
+        return CytologyItem(position=0, key={}, images=["x.png"], system=None, label_content=a,
+                            messages=[{"role": "user", "content": f"<image>{q}"}], source="cyto.jsonl row 0")
+
     prompt = (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
               f"<|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n")
-    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    n_prompt = len(prompt_ids)
     n_label = len(tok(a + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
     assert 2 * n_label < n_prompt  # the short-label branch of the rule
-    _Qwen2VLText(tok, cutoff_len=n_prompt + n_label).render(item)
-    assert item.prompt_text == prompt and item.label == a + "\n"
+    it = item()
+    _Qwen2VLText(tok, cutoff_len=n_prompt + n_label).render(it)
+    assert it.prompt_text == prompt and it.label == a + "\n" and not it.truncated
+    it = item()
+    _Qwen2VLText(tok, cutoff_len=n_prompt + n_label - 1).render(it)
+    assert it.truncated and it.prompt_ids == prompt_ids[:-1] and it.label == a + "\n"
     with pytest.raises(SlideChatError, match="would cut it to"):
-        _Qwen2VLText(tok, cutoff_len=n_prompt + n_label - 1).render(item)
+        _Qwen2VLText(tok, cutoff_len=n_prompt + n_label - 1, truncate=False).render(item())
     with pytest.raises(SlideChatError, match="characters.*not tokenized"):  # far over: never tokenized
-        _Qwen2VLText(tok, cutoff_len=2).render(item)
+        _Qwen2VLText(tok, cutoff_len=2, truncate=False).render(item())
+    with pytest.raises(SlideChatError, match="drops an image placeholder"):  # the image cannot be fed
+        _Qwen2VLText(tok, cutoff_len=8).render(item())
 
 
 def test_chat_on_one_image_scripted_stdin(cyto):

@@ -2,7 +2,8 @@
 
 Same flags and defaults as LLaMA-Factory's ``scripts/vllm_infer.py``; the output JSONL has its
 ``prompt``/``predict``/``label`` plus ``id`` (dataset, row index, id column) and ``images`` so rows
-join back, and ``error`` on rows that failed (unreadable image, prompt over ``--cutoff_len``).
+join back, and ``error`` on rows that failed (unreadable image, an image placeholder cut off by
+``--cutoff_len``). Prompt and label are cut to ``--cutoff_len`` as vllm_infer cuts them.
 Lines are appended and fsynced per batch: rerunning the same command after a crash or kill -9
 continues where it stopped (``--overwrite`` starts afresh). Greedy when ``--temperature 0``.
 """
@@ -61,8 +62,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "conversation ending with a user turn, roles out of order, a system message without "
                         "system_tag), keep empty answers, skip unreadable rows; the counts go in one log line")
     d.add_argument("--cutoff_len", type=int, default=2048,
-                   help="prompt+label token budget (images counted once); rows LLaMA-Factory would "
-                        "truncate get an error instead (default 2048)")
+                   help="prompt+label token budget (images counted once): both are cut to it by "
+                        "LLaMA-Factory's infer_seqlen rule, as vllm_infer does (default 2048)")
     d.add_argument("--default_system", default=None,
                    help="system prompt for rows without one (default: the template's)")
     d.add_argument("--image_max_pixels", type=int, default=768 * 768)
@@ -80,6 +81,15 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "transformers, whose padded batches grow with the longest row)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (per batch, so resumes reproduce)")
     g.add_argument("--vllm_config", default="{}", help="JSON dict of extra vLLM engine arguments")
+    g.add_argument("--pipeline_parallel_size", type=int, default=1,
+                   help="vLLM pipeline-parallel GPUs (default 1, as vllm_infer); > 1 only with --engine vllm")
+    g.add_argument("--enable_thinking", type=_bool, nargs="?", const=True, default=True,
+                   help="accepted as in vllm_infer (default true); only reasoning templates (qwen3-style) use "
+                        "it, so it has no effect with qwen2_vl, as in LLaMA-Factory")
+    g.add_argument("--video_fps", type=float, default=2.0,
+                   help="accepted as in vllm_infer (default 2.0); used only by video rows, which are refused")
+    g.add_argument("--video_maxlen", type=int, default=128,
+                   help="accepted as in vllm_infer (default 128); used only by video rows, which are refused")
     o = p.add_argument_group("output")
     o.add_argument("--save_name", default="generated_predictions.jsonl", help="output JSONL")
     o.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
@@ -104,8 +114,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise SlideChatError(f"--max_samples must be >= 1 (got {args.max_samples})")
     if args.temperature < 0 or not (0 < args.top_p <= 1) or args.repetition_penalty <= 0:
         raise SlideChatError("need --temperature >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+    if args.pipeline_parallel_size < 1:
+        raise SlideChatError(f"--pipeline_parallel_size must be >= 1 (got {args.pipeline_parallel_size})")
+    if args.pipeline_parallel_size > 1 and args.engine != "vllm":
+        raise SlideChatError(f"--pipeline_parallel_size {args.pipeline_parallel_size}: the transformers engine "
+                             "runs on one device", hint="use --engine vllm, or leave it at 1")
+    if args.video_fps <= 0 or args.video_maxlen < 1:
+        raise SlideChatError("need --video_fps > 0 and --video_maxlen >= 1")
     if args.engine == "vllm":
         require_vllm()
+        import torch
+
+        if args.pipeline_parallel_size > max(torch.cuda.device_count(), 1):
+            # vllm_infer's own check: "Pipeline parallel size should be smaller than the number of gpus."
+            raise SlideChatError(f"--pipeline_parallel_size {args.pipeline_parallel_size} is more than the "
+                                 f"{torch.cuda.device_count()} GPU(s) here")
 
 
 #: flags that change the predictions (a resume with other values is refused)
@@ -182,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             family: Any = VllmQwen2VLFamily(args.model_name_or_path, sampling,
                                             adapter_name_or_path=args.adapter_name_or_path,
                                             vllm_config=vcfg, trust_remote_code=args.trust_remote_code,
-                                            **text_kw)
+                                            pipeline_parallel_size=args.pipeline_parallel_size, **text_kw)
         else:
             from slidechat.model.qwen2vl import load_qwen2vl
 

@@ -282,25 +282,18 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> Tuple[int
     return new_source, new_target
 
 
-def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: Optional[str] = None,
-                   image_seqlens: Sequence[int] = (), *, cutoff_len: Optional[int] = None,
-                   default_system: Optional[str] = None, template: "str | VisionChatTemplate" = "qwen2_vl"
-                   ) -> Tuple[List[int], List[int]]:
-    """Training ``(input_ids, labels)`` exactly as LLaMA-Factory's supervised processor builds them.
+def encode_qwen2vl_slots(tokenizer: Any, turns: Sequence[Dict[str, str]], sys_text: str,
+                         image_seqlens: Optional[Sequence[int]] = None,
+                         template: "str | VisionChatTemplate" = "qwen2_vl") -> List[List[int]]:
+    """One id list per message, each slot string tokenized on its own (LLaMA-Factory's ``Template._encode``).
 
-    ``messages`` alternate user/assistant and end with an answer; ``image_seqlens[k]`` is the number of
-    ``<|image_pad|>`` tokens of the k-th image (``grid_t*grid_h*grid_w // merge_size**2``). Every slot
-    string is tokenized separately; user slots (and the system prompt) get IGNORE_INDEX, assistant slots
-    keep their ids. ``cutoff_len`` truncates pair by pair with LLaMA-Factory's ``infer_seqlen``.
+    This is THE encoder of the ``qwen2_vl`` family: training (:func:`encode_qwen2vl`) and inference
+    (:func:`encode_qwen2vl_prompt`) both go through it, so a history answer starting with ``"\\n"`` gets the
+    same ids in both (a joined string would merge it with the ``assistant\\n`` before it). The system slot
+    is encoded apart from the first user slot; ``image_seqlens[k]`` pads for the k-th image, or one pad
+    per image when None (vllm_infer's unexpanded form, expanded later by :func:`expand_image_pad_ids`).
     """
     tpl = get_vision_template(template)
-    sys_text, turns = _system_and_turns(messages, system, default_system, tpl)
-    if len(turns) % 2 != 0:
-        raise ConversationError("the conversation must end with an assistant answer")
-    n_placeholders = sum(m["content"].count(tpl.placeholder) for m in turns)
-    if n_placeholders != len(image_seqlens):
-        raise ConversationError(f"{n_placeholders} {tpl.placeholder} placeholder(s) but "
-                                f"{len(image_seqlens)} image(s)")
     encoded: List[List[int]] = []
     k = 0
     for i, m in enumerate(turns):
@@ -314,6 +307,30 @@ def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: O
         for el in elements:
             ids += tokenizer.encode(el, add_special_tokens=False)
         encoded.append(ids)
+    return encoded
+
+
+def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: Optional[str] = None,
+                   image_seqlens: Sequence[int] = (), *, cutoff_len: Optional[int] = None,
+                   default_system: Optional[str] = None, template: "str | VisionChatTemplate" = "qwen2_vl"
+                   ) -> Tuple[List[int], List[int]]:
+    """Training ``(input_ids, labels)`` exactly as LLaMA-Factory's supervised processor builds them.
+
+    ``messages`` alternate user/assistant and end with an answer; ``image_seqlens[k]`` is the number of
+    ``<|image_pad|>`` tokens of the k-th image (``grid_t*grid_h*grid_w // merge_size**2``). Every slot
+    string is tokenized separately (:func:`encode_qwen2vl_slots`); user slots (and the system prompt) get
+    IGNORE_INDEX, assistant slots keep their ids. ``cutoff_len`` truncates pair by pair with
+    LLaMA-Factory's ``infer_seqlen``.
+    """
+    tpl = get_vision_template(template)
+    sys_text, turns = _system_and_turns(messages, system, default_system, tpl)
+    if len(turns) % 2 != 0:
+        raise ConversationError("the conversation must end with an assistant answer")
+    n_placeholders = sum(m["content"].count(tpl.placeholder) for m in turns)
+    if n_placeholders != len(image_seqlens):
+        raise ConversationError(f"{n_placeholders} {tpl.placeholder} placeholder(s) but "
+                                f"{len(image_seqlens)} image(s)")
+    encoded = encode_qwen2vl_slots(tokenizer, turns, sys_text, image_seqlens, tpl)
     input_ids: List[int] = []
     labels: List[int] = []
     total = 0
@@ -327,3 +344,76 @@ def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: O
         input_ids += source_ids + target_ids
         labels += [IGNORE_INDEX] * len(source_ids) + list(target_ids)
     return input_ids, labels
+
+
+@dataclass
+class EncodedPrompt:
+    """An inference prompt as LLaMA-Factory's ``scripts/vllm_infer.py`` builds it (one pad per image)."""
+
+    prompt_ids: List[int]  # after cutoff_len truncation
+    label_ids: List[int]  # the final answer's slot, after truncation
+    prompt_len: int  # before truncation
+    label_len: int  # before truncation
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.prompt_ids) < self.prompt_len or len(self.label_ids) < self.label_len
+
+
+def encode_qwen2vl_prompt(tokenizer: Any, messages: Sequence[Dict[str, str]], label: Optional[str] = None,
+                          system: Optional[str] = None, *, cutoff_len: Optional[int] = None,
+                          default_system: Optional[str] = None,
+                          template: "str | VisionChatTemplate" = "qwen2_vl") -> EncodedPrompt:
+    """Prompt and label ids of one row, as vllm_infer gets them from LLaMA-Factory's unsupervised processor.
+
+    ``messages`` end with the user turn to answer; ``label`` is the final assistant answer (None: an
+    empty answer slot, as LLaMA-Factory does for a row without one). The prompt is every slot but the
+    last (``Template.encode_oneturn``) through :func:`encode_qwen2vl_slots` with one ``<|image_pad|>`` per
+    image (vllm_infer sets ``expand_mm_tokens = False``); with ``cutoff_len``, ``infer_seqlen`` splits the
+    budget and both are cut from the right (``input_ids[:source_len]``, ``labels[:target_len]``), as in
+    ``UnsupervisedDatasetProcessor._encode_data_example``.
+    """
+    tpl = get_vision_template(template)
+    sys_text, turns = _system_and_turns(messages, system, default_system, tpl)
+    if turns[-1]["role"] != "user":
+        raise ConversationError("the prompt must end with a user turn")
+    full = list(turns) + [{"role": "assistant", "content": label if label is not None else ""}]
+    encoded = encode_qwen2vl_slots(tokenizer, full, sys_text, None, tpl)
+    prompt_ids = [t for ids in encoded[:-1] for t in ids]
+    label_ids = encoded[-1]
+    n_prompt, n_label = len(prompt_ids), len(label_ids)
+    if cutoff_len is not None:
+        s_len, t_len = infer_seqlen(n_prompt, n_label, cutoff_len)
+        prompt_ids, label_ids = prompt_ids[:s_len], label_ids[:t_len]
+    return EncodedPrompt(prompt_ids, label_ids, n_prompt, n_label)
+
+
+def expand_image_pad_ids(ids: Sequence[int], image_pad_id: int, image_seqlens: Sequence[int],
+                         start: int = 0) -> Tuple[List[int], int]:
+    """Each ``image_pad_id`` of an unexpanded prompt repeated ``image_seqlens[k]`` times (k-th image), as
+    Qwen2-VL's processor expands ``<|image_pad|>`` in text (a special token, so the ids around it are
+    unchanged). Returns (ids, next image index)."""
+    out: List[int] = []
+    k = start
+    for t in ids:
+        if t == image_pad_id:
+            if k >= len(image_seqlens):
+                raise ConversationError(f"more image placeholders than the {len(image_seqlens)} image(s)")
+            out.extend([image_pad_id] * int(image_seqlens[k]))
+            k += 1
+        else:
+            out.append(t)
+    return out, k
+
+
+def template_stop_token_ids(tokenizer: Any, template: "str | VisionChatTemplate" = "qwen2_vl") -> List[int]:
+    """LLaMA-Factory's ``Template.get_stop_token_ids`` for the template: ``{eos} | stop_words``, where the eos
+    is the first stop word (``replace_eos=True`` in ``qwen2_vl``: ``fix_special_tokens`` makes
+    ``<|im_end|>`` the eos). What vllm_infer passes as ``SamplingParams.stop_token_ids``."""
+    tpl = get_vision_template(template)
+    ids: List[int] = []
+    for word in tpl.stop_words:
+        tid = tokenizer.convert_tokens_to_ids(word)
+        if tid is not None and tid != getattr(tokenizer, "unk_token_id", None) and tid not in ids:
+            ids.append(int(tid))
+    return ids

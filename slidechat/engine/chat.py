@@ -156,7 +156,7 @@ class ImageChatSession:
         limit = llm_context_length(model) or 32768
         self.family = Qwen2VLFamily(model, processor,
                                     SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=0.0),
-                                    cutoff_len=limit, skip_special_tokens=False,
+                                    cutoff_len=limit, skip_special_tokens=False, truncate=False,
                                     image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels)
         self.system = system or None
         self.history: List[Tuple[str, str]] = []

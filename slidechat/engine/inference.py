@@ -39,7 +39,6 @@ PathLike = Union[str, os.PathLike]
 
 #: templates ``slidechat infer`` knows (LLaMA-Factory names)
 INFER_TEMPLATES = ("qwen2_vl",)
-QWEN2VL_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 class GenerationFamily(Protocol):
@@ -163,9 +162,11 @@ class CytologyItem:
     system: Optional[str]
     label_content: Optional[str]  # the final assistant turn (None: the row has no answer)
     source: str = ""  # "<file> row <index>" for messages
-    prompt_text: str = ""  # rendered template text with special tokens (what the model reads)
-    prompt: str = ""  # written: prompt_text tokenized and decoded like vllm_infer
-    label: str = ""  # written: the assistant turn decoded like vllm_infer ("" when none)
+    prompt_text: str = ""  # the prompt ids decoded with special tokens (what the model reads, for display)
+    prompt_ids: List[int] = field(default_factory=list)  # slot-by-slot ids, one pad per image, truncated
+    prompt: str = ""  # written: prompt_ids decoded like vllm_infer
+    label: str = ""  # written: the assistant slot decoded like vllm_infer, truncated ("" when none)
+    truncated: bool = False  # cutoff_len cut the prompt or the label (LLaMA-Factory's infer_seqlen)
     pil_images: List[Any] = field(default_factory=list)
     error: Optional[str] = None
     output: Optional[str] = None
@@ -212,53 +213,76 @@ class SamplingSettings:
 
 
 class _Qwen2VLText:
-    """Prompt/label rendering and decoding shared by both Qwen2-VL engines (needs only a tokenizer)."""
+    """Prompt/label encoding and decoding shared by both Qwen2-VL engines (needs only a tokenizer).
+
+    ``truncate`` (``slidechat infer``): prompt and label are cut to ``cutoff_len`` as vllm_infer does;
+    without it (``chat --image``) a prompt that would be cut is refused instead.
+    """
 
     def __init__(self, tokenizer: Any, *, cutoff_len: int = 2048, skip_special_tokens: bool = True,
                  default_system: Optional[str] = None, image_max_pixels: int = 768 * 768,
-                 image_min_pixels: int = 32 * 32) -> None:
+                 image_min_pixels: int = 32 * 32, generation_config: Any = None,
+                 truncate: bool = True) -> None:
         self.tokenizer = tokenizer
         self.cutoff_len = int(cutoff_len)
         self.skip_special_tokens = bool(skip_special_tokens)
         self.default_system = default_system
         self.image_max_pixels = int(image_max_pixels)
         self.image_min_pixels = int(image_min_pixels)
-        self.stop_ids = stop_token_ids(tokenizer)
+        self.truncate = bool(truncate)
+        self.stop_ids = stop_token_ids(tokenizer, generation_config)
 
     def render(self, item: CytologyItem) -> None:
-        """Fill ``label``, ``prompt_text`` and ``prompt`` (no image needed: failed rows keep them).
+        """Fill ``prompt_ids``, ``prompt_text``, ``prompt`` and ``label`` (no image needed: failed rows keep
+        them), encoding slot by slot with the training encoder
+        (:func:`~slidechat.data.template.encode_qwen2vl_prompt`).
 
-        A prompt LLaMA-Factory's ``cutoff_len`` rule would truncate is refused (SlideChatError), and a
-        text far over any budget (:data:`~slidechat.engine.limits.CHARS_PER_TOKEN_BOUND` characters per
-        allowed token) is refused before it is tokenized.
+        With ``truncate``, LLaMA-Factory's ``infer_seqlen`` cuts the prompt ids and the label ids to
+        ``cutoff_len`` (each image counted once), as vllm_infer does; a prompt whose image placeholder
+        is cut away is refused (SlideChatError), since the image cannot be fed. Without ``truncate``, a
+        prompt the rule would cut is refused, and a text far over any budget
+        (:data:`~slidechat.engine.limits.CHARS_PER_TOKEN_BOUND` characters per allowed token) is refused
+        before it is tokenized.
         """
-        from slidechat.data.template import QWEN2_VL, infer_seqlen, render_qwen2vl_prompt
+        from slidechat.data.template import QWEN2_VL, encode_qwen2vl_prompt, render_qwen2vl_prompt
         from slidechat.engine.limits import CHARS_PER_TOKEN_BOUND
 
         tok = self.tokenizer
-        label_ids: List[int] = []
-        if item.label_content is not None:
-            label_ids = tok(QWEN2_VL.format_assistant.format(content=item.label_content),
-                            add_special_tokens=False)["input_ids"]
-            item.label = tok.decode(label_ids, skip_special_tokens=self.skip_special_tokens)
         try:
-            item.prompt_text = render_qwen2vl_prompt(item.messages, system=item.system,
-                                                     default_system=self.default_system)
+            if not self.truncate:
+                text = render_qwen2vl_prompt(item.messages, system=item.system,
+                                             default_system=self.default_system)
+                max_chars = self.cutoff_len * CHARS_PER_TOKEN_BOUND
+                if len(text) > max_chars:
+                    raise SlideChatError(
+                        f"prompt has {len(text):,} characters, over {max_chars:,} ({CHARS_PER_TOKEN_BOUND} x "
+                        f"cutoff_len {self.cutoff_len}); not tokenized", item.source,
+                        hint="shorten the conversation")
+            enc = encode_qwen2vl_prompt(tok, item.messages, item.label_content, item.system,
+                                        cutoff_len=self.cutoff_len, default_system=self.default_system)
         except ValueError as e:  # ConversationError: a row the reader let through but cannot be asked
             raise SlideChatError(str(e), item.source) from e
-        max_chars = self.cutoff_len * CHARS_PER_TOKEN_BOUND
-        if len(item.prompt_text) > max_chars:
-            raise SlideChatError(f"prompt has {len(item.prompt_text):,} characters, over {max_chars:,} "
-                                 f"({CHARS_PER_TOKEN_BOUND} x cutoff_len {self.cutoff_len}); not tokenized",
-                                 item.source, hint="shorten the row or raise --cutoff_len")
-        ids = tok(item.prompt_text, add_special_tokens=False)["input_ids"]
-        item.prompt = tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        keep, _ = infer_seqlen(len(ids), len(label_ids), self.cutoff_len)
-        if keep < len(ids):
+        if item.label_content is not None:
+            item.label = tok.decode(enc.label_ids, skip_special_tokens=self.skip_special_tokens)
+        if len(enc.prompt_ids) < enc.prompt_len and not self.truncate:
             raise SlideChatError(
-                f"prompt has {len(ids)} tokens (each image counted once); with its {len(label_ids)}-token "
-                f"label, cutoff_len {self.cutoff_len} would cut it to {keep} (LLaMA-Factory's rule)",
-                item.source, hint="raise --cutoff_len; the row is not truncated")
+                f"prompt has {enc.prompt_len} tokens (each image counted once); with its {enc.label_len}-token "
+                f"label, cutoff_len {self.cutoff_len} would cut it to {len(enc.prompt_ids)} (LLaMA-Factory's "
+                f"rule)", item.source, hint="shorten the conversation; it is not truncated")
+        item.prompt_ids = enc.prompt_ids
+        item.truncated = enc.truncated
+        item.prompt_text = tok.decode(enc.prompt_ids, skip_special_tokens=False)
+        item.prompt = tok.decode(enc.prompt_ids, skip_special_tokens=self.skip_special_tokens)
+        if enc.truncated:
+            logger.warning("%s: cut to cutoff_len %d as LLaMA-Factory does (prompt %d -> %d tokens, label "
+                           "%d -> %d)", item.source, self.cutoff_len, enc.prompt_len, len(enc.prompt_ids),
+                           enc.label_len, len(enc.label_ids))
+            pad_id = tok.convert_tokens_to_ids(QWEN2_VL.image_token)
+            if enc.prompt_ids.count(pad_id) != len(item.images):
+                raise SlideChatError(
+                    f"cutoff_len {self.cutoff_len} cuts the prompt ({enc.prompt_len} tokens, each image counted "
+                    f"once) to {len(enc.prompt_ids)}, which drops an image placeholder", item.source,
+                    hint="raise --cutoff_len")
 
     def prepare(self, item: CytologyItem) -> None:
         """The family's ``prepare``: render the prompt (length checks), then read the images."""
@@ -287,15 +311,33 @@ class _Qwen2VLText:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
 
-def stop_token_ids(tokenizer: Any) -> List[int]:
-    """``<|im_end|>`` (qwen2_vl's stop word), ``<|endoftext|>`` and the tokenizer's eos, when known."""
-    ids: List[int] = []
-    vocab = tokenizer.get_vocab()
-    for t in QWEN2VL_STOP_TOKENS:
-        if t in vocab:
-            ids.append(int(vocab[t]))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
+def _generation_config_eos(generation_config: Any) -> List[int]:
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if isinstance(generation_config, Mapping):
+        eos = generation_config.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> List[int]:
+    """The tokens vllm_infer stops on, for the ``qwen2_vl`` template.
+
+    LLaMA-Factory passes ``SamplingParams(stop_token_ids=template.get_stop_token_ids(tokenizer))``:
+    the template's stop words plus its eos, which ``replace_eos`` made ``<|im_end|>``
+    (:func:`~slidechat.data.template.template_stop_token_ids`). vLLM then also stops on the model's own
+    eos (the folder tokenizer's ``eos_token_id``) and on every ``eos_token_id`` of the folder's
+    ``generation_config.json`` (``SamplingParams.update_from_generation_config``); so
+    ``<|endoftext|>`` stops generation only where the model's generation config lists it (released
+    Qwen2-VL-Instruct does), never by itself. Order: template ids, tokenizer eos, generation config.
+    """
+    from slidechat.data.template import template_stop_token_ids
+
+    ids = template_stop_token_ids(tokenizer)
+    extra = [tokenizer.eos_token_id] + _generation_config_eos(generation_config)
+    for t in extra:
+        if t is not None and int(t) not in ids:
+            ids.append(int(t))
     if not ids:
         raise SlideChatError("tokenizer has no <|im_end|>/eos token: not a Qwen2-VL tokenizer")
     return ids
@@ -305,6 +347,7 @@ class Qwen2VLFamily(_Qwen2VLText):
     """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
 
     def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, **kw: Any) -> None:
+        kw.setdefault("generation_config", getattr(model, "generation_config", None))
         super().__init__(processor.tokenizer, **kw)
         self.model = model
         self.processor = processor
@@ -319,7 +362,7 @@ class Qwen2VLFamily(_Qwen2VLText):
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
         from slidechat.model.qwen2vl import prepare_generation_batch
 
-        batch = prepare_generation_batch(self.processor, [it.prompt_text for it in items],
+        batch = prepare_generation_batch(self.processor, [it.prompt_ids for it in items],
                                          [it.pil_images for it in items],
                                          image_max_pixels=self.image_max_pixels,
                                          image_min_pixels=self.image_min_pixels)
@@ -345,14 +388,18 @@ class VllmQwen2VLFamily(_Qwen2VLText):
     def __init__(self, model_name_or_path: PathLike, sampling: SamplingSettings,
                  adapter_name_or_path: Optional[PathLike] = None, dtype: str = "auto",
                  vllm_config: Optional[Mapping[str, Any]] = None, trust_remote_code: bool = False,
-                 **kw: Any) -> None:
+                 pipeline_parallel_size: int = 1, **kw: Any) -> None:
         vllm = require_vllm()
         tok = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         super().__init__(tok, **kw)
+        from slidechat.data.template import template_stop_token_ids
+
+        pp = int(pipeline_parallel_size)
         engine_args: Dict[str, Any] = {
             "model": os.fspath(model_name_or_path), "dtype": dtype,
             "max_model_len": self.cutoff_len + sampling.max_new_tokens,
-            "tensor_parallel_size": max(torch.cuda.device_count(), 1), "disable_log_stats": True,
+            "tensor_parallel_size": (torch.cuda.device_count() // pp) or 1, "pipeline_parallel_size": pp,
+            "disable_log_stats": True,
             "enable_lora": adapter_name_or_path is not None, "trust_remote_code": bool(trust_remote_code),
             "limit_mm_per_prompt": {"image": 4, "video": 2}}
         engine_args.update(dict(vllm_config or {}))
@@ -365,7 +412,9 @@ class VllmQwen2VLFamily(_Qwen2VLText):
         self.params = vllm.SamplingParams(
             repetition_penalty=sampling.repetition_penalty or 1.0,
             temperature=sampling.temperature, top_p=sampling.top_p or 1.0,
-            top_k=sampling.top_k or -1, stop_token_ids=self.stop_ids, max_tokens=sampling.max_new_tokens,
+            # as vllm_infer: the template's stop ids; vLLM adds the model's eos and generation config itself
+            top_k=sampling.top_k or -1, stop_token_ids=template_stop_token_ids(tok),
+            max_tokens=sampling.max_new_tokens,
             skip_special_tokens=self.skip_special_tokens, seed=sampling.seed)
         self.lora = None
         if adapter_name_or_path is not None:
@@ -374,7 +423,8 @@ class VllmQwen2VLFamily(_Qwen2VLText):
             self.lora = LoRARequest("default", 1, os.fspath(adapter_name_or_path))
 
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
-        inputs = [{"prompt": it.prompt_text,
+        # token ids with one pad per image, as vllm_infer passes them (vLLM expands the image itself)
+        inputs = [{"prompt_token_ids": list(it.prompt_ids),
                    "multi_modal_data": {"image": it.pil_images} if it.pil_images else None} for it in items]
         results = self.llm.generate(inputs, self.params, lora_request=self.lora)
         return [r.outputs[0].text for r in results]

@@ -112,46 +112,97 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
                              default_system: Optional[str] = None) -> Any:
     """A left-padded ``BatchFeature`` for ``model.generate(**batch)``.
 
-    ``examples_or_prompts``: :class:`~slidechat.data.llamafactory.Example` rows (rendered with the
-    ``qwen2_vl`` template, final answer left out) or prompt strings already rendered (each image as
-    ``<|vision_start|><|image_pad|><|vision_end|>``). ``images[i]``: paths or PIL images of row ``i``
-    (default: the examples' own images). Images get LLaMA-Factory's scaling, then the processor's.
+    ``examples_or_prompts``: :class:`~slidechat.data.llamafactory.Example` rows (encoded slot by slot with
+    the ``qwen2_vl`` template, final answer left out: :func:`slidechat.data.template.encode_qwen2vl_prompt`,
+    the encoder training uses), prompt token ids (one ``<|image_pad|>`` per image, as that encoder and
+    vllm_infer give them) or prompt strings already rendered (each image as
+    ``<|vision_start|><|image_pad|><|vision_end|>``; tokenized whole, so only for single-turn prompts,
+    where that equals the slot-by-slot ids). ``images[i]``: paths or PIL images of row ``i`` (default: the
+    examples' own images). Images get LLaMA-Factory's scaling, then the processor's; each image's pad is
+    expanded to ``t*h*w / merge²`` pads as the processor does.
     """
     from PIL import Image
 
     from slidechat.data.llamafactory import Example
-    from slidechat.data.template import QWEN2_VL, render_qwen2vl_prompt
+    from slidechat.data.template import QWEN2_VL, encode_qwen2vl_prompt
 
     span = f"{QWEN2_VL.vision_bos}{QWEN2_VL.image_token}{QWEN2_VL.vision_eos}"
-    texts: List[str] = []
+    tok = processor.tokenizer
+    pad_id = tok.convert_tokens_to_ids(QWEN2_VL.image_token)
+    rows: List[Any] = []
+    counts: List[int] = []
     flat: List[Any] = []
     for i, item in enumerate(examples_or_prompts):
         if isinstance(item, Example):
-            text = render_qwen2vl_prompt(item.prompt_messages, system=item.system_prompt(default_system),
-                                         default_system=default_system)
+            prompt: Any = encode_qwen2vl_prompt(tok, item.prompt_messages, item.label,
+                                                item.system_prompt(default_system),
+                                                default_system=default_system).prompt_ids
             row_images = item.images if images is None or images[i] is None else images[i]
+            n_spans = prompt.count(pad_id)
         elif isinstance(item, str):
-            text = item
+            prompt = item
             row_images = [] if images is None or images[i] is None else images[i]
+            n_spans = item.count(span)
+        elif isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+            prompt = list(item)
+            row_images = [] if images is None or images[i] is None else images[i]
+            n_spans = prompt.count(pad_id)
         else:
-            raise TypeError(f"item {i}: expected an Example or a prompt string, got {type(item).__name__}")
-        if text.count(span) != len(row_images):
-            raise SlideChatError(f"prompt {i} has {text.count(span)} image span(s) but {len(row_images)} "
+            raise TypeError(f"item {i}: expected an Example, prompt ids or a prompt string, "
+                            f"got {type(item).__name__}")
+        if n_spans != len(row_images):
+            raise SlideChatError(f"prompt {i} has {n_spans} image span(s) but {len(row_images)} "
                                  f"image(s) were given")
         for im in row_images:
             if isinstance(im, Image.Image):
                 flat.append(scale_image(im, image_max_pixels, image_min_pixels))
             else:
                 flat.append(load_image(im, image_max_pixels, image_min_pixels))
-        texts.append(text)
-    tok = processor.tokenizer
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        return processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = old_side
+        rows.append(prompt)
+        counts.append(len(row_images))
+    if all(isinstance(r, str) for r in rows):
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            return processor(text=rows, images=flat or None, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = old_side
+    return _batch_from_ids(processor, rows, counts, flat, pad_id)
 
+
+def _batch_from_ids(processor: Any, rows: Sequence[Any], counts: Sequence[int], flat: Sequence[Any],
+                    pad_id: int) -> Any:
+    """What ``processor(text=..., images=..., padding=True)`` returns (left padding), from token ids:
+    the images through the processor's image processor, each ``<|image_pad|>`` repeated ``t*h*w / merge²``
+    times, rows left-padded with the tokenizer's pad id (attention mask 0)."""
+    from transformers import BatchFeature
+
+    from slidechat.data.template import expand_image_pad_ids
+
+    tok = processor.tokenizer
+    data: dict = {}
+    seqlens: List[int] = []
+    if flat:
+        vis = processor.image_processor(images=list(flat), return_tensors="pt")
+        merge = int(getattr(processor.image_processor, "merge_size", 2)) ** 2
+        seqlens = [int(n) for n in (vis["image_grid_thw"].prod(-1) // merge).tolist()]
+        data.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+    ids_rows: List[List[int]] = []
+    k = 0
+    for r in rows:
+        if isinstance(r, str):
+            r = tok(r, add_special_tokens=False)["input_ids"]
+        ids, k = expand_image_pad_ids(r, pad_id, seqlens, k)
+        ids_rows.append(ids)
+    width = max(len(r) for r in ids_rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.full((len(ids_rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(ids_rows), width), dtype=torch.long)
+    for i, r in enumerate(ids_rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return BatchFeature(data={"input_ids": input_ids, "attention_mask": mask, **data})
 
 
 def __getattr__(name: str) -> Any:
