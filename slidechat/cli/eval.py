@@ -112,6 +112,15 @@ def _image_options(p: argparse.ArgumentParser) -> None:
                    help="image size for Qwen2-VL native 0-1000 boxes when the images cannot be read")
     p.add_argument("--image-dir", type=Path, default=None,
                    help="folder that relative image paths are under (default: the file's folder)")
+    p.add_argument("--box-format", default="region", choices=("region", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+                   help="grounding boxes (label and prediction) in this convention, converted to original-image "
+                        "pixels: region = CytoChat <region> pixels (default; Qwen2-VL box tokens are read too), "
+                        "qwen2_vl = <|box_start|>(x1,y1),(x2,y2)<|box_end|> on 0-1000, qwen2_5_vl = "
+                        "bbox_2d JSON in pixels of the resized model input, qwen3_vl = bbox_2d JSON on 0-1000")
+    p.add_argument("--image-max-pixels", "--image_max_pixels", type=int, default=768 * 768,
+                   help="LLaMA-Factory's image_max_pixels the model ran with (qwen2_5_vl boxes; default 768*768)")
+    p.add_argument("--image-min-pixels", "--image_min_pixels", type=int, default=32 * 32,
+                   help="LLaMA-Factory's image_min_pixels (qwen2_5_vl boxes; default 32*32)")
 
 
 def _alias_option(p: argparse.ArgumentParser) -> None:
@@ -141,13 +150,24 @@ def _aliases(values) -> dict:
     return out
 
 
+def _box_kw(args: argparse.Namespace) -> dict:
+    """``--box-format`` and the LLaMA-Factory scaling it needs (see slidechat.evaluation.boxes)."""
+    from slidechat.utils.errors import SlideChatError
+
+    for flag in ("image_max_pixels", "image_min_pixels"):
+        if getattr(args, flag) <= 0:
+            raise SlideChatError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    return {"box_format": args.box_format,
+            "resize": {"image_max_pixels": args.image_max_pixels, "image_min_pixels": args.image_min_pixels}}
+
+
 def run_cytology_all(args: argparse.Namespace) -> int:
     from slidechat.evaluation.cytology import score_all
     from slidechat.evaluation.tables import write_reports
 
     res = score_all(args.pred_file, sheet=args.sheet, drop_duplicates=args.drop_duplicates,
                     image_size=tuple(args.image_size) if args.image_size else None, image_dir=args.image_dir,
-                    aliases=_aliases(args.alias))
+                    aliases=_aliases(args.alias), **_box_kw(args))
     out_json, out_md = _report_paths(args, args.pred_file, "cytology")
     write_reports(res.data, res.markdown, out_json, out_md)
     print(res.markdown, end="")
@@ -163,7 +183,7 @@ def run_cytology(args: argparse.Namespace) -> int:
     kw = {}
     if args.scorer == "grounding":
         kw.update(image_size=tuple(args.image_size) if args.image_size else None, image_dir=args.image_dir,
-                  iou_thresholds=tuple(args.iou) if args.iou else IOU_THRESHOLDS)
+                  iou_thresholds=tuple(args.iou) if args.iou else IOU_THRESHOLDS, **_box_kw(args))
     if args.scorer in ("grounding", "region"):
         kw.update(aliases=_aliases(args.alias))
     res = score_file(path, args.scorer, args.task, sheet=args.sheet, drop_duplicates=args.drop_duplicates,

@@ -51,11 +51,16 @@ def _dedupe(records: List[CytoRecord]) -> Tuple[List[CytoRecord], int]:
 def score_file(path: PathLike, scorer: str, task: Optional[str] = None, *, sheet: Optional[str] = None,
                image_size: Optional[Tuple[int, int]] = None, image_dir: Optional[PathLike] = None,
                drop_duplicates: bool = False, aliases: Optional[Mapping[str, str]] = None,
-               iou_thresholds: Sequence[float] = IOU_THRESHOLDS) -> ScoreResult:
-    """Score ``path`` with ``scorer`` (mcq / grounding / region / report); see the module doc."""
+               iou_thresholds: Sequence[float] = IOU_THRESHOLDS, box_format: str = "region",
+               resize: Optional[Mapping[str, Optional[int]]] = None) -> ScoreResult:
+    """Score ``path`` with ``scorer`` (mcq / grounding / region / report); see the module doc.
+
+    ``box_format``/``resize``: the grounding scorer's box convention
+    (:func:`slidechat.evaluation.grounding.grounding_items`)."""
     f = read_predictions(path, sheet=sheet)
     return _score(f, scorer, task, image_size=image_size, image_dir=image_dir,
-                  drop_duplicates=drop_duplicates, aliases=aliases, iou_thresholds=iou_thresholds)
+                  drop_duplicates=drop_duplicates, aliases=aliases, iou_thresholds=iou_thresholds,
+                  box_format=box_format, resize=resize)
 
 
 def score_all(path: PathLike, *, sheet: Optional[str] = None, **kw: Any) -> ScoreResult:
@@ -87,7 +92,8 @@ def score_all(path: PathLike, *, sheet: Optional[str] = None, **kw: Any) -> Scor
 def _score(f: CytoFile, scorer: str, task: Optional[str], *,
            image_size: Optional[Tuple[int, int]] = None, image_dir: Optional[PathLike] = None,
            drop_duplicates: bool = False, aliases: Optional[Mapping[str, str]] = None,
-           iou_thresholds: Sequence[float] = IOU_THRESHOLDS) -> ScoreResult:
+           iou_thresholds: Sequence[float] = IOU_THRESHOLDS, box_format: str = "region",
+           resize: Optional[Mapping[str, Optional[int]]] = None) -> ScoreResult:
     src = str(f.path)
     records, by_task, skipped = select_task(f, scorer, task)
     notes: List[str] = [f"Input: {f.format}, {len(f.records)} row(s)."] + list(f.notes)
@@ -117,8 +123,11 @@ def _score(f: CytoFile, scorer: str, task: Optional[str], *,
         from slidechat.evaluation.grounding import grounding_items, score_grounding
 
         base = Path(image_dir) if image_dir else f.path.parent
-        items = grounding_items(records, lambda r: image_size_of(r, base, image_size, f.path), source=src)
+        items = grounding_items(records, lambda r: image_size_of(r, base, image_size, f.path), source=src,
+                                box_format=box_format, resize=resize)
         rep = score_grounding(items, thresholds=iou_thresholds, aliases=aliases, source=src)
+        if box_format != "region":
+            notes.append(f"Boxes read as {box_format} and converted to original-image pixels.")
         rep.notes = notes
         data, md = rep.to_dict(), rep.to_markdown()
     elif scorer == "region":

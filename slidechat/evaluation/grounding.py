@@ -212,12 +212,20 @@ def query_class(question: str) -> Optional[str]:
 
 
 def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional[Tuple[int, int]]],
-                    source: Optional[str] = None) -> List[GroundingItem]:
+                    source: Optional[str] = None, box_format: str = "region",
+                    resize: Optional[Mapping[str, Optional[int]]] = None) -> List[GroundingItem]:
     """Parse truth and predicted boxes of each record (:class:`~.cytology_io.CytoRecord`).
 
-    ``image_size(record)`` is asked only when a text holds Qwen2-VL native boxes. A truth label with a
-    malformed region is an error (the reference must be exact); a prediction's are counted.
+    ``box_format`` (:mod:`slidechat.evaluation.boxes`): ``region`` reads CytoChat's ``<region>`` pixels
+    and Qwen2-VL native boxes as always; ``qwen2_vl``/``qwen2_5_vl``/``qwen3_vl`` read that family's
+    native boxes (and any ``<region>``) in both label and prediction and convert them to original-image
+    pixels; ``resize`` holds the LLaMA-Factory scaling (``image_max_pixels``/``image_min_pixels``) the
+    Qwen2.5-VL conversion needs. ``image_size(record)`` is asked only when a text holds boxes that need
+    it. A truth label with a malformed region is an error (the reference must be exact); a prediction's
+    are counted.
     """
+    if box_format != "region":
+        return _native_items(records, image_size, source, box_format, dict(resize or {}))
     items = []
     for r in records:
         where = f"{source}: {r.where}" if source else r.where
@@ -232,6 +240,31 @@ def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional
             raise SlideChatError(f"{r.where}: malformed region(s) in the label: {truth.malformed[:3]}",
                                  source)
         pred = parse_regions(r.predict, size, source=where) if not r.error else parse_regions("")
+        items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
+                                   query_class=query_class(r.question), malformed=pred.malformed,
+                                   failed=r.error))
+    return items
+
+
+def _native_items(records: Sequence[Any], image_size: Callable[[Any], Optional[Tuple[int, int]]],
+                  source: Optional[str], box_format: str, resize: Dict[str, Optional[int]]
+                  ) -> List[GroundingItem]:
+    from slidechat.evaluation.boxes import box_format as get_format
+
+    fmt = get_format(box_format)
+    items = []
+    for r in records:
+        where = f"{source}: {r.where}" if source else r.where
+        pred_text = r.predict if not r.error else ""
+        needs = fmt.present(pred_text) or fmt.present(r.label)
+        size = image_size(r) if needs else None
+        if needs and size is None:
+            raise SlideChatError(f"{r.where}: {box_format} boxes need the image size and it is unknown", source,
+                                 hint="give readable image paths (--image-dir) or --image-size W H")
+        truth = fmt.to_pixels(r.label, size, source=where, **resize)
+        if truth.malformed:
+            raise SlideChatError(f"{r.where}: malformed box(es) in the label: {truth.malformed[:3]}", source)
+        pred = fmt.to_pixels(pred_text, size, source=where, **resize)
         items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
                                    query_class=query_class(r.question), malformed=pred.malformed,
                                    failed=r.error))

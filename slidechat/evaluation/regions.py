@@ -88,6 +88,9 @@ class RegionParse:
 
     boxes: List[Region] = field(default_factory=list)
     malformed: List[str] = field(default_factory=list)
+    #: ``(start, end)`` character span of each box in the text, parallel to :attr:`boxes` (used to
+    #: rewrite a box in place, :mod:`slidechat.evaluation.boxes`)
+    spans: List[Tuple[int, int]] = field(default_factory=list)
 
 
 def _snippet(text: str, n: int = 80) -> str:
@@ -137,7 +140,7 @@ def _ordered(label: Optional[str], v: Sequence[float]) -> Region:
     return Region(label, min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
 
 
-def _parse_cytochat(text: str, found: List[Tuple[int, Region]], malformed: List[str],
+def _parse_cytochat(text: str, found: List[Tuple[int, int, Region]], malformed: List[str],
                     spans: List[Tuple[int, int]]) -> None:
     opens = list(_OPEN_RE.finditer(text))
     prev_end = 0
@@ -162,10 +165,10 @@ def _parse_cytochat(text: str, found: List[Tuple[int, Region]], malformed: List[
         if nums is None:
             malformed.append(f"{why}: {_snippet(text[m.start():end])}")
         else:
-            found.append((m.start(), _ordered(seg_label, nums)))
+            found.append((m.start(), end, _ordered(seg_label, nums)))
 
 
-def _parse_qwen(text: str, image_size: Optional[Tuple[float, float]], found: List[Tuple[int, Region]],
+def _parse_qwen(text: str, image_size: Optional[Tuple[float, float]], found: List[Tuple[int, int, Region]],
                 malformed: List[str], spans: List[Tuple[int, int]], source: Optional[str]) -> None:
     tokens = list(_QWEN_TOKEN.finditer(text))
     label: Optional[str] = None
@@ -214,7 +217,7 @@ def _parse_qwen(text: str, image_size: Optional[Tuple[float, float]], found: Lis
         w, h = image_size
         px = [nums[0] * w / QWEN_SCALE, nums[1] * h / QWEN_SCALE,
               nums[2] * w / QWEN_SCALE, nums[3] * h / QWEN_SCALE]
-        found.append((t.start(), _ordered(label, px)))
+        found.append((t.start(), end, _ordered(label, px)))
 
 
 def parse_regions(text: Optional[str], image_size: Optional[Tuple[float, float]] = None,
@@ -228,11 +231,13 @@ def parse_regions(text: Optional[str], image_size: Optional[Tuple[float, float]]
     if text is None or (isinstance(text, float) and text != text):
         return out
     text = str(text)
-    found: List[Tuple[int, Region]] = []
+    found: List[Tuple[int, int, Region]] = []
     spans: List[Tuple[int, int]] = []
     _parse_cytochat(text, found, out.malformed, spans)
     _parse_qwen(text, image_size, found, out.malformed, spans, source)
-    out.boxes = [b for _, b in sorted(found, key=lambda x: x[0])]
+    found.sort(key=lambda x: x[0])
+    out.boxes = [b for _, _, b in found]
+    out.spans = [(s, e) for s, e, _ in found]
     # "(x1,y1),(x2,y2)" outside any marker: native boxes decoded with special tokens skipped
     masked = list(text)
     for s, e in spans:
