@@ -225,3 +225,25 @@ def test_cli_grounding_native_needs_image_size(tmp_path, caplog):
     assert main(["eval", "grounding", str(p), "--box-format", "qwen3_vl"]) == 1
     assert "image size" in caplog.text
     assert main(["eval", "grounding", str(p), "--box-format", "qwen3_vl", "--image-size", "1000", "300"]) == 0
+
+
+def test_convert_boxes_tool(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_boxes", Path(__file__).resolve().parents[1] / "tools" / "convert_boxes.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    Image.new("RGB", (1000, 300)).save(tmp_path / "a.png")
+    row = {"messages": [{"role": "user", "content": "<image>Locate all hsil."},
+                        {"role": "assistant", "content": "hsil 1 is located at <region>100 30 200 60</region>."}],
+           "images": ["a.png"]}
+    (tmp_path / "d.json").write_text(json.dumps([row]))
+    assert tool.main([str(tmp_path / "d.json"), "--from", "region", "--to", "qwen2_vl",
+                      "--out", str(tmp_path / "q.json")]) == 0
+    out = json.loads((tmp_path / "q.json").read_text())  # a JSON list stays a JSON list
+    assert out[0]["messages"][1]["content"] == "hsil 1 is located at <|box_start|>(100,100),(200,200)<|box_end|>."
+    (tmp_path / "a.png").unlink()
+    assert tool.main([str(tmp_path / "d.json"), "--from", "region", "--to", "qwen2_vl",
+                      "--out", str(tmp_path / "r.json")]) == 2 and not (tmp_path / "r.json").exists()
