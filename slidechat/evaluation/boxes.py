@@ -9,29 +9,35 @@ where each was read:
 * ``region`` (CytoChat): absolute float pixels of the original image; parsed by
   :func:`slidechat.evaluation.regions.parse_regions` (the one parser; it also reads Qwen2-VL boxes).
 * ``qwen2_vl``: ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``,
-  integers on a 0-1000 scale of the image's width and height (Qwen2-VL model card / README, "grounding";
-  the special tokens are in the Qwen2-VL tokenizer). Relative, so no resize rule is needed; also
-  parsed by :func:`~slidechat.evaluation.regions.parse_regions`.
+  integers on a 0-1000 scale of the image's width and height (the special tokens are in the Qwen2-VL
+  tokenizer; the 0-1000 scale as in FACTS.md "Box conventions"). Relative, so no resize rule is needed;
+  also parsed by :func:`~slidechat.evaluation.regions.parse_regions`.
 * ``qwen2_5_vl``: absolute pixels on the image AFTER the processor's resize, usually JSON
-  ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]`` (QwenLM/Qwen2.5-VL cookbooks,
-  ``spatial_understanding.ipynb``, which draw the boxes on the image resized with the processor's
-  ``smart_resize``; the Qwen2.5-VL report: "absolute coordinates based on the actual size of the
-  input image"). Converting needs the size the model actually saw: :func:`model_input_size`.
-* ``qwen3_vl``: the same JSON, but relative integers in 0-1000 again (QwenLM/Qwen3-VL README and
-  cookbooks, "relative coordinates ... 0 to 1000"; the Qwen3-VL fine-tuning notes in QwenLM/Qwen3-VL
-  ``qwen-vl-finetune`` say the same and that Qwen2.5-VL used absolute pixels).
+  ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]``, possibly inside a ```json fence. Converting needs
+  the size the model actually saw: :func:`model_input_size`.
+* ``qwen3_vl``: the same JSON, but relative integers in 0-1000 again.
+
+Verification, honestly stated: the JSON form and the absolute-on-resized (2.5) vs relative-0-1000 (3)
+conventions were read in public third-party code and notes found by search (a ``qwen-vl-finetune``
+grounding-format note in a QwenLM/Qwen3-VL fork saying Qwen3-VL uses relative 0-1000 and Qwen2.5-VL
+absolute pixels; scripts converting COCO boxes to Qwen2.5-VL input coordinates with
+``qwen_vl_utils.smart_resize``) and agree with FACTS.md; the official QwenLM cookbooks themselves were
+NOT read in this session. The ```json fence and the float tolerance of the readers are assumptions
+about what models emit, not documented rules.
 
 Resize rule (what :func:`model_input_size` reproduces): LLaMA-Factory first scales each image by
 ``sqrt(image_max_pixels / (w*h))`` when it has more pixels (and up to ``image_min_pixels`` when fewer),
 truncating each side with ``int()``, then makes each side >= 28 and the aspect ratio <= 200 (its
 ``qwen2_vl`` mm plugin; the same code is :func:`slidechat.data.images.scale_image`, and the tests check
 the two agree). Then the processor's ``smart_resize`` (transformers
-``models/qwen2_vl/image_processing_qwen2_vl.py``, read at 4.48 and at current main: round each side to
+``models/qwen2_vl/image_processing_qwen2_vl.py``, read in 4.48 here and in an older stored copy of the
+repository, same rule: round each side to
 a multiple of ``factor``; if that exceeds ``max_pixels`` floor both sides of ``side / beta`` with
 ``beta = sqrt(h*w / max_pixels)``; if below ``min_pixels`` ceil ``side * beta`` with
 ``beta = sqrt(min_pixels / (h*w))``). ``factor`` = patch size x spatial merge: 14 x 2 = 28 for Qwen2-VL and
-Qwen2.5-VL, 16 x 2 = 32 for Qwen3-VL (Qwen3-VL has no image processor class of its own in transformers;
-its released ``preprocessor_config.json`` sets the Qwen2-VL processor's ``patch_size`` to 16).
+Qwen2.5-VL, 16 x 2 = 32 for Qwen3-VL (transformers' ``models/qwen3_vl`` folder has no image processor
+of its own; copies of the released ``preprocessor_config.json`` quoted in public code set the Qwen2-VL
+processor's ``patch_size`` to 16 and ``merge_size`` to 2).
 
 min/max pixels of the processor, per family (:data:`RESIZE_RULES`): the values in the released
 checkpoints' ``preprocessor_config.json`` (what ``AutoProcessor.from_pretrained`` applies), NOT the
@@ -247,7 +253,7 @@ class BoxFormat:
             if self.name == "qwen2_vl" and self.present(text):
                 _check_size(image_size, source)
             return parse_regions(text, image_size, source=source)
-        base = parse_regions(text, None, source=source)  # <region> pixels (and an error on Qwen2-VL boxes)
+        base = parse_regions(text, image_size, source=source)  # <region> pixels (and any Qwen2-VL box tokens)
         if not text:
             return base
         found, malformed = _parse_json_boxes(str(text))
