@@ -10,7 +10,6 @@ Expectations are computed here from the rules as published, not from the module:
 """
 
 import json
-import math
 import random
 
 import pytest
