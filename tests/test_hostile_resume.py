@@ -225,3 +225,16 @@ def test_a_safe_load_leaves_the_process_wide_allow_list_in_place(tmp_path):
     load_training_checkpoint(path, "cpu")
     assert HistoryBuffer in torch.serialization.get_safe_globals()
     assert torch.load(path)["w"].item() == 1.0  # torch's default (weights-only) still reads it
+
+
+def test_a_deepspeed_file_load_leaves_the_process_wide_allow_list_in_place(tmp_path):
+    """The same rule for DeepSpeed's model/optimizer-state loader (``--deepspeed ... --resume``)."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    from slidechat.engine.model import safe_deepspeed_load
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(1)}}, path)
+    assert HistoryBuffer in torch.serialization.get_safe_globals()
+    safe_deepspeed_load(None, str(path), "cpu")
+    assert HistoryBuffer in torch.serialization.get_safe_globals()

@@ -94,18 +94,24 @@ RESUME_HINT = ("resume only from a checkpoint this training wrote (WORK_DIR/epoc
                "from other weights use model.pretrained_pth, which reads tensors only")
 
 
+def _scoped_safe_globals(extra_globals: Sequence[Any]) -> Any:
+    """``torch.serialization.safe_globals`` for the entries of ``extra_globals`` not already allowed.
+
+    safe_globals' exit removes what it was given, even entries allowed process-wide before it
+    (:func:`allow_mmengine_checkpoint_globals`): passing those too would make the first load silently
+    take the process-wide allow-list away from every later ``torch.load``.
+    """
+    already = set(torch.serialization.get_safe_globals())
+    return torch.serialization.safe_globals([g for g in extra_globals if g not in already])
+
+
 def _weights_only_load(path: str, map_location: Any, extra_globals: Sequence[Any], what: str) -> Any:
     """``torch.load(weights_only=True)`` with ``extra_globals`` allowed for this call; a refusal or an
     unreadable file is a one-line :class:`SlideChatError` (nothing in the file has run)."""
     import pickle
 
-    # safe_globals' exit removes what it was given, even entries that were allowed process-wide before
-    # (allow_mmengine_checkpoint_globals): scope only the ones not already allowed, or the first load
-    # would silently take the process-wide allow-list away from every later torch.load
-    already = set(torch.serialization.get_safe_globals())
-    scoped = [g for g in extra_globals if g not in already]
     try:
-        with torch.serialization.safe_globals(scoped):
+        with _scoped_safe_globals(extra_globals):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise SlideChatError(f"{what} holds a non-tensor Python object outside the allow-list of the "
@@ -197,7 +203,7 @@ def safe_deepspeed_load(self: Any, path: str, map_location: Any = None) -> Any:
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals() + mmengine_checkpoint_globals()):
+        with _scoped_safe_globals(_deepspeed_checkpoint_globals() + mmengine_checkpoint_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
