@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train_data import write_sharegpt_dataset
+from train_data import one_image_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 #: the CLI of this checkout (run from REPO, so `python -m` imports this checkout's package)
@@ -181,12 +181,7 @@ def test_commands_print_none_of_the_known_noise(tmp_path: Path) -> None:
 
     model = make_tiny_qwen2vl(tmp_path / "tiny_qwen2vl")
     data = tmp_path / "data"
-    (data / "imgs").mkdir(parents=True)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(
-        data / "imgs" / "a.png")
-    row = {"messages": [{"role": "user", "content": "<image>Normal or abnormal?"},
-                        {"role": "assistant", "content": "A.Normal."}], "images": ["imgs/a.png"]}
-    write_sharegpt_dataset(data, "t", [row], "t.jsonl")
+    one_image_dataset(data, "t", "Normal or abnormal?", "A.Normal.", "a.png")
     out = tmp_path / "pred.jsonl"
     infer = subprocess.run([*SLIDECHAT, "infer", "--model_name_or_path", str(model), "--dataset", "t",
                             "--dataset_dir", str(data), "--template", "qwen2_vl", "--save_name", str(out),

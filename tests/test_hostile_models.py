@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_testing import CONFIG, build_tiny_setup  # noqa: E402
-from train_data import write_sharegpt_dataset  # noqa: E402
+from train_data import one_image_dataset  # noqa: E402
 
 PROMPT_TEXT = "Do you wish to run the custom code"
 STDIN = "y\nWhat is this?\nexit\n"  # "y" would be the answer to transformers' trust prompt
@@ -93,21 +93,13 @@ def slide(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def vl(tmp_path_factory) -> Dict[str, Path]:
     """A tiny Qwen2-VL folder, a one-row LLaMA-Factory dataset, one field image and one cytology slide."""
-    import numpy as np
-    from PIL import Image
-
     from slidechat.data import synthetic_cytology as sc
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
     root = tmp_path_factory.mktemp("hostile_vl")
     model = make_tiny_qwen2vl(root / "good", seed=0)
     data = root / "data"
-    (data / "imgs").mkdir(parents=True)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(
-        data / "imgs" / "field.png")
-    row = {"messages": [{"role": "user", "content": "<image>What is seen?"},
-                        {"role": "assistant", "content": "Cells."}], "images": ["imgs/field.png"]}
-    write_sharegpt_dataset(data, "rows", [row], "rows.jsonl")
+    one_image_dataset(data, "rows", "What is seen?", "Cells.", "field.png")
     sc.write_cytology_slides(root / "slides", n_slides=1, seed=3, width=512, height=512, base_mpp=0.5,
                              field_size=256, field_mpp=1.0, n_abnormal=4)
     slides = sorted((root / "slides").rglob("*.svs"))

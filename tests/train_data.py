@@ -69,6 +69,17 @@ def write_sharegpt_dataset(data: Path, name: str, rows: List[Dict[str, Any]], fi
     return info
 
 
+def one_image_dataset(data: Path, name: str, question: str, answer: str, image: str) -> Path:
+    """A one-row LLaMA-Factory dataset ``name`` in ``data``: a 56x56 random RGB field ``imgs/<image>`` asked
+    ``question`` (answer ``answer``), for tests that only need ``slidechat infer`` to run on something."""
+    (data / "imgs").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(
+        data / "imgs" / image)
+    row = {"messages": [{"role": "user", "content": "<image>" + question},
+                        {"role": "assistant", "content": answer}], "images": [f"imgs/{image}"]}
+    return write_sharegpt_dataset(data, name, [row], f"{name}.jsonl")
+
+
 def cyto_train_data(root: Path, epochs: int) -> Dict[str, Any]:
     """Tiny Qwen2-VL and a 6-row MCQ dataset under ``root`` (keys: root, tiny, data, opts)."""
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl

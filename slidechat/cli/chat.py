@@ -163,8 +163,8 @@ def _require_paths(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from slidechat.utils.logging import route_mmengine_logs_to_stderr
 
+    _require_paths(args)  # before the torch import below: a mistyped path costs nothing
     _keep_stdout_for_answers()
-    _require_paths(args)
     route_mmengine_logs_to_stderr()
     # loading prints nothing on stdout: a stray print of a library goes to stderr with the logs
     with contextlib.redirect_stdout(sys.stderr):

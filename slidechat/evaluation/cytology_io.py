@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from slidechat.utils.errors import SlideChatError
-from slidechat.wsi.imageio import image_size
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +399,8 @@ def image_size_of(record: CytoRecord, base_dir: Optional[Path], fallback: Option
 
     Header only, through the one image loader; no pixel is decoded, so no pixel limit applies here.
     """
+    from slidechat.wsi.imageio import image_size  # numpy + PIL: kept off `slidechat eval`'s parser start-up
+
     for im in record.images[:1]:
         cand = Path(im)
         if not cand.is_absolute() and base_dir is not None:

@@ -72,10 +72,6 @@ class FileLock:
             self._fh.close()
             self._fh = None
 
-    @property
-    def held(self) -> bool:
-        return self._fh is not None
-
     def __enter__(self) -> "FileLock":
         self.acquire(blocking=True)
         return self

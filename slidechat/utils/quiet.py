@@ -19,8 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Pattern, Tuple, Type
 
-__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "NoiseFilter", "is_known_noise", "noise_lines",
-           "silence_known_noise"]
+__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "NoiseFilter", "silence_known_noise"]
 
 
 @dataclass(frozen=True)
@@ -84,11 +83,6 @@ class NoiseFilter(logging.Filter):
 _installed = False
 
 
-def is_known_noise(logger_name: str, message: str) -> bool:
-    """Whether ``message`` from ``logger_name`` is one of the silenced messages (for tests)."""
-    return any(n.logger == logger_name and re.search(n.pattern, message) for n in KNOWN_LOG_NOISE)
-
-
 def silence_known_noise() -> None:
     """Install the filters above (idempotent; cheap: imports nothing heavy)."""
     global _installed
@@ -102,10 +96,3 @@ def silence_known_noise() -> None:
     for w in KNOWN_WARNING_NOISE:
         warnings.filterwarnings("ignore", message=w.pattern, category=w.category, module=w.module)
     _installed = True
-
-
-def noise_lines(text: str) -> List[str]:
-    """Lines of ``text`` (a command's captured output) that hold one of the silenced messages."""
-    pats: List[Pattern[str]] = [re.compile(n.pattern.lstrip("^")) for n in KNOWN_LOG_NOISE]
-    pats += [re.compile(w.pattern.lstrip("^")) for w in KNOWN_WARNING_NOISE]
-    return [line for line in text.splitlines() if any(p.search(line) for p in pats)]
