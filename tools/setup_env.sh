@@ -13,6 +13,18 @@ fi
 echo "[setup] creating environment in $venv (first run downloads ~5 GB of PyTorch wheels)" >&2
 "$py" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt" -e "$repo[train,dev]"
+# xtuner 0.2.0 pins transformers==4.48.0; we run it on transformers 5 (README: "The stack"), so it is
+# installed without its dependencies, which setup.py's [train] extra lists instead. pip then reports
+# that one pin as a conflict; nothing else may conflict (tests/test_stack.py runs `pip check`).
+"$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt" --no-deps xtuner==0.2.0
+log=$(mktemp)
+if ! "$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt" -e "$repo[train,dev]" >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"; exit 1
+fi
+grep -v -e "xtuner 0.2.0 requires transformers==4.48.0" -e "dependency resolver does not currently" \
+  -e "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+rm -f "$log"
+"$venv/bin/python" -c "import slidechat_compat, xtuner.tools.train" \
+  || { echo "[setup] xtuner does not import on this stack (see slidechat_compat.py)" >&2; exit 1; }
 echo "$stamp_src" > "$venv/.slidechat-stamp"
 echo "[setup] environment ready: $venv" >&2
