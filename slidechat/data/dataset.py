@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from slidechat.data.template import (ConversationError, encode_conversation, normalize_conversation,
-                                     resolve_template)
+from slidechat.data.template import (ConversationError, describe_template, encode_conversation,
+                                     normalize_conversation, resolve_template)
 from slidechat.features.io import FEATURE_SUFFIXES, find_feature_file, load_features
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
@@ -38,6 +38,16 @@ from slidechat.utils.errors import SlideChatError
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+
+
+def _print_log(msg: str) -> None:
+    """To the runner's log (mmengine) when training, else ``logging``."""
+    try:
+        from mmengine.logging import print_log
+
+        print_log(msg, logger="current", level=logging.INFO)
+    except Exception:  # noqa: BLE001 - logging only
+        logger.info(msg)
 
 
 def build_object(obj: Any) -> Any:
@@ -135,6 +145,7 @@ class SlideInstructionDataset(Dataset):
             self.template = resolve_template(template, chat_template_kwargs)
         except ConversationError as e:
             raise SlideChatError(str(e), self.data_path) from None
+        _print_log(f"{self.data_path.name}: prompt format {describe_template(self.template)}")
         self.system = system
         self.skip_bad = skip_bad
         pad = self.tokenizer.pad_token_id

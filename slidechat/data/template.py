@@ -94,6 +94,16 @@ def resolve_template(template: Any = "qwen_chat",
     return get_template(template)
 
 
+def describe_template(template: Any) -> str:
+    """One line for logs: which prompt format a run uses (a silent switch would go unnoticed)."""
+    tpl = resolve_template(template)
+    if isinstance(tpl, TokenizerChatTemplate):
+        kw = ", ".join(f"{k}={v!r}" for k, v in tpl.kwargs)
+        return f"{CHAT_TEMPLATE} (the tokenizer's own chat template; {kw or 'no extra variables'})"
+    name = next((n for n, t in TEMPLATES.items() if t == tpl), "custom")
+    return f"{name} (SlideChat's xtuner format)" if name == "qwen_chat" else name
+
+
 def get_template(template: "str | ChatTemplate") -> ChatTemplate:
     if isinstance(template, ChatTemplate):
         return template

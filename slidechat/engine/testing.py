@@ -46,6 +46,7 @@ from mmengine.runner import TestLoop
 from torch.utils.data import Dataset, SequentialSampler
 
 from slidechat.data.dataset import uniform_indices
+from slidechat.data.template import describe_template
 from slidechat.engine.limits import PromptLimit, check_prompt_length, model_prompt_limit
 from slidechat.evaluation.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
                                              check_template, default_template, merge_shards, read_csv_text,
@@ -411,6 +412,7 @@ class SlideBenchTestLoop(TestLoop):
                       template=core_cfg.template() if template is None else template,
                       prompt_limit=model_prompt_limit(model.core, s.max_new_tokens, s.max_prompt_tokens))
         dataset = SlideBenchTestDataset(**ds_cfg)
+        _log(f"prompt format: {describe_template(dataset.template)}")
         dl.update(dataset=dataset, batch_size=s.batch_size, sampler=SequentialSampler(dataset),
                   collate_fn=slidebench_collate_fn, shuffle=None)
         dl.pop("shuffle")
