@@ -321,3 +321,69 @@ def test_xtuner_train_stage1_stage2_then_xtuner_test(tmp_path, arch):
         assert f"prompt format {fmt.split(': ', 1)[1]}" in stage_log
         losses = [float(x.split()[0]) for x in stage_log.split(" loss: ")[1:]]
         assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_export_carries_the_format_to_chat(tmp_path, arch):
+    """An exported folder remembers its prompt format: ``slidechat chat``'s session prompts as trained."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slidechat.engine.chat import ChatSession
+    from slidechat.model.slidechat_model import SlideChatConfig, SlideChatModel
+    from slidechat.model.tiny_llm import make_tiny_llm
+
+    llm_dir = make_tiny_llm(tmp_path / arch, **FAMILIES[arch][0])
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    cfg = SlideChatConfig(encoder=dict(embed_dim=512, ffn_dim=64, num_heads=8, num_layers=1,
+                                       segment_lengths=[16, 32], dilated_ratios=[1, 2]),
+                          prompt_template=CHAT_TEMPLATE)
+    SlideChatModel(AutoModelForCausalLM.from_pretrained(llm_dir), cfg, tokenizer=tok).save_pretrained(
+        tmp_path / "export")
+    model = SlideChatModel.from_pretrained(tmp_path / "export")
+    assert model.config.prompt_template == CHAT_TEMPLATE
+    session = ChatSession(model, model.tokenizer, np.zeros((4, 512), np.float32), max_new_tokens=4)
+    session.history.append(("What is seen?", "\nCarcinoma."))
+    ids = session.prompt_ids("Which grade?")
+    ref = reference_ids(tok, reference_messages([{"from": "human", "value": "What is seen?"},
+                                                 {"from": "gpt", "value": "\nCarcinoma."},
+                                                 {"from": "human", "value": "Which grade?"}], ""),
+                        add_generation_prompt=True)
+    assert with_placeholder_text(tok, ids) == ref
+    assert len(session.ask("Is there necrosis?")) >= 0 and len(session.history) == 2
+
+
+def _flat(d: Any, pre: str = "") -> Dict[str, str]:
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{pre}{key}.").items()}
+    if isinstance(d, (list, tuple)):
+        return {k: v for i, val in enumerate(d) for k, v in _flat(val, f"{pre}{i}.").items()}
+    return {pre[:-1]: repr(d)}
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_qwen3_8b_configs_differ_from_qwen25_only_in_llm_and_format(stage):
+    from mmengine.config import Config
+
+    base = Config.fromfile(str(REPO / f"configs/slidechat/stage_{stage}.py"))
+    q3 = Config.fromfile(str(REPO / f"configs/slidechat/stage_{stage}_qwen3_8b.py"))
+    assert base.prompt_template == base.model.slidechat_config.prompt_template == "qwen_chat"
+    assert base.train_dataloader.dataset.template == "qwen_chat"
+    assert q3.prompt_template == q3.model.slidechat_config.prompt_template == CHAT_TEMPLATE
+    assert q3.train_dataloader.dataset.template == CHAT_TEMPLATE
+    assert dict(q3.model.slidechat_config.chat_template_kwargs) == {"enable_thinking": False}
+    for node in (q3.model.llm, q3.tokenizer, q3.train_dataloader.dataset.tokenizer):
+        assert node.pretrained_model_name_or_path == q3.llm_name_or_path == "Qwen/Qwen3-8B"
+    a, b = _flat(base._cfg_dict.to_dict()), _flat(q3._cfg_dict.to_dict())
+    differ = {k.split(".")[0] if k.split(".")[0] in ("llm_name_or_path", "prompt_template", "read_base",
+                                                     "chat_template_kwargs", "pretrained_pth") else k
+              for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    allowed = {"llm_name_or_path", "prompt_template", "chat_template_kwargs", "read_base",
+               "model.llm.pretrained_model_name_or_path", "tokenizer.pretrained_model_name_or_path",
+               "train_dataloader.dataset.tokenizer.pretrained_model_name_or_path",
+               "model.slidechat_config.prompt_template", "model.slidechat_config.chat_template_kwargs.enable_thinking",
+               "train_dataloader.dataset.template", "train_dataloader.dataset.chat_template_kwargs.enable_thinking"}
+    if stage == "2":  # the Qwen3 stage-1 result: a Qwen2.5 projector has the wrong output width
+        allowed |= {"pretrained_pth", "model.pretrained_pth"}
+        assert q3.model.pretrained_pth == q3.pretrained_pth == "work_dirs/stage1_qwen3_8b"
+    assert differ <= allowed, sorted(differ - allowed)
