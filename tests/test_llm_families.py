@@ -157,6 +157,35 @@ def test_qwen3_think_block_last_turn_only_and_never_labelled(tokenizers):
     assert not tok.decode(list(ref_on)).endswith(think)
 
 
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_placeholder_across_a_token_edge_is_split_as_an_added_token(tokenizers, tmp_path, arch):
+    """Real byte-level vocabularies may merge the placeholder's ``>`` with the newline after it; the
+    prompt is then what ``apply_chat_template`` gives once ``<image>`` is an added token."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / arch
+    tokenizers[arch].save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens([">\n"])  # stands in for a learnt '>\n' merge
+    enc = tok(f"x{IMAGE_TOKEN}\nWhat", add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids(">\n") in enc  # the placeholder's edge is inside a token now
+    conversation, system = MULTI, "The patient is a woman."
+    got = encode_conversation(tok, conversation, CHAT_TEMPLATE, system)
+    prompt = encode_prompt(tok, [(MULTI[0]["value"], MULTI[1]["value"])], MULTI[2]["value"], CHAT_TEMPLATE)
+    ref_tok = AutoTokenizer.from_pretrained(folder)
+    ref_tok.add_tokens([">\n"])
+    ref_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    img = ref_tok.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def as_placeholder(ids):
+        return [IMAGE_TOKEN_INDEX if t == img else t for t in ids]
+
+    assert got["input_ids"] == as_placeholder(reference_ids(ref_tok, reference_messages(conversation, system)))
+    assert prompt == as_placeholder(reference_ids(ref_tok, reference_messages(MULTI[:3], ""),
+                                                  add_generation_prompt=True))
+    assert len(label_runs(got["labels"])) == 3
+
+
 def test_qwen_chat_compat_is_unchanged_by_the_choice(tokenizers):
     """The compat format never reads the tokenizer's template: same ids with the official template or not."""
     tok = tokenizers["qwen2"]

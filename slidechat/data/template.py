@@ -21,10 +21,13 @@ slide inference path all encode through :func:`tokenize_pairs`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 class ConversationError(ValueError):
@@ -292,11 +295,12 @@ def _tokenize_with_chat_template(tokenizer: Any, pairs: Sequence[Tuple[str, Opti
     """``(input_ids, labels)`` of the rendered conversation, tokenized as one string.
 
     Ids are ``apply_chat_template(..., tokenize=True)``'s with the ``<image>`` tokens replaced by one
-    IMAGE_TOKEN_INDEX. Labels: each answer's tokens plus the end-of-turn token the template writes right
-    after it (trailing whitespace of the answer may sit in between and is labelled too); everything else
+    IMAGE_TOKEN_INDEX (see :func:`_ids_with_placeholder` for vocabularies where they are not whole).
+    Labels: each answer's tokens plus the end-of-turn token the template writes right after it
+    (trailing whitespace of the answer may sit in between and is labelled too); everything else
     IGNORE_INDEX. An answer's leading whitespace is labelled when it forms tokens of its own, and left to
-    the prompt when the tokenizer merges it with the template's (``"\\n" + "\\nAnswer"``). A placeholder
-    or answer that does not fall on token boundaries is refused.
+    the prompt when the tokenizer merges it with the template's (``"\\n" + "\\nAnswer"``). An answer
+    that does not fall on token boundaries is refused.
     """
     text = render_chat_template(tokenizer, pairs, tpl, system)
     n_img = text.count(IMAGE_TOKEN)
@@ -306,9 +310,7 @@ def _tokenize_with_chat_template(tokenizer: Any, pairs: Sequence[Tuple[str, Opti
     if not getattr(tokenizer, "is_fast", False):
         raise ConversationError(f"prompt template '{CHAT_TEMPLATE}' needs a fast tokenizer (character "
                                 f"offsets locate the answers)")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    ids, offsets = _ids_with_placeholder(tokenizer, text)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     labels = [IGNORE_INDEX] * len(ids)
@@ -322,6 +324,8 @@ def _tokenize_with_chat_template(tokenizer: Any, pairs: Sequence[Tuple[str, Opti
             if core_start == start:
                 raise
             i, j = _token_range(offsets, core_start, end, f"answer {k}")
+        if IMAGE_TOKEN_INDEX in ids[i:j]:
+            raise ConversationError(f"the '{IMAGE_TOKEN}' placeholder falls inside answer {k}")
         eot = j
         while eot < len(ids) and ids[eot] not in special:
             s, e = offsets[eot]
@@ -332,11 +336,42 @@ def _tokenize_with_chat_template(tokenizer: Any, pairs: Sequence[Tuple[str, Opti
         if eot == len(ids):
             raise ConversationError(f"the chat template writes no end-of-turn token after answer {k}")
         labels[i:eot + 1] = ids[i:eot + 1]
+    return ids, labels
+
+
+_split_noted: set = set()
+
+
+def _ids_with_placeholder(tokenizer: Any, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+    """Token ids and character offsets of ``text`` with the ``<image>`` text as one IMAGE_TOKEN_INDEX.
+
+    The whole string is tokenized; when the placeholder's characters are whole tokens they are replaced,
+    so the ids are ``apply_chat_template``'s exactly. When a token crosses its edge (byte-level BPE
+    vocabularies that merge ``>`` with the newline after it), the text is split at the placeholder and
+    each side tokenized on its own: the ids ``apply_chat_template`` gives once ``<image>`` is an added
+    token, which is how the slide stands between the text tokens in both training and generation.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
     p = text.index(IMAGE_TOKEN)
-    a, b = _token_range(offsets, p, p + len(IMAGE_TOKEN), f"the '{IMAGE_TOKEN}' placeholder")
-    if any(x != IGNORE_INDEX for x in labels[a:b]):
-        raise ConversationError(f"the '{IMAGE_TOKEN}' placeholder falls inside an answer")
-    return ids[:a] + [IMAGE_TOKEN_INDEX] + ids[b:], labels[:a] + [IGNORE_INDEX] + labels[b:]
+    q = p + len(IMAGE_TOKEN)
+    try:
+        a, b = _token_range(offsets, p, q, f"the '{IMAGE_TOKEN}' placeholder")
+        return ids[:a] + [IMAGE_TOKEN_INDEX] + ids[b:], offsets[:a] + [(p, q)] + offsets[b:]
+    except ConversationError:
+        pass
+    key = getattr(tokenizer, "name_or_path", "") or id(tokenizer)
+    if key not in _split_noted:
+        _split_noted.add(key)
+        logger.info("'%s' is not on token boundaries for tokenizer %s: prompts are split at the placeholder "
+                    "(as for an added token)", IMAGE_TOKEN, key)
+    before = tokenizer(text[:p], add_special_tokens=False, return_offsets_mapping=True)
+    after = tokenizer(text[q:], add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(before["input_ids"]) + [IMAGE_TOKEN_INDEX] + list(after["input_ids"])
+    offsets = ([tuple(o) for o in before["offset_mapping"]] + [(p, q)]
+               + [(s + q, e + q) for s, e in after["offset_mapping"]])
+    return ids, offsets
 
 
 def encode_conversation(tokenizer: Any, conversations: Any,
