@@ -13,7 +13,7 @@ import csv
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 from unittest import mock
 
 import pytest

@@ -139,24 +139,12 @@ def _build_tokenizer(vocab_size: int = 3000, special_tokens=None, additional_spe
     """Byte-level BPE tokenizer trained on ``corpus``; special tokens get ids after the BPE vocabulary
     in the order given (default: Qwen2.5's three), then ``plain_added_tokens``. Also used by
     ``tiny_qwen2vl`` with Qwen2-VL's tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
-    )
+    tok = _train_bpe(corpus, vocab_size, _QWEN2_SPLIT)
     special_tokens = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
     if additional_special_tokens is None:
         additional_special_tokens = [IM_START, IM_END]
-    lines = [ln for ln in corpus.strip().splitlines() if ln.strip()]
-    tok.train_from_iterator(lines * 4, trainer=trainer)
     # Special tokens go after the BPE vocabulary in Qwen's order: <|endoftext|>, <|im_start|>, <|im_end|>.
     tok.add_special_tokens(special_tokens)
     if plain_added_tokens:
