@@ -306,9 +306,9 @@ def _run_xtuner(tool: str, argv: List[str]) -> None:
         module.main()
 
 
-def _template_options(arch: str) -> List[str]:
-    """Switching the prompt format in the tiny configs: the config keys that carry it (``qwen2`` keeps
-    the official template's path too: only the LLM folder differs between the families)."""
+def _template_options() -> List[str]:
+    """The tiny configs switched to the LLM's own chat template: the config keys that carry the format
+    (the same for every family: only the LLM folder differs between them)."""
     return ["prompt_template=chat_template", "model.slidechat_config.prompt_template=chat_template",
             "train_dataloader.dataset.template=chat_template"]
 
@@ -324,16 +324,16 @@ def test_xtuner_train_stage1_stage2_then_xtuner_test(tmp_path, arch):
     wd1, wd2 = tmp_path / "stage1", tmp_path / "stage2"
     _run_xtuner("train", [str(REPO / "configs/tiny/stage_1.py"), "--work-dir", str(wd1), "--cfg-options",
                           *path_overrides(demo["llm"], demo["stage1"], demo["features"]),
-                          *_template_options(arch), *short])
+                          *_template_options(), *short])
     _run_xtuner("train", [str(REPO / "configs/tiny/stage_2.py"), "--work-dir", str(wd2), "--cfg-options",
                           *path_overrides(demo["llm"], demo["stage2"], demo["features"], wd1),
-                          *_template_options(arch), *short])
+                          *_template_options(), *short])
     ckpt = (wd2 / "last_checkpoint").read_text().strip()
     out = tmp_path / "test_out.csv"
     _run_xtuner("test", [str(REPO / "configs/tiny/stage_2.py"), "--checkpoint", ckpt, "--work-dir",
                          str(tmp_path / "test_wd"), "--cfg-options",
                          *path_overrides(demo["llm"]), "model.pretrained_pth=None",
-                         *_template_options(arch), f"test_slide_csv={demo['test_vqa']}",
+                         *_template_options(), f"test_slide_csv={demo['test_vqa']}",
                          f"test_output_csv={out}", f"feature_root={demo['features']}",
                          "feature_template={feature_root}/{Slide}", "test_batch_size=8", "max_new_tokens=6"])
     with open(out, newline="") as f:
