@@ -41,13 +41,17 @@ PathLike = Union[str, os.PathLike]
 
 
 def _print_log(msg: str) -> None:
-    """To the runner's log (mmengine) when training, else ``logging``."""
+    """To the runner's log file when a runner's logger exists (training), else ``logging`` (no mmengine
+    logger is created just for this: it would print to the console of library users)."""
     try:
-        from mmengine.logging import print_log
+        from mmengine.logging import MMLogger, print_log
 
-        print_log(msg, logger="current", level=logging.INFO)
+        if getattr(MMLogger, "_instance_dict", None):
+            print_log(msg, logger="current", level=logging.INFO)
+            return
     except Exception:  # noqa: BLE001 - logging only
-        logger.info(msg)
+        pass
+    logger.info(msg)
 
 
 def build_object(obj: Any) -> Any:
