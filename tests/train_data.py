@@ -21,13 +21,14 @@ MCQ_QUESTION = ("Please answer the multiple-choice question based on the image [
                 "best option from the following options [A.None, B.One, C.Two]. Just answer the option.")
 
 
-def slide_train_demo(root: Path) -> Dict[str, Any]:
-    """Features, tiny LLM and SlideChat training data under ``root`` (keys: root, llm, features, stage1, ...)."""
+def slide_train_demo(root: Path, **tiny_llm: Any) -> Dict[str, Any]:
+    """Features, tiny LLM and SlideChat training data under ``root`` (keys: root, llm, features, stage1, ...).
+    ``tiny_llm``: ``make_tiny_llm`` options (``arch``, ``official_template``; default: the demo's Qwen2)."""
     from slidechat.data.synthetic import write_synthetic_dataset
     from slidechat.features.io import write_feature_h5
     from slidechat.model.tiny_llm import make_tiny_llm
 
-    llm = make_tiny_llm(root / "tiny_llm")
+    llm = make_tiny_llm(root / "tiny_llm", **tiny_llm)
     feats_dir = root / "features" / "h5_files"
     feats_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)

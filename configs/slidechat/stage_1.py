@@ -37,6 +37,11 @@ pretrained_pth = None
 data_path = 'dataset/slideinstruction/stage1_caption.json'  # SlideInstruction stage-1 JSON
 feature_root = 'dataset/features'  # folder holding <slide>.h5 (or SlideChat's <slide>.csv)
 feature_dim = 512
+# Prompt format (docs/training.md, "Choosing the LLM"): 'qwen_chat' is the format the released SlideChat
+# (Qwen2.5-7B-Instruct) was trained with; 'chat_template' renders through the LLM tokenizer's own chat
+# template (any Hugging Face causal LM), with chat_template_kwargs as extra template variables.
+prompt_template = 'qwen_chat'
+chat_template_kwargs = dict()
 max_length = 51200
 max_patches = 10240
 
@@ -73,7 +78,8 @@ model = dict(
         encoder=dict(embed_dim=512, ffn_dim=1024, num_heads=8, num_layers=2,
                      segment_lengths=[1024, 2048, 4096, 8192, 16384],
                      dilated_ratios=[1, 2, 4, 8, 16], dropout=0.1, drop_path=0.1),
-        max_patches_train=max_patches, max_patches_test=38400),
+        max_patches_train=max_patches, max_patches_test=38400,
+        prompt_template=prompt_template, chat_template_kwargs=chat_template_kwargs),
 )
 
 #######################################################################
@@ -81,7 +87,8 @@ model = dict(
 #######################################################################
 train_dataset = dict(type=SlideInstructionDataset, data_path=data_path, feature_root=feature_root,
                      tokenizer=tokenizer, max_length=max_length, max_patches=max_patches,
-                     feature_dim=feature_dim)
+                     feature_dim=feature_dim, template=prompt_template,
+                     chat_template_kwargs=chat_template_kwargs)
 
 train_dataloader = dict(batch_size=batch_size, num_workers=dataloader_num_workers,
                         dataset=train_dataset, sampler=dict(type=DefaultSampler, shuffle=True),

@@ -34,6 +34,11 @@ pretrained_pth = 'work_dirs/demo/stage1'
 data_path = 'work_dirs/demo/data/stage2_vqa.json'
 feature_root = 'work_dirs/demo/features/h5_files'
 feature_dim = 512
+# Prompt format (docs/training.md, "Choosing the LLM"): 'qwen_chat' is the format the released SlideChat
+# (Qwen2.5-7B-Instruct) was trained with; 'chat_template' renders through the LLM tokenizer's own chat
+# template (any Hugging Face causal LM), with chat_template_kwargs as extra template variables.
+prompt_template = 'qwen_chat'
+chat_template_kwargs = dict()
 max_length = 1024
 max_patches = 256
 
@@ -72,7 +77,8 @@ model = dict(
         encoder=dict(embed_dim=512, ffn_dim=256, num_heads=8, num_layers=1,
                      segment_lengths=[64, 128, 256], dilated_ratios=[1, 2, 4],
                      dropout=0.0, drop_path=0.0),
-        max_patches_train=max_patches, max_patches_test=max_patches),
+        max_patches_train=max_patches, max_patches_test=max_patches,
+        prompt_template=prompt_template, chat_template_kwargs=chat_template_kwargs),
 )
 
 #######################################################################
@@ -80,7 +86,8 @@ model = dict(
 #######################################################################
 train_dataset = dict(type=SlideInstructionDataset, data_path=data_path, feature_root=feature_root,
                      tokenizer=tokenizer, max_length=max_length, max_patches=max_patches,
-                     feature_dim=feature_dim)
+                     feature_dim=feature_dim, template=prompt_template,
+                     chat_template_kwargs=chat_template_kwargs)
 
 train_dataloader = dict(batch_size=batch_size, num_workers=dataloader_num_workers,
                         dataset=train_dataset, sampler=dict(type=DefaultSampler, shuffle=True),

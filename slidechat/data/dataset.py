@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from slidechat.data.template import ConversationError, encode_conversation, normalize_conversation
+from slidechat.data.template import (ConversationError, describe_template, encode_conversation,
+                                     normalize_conversation, resolve_template)
 from slidechat.features.io import FEATURE_SUFFIXES, find_feature_file, load_features
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
@@ -37,6 +38,20 @@ from slidechat.utils.errors import SlideChatError
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+
+
+def _print_log(msg: str) -> None:
+    """To the runner's log file when a runner's logger exists (training), else ``logging`` (no mmengine
+    logger is created just for this: it would print to the console of library users)."""
+    try:
+        from mmengine.logging import MMLogger, print_log
+
+        if getattr(MMLogger, "_instance_dict", None):
+            print_log(msg, logger="current", level=logging.INFO)
+            return
+    except Exception:  # noqa: BLE001 - logging only
+        pass
+    logger.info(msg)
 
 
 def build_object(obj: Any) -> Any:
@@ -118,7 +133,8 @@ class SlideInstructionDataset(Dataset):
                  max_length: int = 51200, max_patches: int = 10240, min_patches: int = 1,
                  feature_dim: int = 512, template: str = "qwen_chat", system: str = "",
                  skip_bad: bool = False, check_files: bool = True,
-                 dataset_dir: Optional[PathLike] = None) -> None:
+                 dataset_dir: Optional[PathLike] = None,
+                 chat_template_kwargs: Optional[Dict[str, Any]] = None) -> None:
         self.data_path = Path(data_path)
         self.tokenizer = build_object(tokenizer)
         self.feature_root = None if feature_root is None else Path(feature_root)
@@ -129,7 +145,11 @@ class SlideInstructionDataset(Dataset):
         self.max_patches = int(max_patches)
         self.min_patches = int(min_patches)
         self.feature_dim = feature_dim
-        self.template = template
+        try:  # 'qwen_chat' (compat) or 'chat_template' (the tokenizer's own; see data.template)
+            self.template = resolve_template(template, chat_template_kwargs)
+        except ConversationError as e:
+            raise SlideChatError(str(e), self.data_path) from None
+        _print_log(f"{self.data_path.name}: prompt format {describe_template(self.template)}")
         self.system = system
         self.skip_bad = skip_bad
         pad = self.tokenizer.pad_token_id
@@ -246,8 +266,11 @@ class SlideInstructionDataset(Dataset):
             feats, coords = load_features(path, num_columns=self.feature_dim, require_finite=True)
         except SlideChatError as e:  # name the training row too
             raise SlideChatError(f"{self._row_name(rec['index'], rec)}: {e.reason}", path) from None
-        enc = encode_conversation(self.tokenizer, rec["conversations"], self.template,
-                                  rec.get("system") or self.system)
+        try:
+            enc = encode_conversation(self.tokenizer, rec["conversations"], self.template,
+                                      rec.get("system") or self.system)
+        except ConversationError as e:  # e.g. a chat template whose answer spans miss token edges
+            raise self._error(rec["index"], rec, str(e), rec.get("source")) from None
         input_ids, labels = enc["input_ids"], enc["labels"]
         n_text, n_patches = self.fit_lengths(len(input_ids), len(feats))
         if n_text < len(input_ids):

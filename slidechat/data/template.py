@@ -1,18 +1,33 @@
-"""SlideChat conversations -> token ids and loss labels (ChatML / Qwen, empty system prompt).
+"""SlideChat conversations -> token ids and loss labels, in one of two prompt formats.
 
-The released model was trained with xtuner's ``qwen_chat`` template and ``llava_map_fn``: the
-``<image>`` placeholder is moved to the front of the first user turn, each turn's prompt is
-``<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>assistant\\n`` (no loss), the answer plus
-``<|im_end|>`` carries the loss, and a ``\\n`` separator (no loss) follows. Pieces are tokenized
-separately, as xtuner did, so ids match what the released weights saw. Qwen has no BOS token.
+``qwen_chat`` (compat, the default of every released-model config): the released model was trained with
+xtuner's ``qwen_chat`` template and ``llava_map_fn``: the ``<image>`` placeholder is moved to the front of
+the first user turn, each turn's prompt is ``<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>assistant\\n``
+(no loss), the answer plus ``<|im_end|>`` carries the loss, and a ``\\n`` separator (no loss) follows.
+Pieces are tokenized separately, as xtuner did, so ids match what the released weights saw. No system
+prompt unless asked; Qwen has no BOS token.
+
+``chat_template`` (:class:`TokenizerChatTemplate`): the LLM's own chat template, so any Hugging Face causal
+LM works (Qwen2.5, Qwen3, Llama 3.x, ...). The conversation is rendered by
+``tokenizer.apply_chat_template`` and the whole string is tokenized at once, so the ids equal
+``apply_chat_template(..., tokenize=True)`` token for token, the ``<image>`` text then collapsed into one
+IMAGE_TOKEN_INDEX. Labels come from character spans: each assistant answer as rendered plus the
+end-of-turn token after it. Extra template variables (Qwen3's ``enable_thinking``, off unless asked) come
+from ``chat_template_kwargs``.
+
+Training (:func:`encode_conversation`), ``slidechat test`` / ``xtuner test``, ``slidechat chat`` and the
+slide inference path all encode through :func:`tokenize_pairs`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 class ConversationError(ValueError):
@@ -40,14 +55,66 @@ QWEN_CHAT = ChatTemplate(
 
 TEMPLATES: Dict[str, ChatTemplate] = {"qwen_chat": QWEN_CHAT}
 
+#: name of the prompt format that renders through the tokenizer's own chat template
+CHAT_TEMPLATE = "chat_template"
+#: prompt formats a slide model can be configured with (``prompt_template``)
+SLIDE_PROMPT_TEMPLATES = (*TEMPLATES, CHAT_TEMPLATE)
+#: template variables passed unless the config says otherwise: Qwen3 answers without a think block
+#: (templates that do not read a variable ignore it)
+DEFAULT_CHAT_TEMPLATE_KWARGS: Dict[str, Any] = {"enable_thinking": False}
+
+
+@dataclass(frozen=True)
+class TokenizerChatTemplate:
+    """The LLM's own chat template (``tokenizer.apply_chat_template``), with extra template variables."""
+
+    kwargs: Tuple[Tuple[str, Any], ...] = tuple(DEFAULT_CHAT_TEMPLATE_KWARGS.items())
+    name: str = CHAT_TEMPLATE
+
+    def template_kwargs(self) -> Dict[str, Any]:
+        return dict(self.kwargs)
+
+
+SlideTemplate = "str | ChatTemplate | TokenizerChatTemplate"
+
+
+def resolve_template(template: Any = "qwen_chat",
+                     chat_template_kwargs: Optional[Dict[str, Any]] = None
+                     ) -> "ChatTemplate | TokenizerChatTemplate":
+    """A slide prompt format from its config name (``qwen_chat`` or ``chat_template``) and, for the
+    latter, the template variables (over :data:`DEFAULT_CHAT_TEMPLATE_KWARGS`)."""
+    if isinstance(template, (ChatTemplate, TokenizerChatTemplate)):
+        if chat_template_kwargs and isinstance(template, TokenizerChatTemplate):
+            return TokenizerChatTemplate(tuple({**template.template_kwargs(),
+                                                **dict(chat_template_kwargs)}.items()))
+        return template
+    if template == CHAT_TEMPLATE:
+        kwargs = {**DEFAULT_CHAT_TEMPLATE_KWARGS, **dict(chat_template_kwargs or {})}
+        return TokenizerChatTemplate(tuple(kwargs.items()))
+    if chat_template_kwargs:
+        raise ConversationError(f"chat_template_kwargs given but prompt template is '{template}' "
+                                f"(they apply to '{CHAT_TEMPLATE}' only)")
+    return get_template(template)
+
+
+def describe_template(template: Any) -> str:
+    """One line for logs: which prompt format a run uses (a silent switch would go unnoticed)."""
+    tpl = resolve_template(template)
+    if isinstance(tpl, TokenizerChatTemplate):
+        kw = ", ".join(f"{k}={v!r}" for k, v in tpl.kwargs)
+        return f"{CHAT_TEMPLATE} (the tokenizer's own chat template; {kw or 'no extra variables'})"
+    name = next((n for n, t in TEMPLATES.items() if t == tpl), "custom")
+    return f"{name} (SlideChat's xtuner format)" if name == "qwen_chat" else name
+
 
 def get_template(template: "str | ChatTemplate") -> ChatTemplate:
     if isinstance(template, ChatTemplate):
         return template
     try:
         return TEMPLATES[template]
-    except KeyError:
-        raise ConversationError(f"unknown chat template '{template}' (known: {', '.join(TEMPLATES)})")
+    except (KeyError, TypeError):
+        raise ConversationError(f"unknown chat template '{template}' (known: "
+                                f"{', '.join(SLIDE_PROMPT_TEMPLATES)})") from None
 
 
 def normalize_conversation(conversations: Any) -> List[Tuple[str, str]]:
@@ -106,10 +173,15 @@ def _encode_text(tokenizer: Any, text: str) -> List[int]:
 
 
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[Tuple[str, Optional[str]]],
-                   template: "str | ChatTemplate" = "qwen_chat", system: str = ""
+                   template: Any = "qwen_chat", system: str = ""
                    ) -> Tuple[List[int], List[int]]:
     """``(input_ids, labels)``; an answer of ``None`` (last pair only) leaves an open assistant turn."""
-    tpl = get_template(template)
+    for k, (_, answer) in enumerate(pairs):
+        if answer is None and k != len(pairs) - 1:
+            raise ConversationError("only the last turn may be left without an answer")
+    tpl = resolve_template(template)
+    if isinstance(tpl, TokenizerChatTemplate):
+        return _tokenize_with_chat_template(tokenizer, pairs, tpl, system)
     input_ids: List[int] = []
     labels: List[int] = []
     for k, (question, answer) in enumerate(pairs):
@@ -133,8 +205,177 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[Tuple[str, Optional[str]]],
     return input_ids, labels
 
 
+# ---------------------------------------------------------------------------------------------------------
+# chat_template: the tokenizer's own template, whole string tokenized, labels from character spans
+# ---------------------------------------------------------------------------------------------------------
+
+_SENTINEL = "\x00slidechat-answer-{}\x00"  # no whitespace: survives the templates' trim/strip filters
+
+
+def _chat_messages(pairs: Sequence[Tuple[str, Optional[str]]], system: str,
+                   replace: Optional[int] = None) -> List[Dict[str, str]]:
+    """Role/content messages of ``pairs``; the ``replace``-th answer becomes a sentinel string."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for k, (question, answer) in enumerate(pairs):
+        messages.append({"role": "user", "content": question})
+        if answer is not None:
+            messages.append({"role": "assistant",
+                             "content": _SENTINEL.format(k) if k == replace else answer})
+    return messages
+
+
+def render_chat_template(tokenizer: Any, pairs: Sequence[Tuple[str, Optional[str]]],
+                         template: Any = CHAT_TEMPLATE, system: str = "",
+                         replace: Optional[int] = None) -> str:
+    """The text ``tokenizer.apply_chat_template`` renders for ``pairs`` (an open last turn adds the
+    generation prompt); ``replace``: the index of an answer rendered as a sentinel, to locate it."""
+    tpl = resolve_template(template)
+    if not isinstance(tpl, TokenizerChatTemplate):
+        raise ConversationError(f"render_chat_template needs the '{CHAT_TEMPLATE}' prompt template")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConversationError(f"prompt template '{CHAT_TEMPLATE}' but the tokenizer has no chat template "
+                                f"(use 'qwen_chat' or a tokenizer folder that ships one)")
+    open_turn = bool(pairs) and pairs[-1][1] is None
+    try:
+        text = tokenizer.apply_chat_template(_chat_messages(pairs, system, replace), tokenize=False,
+                                             add_generation_prompt=open_turn, **tpl.template_kwargs())
+    except Exception as e:  # jinja errors (raise_exception in the template, bad syntax) -> one line
+        raise ConversationError(f"the tokenizer's chat template failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(text, str):
+        raise ConversationError("apply_chat_template(tokenize=False) did not return a string")
+    return text
+
+
+def _token_range(offsets: Sequence[Tuple[int, int]], start: int, end: int, what: str) -> Tuple[int, int]:
+    """Indices ``[i, j)`` of the tokens exactly covering characters ``[start, end)``; a token that
+    straddles either boundary is refused."""
+    i = j = None
+    for t, (s, e) in enumerate(offsets):
+        if e <= start or s >= end:
+            continue
+        if s < start or e > end:
+            raise ConversationError(f"{what} does not align with token boundaries (a token spans "
+                                    f"characters {s}-{e} across its edge at {start if s < start else end})")
+        if i is None:
+            i = t
+        j = t + 1
+    if i is None:
+        raise ConversationError(f"{what} has no tokens")
+    return i, j
+
+
+def _answer_span(text: str, pairs: Sequence[Tuple[str, Optional[str]]], tokenizer: Any,
+                 tpl: TokenizerChatTemplate, system: str, k: int) -> Tuple[int, int, int]:
+    """``(start, core_start, end)``: characters of the ``k``-th answer in ``text``, where a render with that
+    answer replaced by a sentinel puts the sentinel (the text before it must be the same). ``start``: the
+    answer as written there, with whatever leading whitespace the template kept; ``core_start``: its
+    first non-space character; ``end``: after its last one (templates may strip whitespace)."""
+    marked = render_chat_template(tokenizer, pairs, tpl, system, replace=k)
+    sentinel = _SENTINEL.format(k)
+    at = marked.find(sentinel)
+    if at < 0 or marked.count(sentinel) != 1:
+        raise ConversationError(f"the chat template does not render answer {k} once and verbatim")
+    if text[:at] != marked[:at]:
+        raise ConversationError(f"the chat template renders the text before answer {k} differently "
+                                f"depending on the answer")
+    answer = pairs[k][1] or ""
+    core = answer.strip()
+    lead = len(answer) - len(answer.lstrip())
+    start = at
+    while start - at < lead and start < len(text) and text[start].isspace():
+        start += 1
+    if core and text.startswith(core, start):
+        return at, start, start + len(core)
+    raise ConversationError(f"the chat template does not render answer {k} verbatim")
+
+
+def _tokenize_with_chat_template(tokenizer: Any, pairs: Sequence[Tuple[str, Optional[str]]],
+                                 tpl: TokenizerChatTemplate, system: str) -> Tuple[List[int], List[int]]:
+    """``(input_ids, labels)`` of the rendered conversation, tokenized as one string.
+
+    Ids are ``apply_chat_template(..., tokenize=True)``'s with the ``<image>`` tokens replaced by one
+    IMAGE_TOKEN_INDEX (see :func:`_ids_with_placeholder` for vocabularies where they are not whole).
+    Labels: each answer's tokens plus the end-of-turn token the template writes right after it
+    (trailing whitespace of the answer may sit in between and is labelled too); everything else
+    IGNORE_INDEX. An answer's leading whitespace is labelled when it forms tokens of its own, and left to
+    the prompt when the tokenizer merges it with the template's (``"\\n" + "\\nAnswer"``). An answer
+    that does not fall on token boundaries is refused.
+    """
+    text = render_chat_template(tokenizer, pairs, tpl, system)
+    n_img = text.count(IMAGE_TOKEN)
+    if n_img != 1:
+        raise ConversationError(f"the rendered prompt holds {n_img} '{IMAGE_TOKEN}' strings, expected the "
+                                f"one slide placeholder (keep '{IMAGE_TOKEN}' out of the system prompt)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConversationError(f"prompt template '{CHAT_TEMPLATE}' needs a fast tokenizer (character "
+                                f"offsets locate the answers)")
+    ids, offsets = _ids_with_placeholder(tokenizer, text)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (_, answer) in enumerate(pairs):
+        if answer is None:
+            continue
+        start, core_start, end = _answer_span(text, pairs, tokenizer, tpl, system, k)
+        try:  # the answer with its kept leading whitespace, else (merged with the template's) without
+            i, j = _token_range(offsets, start, end, f"answer {k}")
+        except ConversationError:
+            if core_start == start:
+                raise
+            i, j = _token_range(offsets, core_start, end, f"answer {k}")
+        if IMAGE_TOKEN_INDEX in ids[i:j]:
+            raise ConversationError(f"the '{IMAGE_TOKEN}' placeholder falls inside answer {k}")
+        eot = j
+        while eot < len(ids) and ids[eot] not in special:
+            s, e = offsets[eot]
+            if text[s:e].strip():
+                raise ConversationError(f"the chat template writes no end-of-turn token after answer {k} "
+                                        f"(found {text[s:e]!r})")
+            eot += 1
+        if eot == len(ids):
+            raise ConversationError(f"the chat template writes no end-of-turn token after answer {k}")
+        labels[i:eot + 1] = ids[i:eot + 1]
+    return ids, labels
+
+
+_split_noted: set = set()
+
+
+def _ids_with_placeholder(tokenizer: Any, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+    """Token ids and character offsets of ``text`` with the ``<image>`` text as one IMAGE_TOKEN_INDEX.
+
+    The whole string is tokenized; when the placeholder's characters are whole tokens they are replaced,
+    so the ids are ``apply_chat_template``'s exactly. When a token crosses its edge (byte-level BPE
+    vocabularies that merge ``>`` with the newline after it), the text is split at the placeholder and
+    each side tokenized on its own: the ids ``apply_chat_template`` gives once ``<image>`` is an added
+    token, which is how the slide stands between the text tokens in both training and generation.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    p = text.index(IMAGE_TOKEN)
+    q = p + len(IMAGE_TOKEN)
+    try:
+        a, b = _token_range(offsets, p, q, f"the '{IMAGE_TOKEN}' placeholder")
+        return ids[:a] + [IMAGE_TOKEN_INDEX] + ids[b:], offsets[:a] + [(p, q)] + offsets[b:]
+    except ConversationError:
+        pass
+    key = getattr(tokenizer, "name_or_path", "") or id(tokenizer)
+    if key not in _split_noted:
+        _split_noted.add(key)
+        logger.info("'%s' is not on token boundaries for tokenizer %s: prompts are split at the placeholder "
+                    "(as for an added token)", IMAGE_TOKEN, key)
+    before = tokenizer(text[:p], add_special_tokens=False, return_offsets_mapping=True)
+    after = tokenizer(text[q:], add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(before["input_ids"]) + [IMAGE_TOKEN_INDEX] + list(after["input_ids"])
+    offsets = ([tuple(o) for o in before["offset_mapping"]] + [(p, q)]
+               + [(s + q, e + q) for s, e in after["offset_mapping"]])
+    return ids, offsets
+
+
 def encode_conversation(tokenizer: Any, conversations: Any,
-                        template: "str | ChatTemplate" = "qwen_chat", system: str = ""
+                        template: Any = "qwen_chat", system: str = ""
                         ) -> Dict[str, List[int]]:
     """Training example: ``{'input_ids', 'labels'}`` with exactly one IMAGE_TOKEN_INDEX."""
     input_ids, labels = tokenize_pairs(tokenizer, normalize_conversation(conversations),
@@ -143,7 +384,7 @@ def encode_conversation(tokenizer: Any, conversations: Any,
 
 
 def encode_prompt(tokenizer: Any, history: Sequence[Tuple[str, str]], question: str,
-                  template: "str | ChatTemplate" = "qwen_chat", system: str = "") -> List[int]:
+                  template: Any = "qwen_chat", system: str = "") -> List[int]:
     """Generation prompt for ``question`` after ``history`` [(question, answer), ...].
 
     The slide placeholder is normalised like in training: one ``<image>`` at the front of the

@@ -55,7 +55,7 @@ class ChatSession:
 
     def __init__(self, model: Any, tokenizer: Any, features: np.ndarray,
                  coords: Optional[np.ndarray] = None, max_new_tokens: int = 500,
-                 max_patches: Optional[int] = None, template: str = "qwen_chat", system: str = "",
+                 max_patches: Optional[int] = None, template: Any = None, system: str = "",
                  max_prompt_tokens: Optional[int] = None, **generation_kwargs: Any) -> None:
         from slidechat.data.dataset import uniform_indices
         from slidechat.engine.limits import model_prompt_limit
@@ -74,6 +74,9 @@ class ChatSession:
         self.max_new_tokens = int(max_new_tokens)
         # text tokens of the whole conversation + question (default: context - max_new_tokens)
         self.prompt_limit = model_prompt_limit(model, self.max_new_tokens, max_prompt_tokens)
+        if template is None:  # the prompt format the model was trained with (its SlideChatConfig)
+            cfg = getattr(model, "config", None)
+            template = cfg.template() if hasattr(cfg, "template") else "qwen_chat"
         self.template = template
         self.system = system
         self.generation_kwargs = dict(generation_kwargs)

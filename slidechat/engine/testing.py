@@ -46,6 +46,7 @@ from mmengine.runner import TestLoop
 from torch.utils.data import Dataset, SequentialSampler
 
 from slidechat.data.dataset import uniform_indices
+from slidechat.data.template import describe_template
 from slidechat.engine.limits import PromptLimit, check_prompt_length, model_prompt_limit
 from slidechat.evaluation.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
                                              check_template, default_template, merge_shards, read_csv_text,
@@ -143,7 +144,7 @@ class SlideBenchTestDataset(Dataset):
     metainfo: Dict[str, Any] = {"name": "SlideBench"}
 
     def __init__(self, items: Sequence[SlideBenchItem], tokenizer: Any, feature_dim: int = 512,
-                 max_patches: int = 38400, template: str = "qwen_chat", system: str = "",
+                 max_patches: int = 38400, template: Any = "qwen_chat", system: str = "",
                  prompt_limit: Optional[PromptLimit] = None) -> None:
         from slidechat.data.dataset import build_object
 
@@ -380,7 +381,7 @@ class SlideBenchTestLoop(TestLoop):
     def __init__(self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False,
                  batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  generation_kwargs: Optional[Mapping[str, Any]] = None,
-                 template: str = "qwen_chat", system: str = "") -> None:
+                 template: Optional[str] = None, system: str = "") -> None:
         from mmengine.dist import get_dist_info
 
         cfg = runner.cfg
@@ -405,9 +406,13 @@ class SlideBenchTestLoop(TestLoop):
         ds_cfg = dict(dl.get("dataset") or {})
         ds_cfg.pop("type", None)
         ds_cfg.update(items=items, tokenizer=cfg.tokenizer, feature_dim=core_cfg.feature_dim,
-                      max_patches=core_cfg.max_patches_test, template=template, system=system,
+                      max_patches=core_cfg.max_patches_test, system=system,
+                      # the prompt format the model was trained with (its slidechat_config) unless the
+                      # loop names another
+                      template=core_cfg.template() if template is None else template,
                       prompt_limit=model_prompt_limit(model.core, s.max_new_tokens, s.max_prompt_tokens))
         dataset = SlideBenchTestDataset(**ds_cfg)
+        _log(f"prompt format: {describe_template(dataset.template)}")
         dl.update(dataset=dataset, batch_size=s.batch_size, sampler=SequentialSampler(dataset),
                   collate_fn=slidebench_collate_fn, shuffle=None)
         dl.pop("shuffle")

@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 
 #: model types whose ``ForCausalLM.forward`` in transformers 4.48 computes ``logits = lm_head(hidden)`` and
 #: ``loss_function(logits, labels)`` with nothing in between (read in the installed source). Others (Gemma-2
-#: soft-capping, Cohere/Granite logit scaling, MoE auxiliary losses, ...) keep the stock call.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "llama", "mistral", "phi3", "gemma", "olmo2"})
+#: soft-capping, Cohere/Granite logit scaling, MoE auxiliary losses, ...) keep the stock call. ``qwen3``:
+#: ``Qwen3ForCausalLM.forward`` in transformers 5.25 is the same (``lm_head`` on the decoder's last hidden
+#: state, then ``self.loss_function``), checked in the installed source.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "phi3", "gemma", "olmo2"})
 
 _fallback_logged: set = set()
 

@@ -52,18 +52,42 @@ def legacy_export_entries(folder: Path) -> Optional[set]:
 
 @dataclass
 class SlideChatConfig:
+    """Slide modules' sizes plus the prompt format the model was trained with.
+
+    ``prompt_template``/``chat_template_kwargs`` travel with the model (training config -> checkpoint
+    config -> export ``config.json``) so ``slidechat test``, ``xtuner test`` and ``slidechat chat`` prompt
+    it as it was trained. A folder written before these keys existed was trained with ``qwen_chat``.
+    """
+
     feature_dim: int = 512
     encoder: SlideEncoderConfig = field(default_factory=SlideEncoderConfig)
     max_patches_train: int = 10240
     max_patches_test: int = 38400
+    prompt_template: str = "qwen_chat"
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from slidechat.data.template import ConversationError, resolve_template
+
         if isinstance(self.encoder, dict):  # configs written as plain dicts (xtuner/mmengine, JSON)
             self.encoder = SlideEncoderConfig.from_dict(self.encoder)
+        self.chat_template_kwargs = dict(self.chat_template_kwargs or {})
+        try:
+            resolve_template(self.prompt_template, self.chat_template_kwargs)
+        except ConversationError as e:
+            raise SlideChatError(f"slidechat_config: {e}") from None
+
+    def template(self) -> Any:
+        """The resolved prompt format (what :func:`slidechat.data.template.tokenize_pairs` takes)."""
+        from slidechat.data.template import resolve_template
+
+        return resolve_template(self.prompt_template, self.chat_template_kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"feature_dim": self.feature_dim, "encoder": self.encoder.to_dict(),
-                "max_patches_train": self.max_patches_train, "max_patches_test": self.max_patches_test}
+                "max_patches_train": self.max_patches_train, "max_patches_test": self.max_patches_test,
+                "prompt_template": self.prompt_template,
+                "chat_template_kwargs": dict(self.chat_template_kwargs)}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "SlideChatConfig":
