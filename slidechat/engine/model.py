@@ -268,7 +268,7 @@ def consolidate_zero3(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor
         raise SlideChatError(f"cannot consolidate ZeRO-3 checkpoint: {first}", path=folder,
                              hint="it needs every rank's *_optim_states.pt of that step") from None
     logger.info("consolidated ZeRO-3 checkpoint %s: %d tensors", folder, len(sd))
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def load_checkpoint_weights(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
