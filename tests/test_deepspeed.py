@@ -179,3 +179,32 @@ def test_zero2_offload_trains_with_the_configs_adamw(demo, tmp_path):
     run = ds_train(TINY1, "deepspeed_zero2_offload.json", wd, opts)
     assert len(run["rows"]) == 4 and "cpu_adam" not in run["log"].lower()
     assert (Path(run["last"]) / "mp_rank_00_model_states.pt").is_file()
+
+
+class _Payload:
+    """Pickles as a call of ``os.makedirs(marker)``: proof of code execution if it ever runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def test_a_crafted_zero3_folder_is_refused_without_running_code(tmp_path):
+    """ZeRO-3 consolidation reads DeepSpeed's files weights-only: a pickled call is a one-line refusal."""
+    from slidechat.engine.model import consolidate_zero3, is_zero3_folder
+    from slidechat.utils.errors import SlideChatError
+
+    folder = tmp_path / "work" / "epoch_1.pth"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"module": {}, "buffer_names": [], "param_shapes": [], "shared_params": {},
+                "meta": _Payload(marker)}, folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": 1, "fp32_flat_groups": [],
+                                         "x": _Payload(marker)}},
+               folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert is_zero3_folder(folder)
+    with pytest.raises(SlideChatError, match="refusing") as err:
+        consolidate_zero3(folder)
+    assert "\n" not in str(err.value) and not marker.exists()
