@@ -124,17 +124,22 @@ def test_zero2_resume_repeats_the_uninterrupted_run(demo, stage1_zero2, tmp_path
         assert r["loss"] == pytest.approx(old[r["step"]], rel=rel)
 
 
-def test_zero3_stage2_partitions_the_llm_and_its_checkpoint_tests(demo, stage1_zero2, tmp_path):
-    """Stage 2 (everything trained) under ZeRO-3 from the ZeRO-2 stage-1 work dir. ZeRO-3 saves the
-    weights only as fp32 optimizer partitions (the model-states file holds 0-element placeholders):
-    ``slidechat test`` consolidates them and tests the trained model."""
+@pytest.fixture(scope="module")
+def stage2_zero3(demo, stage1_zero2, tmp_path_factory):
+    """Stage 2 (everything trained) under ZeRO-3 from the ZeRO-2 stage-1 work dir: 1 epoch, 16 steps."""
+    wd = tmp_path_factory.mktemp("stage2_zero3") / "wd"
+    opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage1_zero2["work_dir"]) + _epochs(1)
+    return {"work_dir": wd, "opts": opts, **ds_train(TINY2, "deepspeed_zero3.json", wd, opts)}
+
+
+def test_zero3_stage2_partitions_the_llm_and_its_checkpoint_tests(demo, stage2_zero3, tmp_path):
+    """ZeRO-3 saves the weights only as fp32 optimizer partitions (the model-states file holds 0-element
+    placeholders): ``slidechat test`` gathers them and tests the trained model."""
     from slidechat.cli.main import main as slidechat_main
     from slidechat.engine.model import consolidate_zero3, is_zero3_folder
     from safetensors.torch import load_file
 
-    wd = tmp_path / "stage2_zero3"
-    opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage1_zero2["work_dir"]) + _epochs(1)
-    run = ds_train(TINY2, "deepspeed_zero3.json", wd, opts)
+    run, wd, opts = stage2_zero3, stage2_zero3["work_dir"], stage2_zero3["opts"]
     assert "Loaded pretrained_pth" in run["log"] and "missing none" in run["log"]
     _falls(run["rows"], 4, 0.1)
     ckpt = Path(run["last"])
@@ -151,6 +156,16 @@ def test_zero3_stage2_partitions_the_llm_and_its_checkpoint_tests(demo, stage1_z
     assert rc == 0
     report = json.loads(Path(str(out) + ".report.json").read_text())
     assert report["n_rows"] == 16 and report["n_errors"] == 0
+
+
+def test_zero3_pretrained_pth_with_llm_weights_fills_the_partitioned_llm(demo, stage2_zero3, tmp_path):
+    """``pretrained_pth`` holding ``llm.*`` (a stage-2 checkpoint) under ZeRO-3, where the LLM is built
+    partitioned before it is read: the weights go in gathered, so training starts where stage 2 ended
+    (first loss far below a fresh start's), not from the tiny LLM folder."""
+    opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage2_zero3["work_dir"]) + _epochs(1)
+    run = ds_train(TINY2, "deepspeed_zero3.json", tmp_path / "again", opts)
+    assert "shape mismatch none" in run["log"]
+    assert run["rows"][0]["loss"] < stage2_zero3["rows"][0]["loss"] - 0.5, (run["rows"][0], stage2_zero3["rows"][0])
 
 
 def test_zero3_lora_trains_adapters_only(demo, stage1_zero2, tmp_path):

@@ -279,6 +279,25 @@ def load_checkpoint_weights(path: Union[str, os.PathLike]) -> Dict[str, torch.Te
     return load_weights(path)
 
 
+def zero3_gathered(module: nn.Module) -> Any:
+    """A context in which ``module``'s ZeRO-3-partitioned parameters are whole and writable.
+
+    Under ``--deepspeed`` ZeRO-3, xtuner's strategy registers transformers' ``HfDeepSpeedConfig``, so the
+    LLM is built partitioned (``deepspeed.zero.Init``: each parameter a 0-element placeholder with a
+    ``ds_id``) before ``pretrained_pth`` is read. Full weights (e.g. ``llm.*`` of a stage-2 checkpoint)
+    are copied in while DeepSpeed's ``GatheredParameters`` holds them gathered; rank 0's values are
+    partitioned again on exit. Without partitioned parameters this is a no-op.
+    """
+    import contextlib
+
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
 def _one_line_slidechat_errors(exc_type: Any, exc: BaseException, tb: Any) -> None:
     if isinstance(exc, SlideChatError):
         print(f"slidechat: error: {exc}", file=sys.stderr)
@@ -547,8 +566,9 @@ class SlideChatTrainModel(BaseModel):
         """Stage-1 weights (``pretrained_pth``) into the core: the slide modules are required, ``llm.*``
         keys load when present (else the config's LLM folder stays)."""
         path = resolve_checkpoint(path)
-        report = self.load_weights_checked(load_checkpoint_weights(path), llm=False, allow_partial=allow_partial,
-                                           source=path)
+        weights = load_checkpoint_weights(path)
+        with zero3_gathered(self):
+            report = self.load_weights_checked(weights, llm=False, allow_partial=allow_partial, source=path)
         _print_log(f"Loaded pretrained_pth {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
         return report
