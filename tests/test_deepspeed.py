@@ -126,9 +126,9 @@ def test_zero2_resume_repeats_the_uninterrupted_run(demo, stage1_zero2, tmp_path
 
 @pytest.fixture(scope="module")
 def stage2_zero3(demo, stage1_zero2, tmp_path_factory):
-    """Stage 2 (everything trained) under ZeRO-3 from the ZeRO-2 stage-1 work dir: 1 epoch, 16 steps."""
+    """Stage 2 (everything trained) under ZeRO-3 from the ZeRO-2 stage-1 work dir: 2 epochs of 16 steps."""
     wd = tmp_path_factory.mktemp("stage2_zero3") / "wd"
-    opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage1_zero2["work_dir"]) + _epochs(1)
+    opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage1_zero2["work_dir"]) + _epochs(2)
     return {"work_dir": wd, "opts": opts, **ds_train(TINY2, "deepspeed_zero3.json", wd, opts)}
 
 
@@ -156,6 +156,20 @@ def test_zero3_stage2_partitions_the_llm_and_its_checkpoint_tests(demo, stage2_z
     assert rc == 0
     report = json.loads(Path(str(out) + ".report.json").read_text())
     assert report["n_rows"] == 16 and report["n_errors"] == 0
+
+
+def test_zero3_resume_repeats_the_uninterrupted_run(stage2_zero3, tmp_path):
+    """ZeRO-3 resume of stage 2 (the LLM partitioned): DeepSpeed restores the fp32 partitions and the
+    optimizer state, so the second epoch repeats the uninterrupted run's losses."""
+    first = Path(stage2_zero3["work_dir"]) / "epoch_1.pth"
+    run = ds_train(TINY2, "deepspeed_zero3.json", tmp_path / "resumed", stage2_zero3["opts"],
+                   "--resume", str(first))
+    assert "resumed epoch: 1, iter: 16" in run["log"]
+    assert [r["step"] for r in run["rows"]] == list(range(17, 33))
+    old = {r["step"]: r["loss"] for r in stage2_zero3["rows"]}
+    rel = 1e-5 if not torch.cuda.is_available() else 2e-2  # as in the ZeRO-2 resume test
+    for r in run["rows"]:
+        assert r["loss"] == pytest.approx(old[r["step"]], rel=rel)
 
 
 def test_zero3_pretrained_pth_with_llm_weights_fills_the_partitioned_llm(demo, stage2_zero3, tmp_path):
