@@ -172,14 +172,17 @@ def safe_guess_load_checkpoint(pth_model: Union[str, os.PathLike]) -> Dict[str, 
     """
     path = resolve_checkpoint(pth_model)
     _last_loaded["path"] = os.fspath(path)
-    return load_weights(path)
+    return load_checkpoint_weights(path)
 
 
 _DS_ENGINE_MODULE = "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine"
-#: the non-tensor classes DeepSpeed (ZeRO 1-3, bf16/fp16) pickles into its checkpoints
+#: the non-tensor classes DeepSpeed (ZeRO 1-3, bf16/fp16) pickles into its checkpoints under mmengine
 _DS_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
                ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-               ("deepspeed.utils.tensor_fragment", ("fragment_address",)))
+               ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+               # the engine's config, saved as ``ds_config`` in every model-states file: mmengine's
+               # DeepSpeedStrategy hands DeepSpeed its JSON as a ConfigDict (a dict of plain values)
+               ("mmengine.config.config", ("ConfigDict",)))
 
 
 def _deepspeed_checkpoint_globals() -> List[Any]:
@@ -209,6 +212,90 @@ def safe_deepspeed_load(self: Any, path: str, map_location: Any = None) -> Any:
         raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
                              f"allow-list ({pickle_refusal(exc)}); nothing in it was run", path=path,
                              hint="only DeepSpeed's and mmengine's own checkpoint classes are read") from None
+
+
+#: DeepSpeed's name for a ZeRO-3 model-states file (``DeepSpeedEngine._get_ckpt_name``: partitioned weights
+#: -> ``zero_pp_rank_{dp}_mp_rank_{mp}_model_states.pt``); such a file holds 0-element placeholders only
+_ZERO3_MODEL_STATES = "zero_pp_rank_*_mp_rank_*_model_states.pt"
+
+
+class _WeightsOnlyTorch:
+    """``torch`` as DeepSpeed's ``zero_to_fp32`` sees it while we consolidate: its ``torch.load`` calls
+    (``weights_only=False``) become weights-only loads; every other name is torch's own."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return torch.load(f, *args, **kwargs)
+
+
+def is_zero3_folder(path: Union[str, os.PathLike]) -> bool:
+    """A DeepSpeed ZeRO-3 checkpoint folder (``WORK_DIR/epoch_N.pth/`` written under ZeRO stage 3)."""
+    return os.path.isdir(path) and bool(glob.glob(os.path.join(os.fspath(path), _ZERO3_MODEL_STATES)))
+
+
+def consolidate_zero3(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """The trained weights of a ZeRO-3 folder, gathered from its optimizer-state partitions in float32.
+
+    Under ZeRO-3 the model-states file keeps 0-element placeholders; the weights live in the fp32 flat
+    partitions of ``*_optim_states.pt``. DeepSpeed's own ``zero_to_fp32`` (the script it also copies into
+    the work dir) gathers them; it is run here with every file read weights-only (DeepSpeed's and
+    mmengine's checkpoint classes allowed, nothing else), and frozen parameters excluded, as saved.
+    """
+    import contextlib
+    import io
+    import pickle
+    from unittest import mock
+
+    from deepspeed.utils import zero_to_fp32
+
+    folder = os.path.abspath(os.fspath(folder))
+    chatter = io.StringIO()  # zero_to_fp32 prints its progress
+    try:
+        with _scoped_safe_globals(_deepspeed_checkpoint_globals() + mmengine_checkpoint_globals()), \
+                mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), \
+                contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                os.path.dirname(folder), tag=os.path.basename(folder), exclude_frozen_parameters=True)
+    except pickle.UnpicklingError as exc:
+        raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
+                             f"allow-list ({pickle_refusal(exc)}); nothing in it was run", path=folder) from None
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlideChatError(f"cannot consolidate ZeRO-3 checkpoint: {first}", path=folder,
+                             hint="it needs every rank's *_optim_states.pt of that step") from None
+    logger.info("consolidated ZeRO-3 checkpoint %s: %d tensors", folder, len(sd))
+    return {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_checkpoint_weights(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """:func:`slidechat.model.checkpoint.load_weights` for an already resolved path, plus ZeRO-3
+    folders (:func:`consolidate_zero3`), whose model-states file alone holds no weights."""
+    if is_zero3_folder(path):
+        return consolidate_zero3(path)
+    return load_weights(path)
+
+
+def zero3_gathered(module: nn.Module) -> Any:
+    """A context in which ``module``'s ZeRO-3-partitioned parameters are whole and writable.
+
+    Under ``--deepspeed`` ZeRO-3, xtuner's strategy registers transformers' ``HfDeepSpeedConfig``, so the
+    LLM is built partitioned (``deepspeed.zero.Init``: each parameter a 0-element placeholder with a
+    ``ds_id``) before ``pretrained_pth`` is read. Full weights (e.g. ``llm.*`` of a stage-2 checkpoint)
+    are copied in while DeepSpeed's ``GatheredParameters`` holds them gathered; rank 0's values are
+    partitioned again on exit. Without partitioned parameters this is a no-op.
+    """
+    import contextlib
+
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 def _one_line_slidechat_errors(exc_type: Any, exc: BaseException, tb: Any) -> None:
@@ -468,7 +555,7 @@ class SlideChatTrainModel(BaseModel):
         released-style dict). An exported folder carries its own LLM (the caller builds the model on it),
         so only its slide modules are required from it."""
         path = resolve_checkpoint(checkpoint)
-        report = self.load_weights_checked(load_weights(path), llm=not is_exported_folder(path),
+        report = self.load_weights_checked(load_checkpoint_weights(path), llm=not is_exported_folder(path),
                                            allow_partial=allow_partial, source=path)
         _print_log(f"Loaded checkpoint {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
@@ -479,8 +566,9 @@ class SlideChatTrainModel(BaseModel):
         """Stage-1 weights (``pretrained_pth``) into the core: the slide modules are required, ``llm.*``
         keys load when present (else the config's LLM folder stays)."""
         path = resolve_checkpoint(path)
-        report = self.load_weights_checked(load_weights(path), llm=False, allow_partial=allow_partial,
-                                           source=path)
+        weights = load_checkpoint_weights(path)
+        with zero3_gathered(self):
+            report = self.load_weights_checked(weights, llm=False, allow_partial=allow_partial, source=path)
         _print_log(f"Loaded pretrained_pth {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
         return report
