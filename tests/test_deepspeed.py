@@ -54,13 +54,20 @@ def _epochs(n: int) -> List[str]:
     return [f"train_cfg.max_epochs={n}"]
 
 
-def ds_train(config: Path, ds_json: str, work_dir: Path, options: List[str], *extra: str) -> Dict:
+def ds_train(config: Path, ds_json: str, work_dir: Path, options: List[str], *extra: str,
+             via_slidechat: bool = False) -> Dict:
     """Stock ``xtuner train CONFIG --deepspeed JSON`` as one process: losses (from mmengine's scalars)
-    and the log text. The distributed variables are what a user sets (docs/training.md)."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1",
-               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
-    cmd = [str(BIN / "xtuner"), "train", str(config), "--deepspeed", str(DS / ds_json),
+    and the log text. The distributed variables are what a user sets (docs/training.md);
+    ``via_slidechat``: ``slidechat train`` with none of them set (it sets a one-process world itself)."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
+    dist = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for k in dist:
+        env.pop(k, None)
+    if not via_slidechat:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(_free_port()))
+    head = [str(BIN / "slidechat"), "train"] if via_slidechat else [str(BIN / "xtuner"), "train"]
+    cmd = [*head, str(config), "--deepspeed", str(DS / ds_json),
            "--work-dir", str(work_dir), *extra, "--cfg-options", *options]
     res = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
@@ -202,10 +209,13 @@ def test_zero3_lora_trains_adapters_only(demo, stage1_zero2, tmp_path):
 
 def test_zero2_offload_trains_with_the_configs_adamw(demo, tmp_path):
     """deepspeed_zero2_offload.json: optimizer state on the CPU, stepped by the config's torch AdamW
-    (``zero_force_ds_cpu_optimizer: false``), so DeepSpeedCPUAdam is never JIT-built."""
+    (``zero_force_ds_cpu_optimizer: false``), so DeepSpeedCPUAdam is never JIT-built. Run through
+    ``slidechat train`` with no distributed variables set: it gives DeepSpeed a one-process world
+    (stock xtuner would stop on ``No module named 'mpi4py'``)."""
     wd = tmp_path / "stage1_offload"
     opts = path_overrides(demo["llm"], demo["stage1"], demo["features"]) + _epochs(1)
-    run = ds_train(TINY1, "deepspeed_zero2_offload.json", wd, opts)
+    run = ds_train(TINY1, "deepspeed_zero2_offload.json", wd, opts, via_slidechat=True)
+    assert "setting RANK=0 WORLD_SIZE=1" in run["log"]
     assert len(run["rows"]) == 4 and "cpu_adam" not in run["log"].lower()
     assert (Path(run["last"]) / "mp_rank_00_model_states.pt").is_file()
 

@@ -53,6 +53,29 @@ def train_command(config: str, xtuner_args: List[str]) -> List[str]:
             script, *args, "--launcher", "pytorch"]
 
 
+#: what torchrun would set for a world of one; DeepSpeed needs all of them, else it looks for MPI
+SINGLE_PROCESS_DIST_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+
+
+def single_process_env(cmd: List[str], xtuner_args: List[str], env: dict) -> dict:
+    """``env`` plus the torch.distributed variables of a one-process world when ``--deepspeed`` runs
+    without torchrun (one GPU, or a CPU) and none of them is set yet: xtuner sets only LOCAL_RANK, and
+    DeepSpeed then falls back to MPI discovery (``No module named 'mpi4py'``). A variable the user set
+    is never overwritten; a free port is picked for MASTER_PORT."""
+    wants_ds = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in xtuner_args)
+    launched = "torch.distributed.run" in cmd or "--launcher" in xtuner_args
+    if not wants_ds or launched or any(k in env for k in (*SINGLE_PROCESS_DIST_ENV, "MASTER_PORT")):
+        return env
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logger.info("one process with --deepspeed: setting RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 "
+                "MASTER_ADDR=127.0.0.1 MASTER_PORT=%d", port)
+    return {**env, **SINGLE_PROCESS_DIST_ENV, "MASTER_PORT": str(port)}
+
+
 def run(args: argparse.Namespace) -> int:
     from slidechat.utils.errors import SlideChatError
 
@@ -65,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # xtuner re-executes a bare `python`; keep this interpreter's folder first for any child it starts
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env = single_process_env(cmd, extra, env)
     logger.debug("running %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)
     try:
