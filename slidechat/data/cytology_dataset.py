@@ -43,18 +43,26 @@ def build_processor(processor: Any) -> Any:
     return processor
 
 
+def _family_template(processor: Any) -> str:
+    from slidechat.model.qwen2vl import family_of
+
+    return family_of(processor).lf_template
+
+
 class CytologySFTDataset(Dataset):
-    """LLaMA-Factory sharegpt rows for Qwen2-VL training (``xtuner train`` configs use this)."""
+    """LLaMA-Factory sharegpt rows for Qwen VL training (``xtuner train`` configs use this)."""
 
     def __init__(self, dataset: str, processor: Any, dataset_dir: Optional[PathLike] = None,
-                 template: str = "qwen2_vl", cutoff_len: int = 2048,
+                 template: Optional[str] = None, cutoff_len: int = 2048,
                  image_max_pixels: int = IMAGE_MAX_PIXELS, image_min_pixels: int = IMAGE_MIN_PIXELS,
                  max_samples: Optional[int] = None, skip_bad: bool = False,
                  default_system: Optional[str] = None, check_images: bool = True, lf_rules: bool = False,
                  media_dir: Optional[PathLike] = None) -> None:
         self.processor = build_processor(processor)
         self.tokenizer = self.processor.tokenizer
-        self.template = get_vision_template(template)
+        # template None: the LLaMA-Factory template of the processor's family (qwen2_vl for Qwen2-VL and
+        # Qwen2.5-VL, qwen3_vl for Qwen3-VL), so the model path alone selects the family
+        self.template = get_vision_template(template if template is not None else _family_template(self.processor))
         if cutoff_len < 8:
             raise SlideChatError(f"cutoff_len must be >= 8, got {cutoff_len}")
         self.cutoff_len = int(cutoff_len)
