@@ -71,11 +71,12 @@ def _build_qwen2vl_tokenizer(vocab_size: int = 300, arch: str = "qwen2_vl"):
     from slidechat.model.tiny_llm import _build_tokenizer
 
     qwen3 = arch == "qwen3_vl"
-    return _build_tokenizer(vocab_size=vocab_size,
-                            special_tokens=QWEN2VL_SPECIAL_TOKENS + (THINK_TOKENS if qwen3 else []),
-                            additional_special_tokens=QWEN2VL_ADDITIONAL_SPECIAL_TOKENS,
-                            corpus=_CYTO_CORPUS,
-                            chat_template=QWEN3VL_CHAT_TEMPLATE if qwen3 else QWEN2VL_CHAT_TEMPLATE)
+    tok = _build_tokenizer(vocab_size=vocab_size, special_tokens=QWEN2VL_SPECIAL_TOKENS,
+                           additional_special_tokens=QWEN2VL_ADDITIONAL_SPECIAL_TOKENS, corpus=_CYTO_CORPUS,
+                           chat_template=QWEN3VL_CHAT_TEMPLATE if qwen3 else QWEN2VL_CHAT_TEMPLATE)
+    if qwen3:  # added but not special in the released Qwen3-VL tokenizer: decoding keeps them
+        tok.add_tokens(THINK_TOKENS)
+    return tok
 
 
 #: the families the builder knows (the registry entries of :mod:`slidechat.model.qwen2vl`)
