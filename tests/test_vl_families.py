@@ -165,13 +165,13 @@ def test_each_family_trains_with_xtuner_and_answers_with_slidechat_infer(tmp_pat
     assert answer == thought + "A.None.<|im_end|>\n"
     # full fine-tune and LoRA, stock xtuner train
     _xtuner_train(SFT, tmp_path / "sft", opts)
-    _xtuner_train(LORA, tmp_path / "lora", opts + ["train_cfg.max_epochs=1", "param_scheduler.1.end=1"])
+    _xtuner_train(LORA, tmp_path / "lora", opts)
     for wd in ("sft", "lora"):
         losses = _losses(tmp_path / wd)
         assert losses and all(np.isfinite(losses)), (wd, losses)
     sd = torch.load(tmp_path / "sft" / "epoch_2.pth", map_location="cpu", weights_only=False)["state_dict"]
     assert sd and not any(k.startswith("model.visual.") for k in sd)  # tower and merger frozen by default
-    lora_sd = torch.load(tmp_path / "lora" / "epoch_1.pth", map_location="cpu", weights_only=False)["state_dict"]
+    lora_sd = torch.load(tmp_path / "lora" / "epoch_2.pth", map_location="cpu", weights_only=False)["state_dict"]
     assert lora_sd and all("lora_" in k and k.startswith("model.language_model.") for k in lora_sd)
     # export, then slidechat infer on the exported folder (template from the folder's family)
     export = tmp_path / "export"
