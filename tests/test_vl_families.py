@@ -318,3 +318,29 @@ def test_boxes_round_trip_through_the_family_processor_resize(tinies, arch):
             assert a.label == b.label
             assert abs(a.x1 - b.x1) <= tol_x and abs(a.x2 - b.x2) <= tol_x
             assert abs(a.y1 - b.y1) <= tol_y and abs(a.y2 - b.y2) <= tol_y
+
+
+# --------------------------------------------------------------------------------------------- chat, screen
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chat_image_and_the_screening_scorer_run_on_each_family(tinies, arch, tmp_path):
+    from PIL import Image
+
+    from slidechat.engine.chat import ImageChatSession, load_image_chat_model
+    from slidechat.engine.screening import FieldModel, ScreenOptions
+
+    model, proc = load_image_chat_model(tinies[arch], device="cpu")
+    img = field(tmp_path / "f.png", 0, 1)
+    chat = ImageChatSession(model, proc, img, max_new_tokens=3)
+    assert isinstance(chat.ask("Locate all dark nuclei."), str) and len(chat.history) == 1
+    nxt = chat.prompt_text("Any more?")
+    assert nxt.count("<|vision_start|>") == 1 and nxt.endswith("<|im_start|>assistant\n")
+    assert ("You are a helpful assistant." in nxt) == (arch != "qwen3_vl")
+    scorer = FieldModel(tinies[arch], opts=ScreenOptions(batch_size=2, progress=False), model=model,
+                        processor=proc)
+    # LLaMA-Factory's qwen3_vl trains every answer after the empty thought: the option is scored after it
+    assert scorer.prompt_text.endswith("".join(LF_THOUGHT) if arch == "qwen3_vl" else "assistant\n")
+    images = [Image.open(img).convert("RGB"), Image.new("RGB", (120, 90), (210, 190, 200))]
+    probs, mass = scorer.option_probs(images)
+    assert probs.shape == (2, len(scorer.opts.options))
+    # probabilities over the options: rows sum to 1 up to float32 rounding of a 2-term softmax
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-6) and np.all((mass > 0) & (mass <= 1 + 1e-6))
