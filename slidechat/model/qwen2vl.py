@@ -176,9 +176,10 @@ def load_qwen2vl(model_name_or_path: PathLike, adapter_name_or_path: Optional[Pa
         raise SlideChatError(f"no preprocessor_config.json or processor_config.json (the {family.label} image "
                              f"processor) in the model folder", folder)
     dtype = torch_dtype if torch_dtype is not None else default_dtype(device)
-    model = load_model(getattr(transformers, family.model_class), folder, torch_dtype=dtype,
-                       trust_remote_code=trust_remote_code, allow_partial=allow_partial,
-                       key_mapping=dict(LEGACY_KEY_MAP))
+    with quiet_tp_plan_check():
+        model = load_model(getattr(transformers, family.model_class), folder, torch_dtype=dtype,
+                           trust_remote_code=trust_remote_code, allow_partial=allow_partial,
+                           key_mapping=dict(LEGACY_KEY_MAP))
     if adapter_name_or_path is not None:
         model = merge_adapter(model, adapter_name_or_path)
     model.to(device).eval()
@@ -187,6 +188,23 @@ def load_qwen2vl(model_name_or_path: PathLike, adapter_name_or_path: Optional[Pa
         raise SlideChatError(f"the folder's processor is {type(processor).__name__}, expected "
                              f"{family.processor_class}", folder)
     return model, processor
+
+
+@contextlib.contextmanager
+def quiet_tp_plan_check() -> Iterator[None]:
+    """Hold back transformers 5's "The following layers were not sharded: ..." warning while a folder loads.
+
+    ``from_pretrained`` checks the model's tensor-parallel plan whenever the ``modeling_utils`` logger is
+    at WARNING or above (:mod:`slidechat.model.hf_folder` holds it at ERROR during loads) and lists every
+    vision-tower layer, which has no tensor-parallel rule; no tensor parallelism is used here.
+    """
+    lg = logging.getLogger("transformers.distributed.tensor_parallel")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, config: Any) -> torch.Tensor:

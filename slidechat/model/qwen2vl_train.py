@@ -124,15 +124,15 @@ class Qwen2VLTrainModel(BaseModel):
         super().__init__()
         import transformers
 
-        from slidechat.model.qwen2vl import LEGACY_KEY_MAP
+        from slidechat.model.qwen2vl import LEGACY_KEY_MAP, quiet_tp_plan_check
 
         folder, family = read_family(model_name_or_path)
         kwargs: Dict[str, Any] = {"torch_dtype": _as_dtype(torch_dtype) or torch.float32,
                                   "key_mapping": dict(LEGACY_KEY_MAP)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        # no folder code, no missing weights
-        hf = load_model(getattr(transformers, family.model_class), folder, **kwargs)
+        with quiet_tp_plan_check():  # no folder code, no missing weights
+            hf = load_model(getattr(transformers, family.model_class), folder, **kwargs)
         hf.config.use_cache = False
         object.__setattr__(self, "_hf", hf)
         object.__setattr__(self, "_peft", None)
