@@ -406,3 +406,53 @@ def test_checkpoints_and_folders_in_the_448_layout_still_load(setup, sft, tmp_pa
         got = load_qwen2vl(folder)[0].state_dict()
         for k, v in new.items():
             assert torch.equal(got[k], v), (layout, k)
+
+
+def test_text_only_batches_get_llamafactorys_masked_dummy_image(setup, tmp_path):
+    """LLaMA-Factory's collator (data/collator.py): a batch with no image and no video gets a white 64x64
+    RGB image; its <image> span (vision_start, t*h*w/merge^2 pads, vision_end) is appended to the first
+    row with attention mask 0 and IGNORE_INDEX labels, and its pixels are the batch's pixel_values."""
+    from PIL import Image
+
+    from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
+    from slidechat.model.constants import IGNORE_INDEX
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from train_data import write_sharegpt_dataset
+
+    data = tmp_path / "text"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("Is HSIL a lesion?", "Yes."), ("Name a benign finding.", "Normal squamous cells."))]
+    write_sharegpt_dataset(data, "text_only", rows, "text.jsonl")
+    ds = CytologySFTDataset("text_only", str(setup["tiny"]), data)
+    items = [ds[0], ds[1]]
+    batch = qwen2vl_collate_fn(items)["data"]
+    proc = ds.processor
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    ref = proc.image_processor(images=[white], return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], ref["pixel_values"])
+    assert torch.equal(batch["image_grid_thw"], ref["image_grid_thw"])
+    n_pad = int(ref["image_grid_thw"].prod()) // proc.image_processor.merge_size ** 2
+    tok = proc.tokenizer
+    span = tok.encode("<|vision_start|>" + "<|image_pad|>" * n_pad + "<|vision_end|>", add_special_tokens=False)
+    n0 = len(items[0]["input_ids"])
+    assert batch["input_ids"][0, n0:n0 + len(span)].tolist() == span
+    assert batch["attention_mask"][0, :n0].all() and not batch["attention_mask"][0, n0:].any()
+    assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
+    assert batch["pixel_values"] is not None and qwen2vl_collate_fn([ds[0]])["data"]["image_grid_thw"].shape == (1, 3)
+    # a batch with a real image gets none
+    img_ds = CytologySFTDataset("tiny_train", proc, setup["data"], image_max_pixels=224 * 224)
+    mixed = qwen2vl_collate_fn([items[0], img_ds[0]])["data"]
+    assert mixed["image_grid_thw"].shape == (1, 3) and len(mixed["input_ids"][0]) == max(
+        n0, len(img_ds[0]["input_ids"]))
+    # the fake image changes no loss (masked, after the row's own tokens) but the vision tower runs
+    model = Qwen2VLTrainModel(setup["tiny"], freeze_vision_tower=False)
+    plain = qwen2vl_collate_fn([{k: v for k, v in it.items() if k != "dummy_image"} for it in items])["data"]
+    assert plain["pixel_values"] is None
+    a = model(batch)["loss"]
+    b = model(plain)["loss"]
+    # the same tokens through the same weights; only the padded width differs (masked keys): float noise
+    assert torch.allclose(a, b, rtol=1e-5, atol=0), (a, b)
+    a.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("model.visual.blocks.")]
+    assert grads and all(g is not None for g in grads)
