@@ -1,4 +1,4 @@
-"""Qwen2-VL training model for stock ``xtuner train`` (mmengine ``BaseModel``), LLaMA-Factory's recipe.
+"""Qwen VL training model (every family) for stock ``xtuner train`` (mmengine ``BaseModel``), LLaMA-Factory's recipe.
 
 Kept apart from :mod:`slidechat.model.qwen2vl` so inference does not import mmengine;
 ``slidechat.model.qwen2vl.Qwen2VLTrainModel`` resolves to the class here.
@@ -99,13 +99,15 @@ class _LoadGuard:
 
 
 class Qwen2VLTrainModel(BaseModel):
-    """Qwen2-VL for stock ``xtuner train`` (xtuner 0.2.0 has no Qwen2-VL support), trained like
-    LLaMA-Factory trains CytoChat.
+    """A Qwen VL model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL: the folder's family) for stock ``xtuner train``
+    (xtuner 0.2.0 has no Qwen VL support), trained like LLaMA-Factory trains CytoChat.
 
-    The Hugging Face model's children (``visual``, ``model``, ``lm_head``) are registered directly on
-    this module, so checkpoint keys are the Hugging Face names. Full fine-tuning trains everything but
-    the frozen parts (``freeze_vision_tower``: patch embedding + blocks; ``freeze_multi_modal_projector``:
-    the merger; both True by default as in LLaMA-Factory). ``lora`` (a peft ``LoraConfig`` or its config
+    The Hugging Face model's children (``model``, holding ``model.visual`` and ``model.language_model``,
+    and ``lm_head``) are registered directly on this module, so checkpoint keys are the Hugging Face
+    names; checkpoints in the 4.48 layout are renamed on load (``map_legacy_keys``). Full fine-tuning
+    trains everything but the frozen parts, named by path per family (``freeze_vision_tower``: patch
+    embedding + blocks; ``freeze_multi_modal_projector``: the merger; both True by default as in
+    LLaMA-Factory; ``freeze_language_model``: ``model.language_model`` + ``lm_head``). ``lora`` (a peft ``LoraConfig`` or its config
     dict) puts adapters on every Linear of the unfrozen parts except ``lm_head`` and ``patch_embed``
     (LLaMA-Factory's ``lora_target: all``); the base weights stay frozen.
 
