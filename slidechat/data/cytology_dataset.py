@@ -132,7 +132,7 @@ class CytologySFTDataset(Dataset):
             item["pixel_values"] = vis["pixel_values"]
             item["image_grid_thw"] = grid
         try:
-            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system_prompt(self.default_system),
+            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system_prompt(self.default_system, self.template),
                                          seqlens,
                                          cutoff_len=self.cutoff_len, default_system=self.default_system,
                                          template=self.template)

@@ -248,7 +248,7 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
     for i, item in enumerate(examples_or_prompts):
         if isinstance(item, Example):
             prompt: Any = encode_qwen2vl_prompt(tok, item.prompt_messages, item.label,
-                                                item.system_prompt(default_system),
+                                                item.system_prompt(default_system, tpl),
                                                 default_system=default_system, template=tpl).prompt_ids
             row_images = item.images if images is None or images[i] is None else images[i]
             n_spans = prompt.count(pad_id)
