@@ -62,7 +62,11 @@ class CytologySFTDataset(Dataset):
         self.tokenizer = self.processor.tokenizer
         # template None: the LLaMA-Factory template of the processor's family (qwen2_vl for Qwen2-VL and
         # Qwen2.5-VL, qwen3_vl for Qwen3-VL), so the model path alone selects the family
-        self.template = get_vision_template(template if template is not None else _family_template(self.processor))
+        family_template = _family_template(self.processor)
+        self.template = get_vision_template(template if template is not None else family_template)
+        if self.template.name != family_template:  # allowed (LLaMA-Factory allows it), but rarely meant
+            logger.warning("template %s for a model whose family's LLaMA-Factory template is %s",
+                           self.template.name, family_template)
         if cutoff_len < 8:
             raise SlideChatError(f"cutoff_len must be >= 8, got {cutoff_len}")
         self.cutoff_len = int(cutoff_len)
