@@ -49,6 +49,13 @@ def _family_template(processor: Any) -> str:
     return family_of(processor).lf_template
 
 
+def _family_template_or_none(processor: Any) -> Optional[str]:
+    try:
+        return _family_template(processor)
+    except SlideChatError:  # a processor of no known family, with an explicit template
+        return None
+
+
 class CytologySFTDataset(Dataset):
     """LLaMA-Factory sharegpt rows for Qwen VL training (``xtuner train`` configs use this)."""
 
@@ -62,9 +69,10 @@ class CytologySFTDataset(Dataset):
         self.tokenizer = self.processor.tokenizer
         # template None: the LLaMA-Factory template of the processor's family (qwen2_vl for Qwen2-VL and
         # Qwen2.5-VL, qwen3_vl for Qwen3-VL), so the model path alone selects the family
-        family_template = _family_template(self.processor)
+        family_template = _family_template(self.processor) if template is None else _family_template_or_none(
+            self.processor)
         self.template = get_vision_template(template if template is not None else family_template)
-        if self.template.name != family_template:  # allowed (LLaMA-Factory allows it), but rarely meant
+        if family_template and self.template.name != family_template:  # LLaMA-Factory allows it; rarely meant
             logger.warning("template %s for a model whose family's LLaMA-Factory template is %s",
                            self.template.name, family_template)
         if cutoff_len < 8:
