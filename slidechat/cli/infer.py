@@ -131,10 +131,19 @@ def check_args(args: argparse.Namespace) -> None:
             # vllm_infer's own check: "Pipeline parallel size should be smaller than the number of gpus."
             raise SlideChatError(f"--pipeline_parallel_size {args.pipeline_parallel_size} is more than the "
                                  f"{torch.cuda.device_count()} GPU(s) here")
-    if args.template is None:  # the folder's family decides (its config's model_type), recorded for resume
-        from slidechat.model.qwen2vl import read_family
 
-        args.template = read_family(args.model_name_or_path)[1].lf_template
+
+def resolve_template(args: argparse.Namespace) -> None:
+    """``--template`` left out: the model folder's family decides (its config's ``model_type``); resolved
+    before the run settings are recorded, so a resume compares the template actually used."""
+    if args.template is None:
+        from slidechat.model.qwen2vl import read_family
+        from slidechat.utils.errors import SlideChatError
+
+        try:
+            args.template = read_family(args.model_name_or_path)[1].lf_template
+        except SlideChatError:  # the model load says what is wrong with the folder, in its own order
+            pass
 
 
 #: flags that change the predictions (a resume with other values is refused)
@@ -189,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         raise SlideChatError(f"dataset {args.dataset!r} has no rows", args.dataset_dir)
     items = cytology_items(examples, args.default_system)
     _check_images_exist(items, args.dataset_dir)  # before the model loads
+    resolve_template(args)
     writer = JsonlPredictionWriter(args.save_name, [(it.key, it.images) for it in items],
                                    overwrite=args.overwrite)
     try:
