@@ -91,11 +91,14 @@ QWEN3VL_CHAT_TEMPLATE = QWEN2VL_CHAT_TEMPLATE.replace(
 THINK_TOKENS = ["<think>", "</think>"]
 
 
-def _mrope_section(head_dim: int) -> list:
-    """M-RoPE (t, h, w) split of ``head_dim / 2`` rotary frequencies, [2, 1, 1] for head_dim 8 (the released
-    [16, 24, 24] of head_dim 128 has the same shape: t gets what h and w leave)."""
+def _mrope_section(head_dim: int, arch: str = "qwen2_vl") -> list:
+    """M-RoPE (t, h, w) split of the ``head_dim / 2`` rotary frequencies: the released values at head_dim
+    128 (Qwen2-VL / Qwen2.5-VL [16, 24, 24], Qwen3-VL [24, 20, 20]); otherwise t gets what h and w
+    (a quarter each) leave, [2, 1, 1] for head_dim 8."""
     if head_dim % 2 or head_dim // 2 < 3:
         raise ValueError(f"hidden_size/num_heads = {head_dim} is too small for M-RoPE (need >= 6, even)")
+    if head_dim == 128:
+        return [24, 20, 20] if arch == "qwen3_vl" else [16, 24, 24]
     half = head_dim // 2
     return [half - 2 * (half // 4), half // 4, half // 4]
 
@@ -112,7 +115,7 @@ def _config(arch: str, ids: dict, vocab: int, hidden_size: int, num_layers: int,
                 num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                 max_position_embeddings=32768, rms_norm_eps=1e-6, initializer_range=initializer_range,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": _mrope_section(head_dim)},
+                                 "mrope_section": _mrope_section(head_dim, arch)},
                 bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT])
     tokens = dict(image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
                   vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
@@ -126,11 +129,13 @@ def _config(arch: str, ids: dict, vocab: int, hidden_size: int, num_layers: int,
                                           **tokens)
     if arch == "qwen2_5_vl":
         text.update(use_sliding_window=False)
-        # window attention everywhere but the last block (the released 32-block tower: full at 7, 15, 23, 31)
+        # full attention in every 8th block as released (7, 15, 23, 31 of 32), else the last one only;
+        # window attention elsewhere
+        full = [i for i in range(vision_depth) if i % 8 == 7] or [vision_depth - 1]
         vision = dict(depth=vision_depth, hidden_size=vision_embed_dim, intermediate_size=4 * vision_embed_dim,
                       num_heads=vision_heads, in_channels=3, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=112, out_hidden_size=hidden_size,
-                      fullatt_block_indexes=[vision_depth - 1], initializer_range=initializer_range)
+                      fullatt_block_indexes=full, initializer_range=initializer_range)
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
     if arch == "qwen3_vl":
         text.update(head_dim=head_dim)
