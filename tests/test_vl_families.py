@@ -344,3 +344,26 @@ def test_chat_image_and_the_screening_scorer_run_on_each_family(tinies, arch, tm
     assert probs.shape == (2, len(scorer.opts.options))
     # probabilities over the options: rows sum to 1 up to float32 rounding of a 2-term softmax
     assert np.allclose(probs.sum(1), 1.0, atol=1e-6) and np.all((mass > 0) & (mass <= 1 + 1e-6))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pixels_are_llamafactorys(tinies, arch, tmp_path):
+    """LLaMA-Factory loads the processor with ``AutoProcessor.from_pretrained(path, use_fast=True)``
+    (``use_fast_tokenizer``, default True) and feeds its image processor the images after its own PIL
+    scaling (``mm_plugin._preprocess_image``, :func:`slidechat.data.images.scale_image`): the dataset's
+    pixel values must be exactly those."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from slidechat.data.cytology_dataset import CytologySFTDataset
+    from slidechat.data.images import scale_image
+
+    data = _data(tmp_path)
+    ds = CytologySFTDataset("tiny_train", str(tinies[arch]), data, image_max_pixels=64 * 64)
+    lf = AutoProcessor.from_pretrained(str(tinies[arch]), use_fast=True)
+    assert type(ds.processor.image_processor) is type(lf.image_processor)
+    img = scale_image(Image.open(data / "images" / "f0.png"), 64 * 64, 32 * 32)
+    ref = lf.image_processor(images=[img], return_tensors="pt")
+    item = ds[0]
+    assert torch.equal(item["pixel_values"], ref["pixel_values"])
+    assert torch.equal(item["image_grid_thw"], ref["image_grid_thw"])
