@@ -159,7 +159,10 @@ class Qwen2VLTrainModel(BaseModel):
             for name, p in self.named_parameters():
                 p.requires_grad_(not _under(name, forbidden))
         if self.use_activation_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5 name (the old one warns)
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.enable_input_require_grads()
         trained = [n for n, p in self.named_parameters() if p.requires_grad]
         if not trained:
