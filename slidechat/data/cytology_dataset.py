@@ -144,10 +144,9 @@ class CytologySFTDataset(Dataset):
             item["pixel_values"] = vis["pixel_values"]
             item["image_grid_thw"] = grid
         try:
-            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system_prompt(self.default_system, self.template),
-                                         seqlens,
-                                         cutoff_len=self.cutoff_len, default_system=self.default_system,
-                                         template=self.template)
+            system = ex.system_prompt(self.default_system, self.template)
+            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, system, seqlens, cutoff_len=self.cutoff_len,
+                                         default_system=self.default_system, template=self.template)
         except ConversationError as e:
             raise self._error(ex, str(e)) from None
         if ids.count(self.image_pad_id) != sum(seqlens):

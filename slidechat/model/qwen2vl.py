@@ -225,7 +225,8 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
     """A left-padded ``BatchFeature`` for ``model.generate(**batch)``.
 
     ``examples_or_prompts``: :class:`~slidechat.data.llamafactory.Example` rows (encoded slot by slot with
-    the family's LLaMA-Factory template (``qwen2_vl`` or ``qwen3_vl``), final answer left out: :func:`slidechat.data.template.encode_qwen2vl_prompt`,
+    the family's LLaMA-Factory template (``qwen2_vl`` or ``qwen3_vl``), final answer left out:
+    :func:`slidechat.data.template.encode_qwen2vl_prompt`,
     the encoder training uses), prompt token ids (one ``<|image_pad|>`` per image, as that encoder and
     vllm_infer give them) or prompt strings already rendered (each image as
     ``<|vision_start|><|image_pad|><|vision_end|>``; tokenized whole, so only for single-turn prompts,

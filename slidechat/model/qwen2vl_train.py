@@ -107,9 +107,9 @@ class Qwen2VLTrainModel(BaseModel):
     names; checkpoints in the 4.48 layout are renamed on load (``map_legacy_keys``). Full fine-tuning
     trains everything but the frozen parts, named by path per family (``freeze_vision_tower``: patch
     embedding + blocks; ``freeze_multi_modal_projector``: the merger; both True by default as in
-    LLaMA-Factory; ``freeze_language_model``: ``model.language_model`` + ``lm_head``). ``lora`` (a peft ``LoraConfig`` or its config
-    dict) puts adapters on every Linear of the unfrozen parts except ``lm_head`` and ``patch_embed``
-    (LLaMA-Factory's ``lora_target: all``); the base weights stay frozen.
+    LLaMA-Factory; ``freeze_language_model``: ``model.language_model`` + ``lm_head``). ``lora`` (a peft
+    ``LoraConfig`` or its config dict) puts adapters on every Linear of the unfrozen parts except
+    ``lm_head`` and ``patch_embed`` (LLaMA-Factory's ``lora_target: all``); the base weights stay frozen.
 
     ``state_dict()`` holds only the trained tensors (LoRA: only adapter tensors). Every load
     (``load_state_dict`` for DeepSpeed resume / xtuner, mmengine's own resume, ``pretrained_pth``) goes
@@ -174,7 +174,8 @@ class Qwen2VLTrainModel(BaseModel):
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.parameters())
         logger.info("%s %s: %d of %d parameters trainable (%s)", family.label,
-                    "LoRA" if self.use_lora else "full", n_train, n_all, ", ".join(f"{k}={v}" for k, v in self.freeze_flags.items()))
+                    "LoRA" if self.use_lora else "full", n_train, n_all,
+                    ", ".join(f"{k}={v}" for k, v in self.freeze_flags.items()))
 
     # ------------------------------------------------------------------ structure
     @property
