@@ -224,16 +224,27 @@ def _lf_slots(tok, messages, template: str, seqlens: Optional[List[int]] = None)
     return out
 
 
-def _lf_train(tok, messages, template: str, seqlens: List[int]):
-    """Supervised processor on ``encode_multiturn`` (mask_history False; ReasoningTemplate, enable_thinking
-    True: an answer without thought words gets the empty thought ids before it, with loss)."""
+def _has_thought(content: str) -> bool:
+    return LF_THOUGHT[0].strip() in content or LF_THOUGHT[1].strip() in content
+
+
+def _lf_train(tok, messages, template: str, seqlens: List[int], enable_thinking: bool = True):
+    """Supervised processor on ``encode_multiturn`` (mask_history False). ReasoningTemplate: with
+    enable_thinking False every thought is removed first; then an answer without thought words gets the
+    empty thought ids before it (with loss), or, without thinking, after its prompt (no loss)."""
+    messages = [dict(m) for m in messages]
+    if template == "qwen3_vl" and not enable_thinking:
+        for i in range(1, len(messages), 2):
+            messages[i]["content"] = _lf_remove_thought(messages[i]["content"])
     enc = _lf_slots(tok, messages, template, seqlens)
     if template == "qwen3_vl":
         thought = tok.encode("".join(LF_THOUGHT), add_special_tokens=False)
-        for i in range(1, len(enc), 2):
-            c = messages[i]["content"]
-            if LF_THOUGHT[0].strip() not in c and LF_THOUGHT[1].strip() not in c:
-                enc[i] = thought + enc[i]
+        for i in range(0, len(enc), 2):
+            if not _has_thought(messages[i + 1]["content"]):
+                if enable_thinking:
+                    enc[i + 1] = thought + enc[i + 1]
+                else:
+                    enc[i] = enc[i] + thought
     ids, labels = [], []
     for src, tgt in zip(enc[0::2], enc[1::2]):
         ids += src + tgt
@@ -241,45 +252,56 @@ def _lf_train(tok, messages, template: str, seqlens: List[int]):
     return ids, labels
 
 
-def _lf_oneturn(tok, messages, template: str):
+def _lf_oneturn(tok, messages, template: str, enable_thinking: bool = True):
     """``encode_oneturn`` (vllm_infer's prompt, one pad per image): ReasoningTemplate drops thoughts from
-    history answers (``remove_thought``, preserve_thinking False) and puts the empty thought in the response."""
+    history answers (``remove_thought``, preserve_thinking False), from the answer too without thinking,
+    and puts the empty thought in the response (or, without thinking, at the end of the prompt)."""
     messages = [dict(m) for m in messages]
     if template == "qwen3_vl":
         for i in range(1, len(messages) - 2, 2):
             messages[i]["content"] = _lf_remove_thought(messages[i]["content"])
+        if not enable_thinking:
+            messages[-1]["content"] = _lf_remove_thought(messages[-1]["content"])
     enc = _lf_slots(tok, messages, template)
     prompt, response = [t for ids in enc[:-1] for t in ids], enc[-1]
-    if template == "qwen3_vl":
-        c = messages[-1]["content"]
-        if LF_THOUGHT[0].strip() not in c and LF_THOUGHT[1].strip() not in c:
-            response = tok.encode("".join(LF_THOUGHT), add_special_tokens=False) + response
+    if template == "qwen3_vl" and not _has_thought(messages[-1]["content"]):
+        thought = tok.encode("".join(LF_THOUGHT), add_special_tokens=False)
+        if enable_thinking:
+            response = thought + response
+        else:
+            prompt = prompt + thought
     return prompt, response
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lf_template_encoding_per_family(tinies, arch):
+@pytest.mark.parametrize("arch,thinking", [(a, True) for a in ARCHS] + [("qwen3_vl", False)])
+def test_lf_template_encoding_per_family(tinies, arch, thinking):
+    import dataclasses
+
     from transformers import AutoProcessor
 
-    from slidechat.data.template import encode_qwen2vl, encode_qwen2vl_prompt, render_qwen2vl_prompt
+    from slidechat.data.template import (encode_qwen2vl, encode_qwen2vl_prompt, get_vision_template,
+                                         render_qwen2vl_prompt)
     from slidechat.model.qwen2vl import family_of
 
     proc = AutoProcessor.from_pretrained(str(tinies[arch]))
     tok = proc.tokenizer
-    template = family_of(proc).lf_template
-    assert template == LF_TEMPLATE[arch]
-    # history answers starting with newlines (and one carrying a thought) are the cases that differ
+    name = family_of(proc).lf_template
+    assert name == LF_TEMPLATE[arch]
+    template = dataclasses.replace(get_vision_template(name), enable_thinking=thinking)
+    # history answers starting with newlines (and answers carrying a thought) are the cases that differ
     msgs = _msgs("<image>Is this field abnormal?", "\nYes", "Which cells?", "\n\nDark ones.",
                  "Anything else?", "<think>\nlook again\n</think>\n\nNo.", "Sure?", "Yes.")
     ids, labels = encode_qwen2vl(tok, msgs, image_seqlens=[6], template=template)
-    assert (ids, labels) == _lf_train(tok, msgs, template, [6])
-    enc = encode_qwen2vl_prompt(tok, msgs[:-1], msgs[-1]["content"], template=template)
-    prompt, response = _lf_oneturn(tok, msgs, template)
-    assert (enc.prompt_ids, enc.label_ids) == (prompt, response)
+    assert (ids, labels) == _lf_train(tok, msgs, name, [6], thinking)
+    for last in ("Yes.", "\n<think>\nhm\n</think>\n\nYes."):
+        rows = msgs[:-1] + [{"role": "assistant", "content": last}]
+        enc = encode_qwen2vl_prompt(tok, rows[:-1], last, template=template)
+        assert (enc.prompt_ids, enc.label_ids) == _lf_oneturn(tok, rows, name, thinking), last
     # the rendered single-turn prompt string tokenizes to the slot-by-slot ids
     one = _msgs("<image>Locate all dark nuclei.", "None.")
-    text = render_qwen2vl_prompt(one, template=template)
-    assert tok(text, add_special_tokens=False)["input_ids"] == _lf_oneturn(tok, one, template)[0]
+    if thinking:
+        text = render_qwen2vl_prompt(one, template=template)
+        assert tok(text, add_special_tokens=False)["input_ids"] == _lf_oneturn(tok, one, name)[0]
 
 
 # --------------------------------------------------------------------------------------------- boxes

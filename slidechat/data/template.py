@@ -374,12 +374,17 @@ def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: O
     if n_placeholders != len(image_seqlens):
         raise ConversationError(f"{n_placeholders} {tpl.placeholder} placeholder(s) but "
                                 f"{len(image_seqlens)} image(s)")
+    if tpl.thought_words and not tpl.enable_thinking:  # encode_multiturn: every thought removed
+        turns = [dict(m, content=tpl.remove_thought(m["content"])) if j % 2 else m for j, m in enumerate(turns)]
     encoded = encode_qwen2vl_slots(tokenizer, turns, sys_text, image_seqlens, tpl)
-    if tpl.thought_words and tpl.enable_thinking:  # ReasoningTemplate.encode_multiturn: empty thought, with loss
+    if tpl.thought_words:  # ReasoningTemplate.encode_multiturn: an answer without thought gets the empty one,
         thought = tokenizer.encode(tpl.empty_thought(), add_special_tokens=False)
-        for i in range(1, len(encoded), 2):
+        for i in range(1, len(encoded), 2):  # in the answer (with loss), or without thinking in the prompt
             if not tpl.has_thought(turns[i]["content"]):
-                encoded[i] = thought + encoded[i]
+                if tpl.enable_thinking:
+                    encoded[i] = thought + encoded[i]
+                else:
+                    encoded[i - 1] = encoded[i - 1] + thought
     input_ids: List[int] = []
     labels: List[int] = []
     total = 0
@@ -427,9 +432,10 @@ def encode_qwen2vl_prompt(tokenizer: Any, messages: Sequence[Dict[str, str]], la
     if turns[-1]["role"] != "user":
         raise ConversationError("the prompt must end with a user turn")
     full = list(turns) + [{"role": "assistant", "content": label if label is not None else ""}]
-    if tpl.thought_words:  # ReasoningTemplate.encode_oneturn (preserve_thinking False): history thoughts go
-        full = [dict(m, content=tpl.remove_thought(m["content"])) if 0 < i < len(full) - 1 and i % 2 else m
-                for i, m in enumerate(full)]
+    if tpl.thought_words:  # ReasoningTemplate.encode_oneturn (preserve_thinking False): history thoughts go,
+        # and without thinking the answer's too
+        full = [dict(m, content=tpl.remove_thought(m["content"]))
+                if i % 2 and (i < len(full) - 1 or not tpl.enable_thinking) else m for i, m in enumerate(full)]
     encoded = encode_qwen2vl_slots(tokenizer, full, sys_text, None, tpl)
     prompt_ids = [t for ids in encoded[:-1] for t in ids]
     label_ids = encoded[-1]
