@@ -295,9 +295,10 @@ def test_tiny_qwen2vl_folder_has_qwen2vl_tokens_and_processor(tiny, processor):
     cfg = model.config
     assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == (32, 2, 2)
-    assert cfg.rope_scaling["mrope_section"] == [2, 1, 1] and cfg.vision_config.depth == 2
-    assert cfg.vocab_size == len(tok) < 400
+    text = cfg.text_config  # transformers 5: the decoder's fields live in the text sub-config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (32, 2, 2)
+    assert text.rope_parameters["mrope_section"] == [2, 1, 1] and cfg.vision_config.depth == 2
+    assert text.vocab_size == len(tok) < 400
 
 
 def test_load_qwen2vl_refuses_other_folders(tmp_path, tiny):

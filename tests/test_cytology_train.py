@@ -77,9 +77,11 @@ def _ckpt(wd, epoch=EPOCHS):
 
 
 def _hf_weights(folder):
-    from safetensors.torch import load_file
+    """A folder's weights under the names the loaded model gives them (transformers 5 writes Qwen2-VL
+    files in the 4.48 layout, ``model.layers.*`` / ``visual.*``, and renames them on loading)."""
+    from transformers import Qwen2VLForConditionalGeneration
 
-    return load_file(str(Path(folder) / "model.safetensors"))
+    return Qwen2VLForConditionalGeneration.from_pretrained(str(folder)).state_dict()
 
 
 def _epoch_means(rows, per_epoch):
@@ -95,8 +97,8 @@ def test_full_finetune_learns_and_saves_only_trained_weights(setup, sft):
     sd = _ckpt(sft)["state_dict"]
     base = _hf_weights(setup["tiny"])
     # vision tower and merger frozen (LLaMA-Factory's defaults): not saved; the LLM and head are
-    assert not any(k.startswith("visual.") for k in sd)
-    assert set(sd) == {k for k in base if not k.startswith("visual.")}
+    assert not any(k.startswith("model.visual.") for k in sd)
+    assert set(sd) == {k for k in base if not k.startswith("model.visual.")}
     changed = [k for k in sd if not torch.equal(sd[k], base[k])]
     assert len(changed) > 0.9 * len(sd)
 
@@ -107,8 +109,8 @@ def test_lora_learns_and_saves_only_adapters(setup, lora):
     assert means[-1] < 0.5 * means[0], means
     sd = _ckpt(lora)["state_dict"]
     assert sd and all(("lora_A" in k or "lora_B" in k) for k in sd)
-    assert all(k.startswith("model.layers.") for k in sd)  # language model only
-    names = {k.split(".")[-4] for k in sd}  # model.layers.N.self_attn.q_proj.lora_A.default.weight
+    assert all(k.startswith("model.language_model.layers.") for k in sd)  # language model only
+    names = {k.split(".")[-4] for k in sd}  # model.language_model.layers.N.self_attn.q_proj.lora_A.default.weight
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -123,7 +125,7 @@ def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft,
     exported = _hf_weights(out)
     base = _hf_weights(setup["tiny"])
     for k in base:  # frozen vision tower identical, everything trained equals the checkpoint
-        if k.startswith("visual."):
+        if k.startswith("model.visual."):
             assert torch.equal(exported[k], base[k]), k
     sd = _ckpt(sft)["state_dict"]
     for k, v in sd.items():
@@ -137,15 +139,19 @@ def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft,
     with torch.no_grad():
         a = trained(batch, mode="tensor")
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+        # transformers 5: the token types the processor returns beside input_ids (text 0, image 1)
+        inputs["mm_token_type_ids"] = (batch["input_ids"] == proc.image_token_id).int()
         b = hf(**inputs).logits
-        # every training forward gets the 3-D M-RoPE positions (transformers 4.48 alone only computes
-        # them on a model's first call without position_ids, then falls back to 1-D positions)
+        # every training forward gets the 3-D M-RoPE positions (transformers 4.48 alone only computed
+        # them on a model's first call without position_ids, then fell back to 1-D positions)
         again = trained(batch, mode="tensor")
-        plain_second_call = hf(**inputs).logits
+        mask = batch["attention_mask"]
+        one_d = ((mask.cumsum(-1) - 1).clamp(min=0)).unsqueeze(0).expand(3, -1, -1)
+        plain_1d = hf(**inputs, position_ids=one_d).logits
     # exact: the same weights through the same kernels on the same shapes in one process add in one order
     assert torch.equal(a, b) and torch.equal(a, again)
-    # the 1-D-position fallback is a different function, not float noise (observed: 0.56 of max|logit|)
-    assert_differs_rel(plain_second_call, b, 10 * FP32_RTOL, what="1-D positions vs M-RoPE")
+    # 1-D positions are a different function, not float noise (observed on 4.48: 0.56 of max|logit|)
+    assert_differs_rel(plain_1d, b, 10 * FP32_RTOL, what="1-D positions vs M-RoPE")
 
 
 def test_export_lora_merges_adapters(setup, lora, tmp_path):
@@ -167,9 +173,14 @@ def test_export_lora_merges_adapters(setup, lora, tmp_path):
         export_qwen2vl(LORA, lora, foreign, cfg_options=opts)
     exported = _hf_weights(out)
     base = _hf_weights(setup["tiny"])
-    assert set(exported) == set(base)  # plain names: no peft wrappers left
+    assert set(exported) == set(base)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(out / "model.safetensors"))  # plain names in the file: no peft wrappers left
+    assert len(raw) == len(base) and not any("lora_" in k or "base_layer" in k for k in raw)
     changed = {k for k in base if not torch.equal(exported[k], base[k])}
-    assert changed and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in changed)
+    assert changed and all(k.startswith("model.language_model.layers.") and k.endswith("proj.weight")
+                           for k in changed)
     trained = build_qwen2vl_from_config(LORA, lora, cfg_options=opts)  # adapters unmerged
     model, proc = load_qwen2vl(out)
     assert isinstance(model, Qwen2VLForConditionalGeneration)
@@ -203,10 +214,10 @@ def test_resume_continues_and_goes_through_the_strict_check(setup, sft, tmp_path
         assert r["loss"] == pytest.approx(old[r["step"]], rel=1e-5)
     # a checkpoint lacking a trained tensor is refused on resume, naming what is missing
     ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-    del ck["state_dict"]["model.layers.1.mlp.up_proj.weight"]
+    del ck["state_dict"]["model.language_model.layers.1.mlp.up_proj.weight"]
     broken = tmp_path / "broken.pth"
     torch.save(ck, broken)
-    with pytest.raises(SlideChatError, match=r"lacks required weights: 1 keys: model.layers"):
+    with pytest.raises(SlideChatError, match=r"lacks required weights: 1 keys: model\.language_model"):
         xtuner_train(SFT, tmp_path / "broken_run", setup["opts"], extra=("--resume", str(broken)))
 
 
@@ -267,13 +278,13 @@ def test_freezing_switches_and_lora_targets(setup):
     assert all(k.startswith(("model.", "lm_head.")) for k in full.trained_keys)
     assert set(full.state_dict()) == set(full.trained_keys)
     both = Qwen2VLTrainModel(setup["tiny"], freeze_vision_tower=False)
-    assert any(k.startswith("visual.blocks.") for k in both.trained_keys)
-    assert not any(k.startswith("visual.merger.") for k in both.trained_keys)
-    assert any(k.startswith("visual.merger.") for k in Qwen2VLTrainModel(
+    assert any(k.startswith("model.visual.blocks.") for k in both.trained_keys)
+    assert not any(k.startswith("model.visual.merger.") for k in both.trained_keys)
+    assert any(k.startswith("model.visual.merger.") for k in Qwen2VLTrainModel(
         setup["tiny"], freeze_multi_modal_projector=False).trained_keys)
     lora = Qwen2VLTrainModel(setup["tiny"], freeze_vision_tower=False, lora=dict(r=4))
     targets = {k.rsplit(".lora_", 1)[0] for k in lora.trained_keys}
-    assert any(t.startswith("visual.blocks.0.attn.qkv") for t in targets)
+    assert any(t.startswith("model.visual.blocks.0.attn.qkv") for t in targets)
     assert not any("patch_embed" in t or "merger" in t or "lm_head" in t for t in targets)
 
 
@@ -337,3 +348,111 @@ def test_wrapper_walkers_go_through_the_check(setup, sft):
     nn.Module.load_state_dict(wrapper, {"module." + k: v for k, v in sd.items()}, strict=False)
     for k, v in sd.items():
         assert torch.equal(wrapper.module.state_dict()[k], v)
+
+
+def _to_448_layout(key):
+    """A transformers-5 key in the 4.48 layout (``model.layers.*``, ``visual.*``, ``lm_head.*``)."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def test_freeze_rules_name_the_language_model_and_the_vision_tower_by_their_paths(setup):
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+
+    # LLM frozen, vision tower trainable: only vision-tower weights train (the merger stays as configured)
+    vis = Qwen2VLTrainModel(setup["tiny"], freeze_language_model=True, freeze_vision_tower=False)
+    assert vis.trained_keys and all(k.startswith("model.visual.") for k in vis.trained_keys)
+    assert any(k.startswith("model.visual.blocks.") for k in vis.trained_keys)
+    assert not any(k.startswith("model.visual.merger.") for k in vis.trained_keys)
+    # LLM frozen, projector trainable, tower frozen: only the merger trains
+    proj = Qwen2VLTrainModel(setup["tiny"], freeze_language_model=True, freeze_multi_modal_projector=False)
+    assert proj.trained_keys and all(k.startswith("model.visual.merger.") for k in proj.trained_keys)
+    # LLM trainable, vision tower frozen (the default): the LLM and head train, no vision weight does
+    llm = Qwen2VLTrainModel(setup["tiny"])
+    assert any(k.startswith("model.language_model.") for k in llm.trained_keys)
+    assert "lm_head.weight" in llm.trained_keys
+    assert not any(k.startswith("model.visual.") for k in llm.trained_keys)
+
+
+def test_checkpoints_and_folders_in_the_448_layout_still_load(setup, sft, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slidechat.model.qwen2vl import load_qwen2vl
+    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config
+
+    opts = dict(o.split("=", 1) for o in setup["opts"][:4])
+    sd = _ckpt(sft)["state_dict"]
+    old = {_to_448_layout(k): v for k, v in sd.items()}
+    assert any(k.startswith("model.layers.") for k in old) and not any(k.startswith("model.language") for k in old)
+    torch.save({"state_dict": old}, tmp_path / "old.pth")
+    model = build_qwen2vl_from_config(SFT, tmp_path / "old.pth", cfg_options=opts)
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # Hugging Face / exported folders in either layout load to the same weights
+    new = _hf_weights(setup["tiny"])
+    assert any(k.startswith("model.language_model.") for k in new)
+    for layout, rename in (("old", _to_448_layout), ("new", lambda k: k)):
+        folder = tmp_path / f"{layout}_folder"
+        shutil.copytree(setup["tiny"], folder)
+        save_file({rename(k): v.contiguous() for k, v in new.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        keys = set(load_file(str(folder / "model.safetensors")))
+        assert any(k.startswith("visual." if layout == "old" else "model.visual.") for k in keys)
+        got = load_qwen2vl(folder)[0].state_dict()
+        for k, v in new.items():
+            assert torch.equal(got[k], v), (layout, k)
+
+
+def test_text_only_batches_get_llamafactorys_masked_dummy_image(setup, tmp_path):
+    """LLaMA-Factory's collator (data/collator.py): a batch with no image and no video gets a white 64x64
+    RGB image; its <image> span (vision_start, t*h*w/merge^2 pads, vision_end) is appended to the first
+    row with attention mask 0 and IGNORE_INDEX labels, and its pixels are the batch's pixel_values."""
+    from PIL import Image
+
+    from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
+    from slidechat.model.constants import IGNORE_INDEX
+    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from train_data import write_sharegpt_dataset
+
+    data = tmp_path / "text"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("Is HSIL a lesion?", "Yes."), ("Name a benign finding.", "Normal squamous cells."))]
+    write_sharegpt_dataset(data, "text_only", rows, "text.jsonl")
+    ds = CytologySFTDataset("text_only", str(setup["tiny"]), data)
+    items = [ds[0], ds[1]]
+    batch = qwen2vl_collate_fn(items)["data"]
+    proc = ds.processor
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    ref = proc.image_processor(images=[white], return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], ref["pixel_values"])
+    assert torch.equal(batch["image_grid_thw"], ref["image_grid_thw"])
+    n_pad = int(ref["image_grid_thw"].prod()) // proc.image_processor.merge_size ** 2
+    tok = proc.tokenizer
+    span = tok.encode("<|vision_start|>" + "<|image_pad|>" * n_pad + "<|vision_end|>", add_special_tokens=False)
+    n0 = len(items[0]["input_ids"])
+    assert batch["input_ids"][0, n0:n0 + len(span)].tolist() == span
+    assert batch["attention_mask"][0, :n0].all() and not batch["attention_mask"][0, n0:].any()
+    assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
+    assert batch["pixel_values"] is not None and qwen2vl_collate_fn([ds[0]])["data"]["image_grid_thw"].shape == (1, 3)
+    # a batch with a real image gets none
+    img_ds = CytologySFTDataset("tiny_train", proc, setup["data"], image_max_pixels=224 * 224)
+    mixed = qwen2vl_collate_fn([items[0], img_ds[0]])["data"]
+    assert mixed["image_grid_thw"].shape == (1, 3) and len(mixed["input_ids"][0]) == max(
+        n0, len(img_ds[0]["input_ids"]))
+    # the fake image changes no loss (masked, after the row's own tokens) but the vision tower runs
+    model = Qwen2VLTrainModel(setup["tiny"], freeze_vision_tower=False)
+    plain = qwen2vl_collate_fn([{k: v for k, v in it.items() if k != "dummy_image"} for it in items])["data"]
+    assert plain["pixel_values"] is None
+    a = model(batch)["loss"]
+    b = model(plain)["loss"]
+    # the same tokens through the same weights; only the padded width differs (masked keys): float noise
+    assert torch.allclose(a, b, rtol=1e-5, atol=0), (a, b)
+    a.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("model.visual.blocks.")]
+    assert grads and all(g is not None for g in grads)

@@ -268,7 +268,7 @@ def test_cytology_loss_and_grads_equal_stock_call(cyto, variant):
     new = _loss_and_grads(m, lambda: m(dict(batch), mode="loss")["loss"])
     _assert_same(new, stock, f"cytology {variant}")
     if variant == "full":  # gradients reached the vision tower through the spliced features
-        assert new[1]["visual.blocks.0.attn.qkv.weight"].abs().sum() > 0
+        assert new[1]["model.visual.blocks.0.attn.qkv.weight"].abs().sum() > 0
     cut = dict(batch, labels=batch["labels"].clone())
     cut["labels"][1] = IGNORE_INDEX
     _assert_has_power(_loss_and_grads(m, lambda: m(cut, mode="loss")["loss"]), stock, f"cytology {variant}")

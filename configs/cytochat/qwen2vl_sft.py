@@ -15,6 +15,9 @@
 #   --cfg-options model.model_name_or_path=/models/Qwen2-VL-7B-Instruct \
 #     train_dataloader.dataset.processor=/models/Qwen2-VL-7B-Instruct \
 #     train_dataloader.dataset.dataset_dir=/data/cyto train_dataloader.dataset.dataset=cyto_train
+# Qwen2.5-VL / Qwen3-VL: the same config; the folder's config.json model_type selects the family (model
+# class, processor, freeze paths). For Qwen3-VL also set its LLaMA-Factory template:
+#     train_dataloader.dataset.template=qwen3_vl   (or None: the family's template)
 # Train the vision tower too: model.freeze_vision_tower=False (and/or model.freeze_multi_modal_projector=False).
 # Resume: add  --resume work_dirs/cytochat_sft/iter_N.pth  (or --cfg-options resume=True for the latest).
 from mmengine.dataset import DefaultSampler

@@ -30,7 +30,7 @@ __import__('slidechat.engine.model')
 model_name_or_path = 'work_dirs/demo/tiny_qwen2vl'
 dataset_dir = 'work_dirs/demo/cytology'
 dataset = 'cyto_train'  # comma-separated names in dataset_dir/dataset_info.json, or a JSON/JSONL path
-template = 'qwen2_vl'
+template = None  # the model folder's family's LLaMA-Factory template (qwen2_vl / qwen3_vl)
 cutoff_len = 1024
 image_max_pixels = 224 * 224
 image_min_pixels = 32 * 32

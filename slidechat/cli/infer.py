@@ -42,7 +42,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     m.add_argument("--model_name_or_path", required=True,
                    help="local Hugging Face folder: Qwen2-VL-Instruct, CytoChat weights, an exported folder")
     m.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter folder (merged on load)")
-    m.add_argument("--template", default="qwen2_vl", help="prompt template (only qwen2_vl; default qwen2_vl)")
+    m.add_argument("--template", default=None,
+                   help="prompt template: qwen2_vl or qwen3_vl (default: the model folder's family's LLaMA-Factory "
+                        "template, qwen2_vl for Qwen2-VL / Qwen2.5-VL, qwen3_vl for Qwen3-VL)")
     m.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="transformers (default; CPU or GPU) or vllm (only if vLLM is installed)")
     m.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -84,8 +86,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     g.add_argument("--pipeline_parallel_size", type=int, default=1,
                    help="vLLM pipeline-parallel GPUs (default 1, as vllm_infer); > 1 only with --engine vllm")
     g.add_argument("--enable_thinking", type=_bool, nargs="?", const=True, default=True,
-                   help="accepted as in vllm_infer (default true); only reasoning templates (qwen3-style) use "
-                        "it, so it has no effect with qwen2_vl, as in LLaMA-Factory")
+                   help="as in vllm_infer (default true); only reasoning templates (qwen3_vl) use it, so it "
+                        "has no effect with qwen2_vl, as in LLaMA-Factory")
     g.add_argument("--video_fps", type=float, default=2.0,
                    help="accepted as in vllm_infer (default 2.0); used only by video rows, which are refused")
     g.add_argument("--video_maxlen", type=int, default=128,
@@ -101,7 +103,7 @@ def check_args(args: argparse.Namespace) -> None:
     from slidechat.engine.inference import INFER_TEMPLATES, require_vllm
     from slidechat.utils.errors import SlideChatError
 
-    if args.template not in INFER_TEMPLATES:
+    if args.template is not None and args.template not in INFER_TEMPLATES:
         raise SlideChatError(f"unknown template {args.template!r}: slidechat infer supports "
                              f"{', '.join(INFER_TEMPLATES)} (CytoChat / Qwen2-VL)",
                              hint="slide models (SlideChat) are run with `slidechat test`")
@@ -129,6 +131,19 @@ def check_args(args: argparse.Namespace) -> None:
             # vllm_infer's own check: "Pipeline parallel size should be smaller than the number of gpus."
             raise SlideChatError(f"--pipeline_parallel_size {args.pipeline_parallel_size} is more than the "
                                  f"{torch.cuda.device_count()} GPU(s) here")
+
+
+def resolve_template(args: argparse.Namespace) -> None:
+    """``--template`` left out: the model folder's family decides (its config's ``model_type``); resolved
+    before the run settings are recorded, so a resume compares the template actually used."""
+    if args.template is None:
+        from slidechat.model.qwen2vl import read_family
+        from slidechat.utils.errors import SlideChatError
+
+        try:
+            args.template = read_family(args.model_name_or_path)[1].lf_template
+        except SlideChatError:  # the model load says what is wrong with the folder, in its own order
+            pass
 
 
 #: flags that change the predictions (a resume with other values is refused)
@@ -183,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         raise SlideChatError(f"dataset {args.dataset!r} has no rows", args.dataset_dir)
     items = cytology_items(examples, args.default_system)
     _check_images_exist(items, args.dataset_dir)  # before the model loads
+    resolve_template(args)
     writer = JsonlPredictionWriter(args.save_name, [(it.key, it.images) for it in items],
                                    overwrite=args.overwrite)
     try:
@@ -196,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
                                     repetition_penalty=args.repetition_penalty, seed=args.seed)
         text_kw = dict(cutoff_len=args.cutoff_len, skip_special_tokens=args.skip_special_tokens,
                        default_system=args.default_system, image_max_pixels=args.image_max_pixels,
-                       image_min_pixels=args.image_min_pixels)
+                       image_min_pixels=args.image_min_pixels, template=args.template,
+                       enable_thinking=args.enable_thinking)
         if args.engine == "vllm":
             try:
                 vcfg = json.loads(args.vllm_config)

@@ -43,18 +43,38 @@ def build_processor(processor: Any) -> Any:
     return processor
 
 
+def _family_template(processor: Any) -> str:
+    from slidechat.model.qwen2vl import family_of
+
+    return family_of(processor).lf_template
+
+
+def _family_template_or_none(processor: Any) -> Optional[str]:
+    try:
+        return _family_template(processor)
+    except SlideChatError:  # a processor of no known family, with an explicit template
+        return None
+
+
 class CytologySFTDataset(Dataset):
-    """LLaMA-Factory sharegpt rows for Qwen2-VL training (``xtuner train`` configs use this)."""
+    """LLaMA-Factory sharegpt rows for Qwen VL training (``xtuner train`` configs use this)."""
 
     def __init__(self, dataset: str, processor: Any, dataset_dir: Optional[PathLike] = None,
-                 template: str = "qwen2_vl", cutoff_len: int = 2048,
+                 template: Optional[str] = None, cutoff_len: int = 2048,
                  image_max_pixels: int = IMAGE_MAX_PIXELS, image_min_pixels: int = IMAGE_MIN_PIXELS,
                  max_samples: Optional[int] = None, skip_bad: bool = False,
                  default_system: Optional[str] = None, check_images: bool = True, lf_rules: bool = False,
                  media_dir: Optional[PathLike] = None) -> None:
         self.processor = build_processor(processor)
         self.tokenizer = self.processor.tokenizer
-        self.template = get_vision_template(template)
+        # template None: the LLaMA-Factory template of the processor's family (qwen2_vl for Qwen2-VL and
+        # Qwen2.5-VL, qwen3_vl for Qwen3-VL), so the model path alone selects the family
+        family_template = _family_template(self.processor) if template is None else _family_template_or_none(
+            self.processor)
+        self.template = get_vision_template(template if template is not None else family_template)
+        if family_template and self.template.name != family_template:  # LLaMA-Factory allows it; rarely meant
+            logger.warning("template %s for a model whose family's LLaMA-Factory template is %s",
+                           self.template.name, family_template)
         if cutoff_len < 8:
             raise SlideChatError(f"cutoff_len must be >= 8, got {cutoff_len}")
         self.cutoff_len = int(cutoff_len)
@@ -75,6 +95,7 @@ class CytologySFTDataset(Dataset):
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(self.template.image_token)
         self.merge_length = int(getattr(self.processor.image_processor, "merge_size", 2)) ** 2
+        self._dummy: Optional[Dict[str, Any]] = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -82,6 +103,27 @@ class CytologySFTDataset(Dataset):
     def _error(self, ex: Example, reason: str) -> SlideChatError:
         rid = f" (id {ex.id})" if ex.id is not None else ""
         return SlideChatError(f"row {ex.index}{rid}: {reason}", ex.source)
+
+    def dummy_image(self) -> Dict[str, Any]:
+        """LLaMA-Factory's fake image for a batch without images (``data/collator.py``): a white 64x64 RGB
+        image through the same scaling and processor as real ones, and its ``<image>`` span's ids. The
+        collator appends it to the batch's first row, masked and without loss, so the vision tower runs on
+        every step (under ZeRO-3 a rank whose batch skips it would wait for the others forever)."""
+        if self._dummy is None:
+            from PIL import Image
+
+            from slidechat.data.images import scale_image
+
+            img = scale_image(Image.new("RGB", (64, 64), (255, 255, 255)), self.image_max_pixels,
+                              self.image_min_pixels)
+            vis = self.processor.image_processor(images=[img], return_tensors="pt")
+            n = int(vis["image_grid_thw"].prod(-1)[0]) // self.merge_length
+            tpl = self.template
+            ids = self.tokenizer.encode(f"{tpl.vision_bos}{tpl.image_token * n}{tpl.vision_eos}",
+                                        add_special_tokens=False)
+            self._dummy = {"input_ids": torch.tensor(ids, dtype=torch.long),
+                           "pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
+        return self._dummy
 
     def load_item(self, i: int) -> Dict[str, Any]:
         """Model inputs of row ``i``; a row that cannot be built raises a SlideChatError naming it."""
@@ -102,10 +144,9 @@ class CytologySFTDataset(Dataset):
             item["pixel_values"] = vis["pixel_values"]
             item["image_grid_thw"] = grid
         try:
-            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, ex.system_prompt(self.default_system),
-                                         seqlens,
-                                         cutoff_len=self.cutoff_len, default_system=self.default_system,
-                                         template=self.template)
+            system = ex.system_prompt(self.default_system, self.template)
+            ids, labels = encode_qwen2vl(self.tokenizer, ex.messages, system, seqlens, cutoff_len=self.cutoff_len,
+                                         default_system=self.default_system, template=self.template)
         except ConversationError as e:
             raise self._error(ex, str(e)) from None
         if ids.count(self.image_pad_id) != sum(seqlens):
@@ -115,6 +156,8 @@ class CytologySFTDataset(Dataset):
             raise self._error(ex, f"no answer token left within cutoff_len={self.cutoff_len}")
         item["input_ids"] = torch.tensor(ids, dtype=torch.long)
         item["labels"] = torch.tensor(labels, dtype=torch.long)
+        if not images:  # a text-only row: the collator may need the fake image (see dummy_image)
+            item["dummy_image"] = self.dummy_image()
         return item
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
@@ -132,9 +175,29 @@ class CytologySFTDataset(Dataset):
 def qwen2vl_collate_fn(instances: Sequence[Dict[str, Any]], pad_token_id: Optional[int] = None
                        ) -> Dict[str, Any]:
     """Right-pad text (labels IGNORE_INDEX, mask 0) and concatenate image patches and grids, as
-    LLaMA-Factory's collator does for training; shaped like xtuner's ``{'data', 'data_samples'}``."""
-    input_ids, labels, attention_mask = pad_text_batch(instances, pad_token_id)
+    LLaMA-Factory's collator does for training; shaped like xtuner's ``{'data', 'data_samples'}``.
+
+    A batch without any image gets LLaMA-Factory's fake image (same condition: the template has an image
+    token, the batch no image and no video): its span is appended to the first row with attention mask
+    0 and no loss, its pixels become the batch's images (:meth:`CytologySFTDataset.dummy_image`).
+    """
+    instances = list(instances)
     with_images = [x for x in instances if x.get("pixel_values") is not None]
+    dummy = instances[0].get("dummy_image") if instances and not with_images else None
+    n_fake = 0
+    if dummy is not None:
+        first = dict(instances[0])
+        fake = torch.as_tensor(dummy["input_ids"], dtype=torch.long)
+        n_fake = int(fake.numel())
+        first["input_ids"] = torch.cat([torch.as_tensor(first["input_ids"], dtype=torch.long), fake])
+        first["labels"] = torch.cat([torch.as_tensor(first["labels"], dtype=torch.long),
+                                     torch.full((n_fake,), IGNORE_INDEX, dtype=torch.long)])
+        instances[0] = first
+        with_images = [dummy]
+    input_ids, labels, attention_mask = pad_text_batch(instances, pad_token_id)
+    if n_fake:
+        n = len(instances[0]["input_ids"])
+        attention_mask[0, n - n_fake:n] = 0
     data: Dict[str, Any] = {
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
         "pixel_values": torch.cat([x["pixel_values"] for x in with_images]) if with_images else None,

@@ -111,8 +111,8 @@ class Example:
         rid = f" (id {self.id})" if self.id is not None else ""
         return f"{self.source} row {self.index}{rid}"
 
-    def system_prompt(self, default_system: Optional[str] = None) -> Optional[str]:
-        """The row's system prompt with its tools, as the ``qwen2_vl`` template writes it.
+    def system_prompt(self, default_system: Optional[str] = None, template: Any = None) -> Optional[str]:
+        """The row's system prompt with its tools, as the ``qwen2_vl`` (or ``template``'s) template writes it.
 
         LLaMA-Factory's ``Template._encode``: ``system or default_system``, then the tool description
         appended (``format_tools``, the ``qwen`` tool format). Without tools this is ``system`` itself
@@ -121,9 +121,10 @@ class Example:
         """
         if not self.tools:
             return self.system
-        from slidechat.data.template import QWEN2_VL
+        from slidechat.data.template import get_vision_template
 
-        return (self.system or default_system or QWEN2_VL.default_system) + qwen_tools_text(self.tools)
+        tpl = get_vision_template(template if template is not None else "qwen2_vl")
+        return (self.system or default_system or tpl.default_system) + qwen_tools_text(self.tools)
 
 
 # LLaMA-Factory data/tool_utils.py, QWEN_TOOL_PROMPT (the text the qwen / qwen2_vl templates append to the

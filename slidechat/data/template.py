@@ -22,6 +22,7 @@ slide inference path all encode through :func:`tokenize_pairs`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -429,6 +430,28 @@ class VisionChatTemplate:
     image_token: str
     vision_eos: str
     placeholder: str = IMAGE_TOKEN
+    # LLaMA-Factory's ReasoningTemplate (qwen3_vl): (open, close) thought words, None for a plain template;
+    # ``enable_thinking`` is LLaMA-Factory's default True (an empty thought is part of every answer)
+    thought_words: Optional[Tuple[str, str]] = None
+    enable_thinking: bool = True
+
+    def empty_thought(self) -> str:
+        """``add_thought()``: the empty thought put before an answer that has none."""
+        return f"{self.thought_words[0]}{self.thought_words[1]}" if self.thought_words else ""
+
+    def has_thought(self, content: str) -> bool:
+        """Whether an answer carries either thought word (LLaMA-Factory compares them stripped)."""
+        return bool(self.thought_words) and (self.thought_words[0].strip() in content
+                                             or self.thought_words[1].strip() in content)
+
+    def remove_thought(self, content: str) -> str:
+        """LLaMA-Factory's ``remove_thought``: every thought block dropped, then leading newlines stripped
+        (also from an answer without a thought: a history answer starting with "\\n" loses it)."""
+        if not self.thought_words:
+            return content
+        pattern = re.compile(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}",
+                             re.DOTALL)
+        return re.sub(pattern, "", content).lstrip("\n")
 
 
 QWEN2_VL = VisionChatTemplate(
@@ -443,7 +466,25 @@ QWEN2_VL = VisionChatTemplate(
     vision_eos="<|vision_end|>",
 )
 
-VISION_TEMPLATES: Dict[str, VisionChatTemplate] = {"qwen2_vl": QWEN2_VL}
+# LLaMA-Factory's ``qwen3_vl`` (data/template.py): the qwen2_vl slots, NO default system prompt, and a
+# ReasoningTemplate with thought words ("<think>\n", "\n</think>\n\n"): in training every answer
+# without a thought gets the empty thought before it (loss on it, enable_thinking True); an inference
+# prompt drops thoughts from history answers (``remove_thought``, which also strips leading newlines) and
+# leaves the generation prompt as it is (the model writes the empty thought itself).
+QWEN3_VL = VisionChatTemplate(
+    name="qwen3_vl",
+    format_user=QWEN2_VL.format_user,
+    format_assistant=QWEN2_VL.format_assistant,
+    format_system=QWEN2_VL.format_system,
+    default_system="",
+    stop_words=("<|im_end|>",),
+    vision_bos="<|vision_start|>",
+    image_token="<|image_pad|>",
+    vision_eos="<|vision_end|>",
+    thought_words=("<think>\n", "\n</think>\n\n"),
+)
+
+VISION_TEMPLATES: Dict[str, VisionChatTemplate] = {"qwen2_vl": QWEN2_VL, "qwen3_vl": QWEN3_VL}
 
 
 def get_vision_template(template: "str | VisionChatTemplate") -> VisionChatTemplate:
@@ -502,6 +543,9 @@ def render_qwen2vl_prompt(messages: Sequence[Dict[str, str]], system: Optional[s
     sys_text, turns = _system_and_turns(messages, system, default_system, tpl)
     if add_generation_prompt and turns[-1]["role"] == "assistant":
         turns = turns[:-1]
+    if add_generation_prompt and tpl.thought_words:  # encode_oneturn: history answers lose their thoughts
+        turns = [dict(m, content=tpl.remove_thought(m["content"])) if m["role"] == "assistant" else m
+                 for m in turns]
     parts = [tpl.format_system.format(content=sys_text)] if sys_text else []
     for m in turns:
         slot = tpl.format_user if m["role"] == "user" else tpl.format_assistant
@@ -571,7 +615,17 @@ def encode_qwen2vl(tokenizer: Any, messages: Sequence[Dict[str, str]], system: O
     if n_placeholders != len(image_seqlens):
         raise ConversationError(f"{n_placeholders} {tpl.placeholder} placeholder(s) but "
                                 f"{len(image_seqlens)} image(s)")
+    if tpl.thought_words and not tpl.enable_thinking:  # encode_multiturn: every thought removed
+        turns = [dict(m, content=tpl.remove_thought(m["content"])) if j % 2 else m for j, m in enumerate(turns)]
     encoded = encode_qwen2vl_slots(tokenizer, turns, sys_text, image_seqlens, tpl)
+    if tpl.thought_words:  # ReasoningTemplate.encode_multiturn: an answer without thought gets the empty one,
+        thought = tokenizer.encode(tpl.empty_thought(), add_special_tokens=False)
+        for i in range(1, len(encoded), 2):  # in the answer (with loss), or without thinking in the prompt
+            if not tpl.has_thought(turns[i]["content"]):
+                if tpl.enable_thinking:
+                    encoded[i] = thought + encoded[i]
+                else:
+                    encoded[i - 1] = encoded[i - 1] + thought
     input_ids: List[int] = []
     labels: List[int] = []
     total = 0
@@ -619,9 +673,19 @@ def encode_qwen2vl_prompt(tokenizer: Any, messages: Sequence[Dict[str, str]], la
     if turns[-1]["role"] != "user":
         raise ConversationError("the prompt must end with a user turn")
     full = list(turns) + [{"role": "assistant", "content": label if label is not None else ""}]
+    if tpl.thought_words:  # ReasoningTemplate.encode_oneturn (preserve_thinking False): history thoughts go,
+        # and without thinking the answer's too
+        full = [dict(m, content=tpl.remove_thought(m["content"]))
+                if i % 2 and (i < len(full) - 1 or not tpl.enable_thinking) else m for i, m in enumerate(full)]
     encoded = encode_qwen2vl_slots(tokenizer, full, sys_text, None, tpl)
     prompt_ids = [t for ids in encoded[:-1] for t in ids]
     label_ids = encoded[-1]
+    if tpl.thought_words and not tpl.has_thought(full[-1]["content"]):
+        thought = tokenizer.encode(tpl.empty_thought(), add_special_tokens=False)
+        if tpl.enable_thinking:  # the empty thought belongs to the answer (the model writes it)
+            label_ids = thought + label_ids
+        else:
+            prompt_ids = prompt_ids + thought
     n_prompt, n_label = len(prompt_ids), len(label_ids)
     if cutoff_len is not None:
         s_len, t_len = infer_seqlen(n_prompt, n_label, cutoff_len)

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 #: templates ``slidechat infer`` knows (LLaMA-Factory names)
-INFER_TEMPLATES = ("qwen2_vl",)
+INFER_TEMPLATES = ("qwen2_vl", "qwen3_vl")  # LLaMA-Factory templates of the Qwen VL families
 
 
 class GenerationFamily(Protocol):
@@ -222,7 +222,8 @@ class _Qwen2VLText:
     def __init__(self, tokenizer: Any, *, cutoff_len: int = 2048, skip_special_tokens: bool = True,
                  default_system: Optional[str] = None, image_max_pixels: int = 768 * 768,
                  image_min_pixels: int = 32 * 32, generation_config: Any = None,
-                 truncate: bool = True) -> None:
+                 truncate: bool = True, template: Any = "qwen2_vl",
+                 enable_thinking: bool = True) -> None:
         self.tokenizer = tokenizer
         self.cutoff_len = int(cutoff_len)
         self.skip_special_tokens = bool(skip_special_tokens)
@@ -231,6 +232,12 @@ class _Qwen2VLText:
         self.image_min_pixels = int(image_min_pixels)
         self.truncate = bool(truncate)
         self.stop_ids = stop_token_ids(tokenizer, generation_config)
+        import dataclasses
+
+        from slidechat.data.template import get_vision_template
+
+        # the family's LLaMA-Factory template; enable_thinking as vllm_infer passes it (reasoning templates)
+        self.template = dataclasses.replace(get_vision_template(template), enable_thinking=bool(enable_thinking))
 
     def render(self, item: CytologyItem) -> None:
         """Fill ``prompt_ids``, ``prompt_text``, ``prompt`` and ``label`` (no image needed: failed rows keep
@@ -244,14 +251,14 @@ class _Qwen2VLText:
         (:data:`~slidechat.engine.limits.CHARS_PER_TOKEN_BOUND` characters per allowed token) is refused
         before it is tokenized.
         """
-        from slidechat.data.template import QWEN2_VL, encode_qwen2vl_prompt, render_qwen2vl_prompt
+        from slidechat.data.template import encode_qwen2vl_prompt, render_qwen2vl_prompt
         from slidechat.engine.limits import CHARS_PER_TOKEN_BOUND
 
         tok = self.tokenizer
         try:
             if not self.truncate:
                 text = render_qwen2vl_prompt(item.messages, system=item.system,
-                                             default_system=self.default_system)
+                                             default_system=self.default_system, template=self.template)
                 max_chars = self.cutoff_len * CHARS_PER_TOKEN_BOUND
                 if len(text) > max_chars:
                     raise SlideChatError(
@@ -259,7 +266,8 @@ class _Qwen2VLText:
                         f"cutoff_len {self.cutoff_len}); not tokenized", item.source,
                         hint="shorten the conversation")
             enc = encode_qwen2vl_prompt(tok, item.messages, item.label_content, item.system,
-                                        cutoff_len=self.cutoff_len, default_system=self.default_system)
+                                        cutoff_len=self.cutoff_len, default_system=self.default_system,
+                                        template=self.template)
         except ValueError as e:  # ConversationError: a row the reader let through but cannot be asked
             raise SlideChatError(str(e), item.source) from e
         if item.label_content is not None:
@@ -277,7 +285,7 @@ class _Qwen2VLText:
             logger.warning("%s: cut to cutoff_len %d as LLaMA-Factory does (prompt %d -> %d tokens, label "
                            "%d -> %d)", item.source, self.cutoff_len, enc.prompt_len, len(enc.prompt_ids),
                            enc.label_len, len(enc.label_ids))
-            pad_id = tok.convert_tokens_to_ids(QWEN2_VL.image_token)
+            pad_id = tok.convert_tokens_to_ids(self.template.image_token)
             if enc.prompt_ids.count(pad_id) != len(item.images):
                 raise SlideChatError(
                     f"cutoff_len {self.cutoff_len} cuts the prompt ({enc.prompt_len} tokens, each image counted "
@@ -347,7 +355,11 @@ class Qwen2VLFamily(_Qwen2VLText):
     """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
 
     def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, **kw: Any) -> None:
+        from slidechat.model.qwen2vl import family_of
+
         kw.setdefault("generation_config", getattr(model, "generation_config", None))
+        if kw.get("template") is None:  # the model's family's LLaMA-Factory template
+            kw["template"] = family_of(model).lf_template
         super().__init__(processor.tokenizer, **kw)
         self.model = model
         self.processor = processor
@@ -391,6 +403,10 @@ class VllmQwen2VLFamily(_Qwen2VLText):
                  pipeline_parallel_size: int = 1, **kw: Any) -> None:
         vllm = require_vllm()
         tok = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+        if kw.get("template") is None:  # the folder's family's LLaMA-Factory template
+            from slidechat.model.qwen2vl import read_family
+
+            kw["template"] = read_family(model_name_or_path)[1].lf_template
         super().__init__(tok, **kw)
         from slidechat.data.template import template_stop_token_ids
 
@@ -413,7 +429,7 @@ class VllmQwen2VLFamily(_Qwen2VLText):
             repetition_penalty=sampling.repetition_penalty or 1.0,
             temperature=sampling.temperature, top_p=sampling.top_p or 1.0,
             # as vllm_infer: the template's stop ids; vLLM adds the model's eos and generation config itself
-            top_k=sampling.top_k or -1, stop_token_ids=template_stop_token_ids(tok),
+            top_k=sampling.top_k or -1, stop_token_ids=template_stop_token_ids(tok, self.template),
             max_tokens=sampling.max_new_tokens,
             skip_special_tokens=self.skip_special_tokens, seed=sampling.seed)
         self.lora = None

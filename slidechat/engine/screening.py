@@ -267,8 +267,16 @@ class FieldModel:
             raise SlideChatError(f"abnormal option indices {list(o.abnormal_options)} out of range for "
                                  f"{len(o.options)} options")
         self.option_ids = option_token_ids(processor.tokenizer, o.options)
-        self.prompt_text = render_qwen2vl_prompt([{"role": "user", "content": "<image>" + o.prompt}])
-        self.ground_text = render_qwen2vl_prompt([{"role": "user", "content": "<image>" + o.ground_prompt}])
+        from slidechat.data.template import get_vision_template
+        from slidechat.model.qwen2vl import family_of
+
+        tpl = get_vision_template(family_of(model).lf_template)
+        # a reasoning template (qwen3_vl) trains every answer after an empty thought: the option token is
+        # scored after it (LLaMA-Factory's enable_thinking=False prompt), not at the thought's first token
+        self.prompt_text = render_qwen2vl_prompt([{"role": "user", "content": "<image>" + o.prompt}],
+                                                 template=tpl) + tpl.empty_thought()
+        self.ground_text = render_qwen2vl_prompt([{"role": "user", "content": "<image>" + o.ground_prompt}],
+                                                 template=tpl)
         self._torch = torch
 
     def _batch(self, text: str, images: Sequence[Any]) -> Any:

@@ -25,13 +25,14 @@ absolute pixels; scripts converting COCO boxes to Qwen2.5-VL input coordinates w
 NOT read in this session. The ```json fence and the float tolerance of the readers are assumptions
 about what models emit, not documented rules.
 
-Resize rule (what :func:`model_input_size` reproduces): LLaMA-Factory first scales each image by
+Resize rule (what :func:`model_input_size` reproduces; checked against each family's own processor in
+tests/test_vl_families.py): LLaMA-Factory first scales each image by
 ``sqrt(image_max_pixels / (w*h))`` when it has more pixels (and up to ``image_min_pixels`` when fewer),
 truncating each side with ``int()``, then makes each side >= 28 and the aspect ratio <= 200 (its
 ``qwen2_vl`` mm plugin; the same code is :func:`slidechat.data.images.scale_image`, and the tests check
 the two agree). Then the processor's ``smart_resize`` (transformers
-``models/qwen2_vl/image_processing_qwen2_vl.py``, read in 4.48 here and in an older stored copy of the
-repository, same rule: round each side to
+``models/qwen2_vl/image_processing_qwen2_vl.py``, read in 4.48 and in 5.25, which no longer refuses a
+side shorter than ``factor`` and keeps sides >= ``factor`` when shrinking: round each side to
 a multiple of ``factor``; if that exceeds ``max_pixels`` floor both sides of ``side / beta`` with
 ``beta = sqrt(h*w / max_pixels)``; if below ``min_pixels`` ceil ``side * beta`` with
 ``beta = sqrt(min_pixels / (h*w))``). ``factor`` = patch size x spatial merge: 14 x 2 = 28 for Qwen2-VL and
@@ -133,22 +134,20 @@ def lf_scaled_size(image_size: Size, image_max_pixels: Optional[int] = LF_IMAGE_
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> Tuple[int, int]:
-    """``(height, width)`` after the Qwen2-VL image processor's resize (transformers'
-    ``smart_resize``, re-implemented so it runs on transformers 4.48, where Qwen3-VL does not exist).
-
-    Like transformers, a side shorter than ``factor`` or an aspect ratio over 200 is refused.
+    """``(height, width)`` after the Qwen VL image processor's resize (transformers 5's ``smart_resize`` of
+    ``models/qwen2_vl/image_processing_qwen2_vl.py``, re-implemented so the box layer needs no
+    transformers import). As there, an aspect ratio over 200 is refused; a side shorter than ``factor``
+    is rounded (transformers 4.48 refused it; 5 rounds it, and keeps each side >= ``factor`` when
+    shrinking).
     """
-    if height < factor or width < factor:
-        raise SlideChatError(f"image {width}x{height}: a side is shorter than the processor's factor {factor}",
-                             hint="the processor refuses it (LLaMA-Factory only guarantees sides >= 28)")
     if max(height, width) / min(height, width) > 200:
         raise SlideChatError(f"image {width}x{height}: aspect ratio over 200, refused by the processor")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
     elif h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
@@ -170,6 +169,22 @@ def model_input_size(image_size: Size, family: str, image_max_pixels: Optional[i
                           rule.min_pixels if processor_min_pixels is None else int(processor_min_pixels),
                           rule.max_pixels if processor_max_pixels is None else int(processor_max_pixels))
     return rw, rh
+
+
+def processor_resize_kwargs(processor: object) -> Dict[str, int]:
+    """``processor_min_pixels`` / ``processor_max_pixels`` of a loaded processor (its image processor's
+    ``size``: ``shortest_edge`` / ``longest_edge`` in transformers 5, ``min_pixels`` / ``max_pixels``
+    before), for a checkpoint configured otherwise than :data:`RESIZE_RULES`."""
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None)
+    get = (size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))) if size else None
+    lo = get("shortest_edge") if get else None
+    hi = get("longest_edge") if get else None
+    lo = getattr(ip, "min_pixels", None) if lo is None else lo
+    hi = getattr(ip, "max_pixels", None) if hi is None else hi
+    if lo is None or hi is None:
+        raise SlideChatError(f"{type(ip).__name__} has no min/max pixel bounds (not a Qwen VL image processor)")
+    return {"processor_min_pixels": int(lo), "processor_max_pixels": int(hi)}
 
 
 # --------------------------------------------------------------------------- JSON boxes (2.5-VL, 3-VL)

@@ -1,4 +1,4 @@
-"""Qwen2-VL training model for stock ``xtuner train`` (mmengine ``BaseModel``), LLaMA-Factory's recipe.
+"""Qwen VL training model (every family) for stock ``xtuner train`` (mmengine ``BaseModel``), LLaMA-Factory's recipe.
 
 Kept apart from :mod:`slidechat.model.qwen2vl` so inference does not import mmengine;
 ``slidechat.model.qwen2vl.Qwen2VLTrainModel`` resolves to the class here.
@@ -17,7 +17,7 @@ from mmengine.model import BaseModel
 # importing engine.model registers the torch.load globals mmengine checkpoints need (weights-only resume)
 import slidechat.engine.model  # noqa: F401,E402
 from slidechat.model.hf_folder import load_model
-from slidechat.model.qwen2vl import PathLike, check_qwen2vl_folder
+from slidechat.model.qwen2vl import FAMILIES, PathLike, VLFamily, map_legacy_keys, read_family
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.outputs import check_output_folder, staged_folder
 
@@ -25,12 +25,20 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ training
-# LLaMA-Factory's composite-model keys for qwen2_vl (model/model_utils/visual.py, transformers < 4.52 names)
-VISION_TOWER_KEYS = ("visual.patch_embed", "visual.blocks")
-PROJECTOR_KEY = "visual.merger"
-LANGUAGE_MODEL_KEYS = ("model", "lm_head")
+# LLaMA-Factory's composite-model keys (model/model_utils/visual.py) per family, as transformers-5 module
+# paths (VLFamily.vision_tower_keys / projector_keys / language_model_keys); these are Qwen2-VL's
+VISION_TOWER_KEYS = FAMILIES["qwen2_vl"].vision_tower_keys
+PROJECTOR_KEY = FAMILIES["qwen2_vl"].projector_keys[0]
+LANGUAGE_MODEL_KEYS = FAMILIES["qwen2_vl"].language_model_keys
 LORA_CONFLICT_KEYS = ("patch_embed",)
-HF_CHILDREN = ("visual", "model", "lm_head")
+#: the Hugging Face model's children registered on the training model (so its keys are the HF names);
+#: transformers 5 has the vision tower inside ``model`` (``model.visual``), so it is not registered twice
+HF_CHILDREN = ("model", "lm_head")
+
+
+def _under(name: str, keys: Sequence[str]) -> bool:
+    """Whether module/parameter ``name`` is one of ``keys`` or inside one (whole path components)."""
+    return any(name == k or name.startswith(k + ".") for k in keys)
 
 
 def _as_dtype(dtype: Any) -> Optional[torch.dtype]:
@@ -44,15 +52,18 @@ def _as_dtype(dtype: Any) -> Optional[torch.dtype]:
 
 
 def forbidden_modules(freeze_vision_tower: bool, freeze_multi_modal_projector: bool,
-                      freeze_language_model: bool) -> List[str]:
-    """Module-name substrings LLaMA-Factory keeps frozen (``get_forbidden_modules``)."""
+                      freeze_language_model: bool, family: Optional[VLFamily] = None) -> List[str]:
+    """Module paths LLaMA-Factory keeps frozen (``get_forbidden_modules``) for ``family`` (default
+    Qwen2-VL). The language model is named by its own path (``model.language_model``), so freezing it
+    leaves the vision tower (``model.visual``) as its own flags say."""
+    fam = family or FAMILIES["qwen2_vl"]
     out: List[str] = []
     if freeze_vision_tower:
-        out += list(VISION_TOWER_KEYS)
+        out += list(fam.vision_tower_keys)
     if freeze_multi_modal_projector:
-        out.append(PROJECTOR_KEY)
+        out += list(fam.projector_keys)
     if freeze_language_model:
-        out += list(LANGUAGE_MODEL_KEYS)
+        out += list(fam.language_model_keys)
     return out
 
 
@@ -62,14 +73,13 @@ def lora_target_modules(model: torch.nn.Module, forbidden: Sequence[str],
     parts (``patch_embed`` always); ``targets`` restricts to modules whose name contains one of them."""
     from torch import nn
 
-    bad = tuple(forbidden) + LORA_CONFLICT_KEYS
     names = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or "lm_head" in name:
             continue
         if targets is not None and not any(t in name for t in targets):
             continue
-        if any(f in name for f in bad):
+        if _under(name, forbidden) or any(f in name for f in LORA_CONFLICT_KEYS):
             continue
         names.append(name)
     return names
@@ -89,15 +99,17 @@ class _LoadGuard:
 
 
 class Qwen2VLTrainModel(BaseModel):
-    """Qwen2-VL for stock ``xtuner train`` (xtuner 0.2.0 has no Qwen2-VL support), trained like
-    LLaMA-Factory trains CytoChat.
+    """A Qwen VL model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL: the folder's family) for stock ``xtuner train``
+    (xtuner 0.2.0 has no Qwen VL support), trained like LLaMA-Factory trains CytoChat.
 
-    The Hugging Face model's children (``visual``, ``model``, ``lm_head``) are registered directly on
-    this module, so checkpoint keys are the Hugging Face names. Full fine-tuning trains everything but
-    the frozen parts (``freeze_vision_tower``: patch embedding + blocks; ``freeze_multi_modal_projector``:
-    the merger; both True by default as in LLaMA-Factory). ``lora`` (a peft ``LoraConfig`` or its config
-    dict) puts adapters on every Linear of the unfrozen parts except ``lm_head`` and ``patch_embed``
-    (LLaMA-Factory's ``lora_target: all``); the base weights stay frozen.
+    The Hugging Face model's children (``model``, holding ``model.visual`` and ``model.language_model``,
+    and ``lm_head``) are registered directly on this module, so checkpoint keys are the Hugging Face
+    names; checkpoints in the 4.48 layout are renamed on load (``map_legacy_keys``). Full fine-tuning
+    trains everything but the frozen parts, named by path per family (``freeze_vision_tower``: patch
+    embedding + blocks; ``freeze_multi_modal_projector``: the merger; both True by default as in
+    LLaMA-Factory; ``freeze_language_model``: ``model.language_model`` + ``lm_head``). ``lora`` (a peft
+    ``LoraConfig`` or its config dict) puts adapters on every Linear of the unfrozen parts except
+    ``lm_head`` and ``patch_embed`` (LLaMA-Factory's ``lora_target: all``); the base weights stay frozen.
 
     ``state_dict()`` holds only the trained tensors (LoRA: only adapter tensors). Every load
     (``load_state_dict`` for DeepSpeed resume / xtuner, mmengine's own resume, ``pretrained_pth``) goes
@@ -112,13 +124,17 @@ class Qwen2VLTrainModel(BaseModel):
                  use_activation_checkpointing: bool = False, attn_implementation: Optional[str] = None
                  ) -> None:
         super().__init__()
-        from transformers import Qwen2VLForConditionalGeneration
+        import transformers
 
-        folder = check_qwen2vl_folder(model_name_or_path)
-        kwargs: Dict[str, Any] = {"torch_dtype": _as_dtype(torch_dtype) or torch.float32}
+        from slidechat.model.qwen2vl import LEGACY_KEY_MAP, quiet_tp_plan_check
+
+        folder, family = read_family(model_name_or_path)
+        kwargs: Dict[str, Any] = {"torch_dtype": _as_dtype(torch_dtype) or torch.float32,
+                                  "key_mapping": dict(LEGACY_KEY_MAP)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        hf = load_model(Qwen2VLForConditionalGeneration, folder, **kwargs)  # no folder code, no missing weights
+        with quiet_tp_plan_check():  # no folder code, no missing weights
+            hf = load_model(getattr(transformers, family.model_class), folder, **kwargs)
         hf.config.use_cache = False
         object.__setattr__(self, "_hf", hf)
         object.__setattr__(self, "_peft", None)
@@ -126,6 +142,7 @@ class Qwen2VLTrainModel(BaseModel):
         for name in HF_CHILDREN:
             setattr(self, name, getattr(hf, name))
         self.model_name_or_path = str(folder)
+        self.family = family
         self.freeze_flags = dict(freeze_vision_tower=bool(freeze_vision_tower),
                                  freeze_multi_modal_projector=bool(freeze_multi_modal_projector),
                                  freeze_language_model=bool(freeze_language_model))
@@ -135,14 +152,17 @@ class Qwen2VLTrainModel(BaseModel):
         if pretrained_pth:
             self.pretrained_report = self.load_pretrained(pretrained_pth)
 
-        forbidden = forbidden_modules(**self.freeze_flags)
+        forbidden = forbidden_modules(**self.freeze_flags, family=family)
         if self.use_lora:
             self._apply_lora(lora, lora_target_modules(hf, forbidden, lora_targets))
         else:
             for name, p in self.named_parameters():
-                p.requires_grad_(not any(f in name for f in forbidden))
+                p.requires_grad_(not _under(name, forbidden))
         if self.use_activation_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5 name (the old one warns)
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.enable_input_require_grads()
         trained = [n for n, p in self.named_parameters() if p.requires_grad]
         if not trained:
@@ -153,13 +173,14 @@ class Qwen2VLTrainModel(BaseModel):
         self.register_load_state_dict_post_hook(_drop_untrained_missing)
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.parameters())
-        logger.info("Qwen2-VL %s: %d of %d parameters trainable (%s)", "LoRA" if self.use_lora else "full",
-                    n_train, n_all, ", ".join(f"{k}={v}" for k, v in self.freeze_flags.items()))
+        logger.info("%s %s: %d of %d parameters trainable (%s)", family.label,
+                    "LoRA" if self.use_lora else "full", n_train, n_all,
+                    ", ".join(f"{k}={v}" for k, v in self.freeze_flags.items()))
 
     # ------------------------------------------------------------------ structure
     @property
     def hf_model(self) -> Any:
-        """The ``Qwen2VLForConditionalGeneration`` (shares every parameter with this module)."""
+        """The family's ``...ForConditionalGeneration`` (shares every parameter with this module)."""
         return self._hf
 
     @property
@@ -210,11 +231,13 @@ class Qwen2VLTrainModel(BaseModel):
 
     def _checked_load(self, state_dict: Mapping[str, torch.Tensor], strict: bool, source: str,
                       required: Optional[Sequence[str]] = None) -> Any:
-        """Every load of this model: ``module.`` prefixes dropped, then :func:`load_checked` (``required``
+        """Every load of this model: ``module.`` prefixes dropped, 4.48-layout keys renamed
+        (:func:`~slidechat.model.qwen2vl.map_legacy_keys`), then :func:`load_checked` (``required``
         defaults to the trained keys; ``strict=False`` allows a partial load)."""
         from slidechat.model.checkpoint import load_checked
 
-        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        sd = map_legacy_keys({(k[len("module."):] if k.startswith("module.") else k): v
+                              for k, v in state_dict.items()})
         req = sorted(self._trained_keys) if required is None else required
         with _LoadGuard(self):
             return load_checked(self, sd, required=req, allow_partial=not strict, source=source)
@@ -255,51 +278,39 @@ class Qwen2VLTrainModel(BaseModel):
 
     # ------------------------------------------------------------------ forward
     def _hf_inputs(self, data: Mapping[str, Any]) -> Dict[str, Any]:
-        """Model inputs with explicit M-RoPE position ids.
+        """Model inputs with explicit M-RoPE position ids and, with images, ``mm_token_type_ids``.
 
-        transformers 4.48 computes Qwen2-VL's 3-D (t, h, w) positions only on the first forward
-        without ``position_ids`` and caches ``rope_deltas`` on the model; every later training
-        forward then falls back to plain 1-D positions. LLaMA-Factory's collator passes the positions
-        from ``get_rope_index``; so do we, on every step.
+        LLaMA-Factory's collator passes the positions from ``get_rope_index`` on every step (transformers
+        4.48 would otherwise fall back to 1-D positions after the first forward); so do we.
         """
+        from slidechat.model.qwen2vl import mm_token_type_ids, mrope_position_ids
+
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids")
         inputs = {k: data[k] for k in keys if data.get(k) is not None}
+        if inputs.get("pixel_values") is not None:
+            inputs["mm_token_type_ids"] = mm_token_type_ids(inputs["input_ids"], self._hf.config)
         if "position_ids" not in inputs:
-            from slidechat.model.qwen2vl import mrope_position_ids
-
             inputs["position_ids"] = mrope_position_ids(
                 self._hf, inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("attention_mask"))
         return inputs
 
-    def _input_embeds(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Token embeddings with the vision tower's features spliced in at the image tokens, as
-        ``Qwen2VLForConditionalGeneration.forward`` (transformers 4.48) builds them."""
-        hf = self._hf
-        input_ids = inputs["input_ids"]
-        embeds = hf.get_input_embeddings()(input_ids)
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None:
-            image_embeds = hf.visual(pixel_values.type(hf.visual.get_dtype()), grid_thw=inputs["image_grid_thw"])
-            image_mask = input_ids == hf.config.image_token_id
-            if int(image_mask.sum()) != image_embeds.shape[0]:
-                raise SlideChatError(f"image features and image tokens do not match: tokens "
-                                     f"{int(image_mask.sum())}, features {image_embeds.shape[0]}")
-            image_mask = image_mask.unsqueeze(-1).expand_as(embeds).to(embeds.device)
-            embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.device, embeds.dtype))
-        return embeds
-
     def loss_at_labels(self, data: Mapping[str, Any]) -> torch.Tensor:
-        """The stock ``Qwen2VLForConditionalGeneration(..., labels=...)`` loss with the LM head applied
-        only at labelled positions (``label_logits``): vision features and explicit M-RoPE positions
-        into the decoder, then the head where the shifted label is not ignored."""
+        """The stock ``...ForConditionalGeneration(..., labels=...)`` loss with the LM head applied only at
+        labelled positions (``label_logits``): the family's own inner model (vision features spliced in,
+        Qwen3-VL's deepstack features added, explicit M-RoPE positions), then the head where the shifted
+        label is not ignored."""
         from slidechat.model.label_logits import loss_at_labels
 
         inputs = self._hf_inputs(data)
-        embeds = self._input_embeds(inputs)
-        mask = inputs.get("attention_mask")
-        out = self._hf.get_decoder()(input_ids=None, position_ids=inputs["position_ids"],
-                                     attention_mask=None if mask is None else mask.to(embeds.device),
-                                     inputs_embeds=embeds, use_cache=False, return_dict=True)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            n_tokens = int((inputs["input_ids"] == self._hf.config.image_token_id).sum())
+            merge = int(self._hf.config.vision_config.spatial_merge_size) ** 2
+            n_features = int(inputs["image_grid_thw"].prod(-1).sum()) // merge
+            if n_tokens != n_features:
+                raise SlideChatError(f"image features and image tokens do not match: tokens {n_tokens}, "
+                                     f"features {n_features}")
+        out = self._hf.model(**inputs, use_cache=False, return_dict=True)
         return loss_at_labels(out.last_hidden_state, self._hf.get_output_embeddings(), data["labels"])
 
     def forward(self, data: Dict[str, Any], data_samples: Any = None, mode: str = "loss") -> Any:
