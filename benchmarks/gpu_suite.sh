@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]                       # default OUT_DIR: work_dirs/gpu_suite
 #   GPU_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh [OUT_DIR]   # same steps, tiny sizes, CPU, ~2 min
 #
+# GPU_SUITE_BUDGET_S (default 470) caps the whole run: each step gets at most the time left.
 # Writes OUT_DIR/gpu_suite.md and gpu_suite.json (and one .log per step). A failing step is recorded as
 # failed (with its exit status) and the suite goes on; the exit status is the number of failed steps.
 # PYTHON (default: python) must be the project's environment. Each step has its own time limit.
@@ -39,7 +40,7 @@ if [ "$DRY" = "1" ]; then
   INFER=(--rows 4 --max-new-tokens 4 --batch-sizes 1 4 --device cpu --dtype fp32)
 else
   DEVICE=cuda
-  SLIDE=(--width 40000 --height 30000 --n-slides 1)   # ~15-20k tissue patches at 20x
+  SLIDE=(--width 20000 --height 15000 --n-slides 1)   # 20x: a few thousand tissue patches
   ENC=(--batch 256 --iters 10)
   STEP=(--llm qwen2.5-7b --lora --device cuda --patches 10000 --compare-at 10000)
   # Qwen2.5-VL-7B-Instruct's config.json: text 3584 wide, 28 layers, 28/4 heads, MLP 18944, vocab 152064;
@@ -49,11 +50,18 @@ else
   INFER=(--rows 32 --max-new-tokens 32 --batch-sizes 1 8 --device cuda --dtype bf16)
 fi
 
+# the whole suite stays within GPU_SUITE_BUDGET_S (default 470 s): a step gets at most what is left
+BUDGET="${GPU_SUITE_BUDGET_S:-470}"
+
 # run NAME LIMIT_S CMD...: its output to NAME.log, its status into STATUS[NAME]
 run() {
   local name="$1" limit="$2"
   shift 2
   local t=$(date +%s)
+  local left=$(( BUDGET - (t - T0) ))
+  if [ "$left" -lt 20 ]; then
+    skip "$name" "suite time budget (${BUDGET} s) spent"; FAILED=$((FAILED + 1)); return 1; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "[gpu_suite] $name ..." >&2
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?

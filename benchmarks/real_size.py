@@ -3,7 +3,7 @@ label-logits before/after, and DeepSpeed's ZeRO-2/3 memory estimates for the 7B 
 
     python benchmarks/real_size.py                       # CPU: Qwen2.5-0.5B shape, bf16, 1k/5k/10k patches
     python benchmarks/real_size.py --part zero           # the ZeRO estimates only (no weights allocated)
-    python benchmarks/real_size.py --tiny                # seconds: what the test suite runs
+    python benchmarks/real_size.py --tiny                # tiny LLM, 64 patches: what the test suite runs
     python benchmarks/real_size.py --llm qwen2.5-7b --lora --device cuda --patches 10000   # a GPU
 
 Why it is built this way: the model is the one ``xtuner train configs/slidechat/stage_2*.py`` builds --
@@ -26,6 +26,8 @@ kernel (no sampling, no tracemalloc overhead). On CUDA: ``max_memory_allocated``
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import platform
@@ -60,11 +62,15 @@ PROMPT_TOKENS, ANSWER_TOKENS = 64, 64  # text around the slide placeholder, then
 
 def training_model_cfg(lora: bool) -> Dict[str, Any]:
     """The ``model`` dict of configs/slidechat/stage_2(_lora).py, read with mmengine as xtuner reads it."""
+    return copy.deepcopy(_parsed_model_cfg(lora))
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed_model_cfg(lora: bool) -> Dict[str, Any]:
     from mmengine.config import Config
 
     name = "stage_2_lora.py" if lora else "stage_2.py"
-    cfg = Config.fromfile(os.path.join(REPO, "configs", "slidechat", name))
-    return cfg.model.to_dict()
+    return Config.fromfile(os.path.join(REPO, "configs", "slidechat", name)).model.to_dict()
 
 
 def llm_config(llm: str, layers: Optional[int]) -> Any:
@@ -77,15 +83,18 @@ def llm_config(llm: str, layers: Optional[int]) -> Any:
     return Qwen2Config(use_cache=False, **ids, **shape)
 
 
-def write_llm_folder(folder: str, llm: str, layers: Optional[int], dtype: str) -> None:
-    """config.json + random safetensors weights, so the training loader reads it like a real folder."""
+def write_llm_folder(folder: str, llm: str, layers: Optional[int], dtype: str, device: str = "cpu") -> None:
+    """config.json + random safetensors weights, so the training loader reads it like a real folder.
+    The random init runs on ``device`` (a 7B init is minutes on CPU, seconds on a GPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     cfg = llm_config(llm, layers)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=_torch_dtype(dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=_torch_dtype(dtype))
     model.save_pretrained(folder, safe_serialization=True)
+    del model
 
 
 def _torch_dtype(name: str) -> Any:
@@ -267,7 +276,7 @@ def print_zero(llm: str) -> List[Dict[str, Any]]:
     rows = zero_rows(llm)
     full = rows[0]
     print(f"\n### ZeRO model-state memory per GPU, {llm} stage-2 configs (DeepSpeed estimators)\n")
-    print(f"parameters counted on the meta device from the config: LLM {full['llm'] / 1e9:.3f} B "
+    print(f"parameters counted on the meta device from the config: LLM {full['llm']:,} = {full['llm'] / 1e9:.3f} B "
           f"(published {PUBLISHED[llm] / 1e9:.2f} B), whole stage-2 model {full['total'] / 1e9:.3f} B "
           f"(slide encoder + projector {(full['total'] - full['llm']) / 1e6:.1f} M), largest layer "
           f"{full['largest'] / 1e6:.0f} M; LoRA trainable: {rows[-1]['trainable'] / 1e6:.1f} M\n")
@@ -357,7 +366,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 0 CPU, 1 CUDA)")
     ap.add_argument("--zero-llm", default="qwen2.5-7b", choices=("qwen2.5-7b",))
     ap.add_argument("--json", help="also write the figures here")
-    ap.add_argument("--tiny", action="store_true", help="tiny LLM, 2 layers, 64/128 patches (the test)")
+    ap.add_argument("--tiny", action="store_true", help="tiny LLM (64 wide, 2 layers), 64 patches, both LM "
+                    "head paths: seconds, what the test suite runs")
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("stock", "labels"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -368,13 +378,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   args.device, args.threads, args.warmup)))
         return 0
     if args.tiny:
-        args.llm, args.patches = "tiny", [64, 128]
+        args.llm, args.patches = "tiny", [64]
     compare = args.compare_at if args.compare_at is not None else [min(args.patches)]
     result: Dict[str, Any] = {"args": vars(args)}
     if args.part in ("all", "steps"):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="real_size_llm_") as folder:
-            write_llm_folder(folder, args.llm, args.layers, args.dtype)
+            write_llm_folder(folder, args.llm, args.layers, args.dtype, args.device)
+            if args.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()  # the children need the whole GPU
             rows = []
             for n in sorted(args.patches):
                 if n in compare:
