@@ -32,9 +32,9 @@ declare -A STATUS
 
 if [ "$DRY" = "1" ]; then
   DEVICE=cpu
-  SLIDE=(--width 896 --height 672 --n-slides 1)       # a handful of patches
-  ENC=(--batch 2 --iters 1)
-  STEP=(--tiny --lora --compare-at 128)
+  SLIDE=(--width 672 --height 448 --n-slides 1)       # a few patches (conch_v1 on a CPU: ~1 s each)
+  ENC=(--batch 1 --iters 1)
+  STEP=(--tiny --lora --compare-at 64)
   VL=(--vocab-size 1000 --hidden-size 64 --num-layers 2 --num-heads 4 --num-kv-heads 2
       --intermediate-size 128 --vision-depth 2 --vision-embed-dim 64 --vision-heads 4)
   INFER=(--rows 4 --max-new-tokens 4 --batch-sizes 1 4 --device cpu --dtype fp32)

@@ -394,8 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if n in compare:
                     rows.append(_child(args, folder, "stock", n))
                 rows.append(_child(args, folder, "labels", n))
-                r = rows[-1]
-                print(f"  {n} patches: {r['seconds']:.1f} s, {r['above_gib']:.2f} GiB above model", flush=True)
+                for r in rows[-2 if n in compare else -1:]:  # every figure, as soon as it exists
+                    print(f"  {r['patches']} patches, {r['path']}: {json.dumps(r)}", flush=True)
         print_steps(args, rows, LLM_SHAPES[args.llm]["num_hidden_layers"])
         print(f"\n(wall time of the whole run: {time.perf_counter() - t0:.0f} s)")
         result["steps"] = rows
