@@ -253,15 +253,17 @@ def zero_rows(llm: str) -> List[Dict[str, Any]]:
                        "llm": llm_only, "largest": largest}
                 for offload in (False, True):
                     if stage == 2:
-                        _, gpu = estimate_zero2_model_states_mem_needs(
+                        cpu, gpu = estimate_zero2_model_states_mem_needs(
                             trainable, num_gpus_per_node=gpus, cpu_offload=offload)
                         gpu += 2 * frozen
                     else:
-                        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+                        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
                             trainable, largest, num_gpus_per_node=gpus, cpu_offload=offload,
                             cpu_offload_params=False)
                         gpu += 2 * frozen // gpus
                     out["offload" if offload else "gpu"] = gpu
+                    if offload:
+                        out["offload_cpu"] = cpu  # per node
                 # the usual mixed-precision AdamW split (bf16 weights 2 B, bf16 grads 2 B, fp32 master
                 # weights + Adam m + v 12 B per trained parameter), partitioned as the stage partitions
                 out["w"] = 2 * total / (gpus if stage == 3 else 1)
@@ -269,6 +271,11 @@ def zero_rows(llm: str) -> List[Dict[str, Any]]:
                 out["o"] = 12 * trainable / gpus
                 rows.append(out)
     return rows
+
+
+def _gib(n: float) -> str:
+    g = n / 2**30
+    return f"{g:.1f}" if g >= 1 else f"{g:.2f}"
 
 
 def print_zero(llm: str) -> List[Dict[str, Any]]:
@@ -281,12 +288,12 @@ def print_zero(llm: str) -> List[Dict[str, Any]]:
           f"(slide encoder + projector {(full['total'] - full['llm']) / 1e6:.1f} M), largest layer "
           f"{full['largest'] / 1e6:.0f} M; LoRA trainable: {rows[-1]['trainable'] / 1e6:.1f} M\n")
     print("| config | ZeRO | GPUs | trained params | weights (GiB) | grads (GiB) | optimizer (GiB) | "
-          "DeepSpeed estimate, no offload (GiB) | optimizer offloaded to CPU (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "DeepSpeed estimate, no offload (GiB) | optimizer offloaded to CPU: GPU (GiB) | and CPU RAM per node (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['stage']} | {r['gpus']} | {r['trainable'] / 1e9:.3f} B | "
-              f"{r['w'] / 2**30:.1f} | {r['g'] / 2**30:.1f} | {r['o'] / 2**30:.1f} | "
-              f"{r['gpu'] / 2**30:.1f} | {r['offload'] / 2**30:.1f} |")
+              f"{_gib(r['w'])} | {_gib(r['g'])} | {_gib(r['o'])} | {_gib(r['gpu'])} | {_gib(r['offload'])} | "
+              f"{_gib(r['offload_cpu'])} |")
     print("\nweights / grads / optimizer: bf16 weights (all params), bf16 grads and fp32 master + AdamW m, v "
           "(trained params), divided as the stage partitions them (our arithmetic). DeepSpeed columns: "
           "estimate_zero{2,3}_model_states_mem_needs (what the *_all_cold helpers print), given the trained "
