@@ -1,7 +1,8 @@
 """Real-size stage-2 training step (issue 18): seconds and peak memory at 1k / 5k / 10k patches, the
 label-logits before/after, and DeepSpeed's ZeRO-2/3 memory estimates for the 7B configs.
 
-    python benchmarks/real_size.py                       # CPU: Qwen2.5-0.5B shape, bf16, 1k/5k/10k patches
+    python benchmarks/real_size.py                       # CPU: Qwen2.5-0.5B shape, 4 of its 24 layers, bf16
+    python benchmarks/real_size.py --layers 24           # all 24 layers (a CPU: tens of minutes)
     python benchmarks/real_size.py --part zero           # the ZeRO estimates only (no weights allocated)
     python benchmarks/real_size.py --tiny                # tiny LLM, 64 patches: what the test suite runs
     python benchmarks/real_size.py --llm qwen2.5-7b --lora --device cuda --patches 10000   # a GPU
@@ -54,6 +55,9 @@ LLM_SHAPES: Dict[str, Dict[str, Any]] = {
 }
 #: published parameter counts, to cross-check the count from the config (model cards)
 PUBLISHED = {"qwen2.5-0.5b": 0.49e9, "qwen2.5-7b": 7.61e9}
+#: decoder layers on a CPU unless --layers says otherwise (RESULTS.md: 24 layers at 1k patches took
+#: 88-156 s on 2 loaded cores, 4 layers 24 s; the 4-layer 1k/5k/10k run 6 minutes)
+CPU_DEFAULT_LAYERS = 4
 PROMPT_TOKENS, ANSWER_TOKENS = 64, 64  # text around the slide placeholder, then the labelled answer
 
 
@@ -362,7 +366,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--part", choices=("all", "steps", "zero"), default="all")
     ap.add_argument("--llm", choices=sorted(LLM_SHAPES), default="qwen2.5-0.5b")
     ap.add_argument("--layers", type=int, default=None,
-                    help="decoder layers (default: the real count; fewer only to fit a slow machine)")
+                    help=f"decoder layers (default: the real count on CUDA, {CPU_DEFAULT_LAYERS} on a CPU, where "
+                         "the 24-layer 0.5B step at 10k patches takes tens of minutes on 2 cores)")
     ap.add_argument("--patches", type=int, nargs="+", default=[1000, 5000, 10000])
     ap.add_argument("--compare-at", type=int, nargs="*", default=None,
                     help="sizes that also run the stock full-logits step (default: the smallest)")
@@ -380,6 +385,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.device.startswith("cuda") else 0
+    if args.layers is None and not args.device.startswith("cuda") and not args.tiny:
+        args.layers = CPU_DEFAULT_LAYERS
     if args.child:
         print(json.dumps(run_step(args.folder, args.child, args.patches[0], args.lora, args.dtype,
                                   args.device, args.threads, args.warmup)))
