@@ -55,8 +55,8 @@ LLM_SHAPES: Dict[str, Dict[str, Any]] = {
 }
 #: published parameter counts, to cross-check the count from the config (model cards)
 PUBLISHED = {"qwen2.5-0.5b": 0.49e9, "qwen2.5-7b": 7.61e9}
-#: decoder layers on a CPU unless --layers says otherwise (RESULTS.md, 2 loaded cores: the 4-layer
-#: 1k/5k/10k run took 6 minutes, the 24-layer one 25 minutes)
+#: decoder layers on a CPU unless --layers says otherwise (RESULTS.md, 2 shared cores: the 4-layer
+#: 1k/5k/10k run took 3-6 minutes, the 24-layer one 25 minutes)
 CPU_DEFAULT_LAYERS = 4
 PROMPT_TOKENS, ANSWER_TOKENS = 64, 64  # text around the slide placeholder, then the labelled answer
 
