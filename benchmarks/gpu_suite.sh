@@ -102,8 +102,7 @@ fi
 run stage2_step 330 "$PY" benchmarks/real_size.py --part steps "${STEP[@]}" --json "$OUT/stage2_step.json"
 
 # ---- 3. slidechat infer, Qwen2.5-VL-7B-shaped
-# tools/make_tiny_qwen2vl.py --arch qwen2_5_vl and its size flags come from a parallel change; until it is
-# merged this step is skipped with that reason.
+# tools/make_tiny_qwen2vl.py --arch qwen2_5_vl with 7B sizes, weights in bf16 (random: speed only)
 if "$PY" tools/make_tiny_qwen2vl.py --help 2>/dev/null | grep -q -- "--arch"; then
   DT=(); "$PY" tools/make_tiny_qwen2vl.py --help | grep -q -- "--dtype" && DT=(--dtype bf16)
   if run qwen25vl_folder 200 "$PY" tools/make_tiny_qwen2vl.py --arch qwen2_5_vl --out "$SCRATCH/qwen25vl" \

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--vision-embed-dim", type=int, default=32, help="vision tower width")
     parser.add_argument("--vision-heads", type=int, default=4)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "bf16"), default="float32",
+                        help="weights' dtype (bf16 = bfloat16: half the size for benchmark-sized models)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
                                 hidden_size=args.hidden_size, num_layers=args.num_layers,
                                 num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                                 intermediate_size=args.intermediate_size, vision_depth=args.vision_depth,
-                                vision_embed_dim=args.vision_embed_dim, vision_heads=args.vision_heads)
+                                vision_embed_dim=args.vision_embed_dim, vision_heads=args.vision_heads,
+                                dtype="bfloat16" if args.dtype == "bf16" else args.dtype)
     except ValueError as e:
         print(f"make_tiny_qwen2vl: error: {e}", file=sys.stderr)
         return 2

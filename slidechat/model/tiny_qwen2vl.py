@@ -176,7 +176,7 @@ def make_tiny_qwen2vl(out_dir: Union[str, os.PathLike], seed: int = 0, vocab_siz
                       hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                       intermediate_size: int = 64, vision_depth: int = 2, vision_embed_dim: int = 32,
                       vision_heads: int = 4, initializer_range: float = 0.2, arch: str = "qwen2_vl",
-                      tokenizer_vocab_size: int = 300) -> Path:
+                      tokenizer_vocab_size: int = 300, dtype: str = "float32") -> Path:
     """Write a tiny random Qwen VL model of family ``arch`` + its processor to ``out_dir``; returns the folder.
 
     Built from scratch (no download), deterministic for a given ``seed``. The tokenizer stays tiny
@@ -205,8 +205,15 @@ def make_tiny_qwen2vl(out_dir: Union[str, os.PathLike], seed: int = 0, vocab_siz
         raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     config = _config(arch, ids, vocab, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
                      vision_depth, vision_embed_dim, vision_heads, initializer_range)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown dtype '{dtype}' (float32 or bfloat16)")
     torch.manual_seed(seed)
-    model = getattr(transformers, get_family(arch).model_class)(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = getattr(transformers, get_family(arch).model_class)(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(
         bos_token_id=ids[ENDOFTEXT], pad_token_id=ids[ENDOFTEXT],
         eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], do_sample=False,
