@@ -20,21 +20,10 @@ import sys
 import time
 from typing import Any, Dict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ (also when imported by path)
+from peak_rss import reset_peak_rss, status_kib  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux ``clear_refs`` value 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_one(path: str, patches: int, checkpointing: bool, threads: int) -> Dict[str, Any]:
@@ -62,13 +51,13 @@ def run_one(path: str, patches: int, checkpointing: bool, threads: int) -> Dict[
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[0, -answer:] = ids[0, -answer:]
     feats = [torch.randn(patches, 512, generator=g)]
-    rss_before = _status_kib("VmRSS")
-    _reset_peak()
+    rss_before = status_kib("VmRSS")
+    reset_peak_rss()
     t0 = time.perf_counter()
     out = model(ids, torch.ones_like(ids), feats, labels=labels, full_logits=(path == "stock"))
     out.loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"path": path, "seconds": seconds, "rss_before_gib": rss_before / 2**20,
             "peak_gib": peak / 2**20, "above_gib": (peak - rss_before) / 2**20, "loss": float(out.loss),
             "seq_len": ids.shape[1] - 1 + patches, "labels": int((labels != IGNORE_INDEX).sum())}

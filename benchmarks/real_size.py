@@ -38,6 +38,9 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ (also when imported by path)
+from peak_rss import reset_peak_rss, status_kib  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: published architectures (the models' config.json); random weights are written from these
@@ -140,20 +143,6 @@ def make_batch(patches: int, vocab: int, device: str) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------ one step
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """VmHWM back to the current RSS (Linux ``clear_refs`` 5): the next peak is the step's own."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _loss(model: Any, data: Dict[str, Any], path: str) -> Any:
     if path == "stock":  # before label_logits: full-vocabulary logits at every position
         return model.core(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
@@ -190,15 +179,15 @@ def run_step(folder: str, path: str, patches: int, lora: bool, dtype: str, devic
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _status_kib("VmRSS") * 1024
-        _reset_peak_rss()
+        before = status_kib("VmRSS") * 1024
+        reset_peak_rss()
     t0 = time.perf_counter()
     # zero_grad(set_to_none) inside step frees gradients: read the peak, which saw them, not the end state
     loss = step()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"path": path, "patches": patches, "seconds": seconds, "build_s": build_s, "loss": loss,
             "before_gib": before / 2**30, "peak_gib": peak / 2**30, "above_gib": (peak - before) / 2**30,

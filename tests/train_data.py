@@ -81,21 +81,28 @@ def one_image_dataset(data: Path, name: str, question: str, answer: str, image: 
     return write_sharegpt_dataset(data, name, [row], f"{name}.jsonl")
 
 
-def cyto_train_data(root: Path, epochs: int) -> Dict[str, Any]:
-    """Tiny Qwen2-VL and a 6-row MCQ dataset under ``root`` (keys: root, tiny, data, opts)."""
-    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
-
-    tiny = make_tiny_qwen2vl(root / "tiny_qwen2vl")
+def mcq_field_dataset(root: Path, n: int) -> Path:
+    """``root/data``: ``n`` synthetic fields with 0, 1, 2 dark nuclei in turn and the MCQ that counts them,
+    registered as LLaMA-Factory dataset ``tiny_train`` (``train.jsonl``)."""
     data = root / "data"
     (data / "images").mkdir(parents=True)
     rows = []
-    for i in range(6):
+    for i in range(n):
         n_dark = i % 3
         field(data / "images" / f"f{i}.png", i, n_dark)
         rows.append({"id": f"f{i}", "images": [f"images/f{i}.png"],
                      "messages": [{"role": "user", "content": "<image>" + MCQ_QUESTION},
                                   {"role": "assistant", "content": ["A.None.", "B.One.", "C.Two."][n_dark]}]})
     write_sharegpt_dataset(data, "tiny_train", rows, "train.jsonl")
+    return data
+
+
+def cyto_train_data(root: Path, epochs: int) -> Dict[str, Any]:
+    """Tiny Qwen2-VL and a 6-row MCQ dataset under ``root`` (keys: root, tiny, data, opts)."""
+    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
+
+    tiny = make_tiny_qwen2vl(root / "tiny_qwen2vl")
+    data = mcq_field_dataset(root, 6)
     opts = [f"model.model_name_or_path={tiny}", f"train_dataloader.dataset.processor={tiny}",
             f"train_dataloader.dataset.dataset_dir={data}", "train_dataloader.dataset.dataset=tiny_train",
             f"train_cfg.max_epochs={epochs}", f"param_scheduler.1.end={epochs}"]

@@ -23,8 +23,10 @@ if ! "$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt
 fi
 grep -v -e "xtuner 0.2.0 requires transformers==4.48.0" -e "dependency resolver does not currently" \
   -e "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+if ! "$venv/bin/python" -c "import slidechat_compat, xtuner.tools.train" >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"
+  echo "[setup] xtuner does not import on this stack (see slidechat_compat.py)" >&2; exit 1
+fi
 rm -f "$log"
-"$venv/bin/python" -c "import slidechat_compat, xtuner.tools.train" \
-  || { echo "[setup] xtuner does not import on this stack (see slidechat_compat.py)" >&2; exit 1; }
 echo "$stamp_src" > "$venv/.slidechat-stamp"
 echo "[setup] environment ready: $venv" >&2
