@@ -467,11 +467,9 @@ class SlideChatTrainModel(BaseModel):
         self._set_llm(apply_lora(self.llm, build_cfg(lora_cfg)))
 
     def _enable_checkpointing(self) -> None:
-        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        base = self.llm
-        base.gradient_checkpointing_enable(**kwargs)
-        if hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()
+        from slidechat.model.recompute import enable_activation_checkpointing
+
+        enable_activation_checkpointing(self.llm)
 
     def merge_lora(self) -> None:
         """Fold LoRA adapters into the LLM weights (for export / inference)."""

@@ -159,11 +159,9 @@ class Qwen2VLTrainModel(BaseModel):
             for name, p in self.named_parameters():
                 p.requires_grad_(not _under(name, forbidden))
         if self.use_activation_checkpointing:
-            if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5 name (the old one warns)
-                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            hf.enable_input_require_grads()
+            from slidechat.model.recompute import enable_activation_checkpointing
+
+            enable_activation_checkpointing(hf)
         trained = [n for n, p in self.named_parameters() if p.requires_grad]
         if not trained:
             raise SlideChatError("nothing to train: every part is frozen", folder)
