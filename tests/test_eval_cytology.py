@@ -520,3 +520,26 @@ def test_unreadable_predictions_file_is_one_line(tmp_path, caplog, content, mess
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and message in errors[0] and "preds.jsonl" in errors[0]
     assert "\n" not in errors[0]
+
+
+def test_reasoning_block_is_not_scored_as_the_answer(tmp_path):
+    """Qwen3 / Qwen3-VL reasoning templates put ``<think>...</think>`` before the answer, and vllm_infer
+    keeps it in ``predict``; the letters inside the reasoning must not be read as the chosen option."""
+    from slidechat.evaluation.cytology_io import strip_reasoning
+    from slidechat.evaluation.cytology_mcq import score_cytology_mcq
+
+    q = ("<image>What is the cellularity of this field? [A.Low, B.Moderate, C.High] "
+         "Answer with the option's letter.")
+    rows = [
+        {"prompt": f"user\n{q}\nassistant\n", "label": "A.Low.",
+         "predict": "<think>\nIt is not C.High and not B.Moderate.\n</think>\n\nA.Low."},
+        {"prompt": f"user\n{q}\nassistant\n", "label": "C.High.", "predict": "<think>\n\n</think>\n\nC.High."},
+    ]
+    path = tmp_path / "pred.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = read_predictions(path).records
+    assert [r.predict for r in recs] == ["A.Low.", "C.High."]
+    assert score_cytology_mcq(recs).overall["accuracy"] == 1.0
+    # only a leading, closed block goes; an unclosed one or a later one is scored as written
+    assert strip_reasoning("<think>still thinking A.") == "<think>still thinking A."
+    assert strip_reasoning("B. <think>x</think>") == "B. <think>x</think>"

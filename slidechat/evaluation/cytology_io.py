@@ -106,6 +106,16 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+_REASONING = re.compile(r"\A\s*<think>.*?</think>\s*", re.S)
+
+
+def strip_reasoning(predict: str) -> str:
+    """The answer part of a prediction: a leading ``<think>...</think>`` block (Qwen3 / Qwen3-VL reasoning
+    templates; vllm_infer keeps it in ``predict``) is not the answer and is dropped before scoring.
+    Anything else, an unclosed ``<think>`` included, is scored as written."""
+    return _REASONING.sub("", predict, count=1)
+
+
 def _images(v: Any) -> List[str]:
     if v is None or (isinstance(v, float) and v != v) or v == "":
         return []
@@ -176,7 +186,8 @@ def _read_jsonl(p: Path) -> CytoFile:
         pred = o.get("predict")
         records.append(CytoRecord(
             index=len(records), where=where, key=_row_id(o.get("id")) or where, prompt=prompt,
-            question=question, predict=None if pred is None else _text(pred), label=_text(o["label"]),
+            question=question, predict=None if pred is None else strip_reasoning(_text(pred)),
+            label=_text(o["label"]),
             images=_images(o.get("images")), error=err, turns=turns,
             fields={k: o[k] for k in ("task", "Task", "Class number", "classes") if k in o}))
     if not records:
@@ -247,7 +258,7 @@ def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
         where = f"row {i + 2}"  # spreadsheet row number (header = 1)
         raw = _text(row["Prompt"])
         label = _text(row[label_col])
-        predict: Optional[str] = None if pred_col is None else _text(row[pred_col])
+        predict: Optional[str] = None if pred_col is None else strip_reasoning(_text(row[pred_col]))
         images = _images(row.get("Image"))
         turns = 1
         prompt = last_turn = raw
@@ -265,7 +276,7 @@ def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
                 if predict is not None and predict.strip() and predict.strip() != _text(d["predict"]).strip():
                     raise SlideChatError(f"{where}: both a {pred_col} column and a predict inside Prompt, "
                                          "and they differ", p)
-                predict = _text(d["predict"])
+                predict = strip_reasoning(_text(d["predict"]))
             if d.get("images"):
                 images = _images(d["images"])
             if "label" in d and _text(d["label"]).strip() != label.strip():
