@@ -68,7 +68,7 @@ setup(
         "train": ["mmengine==0.10.6", "deepspeed", "bitsandbytes", "datasets", "einops", "loguru",
                   "openpyxl", "peft", "scikit-image", "scipy", "sentencepiece", "tiktoken",
                   "transformers-stream-generator"],
-        "dev": ["pytest"],
+        "dev": ["pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["slidechat=slidechat.cli.main:main"]},
 )
