@@ -17,7 +17,6 @@ import csv
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

@@ -471,13 +471,6 @@ def clean_output(text: str) -> str:
     return text.strip()
 
 
-def _device_type(model: Any) -> str:
-    try:
-        return next(model.parameters()).device.type
-    except StopIteration:
-        return "cpu"
-
-
 # --------------------------------------------------------------------------- entry point
 
 def check_test_inputs(cfg: Mapping[str, Any]) -> TestSettings:

@@ -235,11 +235,6 @@ def make_id(dataset: str, index: int, id_value: Optional[Any]) -> Dict[str, Any]
     return {"dataset": dataset, "index": int(index), "id": None if id_value is None else id_value}
 
 
-def id_to_tuple(obj: Mapping[str, Any]) -> Tuple[str, int, Any]:
-    """``(dataset, index, id)`` of a line's ``id`` object, for joins."""
-    return obj.get("dataset"), int(obj.get("index")), obj.get("id")
-
-
 def settings_path(output: PathLike) -> Path:
     """``<output>.settings.json``: what produced an output, so a resume cannot mix two set-ups."""
     p = Path(output)

@@ -67,16 +67,6 @@ def write_slidechat_csv(path: PathLike, features: np.ndarray, atomic: bool = Tru
         np.savetxt(tmp, features, fmt="%.4f", delimiter=",", header=header, comments="")
 
 
-def read_h5_attrs(path: PathLike) -> dict:
-    """Root attributes and ``coords`` attributes of a feature H5, merged (root wins)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        out = {k: _plain(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
-        out.update({k: _plain(v) for k, v in f.attrs.items()})
-    return out
-
-
 def _plain(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode()

@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -473,11 +473,6 @@ class LongNetEncoder(nn.Module):
                 for lin in (layer.ffn.fc1, layer.ffn.fc2, layer.self_attn.out_proj, layer.self_attn.v_proj):
                     lin.weight.mul_(scale)
         self._warned_no_coords = False
-
-    def set_attention_impl(self, impl: str) -> None:
-        """'auto' (fused kernels), 'cpu_flash', 'cuda_efficient' or 'math' (reference)."""
-        for layer in self.layers:
-            layer.self_attn.attn_impl = impl
 
     def _encode(self, x: Tensor, padding_mask: Optional[Tensor], coords: Optional[Tensor]) -> Tensor:
         """Slide-level attention over [B,N,D] (with ``padding_mask`` only in the masked mode)."""

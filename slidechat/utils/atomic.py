@@ -70,14 +70,3 @@ def save_figure(fig: Any, final: PathLike, **savefig_kwargs: Any) -> Path:
     return final
 
 
-def remove_stale_partials(folder: PathLike) -> int:
-    """Delete ``.*.partial`` leftovers of a killed run; returns how many were removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    n = 0
-    for p in folder.glob(".*.partial"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            n += 1
-    return n

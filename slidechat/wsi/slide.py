@@ -310,10 +310,6 @@ class Slide:
                f"levels={self.level_count}, mpp={self.mpp}, objective={self.objective})"
 
 
-def open_slide(path: PathLike) -> Slide:
-    return Slide(path)
-
-
 def _positive_float(v: Optional[str]) -> Optional[float]:
     try:
         f = float(v)  # type: ignore[arg-type]

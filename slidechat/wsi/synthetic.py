@@ -137,11 +137,6 @@ def tissue_field(spec: SlideSpec) -> np.ndarray:
     return (f * np.clip(edge, 0, 1)).astype(np.float32)
 
 
-def truth_mask(spec: SlideSpec) -> np.ndarray:
-    """Ground-truth tissue mask (bool) at :data:`MASK_DOWNSAMPLE`."""
-    return tissue_field(spec) >= 0.5
-
-
 def _slide_style(spec: SlideSpec) -> _Style:
     """The class style with a small per-slide stain jitter (keeps classes clearly separable)."""
     base = _STYLES[spec.label]
