@@ -60,6 +60,11 @@ def conch_encoder_speed(checkpoint: str, device: str, batch: int, iters: int, ou
                 enc(x)
             _sync(dev)
         res[f"{name}_patches_per_s"] = batch * iters / (time.perf_counter() - t0)
+    return _emit(res, out)
+
+
+def _emit(res: Dict[str, Any], out: Optional[str]) -> int:
+    """Print one step's figures as a JSON line (the suite's log) and, with ``out``, save them."""
     print(json.dumps(res))
     if out:
         with open(out, "w") as f:
@@ -97,11 +102,7 @@ def h5_timing(h5_dir: str, out: Optional[str]) -> int:
             encode += float(f.attrs.get("timing_encode_s", 0.0))
     res = {"slides": len(files), "patches": patches, "total_s": total, "encode_s": encode,
            "patches_per_s": patches / max(total, 1e-9)}
-    print(json.dumps(res))
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return _emit(res, out)
 
 
 # ---------------------------------------------------------------------------------------------- report
