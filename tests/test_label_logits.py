@@ -154,6 +154,21 @@ def test_slide_loss_and_grads_equal_stock_call(llm_dir, variant):
     _assert_has_power(_loss_and_grads(m, lambda: m(cut, mode="loss")["loss"]), stock, f"slide {variant}")
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_slide_loss_and_grads_equal_stock_call_on_other_architectures(tmp_path, arch):
+    """The same rule on the other LLM families the slide model runs on (their tiny builders carry the
+    families' real configs): the head-at-labelled-rows loss equals the model's own ``labels=`` call."""
+    from slidechat.model.label_logits import causal_lm_parts
+    from slidechat.model.tiny_llm import make_tiny_llm
+
+    m = _slide_model(make_tiny_llm(tmp_path / arch, arch=arch), "plain")
+    assert causal_lm_parts(m.llm) is not None
+    batch = _slide_batch()
+    stock = _loss_and_grads(m, lambda: m.core(**_core_kwargs(batch), full_logits=True).loss)
+    new = _loss_and_grads(m, lambda: m(batch, mode="loss")["loss"])
+    _assert_same(new, stock, f"slide {arch}")
+
+
 def test_slide_num_items_in_batch_matches_stock(llm_dir):
     """``num_items_in_batch`` (transformers' gradient-accumulation reduction): sum / n, as ForCausalLMLoss."""
     m = _slide_model(llm_dir, "plain").eval()
