@@ -9,12 +9,13 @@ when LoRA is used).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -198,20 +199,28 @@ def _deepspeed_checkpoint_globals() -> List[Any]:
     return out
 
 
-def safe_deepspeed_load(self: Any, path: str, map_location: Any = None) -> Any:
-    """Drop-in for DeepSpeed's ``TorchCheckpointEngine.load`` (``torch.load(weights_only=False)``), which
-    ``--deepspeed ... --resume`` uses for the model and optimizer-state files: torch's weights-only
-    unpickler with the few DeepSpeed classes those files hold and mmengine's message-hub classes
-    (:func:`mmengine_checkpoint_globals`). Anything else is a one-line error, never executed."""
+@contextlib.contextmanager
+def _reading_deepspeed_files(path: Union[str, os.PathLike]) -> Iterator[None]:
+    """Weights-only ``torch.load`` inside allows the few DeepSpeed classes DeepSpeed's files hold and
+    mmengine's message-hub classes (:func:`mmengine_checkpoint_globals`); any other object in a file is a
+    one-line error naming ``path``, never executed."""
     import pickle
 
     try:
         with _scoped_safe_globals(_deepspeed_checkpoint_globals() + mmengine_checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            yield
     except pickle.UnpicklingError as exc:
         raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
                              f"allow-list ({pickle_refusal(exc)}); nothing in it was run", path=path,
                              hint="only DeepSpeed's and mmengine's own checkpoint classes are read") from None
+
+
+def safe_deepspeed_load(self: Any, path: str, map_location: Any = None) -> Any:
+    """Drop-in for DeepSpeed's ``TorchCheckpointEngine.load`` (``torch.load(weights_only=False)``), which
+    ``--deepspeed ... --resume`` uses for the model and optimizer-state files (see
+    :func:`_reading_deepspeed_files`)."""
+    with _reading_deepspeed_files(path):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 #: DeepSpeed's name for a ZeRO-3 model-states file (``DeepSpeedEngine._get_ckpt_name``: partitioned weights
@@ -245,9 +254,7 @@ def consolidate_zero3(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor
     the work dir) gathers them; it is run here with every file read weights-only (DeepSpeed's and
     mmengine's checkpoint classes allowed, nothing else), and frozen parameters excluded, as saved.
     """
-    import contextlib
     import io
-    import pickle
     from unittest import mock
 
     from deepspeed.utils import zero_to_fp32
@@ -255,14 +262,10 @@ def consolidate_zero3(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor
     folder = os.path.abspath(os.fspath(folder))
     chatter = io.StringIO()  # zero_to_fp32 prints its progress
     try:
-        with _scoped_safe_globals(_deepspeed_checkpoint_globals() + mmengine_checkpoint_globals()), \
-                mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), \
+        with _reading_deepspeed_files(folder), mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), \
                 contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
                 os.path.dirname(folder), tag=os.path.basename(folder), exclude_frozen_parameters=True)
-    except pickle.UnpicklingError as exc:
-        raise SlideChatError(f"refusing to load a DeepSpeed checkpoint file with objects outside the "
-                             f"allow-list ({pickle_refusal(exc)}); nothing in it was run", path=folder) from None
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SlideChatError(f"cannot consolidate ZeRO-3 checkpoint: {first}", path=folder,
@@ -288,8 +291,6 @@ def zero3_gathered(module: nn.Module) -> Any:
     are copied in while DeepSpeed's ``GatheredParameters`` holds them gathered; rank 0's values are
     partitioned again on exit. Without partitioned parameters this is a no-op.
     """
-    import contextlib
-
     partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
