@@ -24,7 +24,7 @@ class BuildPyWithStartupHook(build_py):
         self.copy_file(STARTUP_PTH, str(Path(root) / STARTUP_PTH), preserve_mode=False)
 
 version = {}
-exec(Path("slidechat/__init__.py").read_text(), version)
+exec(Path("slidechat/utils/version.py").read_text(), version)
 
 setup(
     name="slidechat",

@@ -14,7 +14,7 @@ import pandas as pd
 
 from slidechat.evaluation.captions import caption_metrics, load_wordnet
 from slidechat.evaluation.mcq import parse_choice, score_mcq
-from slidechat.evaluation.slidebench import SlideBenchWriter, read_slidebench
+from slidechat.data.slidebench import SlideBenchWriter, read_slidebench
 
 N = 3176
 WORDS = ("tumor cells nuclei gland stroma invasive ductal carcinoma necrosis mitoses lymphocytes "

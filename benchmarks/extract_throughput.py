@@ -150,7 +150,7 @@ def _free_encoder():
 
 
 def slidechat_pipeline(path: str, encoder, out: Path) -> Tuple[float, Dict[str, float]]:
-    from slidechat.features.pipeline import extract_slides
+    from slidechat.apps.extract import extract_slides
 
     t = time.perf_counter()
     s = extract_slides([path], out, encoder=encoder, overwrite=True, progress=False, save_qc=True)

@@ -51,8 +51,8 @@ def make_dataset(root: Path, rows: int, size: int, seed: int = 0) -> Path:
 
 def run_once(model, processor, data: Path, out: Path, batch: int, max_new: int) -> Dict[str, float]:
     from slidechat.data.llamafactory import read_llamafactory
-    from slidechat.engine.inference import Qwen2VLFamily, SamplingSettings, cytology_items, run_inference
-    from slidechat.engine.writers import JsonlPredictionWriter
+    from slidechat.inference.loop import Qwen2VLFamily, SamplingSettings, cytology_items, run_inference
+    from slidechat.inference.writers import JsonlPredictionWriter
 
     items = cytology_items(read_llamafactory("bench", data, check_images=False))
     family = Qwen2VLFamily(model, processor, SamplingSettings(max_new_tokens=max_new, temperature=0.0))
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from slidechat.engine.inference import resolve_device_dtype
+    from slidechat.inference.loop import resolve_device_dtype
     from slidechat.model.qwen2vl import load_qwen2vl
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 

@@ -114,7 +114,7 @@ def build_train_model(folder: str, lora: bool, dtype: str, device: str) -> Any:
     """``SlideChatTrainModel`` from the training config, the LLM read from ``folder`` by its loader."""
     import torch
 
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
 
     cfg = training_model_cfg(lora)
     cfg.pop("type")
@@ -207,7 +207,7 @@ def count_params(llm: str, lora: bool) -> Tuple[int, int, int, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
 
     cfg = training_model_cfg(lora)
     cfg.pop("type")

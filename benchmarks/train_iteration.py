@@ -22,7 +22,7 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
     from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
     from slidechat.model.tiny_llm import make_tiny_llm
 

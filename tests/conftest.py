@@ -51,7 +51,7 @@ def synthetic_slides(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path
 @pytest.fixture(scope="session")
 def extracted(synthetic_slides: Dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """One ``extract_slides`` run (tiny_test encoder, 1 worker, CSV on) over ``synthetic_slides['dir']``."""
-    from slidechat.features.pipeline import extract_slides
+    from slidechat.apps.extract import extract_slides
 
     out = tmp_path_factory.mktemp("extracted")
     summary = extract_slides(synthetic_slides["dir"], out, encoder="tiny_test", save_csv=True,

@@ -50,7 +50,7 @@ def test_chat_two_turns_scripted_stdin(setup):
 def test_chat_session_config_checkpoint_matches_exported(setup):
     """Config + training checkpoint and the exported folder answer identically (greedy)."""
     from slidechat.engine.overrides import parse_cfg_options
-    from slidechat.engine.chat import ChatSession, load_chat_model
+    from slidechat.apps.chat import ChatSession, load_chat_model
     from slidechat.features.io import load_features
 
     feats, coords = load_features(setup["feats"] / "LUAD" / "TCGA-01.h5")
@@ -70,7 +70,7 @@ def test_chat_session_config_checkpoint_matches_exported(setup):
 
 
 def test_chat_session_caps_patches(setup):
-    from slidechat.engine.chat import ChatSession, load_chat_model
+    from slidechat.apps.chat import ChatSession, load_chat_model
 
     model, tok = load_chat_model(setup["exported"])
     feats = np.random.default_rng(0).normal(size=(700, 512)).astype(np.float32)

@@ -317,7 +317,8 @@ def test_load_qwen2vl_refuses_other_folders(tmp_path, tiny):
 
 def test_prepare_generation_batch_left_pads_and_matches_single_rows(tiny, ddir):
     from slidechat.data.llamafactory import Example
-    from slidechat.model.qwen2vl import load_qwen2vl, prepare_generation_batch
+    from slidechat.data.qwen2vl_batch import prepare_generation_batch
+    from slidechat.model.qwen2vl import load_qwen2vl
 
     model, proc = load_qwen2vl(tiny)
     rows = [Example(0, None, [{"role": "user", "content": "<image>" + MCQ_Q},

@@ -118,7 +118,7 @@ def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft,
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
-    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
+    from slidechat.engine.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
 
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
     out = export_qwen2vl(SFT, sft, tmp_path / "hf", cfg_options=opts)
@@ -157,8 +157,9 @@ def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft,
 def test_export_lora_merges_adapters(setup, lora, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from slidechat.model.qwen2vl import load_qwen2vl, prepare_generation_batch
-    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
+    from slidechat.data.qwen2vl_batch import prepare_generation_batch
+    from slidechat.model.qwen2vl import load_qwen2vl
+    from slidechat.engine.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
 
     from slidechat.cli.main import main
 
@@ -222,7 +223,7 @@ def test_resume_continues_and_goes_through_the_strict_check(setup, sft, tmp_path
 
 
 def test_strict_loading_of_checkpoints(setup, sft, lora, tmp_path):
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel, build_qwen2vl_from_config
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel, build_qwen2vl_from_config
 
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
     # a LoRA checkpoint does not fit the full fine-tune model (lacks every trained LLM weight)
@@ -272,7 +273,7 @@ def test_dataset_items_and_collate(setup):
 
 
 def test_freezing_switches_and_lora_targets(setup):
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
 
     full = Qwen2VLTrainModel(setup["tiny"])  # defaults: vision tower and merger frozen
     assert all(k.startswith(("model.", "lm_head.")) for k in full.trained_keys)
@@ -308,8 +309,9 @@ def test_real_configs_follow_llamafactory_recipe():
 
 def test_load_qwen2vl_merges_a_peft_adapter_folder(setup, tmp_path):
     from slidechat.data.llamafactory import read_llamafactory
-    from slidechat.model.qwen2vl import load_qwen2vl, prepare_generation_batch
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from slidechat.data.qwen2vl_batch import prepare_generation_batch
+    from slidechat.model.qwen2vl import load_qwen2vl
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
 
     trained = Qwen2VLTrainModel(setup["tiny"], lora=dict(r=4)).eval()
     torch.manual_seed(0)
@@ -338,7 +340,7 @@ def test_load_qwen2vl_merges_a_peft_adapter_folder(setup, tmp_path):
 def test_wrapper_walkers_go_through_the_check(setup, sft):
     from torch import nn
 
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
 
     sd = _ckpt(sft)["state_dict"]
     wrapper = nn.Module()
@@ -360,7 +362,7 @@ def _to_448_layout(key):
 
 
 def test_freeze_rules_name_the_language_model_and_the_vision_tower_by_their_paths(setup):
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
 
     # LLM frozen, vision tower trainable: only vision-tower weights train (the merger stays as configured)
     vis = Qwen2VLTrainModel(setup["tiny"], freeze_language_model=True, freeze_vision_tower=False)
@@ -383,7 +385,7 @@ def test_checkpoints_and_folders_in_the_448_layout_still_load(setup, sft, tmp_pa
     from safetensors.torch import load_file, save_file
 
     from slidechat.model.qwen2vl import load_qwen2vl
-    from slidechat.model.qwen2vl_train import build_qwen2vl_from_config
+    from slidechat.engine.qwen2vl_train import build_qwen2vl_from_config
 
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
     sd = _ckpt(sft)["state_dict"]
@@ -416,7 +418,7 @@ def test_text_only_batches_get_llamafactorys_masked_dummy_image(setup, tmp_path)
 
     from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
     from slidechat.model.constants import IGNORE_INDEX
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
     from train_data import write_sharegpt_dataset
 
     data = tmp_path / "text"

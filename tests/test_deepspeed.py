@@ -143,7 +143,7 @@ def test_zero3_stage2_partitions_the_llm_and_its_checkpoint_tests(demo, stage2_z
     """ZeRO-3 saves the weights only as fp32 optimizer partitions (the model-states file holds 0-element
     placeholders): ``slidechat test`` gathers them and tests the trained model."""
     from slidechat.cli.main import main as slidechat_main
-    from slidechat.engine.model import consolidate_zero3, is_zero3_folder
+    from slidechat.engine.train_model import consolidate_zero3, is_zero3_folder
     from safetensors.torch import load_file
 
     run, wd, opts = stage2_zero3, stage2_zero3["work_dir"], stage2_zero3["opts"]
@@ -193,7 +193,7 @@ def test_zero3_lora_trains_adapters_only(demo, stage1_zero2, tmp_path):
     """stage_2_lora under ZeRO-3: PEFT wraps the partitioned LLM; only adapters and slide modules train
     and the consolidated checkpoint merges on load."""
     from slidechat.engine.builder import build_model_from_config
-    from slidechat.engine.model import consolidate_zero3
+    from slidechat.engine.train_model import consolidate_zero3
 
     wd = tmp_path / "lora_zero3"
     opts = path_overrides(demo["llm"], demo["stage2"], demo["features"], stage1_zero2["work_dir"]) + _epochs(1)
@@ -232,7 +232,7 @@ class _Payload:
 
 def test_a_crafted_zero3_folder_is_refused_without_running_code(tmp_path):
     """ZeRO-3 consolidation reads DeepSpeed's files weights-only: a pickled call is a one-line refusal."""
-    from slidechat.engine.model import consolidate_zero3, is_zero3_folder
+    from slidechat.engine.train_model import consolidate_zero3, is_zero3_folder
     from slidechat.utils.errors import SlideChatError
 
     folder = tmp_path / "work" / "epoch_1.pth"

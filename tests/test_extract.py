@@ -13,7 +13,7 @@ import pytest
 
 from slidechat.features.inputs import collect_slide_paths, rank_and_world, shard, unique_shard
 from slidechat.features.io import load_features
-from slidechat.features.pipeline import LOCK_DIR, extract_slide_features, extract_slides
+from slidechat.apps.extract import LOCK_DIR, extract_slide_features, extract_slides
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.outputs import MARKER
 from tolerances import FP32_RTOL, assert_close_rel, assert_rounded_to_decimals
@@ -132,7 +132,7 @@ def test_sigkill_mid_write_leaves_no_final_file_and_rerun_recovers(synthetic_sli
 
     child = textwrap.dedent(f"""
         import os, signal, h5py
-        from slidechat.features.pipeline import extract_slides
+        from slidechat.apps.extract import extract_slides
         real = h5py.Group.create_dataset
         def kill_mid_write(self, name, *a, **k):
             out = real(self, name, *a, **k)
@@ -243,7 +243,7 @@ def test_cli_exit_codes(extracted, synthetic_slides, tmp_path, caplog):
 def test_unusable_out_is_refused_before_any_work(synthetic_slides, tmp_path, caplog, capsys):
     """Root ignores permission bits, so "unwritable" is made real: --out under a regular file, or a file."""
     from slidechat.cli.main import main
-    from slidechat.features.pipeline import check_output_dir
+    from slidechat.apps.extract import check_output_dir
 
     afile = tmp_path / "notes.txt"
     afile.write_text("x")
@@ -356,7 +356,7 @@ def test_timing_breakdown_logged_and_stored_in_h5(extracted, synthetic_slides, t
 
 
 def test_balance_readers_against_the_encoder():
-    from slidechat.features.pipeline import balance_workers
+    from slidechat.apps.extract import balance_workers
 
     # decoding costs 4x the (cheap) encoder: both cores read, the encoder gets one thread
     assert balance_workers(0.004, 0.001, 1, "cpu", cores=2) == (2, 1)
@@ -382,7 +382,7 @@ def test_encoder_resize_in_readers_equals_resize_on_device(synthetic_slides):
     import torch
 
     from slidechat.features.encoders import build_encoder
-    from slidechat.features.pipeline import PatchReader
+    from slidechat.apps.extract import PatchReader
     from slidechat.features.resample import pil_resize_uint8
     from slidechat.wsi.patching import plan_patches
     from slidechat.wsi.slide import Slide, resolve_resolution

@@ -59,7 +59,7 @@ def _dark_run(row: np.ndarray, start: int) -> int:
 
 
 def test_qc_png_has_a_title_and_a_scale_bar_of_the_right_length(tmp_path: Path) -> None:
-    from slidechat.features.pipeline import write_qc_png
+    from slidechat.apps.extract import write_qc_png
     from slidechat.wsi.tissue import TissueMask
 
     dims, base_mpp = (4000, 3000), 0.25
@@ -98,7 +98,7 @@ def _rows(grounded: List[object], size0: int) -> List[Dict[str, object]]:
 
 
 def test_gallery_draws_a_known_box_on_the_right_pixels() -> None:
-    from slidechat.engine.screening import render_gallery
+    from slidechat.apps.screening import render_gallery
 
     size0, P, t = 896, 448, 224  # level-0 field side, field pixels, gallery tile side
     # field 0: a box 200..400 x 100..300 level-0 px inside the field (top-left 1000, 2000)
@@ -130,7 +130,7 @@ def test_gallery_draws_a_known_box_on_the_right_pixels() -> None:
 
 
 def test_gallery_says_why_there_are_no_boxes() -> None:
-    from slidechat.engine.screening import render_gallery
+    from slidechat.apps.screening import render_gallery
 
     fields = np.full((2, 64, 64, 3), 200, np.uint8)
     off = render_gallery("s", _rows([None, None], 128), [0, 1], fields, 128.0, 0.5)
@@ -152,7 +152,7 @@ def _help_flags(command: str) -> set:
 
 
 def test_screen_small_slide_message_names_only_screen_flags(tmp_path: Path) -> None:
-    from slidechat.engine.screening import ScreenOptions, plan_fields
+    from slidechat.apps.screening import ScreenOptions, plan_fields
     from slidechat.utils.errors import SlideChatError
     from slidechat.wsi.slide import Slide
 

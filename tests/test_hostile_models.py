@@ -249,7 +249,7 @@ def test_qwen2vl_good_folder_still_works_and_partial_is_an_opt_in(vl, tmp_path, 
 
 # ------------------------------------------------------------------------ (c) exported slide folder
 def test_exported_slide_folder_without_llm_weights_is_refused(slide, tmp_path) -> None:
-    from slidechat.engine.chat import load_chat_model
+    from slidechat.apps.chat import load_chat_model
     from slidechat.utils.errors import SlideChatError
 
     folder = _copy(slide["exported"], tmp_path / "exported_empty")

@@ -172,7 +172,7 @@ def test_crafted_resume_checkpoint_is_one_line_and_runs_nothing(slide_demo, tmp_
 
 def test_seed_lookup_of_a_crafted_deepspeed_folder_is_one_line(tmp_path):
     """``xtuner train --deepspeed ... --resume DIR`` reads the seed from DIR's model-states file first."""
-    from slidechat.engine.model import safe_seed_from_checkpoint
+    from slidechat.engine.train_model import safe_seed_from_checkpoint
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "iter_4.pth"
@@ -215,7 +215,7 @@ def test_a_safe_load_leaves_the_process_wide_allow_list_in_place(tmp_path):
     from mmengine.logging import MessageHub
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    from slidechat.engine.model import load_training_checkpoint
+    from slidechat.engine.train_model import load_training_checkpoint
 
     hub = MessageHub.get_instance("allow_list_kept")
     hub.update_scalar("train/loss", 1.0)
@@ -231,7 +231,7 @@ def test_a_deepspeed_file_load_leaves_the_process_wide_allow_list_in_place(tmp_p
     """The same rule for DeepSpeed's model/optimizer-state loader (``--deepspeed ... --resume``)."""
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    from slidechat.engine.model import safe_deepspeed_load
+    from slidechat.engine.train_model import safe_deepspeed_load
 
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.ones(1)}}, path)

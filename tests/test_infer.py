@@ -255,7 +255,7 @@ def test_over_long_prompt_is_cut_as_llamafactory_or_refused_in_chat(cyto):
     ``chat --image`` (truncate=False) refuses such a prompt instead."""
     from transformers import AutoTokenizer
 
-    from slidechat.engine.inference import CytologyItem, _Qwen2VLText
+    from slidechat.inference.loop import CytologyItem, _Qwen2VLText
     from slidechat.utils.errors import SlideChatError
 
     tok = AutoTokenizer.from_pretrained(cyto["model"])
@@ -304,7 +304,7 @@ def test_chat_on_one_image_scripted_stdin(cyto):
     assert prompts[1] == prompts[0] + (f"{a1}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n"
                                        "<|im_start|>assistant\n")
     # the library session gives the CLI's first answer (greedy, boxes/special tokens kept as generated)
-    from slidechat.engine.chat import ImageChatSession
+    from slidechat.apps.chat import ImageChatSession
     from slidechat.model.qwen2vl import load_qwen2vl
 
     model, processor = load_qwen2vl(cyto["model"])
@@ -356,14 +356,14 @@ class FakeFamily:
 
 
 def _fake_items(prompts):
-    from slidechat.engine.writers import make_id
+    from slidechat.inference.writers import make_id
 
     return [FakeItem(i, make_id("d", i, None), [f"/x/{i}.png"], prompt=p) for i, p in enumerate(prompts)]
 
 
 def test_loop_errors_per_row_and_batch_retry(tmp_path):
-    from slidechat.engine.inference import run_inference
-    from slidechat.engine.writers import JsonlPredictionWriter, ResultWriter
+    from slidechat.inference.loop import run_inference
+    from slidechat.inference.writers import JsonlPredictionWriter, ResultWriter
 
     prompts = ["a", "unreadable b", "c", "poison d", "e", "f", "g"]
     items = _fake_items(prompts)
@@ -382,8 +382,8 @@ def test_loop_errors_per_row_and_batch_retry(tmp_path):
 
 
 def test_jsonl_writer_resume_torn_tail_and_lock(tmp_path):
-    from slidechat.engine.inference import run_inference
-    from slidechat.engine.writers import JsonlPredictionWriter
+    from slidechat.inference.loop import run_inference
+    from slidechat.inference.writers import JsonlPredictionWriter
     from slidechat.utils.errors import SlideChatError
 
     items = _fake_items([f"p{i}" for i in range(5)])
@@ -418,9 +418,9 @@ def test_jsonl_writer_resume_torn_tail_and_lock(tmp_path):
 def test_slidebench_writer_follows_the_protocol(tmp_path):
     import csv
 
-    from slidechat.engine.inference import run_inference
-    from slidechat.engine.writers import ResultWriter, SlideBenchWriter
-    from slidechat.evaluation.slidebench import read_slidebench
+    from slidechat.inference.loop import run_inference
+    from slidechat.inference.writers import ResultWriter, SlideBenchWriter
+    from slidechat.data.slidebench import read_slidebench
 
     src = tmp_path / "q.csv"
     with open(src, "w", newline="") as f:
@@ -458,10 +458,10 @@ def test_slidebench_through_the_shared_loop_equals_the_mmengine_loop(tmp_path_fa
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_testing import BATCH, CONFIG, MAX_NEW, build_tiny_setup
 
-    from slidechat.engine.inference import run_inference
+    from slidechat.inference.loop import run_inference
     from slidechat.engine.testing import build_test_runner
-    from slidechat.engine.writers import SlideBenchWriter
-    from slidechat.evaluation.slidebench import read_slidebench
+    from slidechat.inference.writers import SlideBenchWriter
+    from slidechat.data.slidebench import read_slidebench
 
     setup = build_tiny_setup(tmp_path_factory.getbasetemp() / "slidechat_testing_setup")
     root = tmp_path_factory.mktemp("slide_loop")

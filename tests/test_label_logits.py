@@ -87,7 +87,7 @@ def _slide_model(llm_dir: Path, variant: str):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
 
     torch.manual_seed(0)
     kw: Dict[str, Any] = {}
@@ -256,7 +256,7 @@ def cyto(tmp_path_factory):
 
 
 def _cyto_model(tiny: Path, variant: str):
-    from slidechat.model.qwen2vl_train import Qwen2VLTrainModel
+    from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
 
     torch.manual_seed(0)
     if variant == "lora":

@@ -188,7 +188,7 @@ def test_folder_dataset_order_and_max_samples(tmp_path):
 # -------------------------------------------------------------------------------------------- 2. tools
 def test_tools_column_joins_the_system_prompt(tmp_path):
     from slidechat.data.template import render_qwen2vl_prompt
-    from slidechat.engine.inference import cytology_items
+    from slidechat.inference.loop import cytology_items
 
     d = tmp_path / "data"
     rows = [{"conversations": [{"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "Sunny."}],

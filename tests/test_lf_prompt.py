@@ -147,7 +147,7 @@ def dataset(model_dir):
 
 
 def _item(row, source="rows.jsonl row 0"):
-    from slidechat.engine.inference import CytologyItem
+    from slidechat.inference.loop import CytologyItem
 
     msgs = row["messages"]
     return CytologyItem(position=0, key={}, images=list(row["images"]), messages=msgs[:-1], system=None,
@@ -157,7 +157,7 @@ def _item(row, source="rows.jsonl row 0"):
 # ----------------------------------------------------------------------------------------------- item 1
 def test_newline_history_prompt_ids_equal_llamafactory_and_training(processor):
     from slidechat.data.template import encode_qwen2vl, render_qwen2vl_prompt
-    from slidechat.engine.inference import _Qwen2VLText
+    from slidechat.inference.loop import _Qwen2VLText
     from slidechat.model.constants import IGNORE_INDEX
 
     tok = processor.tokenizer
@@ -195,7 +195,7 @@ def test_generation_batch_expands_images_like_the_processor(processor, dataset):
 
     from slidechat.data.images import load_image
     from slidechat.data.template import render_qwen2vl_prompt
-    from slidechat.model.qwen2vl import prepare_generation_batch
+    from slidechat.data.qwen2vl_batch import prepare_generation_batch
 
     tok = processor.tokenizer
     rows = dataset["rows"]
@@ -251,7 +251,7 @@ def test_infer_writes_llamafactory_prompt_and_label(model_dir, dataset, processo
 
 def test_chat_session_history_encoded_by_slots(model_dir, dataset, processor):
     """``chat --image``: a history answer with a leading newline is its own slot in the next prompt."""
-    from slidechat.engine.chat import ImageChatSession
+    from slidechat.apps.chat import ImageChatSession
     from slidechat.model.qwen2vl import load_qwen2vl
 
     model, proc = load_qwen2vl(model_dir)
@@ -294,7 +294,7 @@ def test_cutoff_len_truncates_prompt_and_label_as_vllm_infer(model_dir, dataset,
     assert line["label"] == tok.decode(lab, skip_special_tokens=True) != row["messages"][1]["content"] + "\n"
     assert line["prompt"] == tok.decode(p, skip_special_tokens=True)
     # both halves over cutoff/2: both cut by LF's proportional rule; prompt keeps its first source_len ids
-    from slidechat.engine.inference import _Qwen2VLText
+    from slidechat.inference.loop import _Qwen2VLText
 
     long_q = "<image>" + "Please look at the dark cells " * 12
     r = {"messages": _msgs(long_q, row["messages"][1]["content"]), "images": ["x.png"]}
@@ -341,7 +341,7 @@ def test_stop_ids_follow_llamafactory_and_vllm(processor, model_dir):
     from transformers import GenerationConfig
 
     from slidechat.data.template import template_stop_token_ids
-    from slidechat.engine.inference import Qwen2VLFamily, SamplingSettings, stop_token_ids
+    from slidechat.inference.loop import Qwen2VLFamily, SamplingSettings, stop_token_ids
 
     tok = processor.tokenizer
     im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")

@@ -311,7 +311,7 @@ def test_export_carries_the_format_to_chat(tmp_path, arch):
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slidechat.engine.chat import ChatSession
+    from slidechat.apps.chat import ChatSession
     from slidechat.model.slidechat_model import SlideChatConfig, SlideChatModel
     from slidechat.model.tiny_llm import make_tiny_llm
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import (
-    LongNetEncoder,
-    SlideEncoderConfig,
-    attention_with_lse,
-    dilated_attention,
-    saved_encoder_dict,
-)
+                                           LongNetEncoder,
+                                           SlideEncoderConfig,
+                                           attention_with_lse,
+                                           dilated_attention,
+                                           saved_encoder_dict,
+                                           )
 from tolerances import FP32_RTOL, assert_close_rel, assert_differs_rel
 
 IMPLS = ["math", "cpu_flash"]

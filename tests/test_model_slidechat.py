@@ -168,7 +168,7 @@ def test_generate_with_precomputed_visual_tokens(model, tokenizer):
 
 
 def test_chat_session_encodes_the_slide_once(model, tokenizer, monkeypatch):
-    from slidechat.engine.chat import ChatSession
+    from slidechat.apps.chat import ChatSession
 
     calls = []
     real = model.encode_slides

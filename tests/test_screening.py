@@ -165,7 +165,7 @@ def _read_csv(p: Path) -> List[Dict[str, str]]:
 
 def test_cellular_detector_keeps_cell_rich_fields_and_drops_blank_ones(cyto: Dict[str, Path]) -> None:
     from slidechat.data.synthetic_cytology import write_cytology_slides
-    from slidechat.engine.screening import ScreenOptions, plan_fields
+    from slidechat.apps.screening import ScreenOptions, plan_fields
     from slidechat.wsi.patching import plan_patches
     from slidechat.wsi.slide import Slide, resolve_resolution
     from slidechat.wsi.tissue import segment_tissue
@@ -213,7 +213,7 @@ def test_cellular_detector_keeps_cell_rich_fields_and_drops_blank_ones(cyto: Dic
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory: pytest.TempPathFactory):
-    from slidechat.engine.screening import FieldModel, ScreenOptions
+    from slidechat.apps.screening import FieldModel, ScreenOptions
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
     folder = make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl") / "model", seed=0)
@@ -236,7 +236,7 @@ def test_option_probabilities_equal_a_manual_softmax(scorer) -> None:
     a, b = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
     assert scorer.option_ids == [a, b]
     # manual: the stock forward (fresh M-RoPE deltas), one image at a time, last-position logits
-    from slidechat.model.qwen2vl import prepare_generation_batch
+    from slidechat.data.qwen2vl_batch import prepare_generation_batch
 
     for i, im in enumerate(images):
         batch = prepare_generation_batch(scorer.processor, [scorer.prompt_text], [[im]])
@@ -257,7 +257,7 @@ def test_option_probabilities_equal_a_manual_softmax(scorer) -> None:
 
 def test_screen_resume_failures_and_reaggregation(cyto: Dict[str, Path], scorer, tmp_path: Path) -> None:
     from slidechat.cli.main import main
-    from slidechat.engine.screening import reaggregate, screen_slides
+    from slidechat.apps.screening import reaggregate, screen_slides
 
     slides = sorted(cyto["slides"].glob("*.svs"))
     inputs = slides + [cyto["corrupt"], cyto["blank"]]
@@ -316,7 +316,7 @@ def test_screen_resume_failures_and_reaggregation(cyto: Dict[str, Path], scorer,
 
 
 def test_sharding_splits_slides(cyto: Dict[str, Path], scorer, tmp_path: Path) -> None:
-    from slidechat.engine.screening import screen_slides
+    from slidechat.apps.screening import screen_slides
 
     slides = sorted(cyto["slides"].glob("*.svs"))
     opts = type(scorer.opts)(**{**scorer.opts.__dict__, "ground_top": 0, "gallery_k": 1})

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slidechat.evaluation.slidebench import (
-    DEFAULT_CAPTION_PROMPT, SlideBenchWriter, build_mcq_prompt, build_prompt, merge_shards,
-    read_output, read_slidebench, resolve_feature_path, shard_path)
+from slidechat.data.slidebench import (
+                                       DEFAULT_CAPTION_PROMPT, SlideBenchWriter, build_mcq_prompt, build_prompt, merge_shards,
+                                       read_output, read_slidebench, resolve_feature_path, shard_path)
 from slidechat.features.io import write_feature_h5, write_slidechat_csv
 from slidechat.utils.errors import SlideChatError
 

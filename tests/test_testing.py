@@ -146,7 +146,7 @@ def test_exported_folder_checkpoint_same_output(setup, reference, tmp_path):
 
 
 def test_kill_and_resume_exactly_once(setup, reference, tmp_path):
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
 
     out = tmp_path / "out.csv"
     real = SlideChatTrainModel.predict

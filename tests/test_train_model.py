@@ -20,7 +20,7 @@ def llm_dir(tmp_path_factory):
 def _model(llm_dir, **kw):
     from transformers import AutoModelForCausalLM
 
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
 
     torch.manual_seed(0)
     return SlideChatTrainModel(
@@ -96,7 +96,7 @@ def test_resume_allowlist_reads_message_hub_but_not_arbitrary_getattr():
 
     from mmengine.logging import HistoryBuffer, MessageHub
 
-    import slidechat.engine.model  # noqa: F401  (registers the allow-list, as configs do)
+    import slidechat.engine.train_model  # noqa: F401  (registers the allow-list, as configs do)
 
     hub = MessageHub.get_instance("allowlist_test")
     hub.update_scalar("train/loss", 1.5)

@@ -205,7 +205,7 @@ def test_safe_loader_reads_weights_beside_a_payload(setup, trained_sd, tmp_path)
     import xtuner.model.utils as xtuner_utils
     from xtuner.tools import test as xtuner_test
 
-    from slidechat.engine.model import install_safe_xtuner_loader, safe_guess_load_checkpoint
+    from slidechat.engine.train_model import install_safe_xtuner_loader, safe_guess_load_checkpoint
 
     marker = tmp_path / "pwned"
     path = tmp_path / "iter_3.pth"
@@ -377,7 +377,7 @@ def test_mmengine_resume_path_runs_the_same_check(setup, trained_sd):
 
 def test_deepspeed_resume_reads_its_files_without_running_code(tmp_path):
     """``--deepspeed ... --resume`` reads DeepSpeed's model/optimizer files through its checkpoint engine,
-    which unpickles with ``weights_only=False``; once a config has imported ``slidechat.engine.model`` the
+    which unpickles with ``weights_only=False``; once a config has imported ``slidechat.engine.train_model`` the
     engine reads weights-only with DeepSpeed's own classes allowed (ZeRO-2/3 bf16 resume was checked on CPU
     against real DeepSpeed checkpoints with these classes)."""
     import mmengine.runner  # noqa: F401  (imports DeepSpeed, as in xtuner train)
@@ -386,7 +386,7 @@ def test_deepspeed_resume_reads_its_files_without_running_code(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from slidechat.engine.model import install_safe_xtuner_loader, safe_deepspeed_load
+    from slidechat.engine.train_model import install_safe_xtuner_loader, safe_deepspeed_load
     from slidechat.utils.errors import SlideChatError
 
     install_safe_xtuner_loader()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_testing import (BATCH, CONFIG, COLUMNS, MAX_NEW, build_tiny_setup,  # noqa: E402
                           cfg_option_args, read_rows)
 
-from slidechat.evaluation.slidebench import read_output, read_slidebench  # noqa: E402
+from slidechat.data.slidebench import read_output, read_slidebench  # noqa: E402
 from slidechat.utils.errors import SlideChatError  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -173,9 +173,9 @@ class _SpyTokenizer:
 def test_dataset_refuses_long_prompts_before_tokenizing(setup):
     from transformers import AutoTokenizer
 
-    from slidechat.engine.limits import prompt_limit
-    from slidechat.engine.testing import SlideBenchTestDataset, slidebench_collate_fn
-    from slidechat.evaluation.slidebench import SlideBenchItem
+    from slidechat.data.limits import prompt_limit
+    from slidechat.data.slidebench_dataset import SlideBenchTestDataset, slidebench_collate_fn
+    from slidechat.data.slidebench import SlideBenchItem
 
     tok = _SpyTokenizer(AutoTokenizer.from_pretrained(setup["llm"]))
     feat = setup["feats"] / "BRCA" / "TCGA-00.h5"
@@ -193,8 +193,8 @@ def test_dataset_refuses_long_prompts_before_tokenizing(setup):
 
 
 def test_default_cap_comes_from_the_model_context(setup):
-    from slidechat.engine.chat import load_chat_model
-    from slidechat.engine.limits import model_prompt_limit
+    from slidechat.apps.chat import load_chat_model
+    from slidechat.data.limits import model_prompt_limit
 
     model, _ = load_chat_model(setup["exported"])
     ctx = model.llm.config.max_position_embeddings
@@ -214,7 +214,7 @@ RUN_SCRIPT = textwrap.dedent("""
     import sys
     from unittest import mock
     from slidechat.cli.main import main
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
     die_at = int(sys.argv[1])
     real, calls = SlideChatTrainModel.predict, {"n": 0}
     def predict(self, *a, **k):
@@ -318,8 +318,8 @@ def test_chat_flags_set_the_caps(setup):
 
 
 def test_chat_session_refuses_and_continues(setup):
-    from slidechat.engine.chat import ChatSession, load_chat_model
-    from slidechat.engine.limits import InputRefused
+    from slidechat.apps.chat import ChatSession, load_chat_model
+    from slidechat.data.limits import InputRefused
     from slidechat.features.io import load_features
 
     model, tok = load_chat_model(setup["exported"])
@@ -337,7 +337,7 @@ def test_chat_session_refuses_and_continues(setup):
 # --------------------------------------------------------------------------- encoder padding in exports
 
 def test_exported_padding_mode_round_trips_and_legacy_loads_masked(setup, tmp_path):
-    from slidechat.engine.chat import load_chat_model
+    from slidechat.apps.chat import load_chat_model
     from slidechat.engine.overrides import parse_cfg_options
     from slidechat.model.slidechat_model import SlideChatModel
 

@@ -349,8 +349,8 @@ def test_boxes_round_trip_through_the_family_processor_resize(tinies, arch):
 def test_chat_image_and_the_screening_scorer_run_on_each_family(tinies, arch, tmp_path):
     from PIL import Image
 
-    from slidechat.engine.chat import ImageChatSession, load_image_chat_model
-    from slidechat.engine.screening import FieldModel, ScreenOptions
+    from slidechat.apps.chat import ImageChatSession, load_image_chat_model
+    from slidechat.apps.screening import FieldModel, ScreenOptions
 
     model, proc = load_image_chat_model(tinies[arch], device="cpu")
     img = field(tmp_path / "f.png", 0, 1)

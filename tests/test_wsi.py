@@ -146,7 +146,7 @@ def _generic_tiff(path, resolution=None, unit=None):
 
 
 def test_default_dpi_tiff_resolution_is_not_trusted(tmp_path):
-    from slidechat.features.pipeline import extract_slides
+    from slidechat.apps.extract import extract_slides
 
     path = _generic_tiff(tmp_path / "scan72.tif", 72, "INCH")
     with Slide(path) as s:
@@ -196,7 +196,7 @@ def _reference_patches(path, grid, idx, method):
 
 @pytest.mark.parametrize("case", ["40x_to_20x", "20x_native", "lower_level", "non_integer"])
 def test_patch_reader_matches_openslide_reference(synthetic_slides, case):
-    from slidechat.features.pipeline import PatchReader
+    from slidechat.apps.extract import PatchReader
 
     key, kw, method = {
         "40x_to_20x": ("tumor40", dict(target_magnification=20, patch_size=224), "reduce"),

@@ -29,11 +29,11 @@ from torch.optim import AdamW
 from xtuner.engine.runner import TrainLoop
 
 from slidechat.data.cytology_dataset import CytologySFTDataset, qwen2vl_collate_fn
-from slidechat.model.qwen2vl import Qwen2VLTrainModel
+from slidechat.engine.qwen2vl_train import Qwen2VLTrainModel
 # mmengine reads this file in lazy-import mode: the imports above run only when the model is built, but
 # `xtuner train --resume` reads the checkpoint before that; this import installs the safe loaders now
 # (resume: weights-only with mmengine's own classes allowed; see install_safe_xtuner_loader)
-__import__('slidechat.engine.model')
+__import__('slidechat.engine.train_model')
 
 #######################################################################
 #                          PART 1  Settings                           #

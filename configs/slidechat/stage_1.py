@@ -21,13 +21,13 @@ from xtuner.engine.runner import TrainLoop
 from slidechat.data.collate import slidechat_collate_fn
 from slidechat.data.dataset import SlideInstructionDataset
 from slidechat.model.hf_folder import CheckedCausalLM, CheckedTokenizer  # no folder code, no random weights
-# importing slidechat.engine.model also makes `xtuner test --checkpoint` read through slidechat's
+# importing slidechat.engine.train_model also makes `xtuner test --checkpoint` read through slidechat's
 # safe loader (no pickle code runs; see install_safe_xtuner_loader)
-from slidechat.engine.model import SlideChatTrainModel
+from slidechat.engine.train_model import SlideChatTrainModel
 # mmengine reads this file in lazy-import mode: the imports above run only when the model is built, but
 # `xtuner train --resume` reads the checkpoint before that; this import installs the safe loaders now
 # (resume: weights-only with mmengine's own classes allowed; see install_safe_xtuner_loader)
-__import__('slidechat.engine.model')
+__import__('slidechat.engine.train_model')
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -148,7 +148,8 @@ log_processor = dict(by_epoch=False)
 # exits 0 even when the test fails: scripts should use `slidechat test`.
 # The loop reads these TOP-LEVEL keys (the only ones --cfg-options can change) and resumes an
 # interrupted output; feature_root above is reused unless overridden.
-from slidechat.engine.testing import SlideBenchMetric, SlideBenchTestDataset, SlideBenchTestLoop
+from slidechat.data.slidebench_dataset import SlideBenchTestDataset
+from slidechat.engine.testing import SlideBenchMetric, SlideBenchTestLoop
 
 test_slide_csv = None
 test_output_csv = None

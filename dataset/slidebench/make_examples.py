@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from slidechat.cli.main import main
-from slidechat.evaluation.slidebench import SlideBenchWriter, read_slidebench
+from slidechat.data.slidebench import SlideBenchWriter, read_slidebench
 from slidechat.features.io import write_slidechat_csv
 
 HERE = Path(__file__).resolve().parent

@@ -94,7 +94,7 @@ def _features(args: argparse.Namespace):
 
     if args.features:
         return load_features(args.features, require_finite=True)
-    from slidechat.features.pipeline import extract_slide_features
+    from slidechat.apps.extract import extract_slide_features
 
     opts = {"device": args.device, "progress": False}
     if args.magnification is not None:
@@ -127,7 +127,7 @@ def _keep_stdout_for_answers() -> None:
 
 
 def _image_session(args: argparse.Namespace):
-    from slidechat.engine.chat import ImageChatSession, load_image_chat_model
+    from slidechat.apps.chat import ImageChatSession, load_image_chat_model
     from slidechat.utils.errors import SlideChatError
 
     path = args.model_name_or_path or args.checkpoint
@@ -181,7 +181,7 @@ def _session(args: argparse.Namespace):
         session = _image_session(args)
         return session, f"Image loaded ({session.image.width}x{session.image.height})."
     from slidechat.engine.overrides import parse_cfg_options
-    from slidechat.engine.chat import ChatSession, load_chat_model
+    from slidechat.apps.chat import ChatSession, load_chat_model
     from slidechat.utils.errors import SlideChatError
 
     if not (args.checkpoint or args.model_name_or_path):
@@ -204,7 +204,7 @@ def _session(args: argparse.Namespace):
 def chat_loop(session, args: argparse.Namespace, banner: str) -> int:
     """The terminal loop for any session with ``ask``/``reset``/``prompt_text``/``history`` (slides:
     ``ChatSession``, images: ``ImageChatSession``)."""
-    from slidechat.engine.limits import DEFAULT_MAX_INPUT_CHARS, InputRefused, read_input_line
+    from slidechat.data.limits import DEFAULT_MAX_INPUT_CHARS, InputRefused, read_input_line
     from slidechat.utils.errors import SlideChatError
 
     interactive = sys.stdin.isatty()

@@ -194,7 +194,7 @@ def run_slide_demo(root: Path, n_slides: int, steps: Optional[Steps] = None) -> 
     from slidechat.data.synthetic import FEATURE_TEMPLATE, write_synthetic_dataset
     from slidechat.engine.overrides import parse_cfg_options, path_overrides
     from slidechat.engine.testing import run_test
-    from slidechat.features.pipeline import extract_slides
+    from slidechat.apps.extract import extract_slides
     from slidechat.model.tiny_llm import make_tiny_llm
     from slidechat.wsi.synthetic import make_demo_slides
 
@@ -262,7 +262,7 @@ def _report_markdown(report: object, out_csv: Path) -> str:
     if md.is_file():
         return md.read_text()
     from slidechat.evaluation.mcq import score_mcq
-    from slidechat.evaluation.slidebench import read_output
+    from slidechat.data.slidebench import read_output
 
     return score_mcq(read_output(out_csv)).to_markdown()
 
@@ -279,8 +279,8 @@ def run_cytology_demo(root: Path, n_fields: int, n_cyto_slides: int,
     """
     from slidechat.cli.main import main as cli_main
     from slidechat.data.synthetic_cytology import write_fields_dataset
-    from slidechat.engine.screening import run_screen_demo
-    from slidechat.model.qwen2vl_train import export_qwen2vl
+    from slidechat.apps.screening import run_screen_demo
+    from slidechat.engine.qwen2vl_train import export_qwen2vl
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
     steps = steps or Steps(root / "demo.log", show_output=True)

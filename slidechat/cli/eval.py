@@ -206,7 +206,7 @@ def _cytology_only(args: argparse.Namespace, *names: str) -> None:
 def run_mcq(args: argparse.Namespace) -> int:
     from slidechat.evaluation.cytology import is_cytology_file
     from slidechat.evaluation.mcq import score_mcq
-    from slidechat.evaluation.slidebench import read_csv_text
+    from slidechat.data.slidebench import read_csv_text
     from slidechat.evaluation.tables import write_reports
     from slidechat.utils.errors import SlideChatError
 
@@ -229,7 +229,7 @@ def run_mcq(args: argparse.Namespace) -> int:
 
 def run_caption(args: argparse.Namespace) -> int:
     from slidechat.evaluation.captions import caption_metrics
-    from slidechat.evaluation.slidebench import caption_columns, read_csv_text
+    from slidechat.data.slidebench import caption_columns, read_csv_text
     from slidechat.evaluation.tables import caption_markdown, write_reports
     from slidechat.evaluation.cytology import is_cytology_file
     from slidechat.utils.atomic import atomic_path

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from slidechat.engine.builder import build_model_from_config
     from slidechat.engine.overrides import parse_cfg_options
-    from slidechat.model.qwen2vl_train import QWEN2VL_EXPORT_KIND, config_is_qwen2vl, export_qwen2vl
+    from slidechat.engine.qwen2vl_train import QWEN2VL_EXPORT_KIND, config_is_qwen2vl, export_qwen2vl
     from slidechat.model.slidechat_model import EXPORT_KIND, legacy_export_entries
     from slidechat.utils.outputs import check_output_folder
 

@@ -99,7 +99,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from slidechat.features.inputs import collect_slide_paths
-    from slidechat.features.pipeline import check_output_dir, extract_slides
+    from slidechat.apps.extract import check_output_dir, extract_slides
 
     check_output_dir(args.out)  # before listing slides or loading an encoder
     paths = collect_slide_paths(args.inputs, recursive=args.recursive)

@@ -100,7 +100,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from slidechat.engine.inference import INFER_TEMPLATES, require_vllm
+    from slidechat.inference.loop import INFER_TEMPLATES, require_vllm
     from slidechat.utils.errors import SlideChatError
 
     if args.template is not None and args.template not in INFER_TEMPLATES:
@@ -182,9 +182,9 @@ def _check_images_exist(items: Any, dataset_dir: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from slidechat.engine.inference import (Qwen2VLFamily, SamplingSettings, VllmQwen2VLFamily,
-                                            cytology_items, resolve_device_dtype, run_inference)
-    from slidechat.engine.writers import JsonlPredictionWriter, check_run_settings
+    from slidechat.inference.loop import (Qwen2VLFamily, SamplingSettings, VllmQwen2VLFamily,
+                                          cytology_items, resolve_device_dtype, run_inference)
+    from slidechat.inference.writers import JsonlPredictionWriter, check_run_settings
     from slidechat.data.llamafactory import read_llamafactory
     from slidechat.utils.errors import SlideChatError
     from slidechat.utils.outputs import require_file_path

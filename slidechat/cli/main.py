@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-from slidechat import __version__
+from slidechat.utils.version import __version__
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import setup_cli_logging
 

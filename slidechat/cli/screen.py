@@ -95,7 +95,7 @@ def register(subparsers: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from slidechat.engine.screening import LETTERS, ScreenOptions
+    from slidechat.apps.screening import LETTERS, ScreenOptions
     from slidechat.utils.errors import SlideChatError
 
     options = tuple(o.strip() for o in args.options.split(",") if o.strip())
@@ -127,7 +127,7 @@ def _screen_entries(folder: Any) -> Any:
     """The entries of an earlier screening --out (the EPILOG's layout), or None when it holds anything else."""
     import os
 
-    from slidechat.features.pipeline import is_failures_csv
+    from slidechat.apps.extract import is_failures_csv
 
     names = {e for e in os.listdir(folder) if not e.startswith(".")}
     ours = all(e in SCREEN_LAYOUT or (e.startswith("failures") and e.endswith(".csv")
@@ -136,7 +136,7 @@ def _screen_entries(folder: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidechat.engine.screening import reaggregate, screen_slides
+    from slidechat.apps.screening import reaggregate, screen_slides
     from slidechat.utils.errors import SlideChatError
 
     opts = _options(args)

@@ -83,7 +83,7 @@ def build_model_from_config(config_path: Union[str, os.PathLike], checkpoint: Op
     """
     from xtuner.registry import BUILDER
 
-    from slidechat.engine.model import SlideChatTrainModel
+    from slidechat.engine.train_model import SlideChatTrainModel
 
     cfg_options = dict(cfg_options or {})
     if checkpoint is not None:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Set, Union
 
-from slidechat import __version__
+from slidechat.utils.version import __version__
 from slidechat.utils.atomic import _UMASK, atomic_write_text
 from slidechat.utils.errors import SlideChatError
 

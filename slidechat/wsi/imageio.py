@@ -235,3 +235,12 @@ def to_rgb(img: Image.Image, path: Optional[PathLike] = None) -> Image.Image:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
         raise SlideChatError(f"cannot convert {mode} image to RGB ({_reason(e)})", path) from None
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 -> RGB: transparent pixels (outside the scanned area) become white, like glass.
+
+    OpenSlide hands back straight (un-premultiplied) RGBA, so this is the same composite on white as
+    for image files (:func:`slidechat.wsi.imageio.composite_on_white`): one rule for every path.
+    """
+    return composite_on_white(rgba[..., :3], rgba[..., 3])

@@ -16,8 +16,9 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from slidechat.utils.errors import SlideChatError
-from slidechat.wsi.imageio import (ImageTooLargeError, composite_on_white, limit_hint, read_image,
+from slidechat.wsi.imageio import (ImageTooLargeError, limit_hint, read_image, rgba_to_rgb,
                                    sniff_format)
+from slidechat.wsi.tiles import open_tile_reader
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ def slide_id(path: PathLike) -> str:
             return name[: -len(suf)]
     stem = Path(name).stem
     return stem or name
-
-
-def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """RGBA uint8 -> RGB: transparent pixels (outside the scanned area) become white, like glass.
-
-    OpenSlide hands back straight (un-premultiplied) RGBA, so this is the same composite on white as
-    for image files (:func:`slidechat.wsi.imageio.composite_on_white`): one rule for every path.
-    """
-    return composite_on_white(rgba[..., :3], rgba[..., 3])
 
 
 class Slide:
@@ -234,8 +226,6 @@ class Slide:
     def enable_direct_tiles(self, cache_mb: float = 128, probe: Optional[Tuple[int, int]] = None) -> bool:
         """Read tiled-TIFF levels by decoding their JPEG tiles directly (``wsi.tiles``), ~6x cheaper than
         OpenSlide's ``read_region`` per tile, after a pixel-identity self-check; False if not possible."""
-        from slidechat.wsi.tiles import open_tile_reader
-
         if self._tiles is None:
             self._tiles = open_tile_reader(self, cache_mb, probe)
         return self._tiles is not None

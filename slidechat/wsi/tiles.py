@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from slidechat.wsi.slide import rgba_to_rgb
+from slidechat.wsi.imageio import rgba_to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import time
 _delay = float(os.environ.get("SLIDECHAT_TEST_APPEND_DELAY", "0.3"))
 
 try:
-    from slidechat.engine import writers as _writers
+    from slidechat.utils import resumable as _writers
 except Exception:  # not a slidechat process
     _writers = None
 

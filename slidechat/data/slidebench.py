@@ -49,6 +49,7 @@ from slidechat.features.io import find_feature_file
 from slidechat.model.constants import IMAGE_TOKEN
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.resumable import AppendOnlyFile, truncate_file
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +390,8 @@ class SlideBenchWriter:
     appended in input order and flushed + fsynced, so a killed run loses at most the batch in flight.
     Re-opening resumes after the last complete row (a torn last record is cut off); ``overwrite=True``
     starts fresh. An output written for another input raises :class:`SlideChatError`. This is the
-    :class:`slidechat.engine.writers.ResultWriter` protocol, so the shared inference loop
-    (:func:`slidechat.engine.inference.run_inference`) drives it like the JSONL writer.
+    :class:`slidechat.utils.resumable.ResultWriter` protocol, so the shared inference loop
+    (:func:`slidechat.inference.loop.run_inference`) drives it like the JSONL writer.
 
     Concurrency: one writer per file, enforced with an advisory ``flock`` where available. For several
     ranks, give each ``shard=(rank, world_size)``: it handles rows ``rank, rank+world, ...`` and writes
@@ -438,7 +439,6 @@ class SlideBenchWriter:
             self.done = 0
         else:
             self.done = self._validate_existing()
-        from slidechat.engine.writers import AppendOnlyFile  # the writers' one locked, fsynced append
 
         self._fh = AppendOnlyFile(self.path)
         if self.done:
@@ -476,8 +476,6 @@ class SlideBenchWriter:
                     hint="use --overwrite to start fresh")
         if good_end < len(data):
             logger.warning("%s: dropping a torn last record (%d bytes)", self.path, len(data) - good_end)
-            from slidechat.engine.writers import truncate_file
-
             truncate_file(self.path, good_end)
         return len(rows)
 

@@ -564,7 +564,7 @@ def _remove_partials_for(out_dir: Path, sid: str) -> int:
 def _write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save_qc: bool) -> None:
     """All of a slide's outputs, or none: each is written to a temporary file, then all are renamed,
     the H5 (the "done" marker that resume looks for) last. Any failure removes what this call made."""
-    from slidechat import __version__
+    from slidechat.utils.version import __version__
     from slidechat.features.io import write_feature_h5, write_slidechat_csv
     from slidechat.utils.atomic import temp_path_for
 

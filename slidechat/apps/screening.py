@@ -209,7 +209,7 @@ def plan_fields(slide: Slide, opts: ScreenOptions) -> FieldPlan:
 
 def read_fields(path: PathLike, grid: PatchGrid, idx: np.ndarray) -> np.ndarray:
     """uint8 (b, P, P, 3) fields, read exactly as extraction reads patches (same reader class)."""
-    from slidechat.features.pipeline import PatchReader
+    from slidechat.apps.extract import PatchReader
 
     reader = PatchReader(Path(path), grid, max(1, len(idx)))
     try:
@@ -250,7 +250,7 @@ class FieldModel:
 
         self.opts = opts or ScreenOptions()
         if model is None:
-            from slidechat.features.pipeline import resolve_device
+            from slidechat.apps.extract import resolve_device
             from slidechat.model.qwen2vl import load_qwen2vl
 
             dev = resolve_device(self.opts.device)
@@ -280,7 +280,7 @@ class FieldModel:
         self._torch = torch
 
     def _batch(self, text: str, images: Sequence[Any]) -> Any:
-        from slidechat.model.qwen2vl import prepare_generation_batch
+        from slidechat.data.qwen2vl_batch import prepare_generation_batch
 
         batch = prepare_generation_batch(self.processor, [text] * len(images), [[im] for im in images],
                                          image_max_pixels=self.opts.image_max_pixels,
@@ -365,7 +365,7 @@ def screen_slide(path: PathLike, scorer: FieldModel, opts: ScreenOptions) -> Sli
     from tqdm.auto import tqdm
 
     from slidechat.evaluation.regions import parse_regions
-    from slidechat.features.pipeline import PatchReader
+    from slidechat.apps.extract import PatchReader
 
     path = Path(path)
     sid = slide_id(path)
@@ -684,7 +684,7 @@ def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pat
     from tqdm.auto import tqdm
 
     from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, unique_shard
-    from slidechat.features.pipeline import _write_failures  # extraction's failures.csv writer
+    from slidechat.apps.extract import _write_failures  # extraction's failures.csv writer
 
     opts = opts or ScreenOptions()
     if isinstance(slide_paths, (str, os.PathLike)):

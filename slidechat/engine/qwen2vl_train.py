@@ -15,7 +15,7 @@ import torch
 from mmengine.model import BaseModel
 
 # importing engine.model registers the torch.load globals mmengine checkpoints need (weights-only resume)
-import slidechat.engine.model  # noqa: F401,E402
+import slidechat.engine.train_model  # noqa: F401,E402
 from slidechat.model.hf_folder import load_model
 from slidechat.model.qwen2vl import FAMILIES, PathLike, VLFamily, map_legacy_keys, read_family
 from slidechat.utils.errors import SlideChatError
@@ -191,7 +191,7 @@ class Qwen2VLTrainModel(BaseModel):
         if not targets:
             raise SlideChatError("LoRA has no target modules (everything is frozen)")
         if isinstance(lora_cfg, dict):
-            from slidechat.engine.model import build_cfg
+            from slidechat.engine.train_model import build_cfg
 
             lora_cfg = build_cfg(lora_cfg) if "type" in lora_cfg else _lora_config(**lora_cfg)
         peft_model = apply_lora(self._hf, lora_cfg, target_modules=targets)

@@ -14,7 +14,7 @@ A family is anything with ``prepare(item)`` and ``generate(items) -> List[str]``
 engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is installed) and
 :class:`SlideFamily` (SlideChat on SlideBench rows; the mmengine ``SlideBenchTestLoop`` used by
 ``xtuner test`` delegates its per-batch generation to it). Writers are in
-:mod:`slidechat.engine.writers`. Items need ``position`` (0-based input order), ``error`` and
+:mod:`slidechat.inference.writers`. Items need ``position`` (0-based input order), ``error`` and
 ``output``; the writer decides what else it reads from them.
 """
 
@@ -29,7 +29,8 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Prot
 
 import torch
 
-from slidechat.engine.writers import ResultWriter, make_id
+from slidechat.inference.writers import ResultWriter, make_id
+from slidechat.data.slidebench_dataset import clean_output, slidebench_collate_fn
 from slidechat.model.hf_folder import load_tokenizer
 from slidechat.utils.errors import SlideChatError
 
@@ -248,11 +249,11 @@ class _Qwen2VLText:
         ``cutoff_len`` (each image counted once), as vllm_infer does; a prompt whose image placeholder
         is cut away is refused (SlideChatError), since the image cannot be fed. Without ``truncate``, a
         prompt the rule would cut is refused, and a text far over any budget
-        (:data:`~slidechat.engine.limits.CHARS_PER_TOKEN_BOUND` characters per allowed token) is refused
+        (:data:`~slidechat.data.limits.CHARS_PER_TOKEN_BOUND` characters per allowed token) is refused
         before it is tokenized.
         """
         from slidechat.data.template import encode_qwen2vl_prompt, render_qwen2vl_prompt
-        from slidechat.engine.limits import CHARS_PER_TOKEN_BOUND
+        from slidechat.data.limits import CHARS_PER_TOKEN_BOUND
 
         tok = self.tokenizer
         try:
@@ -372,7 +373,7 @@ class Qwen2VLFamily(_Qwen2VLText):
 
     @torch.no_grad()
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
-        from slidechat.model.qwen2vl import prepare_generation_batch
+        from slidechat.data.qwen2vl_batch import prepare_generation_batch
 
         batch = prepare_generation_batch(self.processor, [it.prompt_ids for it in items],
                                          [it.pil_images for it in items],
@@ -500,8 +501,6 @@ class SlideFamily:
             self._prepared[id(item)] = inst
 
     def generate(self, items: Sequence[Any]) -> List[str]:
-        from slidechat.engine.testing import slidebench_collate_fn
-
         insts = [self._prepared[id(it)] for it in items]
         try:
             texts = self.generate_collated(slidebench_collate_fn(insts)["data"])
@@ -516,8 +515,6 @@ class SlideFamily:
     @torch.no_grad()
     def generate_collated(self, data: Mapping[str, Any]) -> List[str]:
         """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
-        from slidechat.engine.testing import clean_output
-
         model = self.model
         data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]
         try:

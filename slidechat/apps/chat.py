@@ -58,7 +58,7 @@ class ChatSession:
                  max_patches: Optional[int] = None, template: Any = None, system: str = "",
                  max_prompt_tokens: Optional[int] = None, **generation_kwargs: Any) -> None:
         from slidechat.data.dataset import uniform_indices
-        from slidechat.engine.limits import model_prompt_limit
+        from slidechat.data.limits import model_prompt_limit
 
         self.model = model
         self.tokenizer = tokenizer
@@ -121,9 +121,9 @@ class ChatSession:
         return answer
 
     def checked_prompt_ids(self, question: str) -> List[int]:
-        """``prompt_ids`` within :attr:`prompt_limit`, else :class:`~slidechat.engine.limits.InputRefused`
+        """``prompt_ids`` within :attr:`prompt_limit`, else :class:`~slidechat.data.limits.InputRefused`
         (the session is unchanged: the caller can go on with a shorter question or ``reset``)."""
-        from slidechat.engine.limits import InputRefused, check_prompt_length
+        from slidechat.data.limits import InputRefused, check_prompt_length
         from slidechat.model.constants import IMAGE_TOKEN_INDEX
 
         ids, reason = check_prompt_length(question, lambda: self.prompt_ids(question), self.prompt_limit,
@@ -151,8 +151,8 @@ class ImageChatSession:
                  system: Optional[str] = None, image_max_pixels: int = 768 * 768,
                  image_min_pixels: int = 32 * 32) -> None:
         from slidechat.data.images import load_image
-        from slidechat.engine.inference import Qwen2VLFamily, SamplingSettings
-        from slidechat.engine.limits import llm_context_length
+        from slidechat.inference.loop import Qwen2VLFamily, SamplingSettings
+        from slidechat.data.limits import llm_context_length
 
         self.image_path = Path(image)
         self.image = load_image(self.image_path, image_max_pixels, image_min_pixels)
@@ -165,7 +165,7 @@ class ImageChatSession:
         self.history: List[Tuple[str, str]] = []
 
     def _item(self, question: str) -> Any:
-        from slidechat.engine.inference import CytologyItem
+        from slidechat.inference.loop import CytologyItem
 
         msgs = []
         for k, (q, a) in enumerate(self.history + [(question, "")]):
@@ -199,7 +199,7 @@ def load_image_chat_model(model_name_or_path: PathLike, adapter_name_or_path: Op
                           device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                           allow_partial: bool = False) -> Tuple[Any, Any]:
     """``(Qwen2-VL model in eval mode, processor)`` for ``chat --image`` (same loader as ``infer``)."""
-    from slidechat.engine.inference import resolve_device_dtype
+    from slidechat.inference.loop import resolve_device_dtype
     from slidechat.model.qwen2vl import load_qwen2vl
 
     dev, torch_dtype = resolve_device_dtype(device, dtype)

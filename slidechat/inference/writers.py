@@ -22,7 +22,7 @@ Writers:
   ``prompt``/``predict``/``label`` are vllm_infer's fields. A failed row has ``"predict": ""`` and one
   more key, ``"error": "<file>: <reason>"``; successful rows have no ``error`` key. ``id.id`` is
   ``null`` when the dataset has no ``id`` column.
-* :class:`~slidechat.evaluation.slidebench.SlideBenchWriter` — SlideBench answer CSVs (``slidechat
+* :class:`~slidechat.data.slidebench.SlideBenchWriter` — SlideBench answer CSVs (``slidechat
   test`` / ``xtuner test``): input columns + ``Output`` (+ ``Pred``) + ``Error``. It lives with the
   SlideBench reader (it validates rows against the question table) and follows this protocol; it is
   re-exported here so both writers are found in one place.
@@ -32,77 +32,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from slidechat.evaluation.slidebench import SlideBenchWriter
+from slidechat.data.slidebench import SlideBenchWriter
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
-from slidechat.utils.locks import lock_handle, unlock_handle
+from slidechat.utils.paths import PathLike
+from slidechat.utils.resumable import AppendOnlyFile, ResultWriter, truncate_file
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 __all__ = ["ResultWriter", "AppendOnlyFile", "JsonlPredictionWriter", "SlideBenchWriter",
            "read_complete_jsonl", "JSONL_KEYS"]
 
 #: key order of a prediction line (``error`` only on failed rows)
 JSONL_KEYS = ("id", "images", "prompt", "predict", "label")
-
-
-@runtime_checkable
-class ResultWriter(Protocol):
-    """What the inference loop needs from a writer (see module doc)."""
-
-    path: Path
-    done: int  # positions 0 .. done-1 are already in the output
-
-    @property
-    def num_pending(self) -> int: ...
-
-    def write(self, items: Sequence[Any]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class AppendOnlyFile:
-    """An exclusively locked file opened for appending; ``append`` is one write + flush + fsync."""
-
-    def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
-        self._fh = open(self.path, "ab")
-        # a second writer on the same output is refused, not interleaved
-        if not lock_handle(self._fh):
-            self._fh.close()
-            raise SlideChatError("another process is writing this output", self.path,
-                                 hint="use one output file (or one shard) per process")
-
-    def append(self, data: bytes) -> None:
-        if self._fh is None:
-            raise SlideChatError("writer is closed", self.path)
-        self._fh.write(data)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        if self._fh is not None:
-            unlock_handle(self._fh)
-            self._fh.close()
-            self._fh = None  # type: ignore[assignment]
-
-    @property
-    def closed(self) -> bool:
-        return self._fh is None
-
-
-def truncate_file(path: PathLike, size: int) -> None:
-    """Cut ``path`` to ``size`` bytes, durably (used to drop a torn last record)."""
-    with open(path, "r+b") as fh:
-        fh.truncate(size)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def read_complete_jsonl(path: PathLike) -> Tuple[List[Dict[str, Any]], int, int]:

@@ -1,0 +1,2 @@
+"""Applications: what the commands do (extract, screen, test, chat), on top of the glue, models, data
+and evaluation."""
