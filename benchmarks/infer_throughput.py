@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from slidechat.inference.loop import resolve_device_dtype
+    from slidechat.utils.devices import resolve_device_dtype
     from slidechat.model.qwen2vl import load_qwen2vl
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 

@@ -8,18 +8,16 @@ The slide is encoded once (slide encoder + projector) and its visual tokens are 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 
 def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
@@ -199,7 +197,7 @@ def load_image_chat_model(model_name_or_path: PathLike, adapter_name_or_path: Op
                           device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                           allow_partial: bool = False) -> Tuple[Any, Any]:
     """``(Qwen2-VL model in eval mode, processor)`` for ``chat --image`` (same loader as ``infer``)."""
-    from slidechat.inference.loop import resolve_device_dtype
+    from slidechat.utils.devices import resolve_device_dtype
     from slidechat.model.qwen2vl import load_qwen2vl
 
     dev, torch_dtype = resolve_device_dtype(device, dtype)

@@ -26,9 +26,11 @@ import numpy as np
 
 from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path
+from slidechat.utils.devices import resolve_device
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.locks import FileLock, try_lock
 from slidechat.utils.outputs import check_output_folder, read_marker, write_marker
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.patching import (DEFAULT_MAGNIFICATION, DEFAULT_PATCH_SIZE, DEFAULT_TISSUE_THRESHOLD,
                                     PatchGrid, plan_patches)
 from slidechat.wsi.slide import Slide, resolve_resolution, slide_id
@@ -36,7 +38,6 @@ from slidechat.wsi.tissue import TissueMask, TissueParams, whole_slide_mask
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 FAILURE_COLUMNS = ("slide", "path", "stage", "reason")
 #: ``utils.outputs`` kind of an extraction folder
 FEATURES_KIND = "feature extraction"
@@ -298,24 +299,6 @@ def balance_workers(read_s_per_patch: float, encode_s_per_patch: float, encoder_
 
 # ----------------------------------------------------------------------------------------------
 # one slide
-
-
-def resolve_device(device: str = "auto") -> "Any":
-    import torch
-
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-            return torch.device(f"cuda:{local % torch.cuda.device_count()}")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise SlideChatError(f"bad --device '{device}': {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SlideChatError(f"--device {device} requested but CUDA is not available",
-                             hint="use --device cpu")
-    return dev
 
 
 def _as_encoder(encoder: Any, checkpoint: Optional[PathLike]) -> Any:

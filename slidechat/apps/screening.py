@@ -63,13 +63,13 @@ from slidechat.evaluation.screening import (DEFAULT_AGGREGATOR, DEFAULT_FIELD_TH
 from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path, atomic_write_text, save_figure
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.patching import PatchGrid, plan_patches
 from slidechat.wsi.slide import Slide, resolve_resolution, slide_id
 from slidechat.wsi.tissue import TissueMask
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 DEFAULT_FIELD_SIZE = 512
 DEFAULT_TARGET_MPP = 0.5
 
@@ -250,7 +250,7 @@ class FieldModel:
 
         self.opts = opts or ScreenOptions()
         if model is None:
-            from slidechat.apps.extract import resolve_device
+            from slidechat.utils.devices import resolve_device
             from slidechat.model.qwen2vl import load_qwen2vl
 
             dev = resolve_device(self.opts.device)

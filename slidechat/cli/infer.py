@@ -183,8 +183,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from slidechat.inference.loop import (Qwen2VLFamily, SamplingSettings, VllmQwen2VLFamily,
-                                          cytology_items, resolve_device_dtype, run_inference)
+                                          cytology_items, run_inference)
     from slidechat.inference.writers import JsonlPredictionWriter, check_run_settings
+    from slidechat.utils.devices import resolve_device_dtype
     from slidechat.data.llamafactory import read_llamafactory
     from slidechat.utils.errors import SlideChatError
     from slidechat.utils.outputs import require_file_path

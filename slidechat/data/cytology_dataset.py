@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -23,10 +23,9 @@ from slidechat.data.llamafactory import Example, read_llamafactory
 from slidechat.data.template import ConversationError, encode_qwen2vl, get_vision_template
 from slidechat.model.constants import IGNORE_INDEX
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 
 def build_processor(processor: Any) -> Any:

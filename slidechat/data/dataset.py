@@ -21,9 +21,8 @@ text alone leaves fewer than ``min_patches`` positions.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,10 +33,9 @@ from slidechat.data.template import (ConversationError, describe_template, encod
 from slidechat.features.io import FEATURE_SUFFIXES, find_feature_file, load_features
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 
 def _print_log(msg: str) -> None:

@@ -18,14 +18,12 @@ here) and palette images (resized with nearest neighbour there, as palette indic
 from __future__ import annotations
 
 import math
-import os
-from typing import Optional, Union
+from typing import Optional
 
 from PIL import Image
 
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.imageio import image_size, read_image, to_rgb
-
-PathLike = Union[str, os.PathLike]
 
 IMAGE_MAX_PIXELS = 768 * 768
 IMAGE_MIN_PIXELS = 32 * 32

@@ -41,7 +41,7 @@ import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -49,11 +49,10 @@ from slidechat.features.io import find_feature_file
 from slidechat.model.constants import IMAGE_TOKEN
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 from slidechat.utils.resumable import AppendOnlyFile, truncate_file
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 KINDS = ("tcga", "bcnb", "vqa", "caption")
 #: what ``--task`` accepts: ``mcq`` (the flavour tcga/bcnb/vqa still comes from the columns) or ``caption``

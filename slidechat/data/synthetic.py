@@ -14,17 +14,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence
 
 from slidechat.utils.atomic import atomic_write_text
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 TUMOR = "SYNTH"
 FEATURE_TEMPLATE = "{feature_root}/{Slide}"

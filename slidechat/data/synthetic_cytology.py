@@ -34,16 +34,17 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from slidechat.data.vocabulary import (GROUND_ABNORMAL_QUESTION, LETTERS, REGION_QUESTION, REPORT_QUESTION,
+                                       SCREENING_OPTIONS, SCREENING_QUESTION, TASKS)
+from slidechat.utils.paths import PathLike
 
-PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 #: Cell classes; index 0 is the normal class, the rest are abnormal.
 CELL_CLASSES: Tuple[str, ...] = ("normal", "enlarged", "dark", "irregular")
@@ -60,17 +61,6 @@ DEFAULT_FIELD_SIZE = 512
 DEFAULT_MPP = 0.5
 GLASS_RGB = (238.0, 236.0, 230.0)
 
-#: The screening question (field: normal vs abnormal). Option B is the abnormal answer.
-SCREENING_OPTIONS: Tuple[str, ...] = ("Normal", "Abnormal")
-SCREENING_ABNORMAL_INDEX = 1
-SCREENING_QUESTION = ("Please answer the multiple-choice question based on the image [Screening of "
-                      "Cytology Field], and select the best option from the following options "
-                      "[A.Normal, B.Abnormal]. Just answer the option.")
-GROUND_ABNORMAL_QUESTION = "Locate all abnormal cells."
-REPORT_QUESTION = "Describe the Cytology diagnosis results."
-REGION_QUESTION = "Give a brief description of region."
-TASKS: Tuple[str, ...] = ("mcq", "grounding", "region", "report", "screening")
-LETTERS = "ABCDEFGHIJ"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,10 +18,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 from slidechat.model.checkpoint import is_exported_folder  # noqa: F401  (re-exported for callers)
 from slidechat.model.hf_folder import harden_config
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 
 def exported_folder_overrides(folder: Path) -> Dict[str, Any]:

@@ -8,11 +8,10 @@ This lists them for every config under ``configs/slidechat`` and ``configs/tiny`
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 from slidechat.utils.errors import SlideChatError
-
-PathLike = Union[str, os.PathLike]
+from slidechat.utils.paths import PathLike
 
 LLM_KEYS = ("llm_name_or_path", "tokenizer.pretrained_model_name_or_path",
             "model.llm.pretrained_model_name_or_path",

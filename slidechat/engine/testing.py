@@ -36,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mmengine.evaluator import BaseMetric
@@ -53,10 +53,9 @@ from slidechat.data.template import describe_template
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import route_mmengine_logs_to_stderr
 from slidechat.utils.outputs import require_file_path
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 #: top-level config keys read by the loop, with their defaults
 TEST_KEYS: Dict[str, Any] = {

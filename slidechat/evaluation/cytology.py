@@ -8,19 +8,18 @@ eval cytology FILE`` (:func:`score_all`: every task in the file, one section eac
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from slidechat.evaluation.cytology_io import (SCORER_TASKS, CytoFile, CytoRecord, detect_task, image_size_of,
                                               read_predictions, require_predictions, select_task)
 from slidechat.evaluation.grounding import IOU_THRESHOLDS
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 CYTOLOGY_SUFFIXES = (".jsonl", ".json", ".xlsx", ".xlsm")
 
 

@@ -42,13 +42,12 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 TASKS = ("mcq", "grounding", "region", "report", "vqa")
 #: which detected tasks each scorer (``slidechat eval <scorer>``) accepts

@@ -27,18 +27,16 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 AGGREGATORS: Tuple[str, ...] = ("max", "topk_mean", "fraction_above", "count_grounded")
 DEFAULT_AGGREGATOR = "topk_mean"

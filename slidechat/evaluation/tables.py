@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
 from slidechat.utils.atomic import atomic_write_text
+from slidechat.utils.paths import PathLike
 
 if TYPE_CHECKING:
     from slidechat.evaluation.grounding import GroundingReport
     from slidechat.evaluation.mcq import McqReport
     from slidechat.evaluation.referring import ReferringReport
-
-PathLike = Union[str, os.PathLike]
 
 
 def accuracy_rows(flags: pd.DataFrame, groups: Optional[pd.Series]) -> List[Dict[str, Any]]:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.slide import SLIDE_SUFFIXES, slide_id
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 LIST_SUFFIXES = (".csv", ".txt", ".lst")
 
 

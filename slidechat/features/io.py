@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".csv", ".pt")
 
 

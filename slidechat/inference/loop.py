@@ -24,19 +24,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
-                    Tuple, Union)
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence
 
 import torch
 
-from slidechat.inference.writers import ResultWriter, make_id
 from slidechat.data.slidebench_dataset import clean_output, slidebench_collate_fn
+from slidechat.inference.writers import ResultWriter, make_id
 from slidechat.model.hf_folder import load_tokenizer
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 #: templates ``slidechat infer`` knows (LLaMA-Factory names)
 INFER_TEMPLATES = ("qwen2_vl", "qwen3_vl")  # LLaMA-Factory templates of the Qwen VL families
@@ -462,19 +460,6 @@ def require_vllm() -> Any:
     import vllm
 
     return vllm
-
-
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str, torch.dtype]:
-    """``--device auto`` -> cuda when available; ``--dtype auto`` -> bf16 on GPU, fp32 on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlideChatError(f"--device {device}: no CUDA device here", hint="use --device cpu")
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype == "auto":
-        dtype = "fp32" if device == "cpu" else "bf16"
-    return device, table[dtype]
-
 
 
 # ================================================================================ slides (SlideChat)

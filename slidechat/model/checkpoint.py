@@ -38,10 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 _DS_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 _WRAPPER_KEYS = ("state_dict", "module", "model")

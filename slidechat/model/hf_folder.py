@@ -25,14 +25,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping, MutableMapping
-from typing import Any, Iterator, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple
 
 from slidechat.model.checkpoint import PARTIAL_HINT, summarize_keys
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 #: the command-line opt-in (every command that loads a Hugging Face folder has it)
 TRUST_FLAG = "--trust-remote-code"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
@@ -22,11 +21,11 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 import torch
 
 from slidechat.model.hf_folder import load_model, load_processor
+from slidechat.utils.devices import resolve_dtype
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 MODEL_TYPE = "qwen2_vl"
 
@@ -131,14 +130,6 @@ def check_qwen2vl_folder(path: PathLike) -> Path:
     return read_family(path)[0]
 
 
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
-    """bf16 on a GPU that supports it (as CytoChat runs), fp32 on CPU."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def merge_adapter(model: Any, adapter_name_or_path: PathLike) -> Any:
     """Apply a peft LoRA adapter folder to ``model`` and merge it into the weights."""
     from slidechat.model.lora import _hide_broken_bitsandbytes_from_peft
@@ -174,7 +165,7 @@ def load_qwen2vl(model_name_or_path: PathLike, adapter_name_or_path: Optional[Pa
     if not ((folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file()):
         raise SlideChatError(f"no preprocessor_config.json or processor_config.json (the {family.label} image "
                              f"processor) in the model folder", folder)
-    dtype = torch_dtype if torch_dtype is not None else default_dtype(device)
+    dtype = torch_dtype if torch_dtype is not None else resolve_dtype("auto", device)
     with quiet_tp_plan_check():
         model = load_model(getattr(transformers, family.model_class), folder, torch_dtype=dtype,
                            trust_remote_code=trust_remote_code, allow_partial=allow_partial,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -27,10 +26,9 @@ from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.outputs import check_output_folder, staged_folder
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 SLIDE_MODULES_FILE = EXPORTED_WEIGHTS_FILE
 CONFIG_FILE = EXPORTED_CONFIG_FILE

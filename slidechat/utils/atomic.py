@@ -6,9 +6,9 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
-PathLike = Union[str, os.PathLike]
+from slidechat.utils.paths import PathLike
 
 
 def _current_umask() -> int:

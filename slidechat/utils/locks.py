@@ -10,16 +10,15 @@ themselves are never deleted (deleting a lock file while another process waits o
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Iterator, Optional
+
+from slidechat.utils.paths import PathLike
 
 try:  # POSIX advisory lock
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no locking, one writer per output is on the user
     fcntl = None  # type: ignore[assignment]
-
-PathLike = Union[str, os.PathLike]
 
 
 def lock_handle(fh: IO, blocking: bool = False) -> bool:

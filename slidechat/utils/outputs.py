@@ -26,15 +26,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Set, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
+from slidechat.utils.paths import PathLike
 from slidechat.utils.version import __version__
 from slidechat.utils.atomic import _UMASK, atomic_write_text
 from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 #: marker file written into every output folder of ours: {"kind", "entries", "slidechat_version"}
 MARKER = ".slidechat-output.json"

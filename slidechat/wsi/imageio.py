@@ -37,14 +37,13 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
 from slidechat.utils.errors import SlideChatError
-
-PathLike = Union[str, os.PathLike]
+from slidechat.utils.paths import PathLike
 
 #: Environment variable overriding :data:`DEFAULT_PIXEL_LIMIT` (a positive number of pixels).
 PIXEL_LIMIT_ENV = "SLIDECHAT_IMAGE_PIXEL_LIMIT"

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.imageio import (ImageTooLargeError, limit_hint, read_image, rgba_to_rgb,
                                    sniff_format)
 from slidechat.wsi.tiles import open_tile_reader
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 #: Suffixes treated as slides when a folder is given as input.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",

@@ -17,16 +17,15 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from slidechat.utils.paths import PathLike
 
-PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 #: Class labels, in a fixed order. Each has a clearly different colour/texture (see ``_STYLES``).
 LABELS: Tuple[str, ...] = ("tumor", "normal", "inflamed", "necrotic")

@@ -12,17 +12,16 @@ pixel-identical, otherwise the slide stays on OpenSlide.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.imageio import rgba_to_rgb
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 #: OpenSlide vendors whose levels are the TIFF's tiled pages, pixel for pixel (no overlaps/offsets).
 DIRECT_VENDORS = ("aperio", "generic-tiff")
 #: Larger declared tiles are left to OpenSlide: one hostile tile header must not make this reader
