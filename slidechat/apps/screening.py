@@ -54,8 +54,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from slidechat.data.synthetic_cytology import (GROUND_ABNORMAL_QUESTION, LETTERS, SCREENING_ABNORMAL_INDEX,
-                                               SCREENING_OPTIONS, SCREENING_QUESTION)
+from slidechat.data.vocabulary import (GROUND_ABNORMAL_QUESTION, LETTERS, SCREENING_ABNORMAL_INDEX, SCREENING_OPTIONS,
+                                       SCREENING_QUESTION)
 from slidechat.evaluation.screening import (DEFAULT_AGGREGATOR, DEFAULT_FIELD_THRESHOLD, DEFAULT_TOP_K,
                                             FIELD_COLUMNS, evaluate_slides, plot_roc, read_field_table,
                                             read_labels_csv, slide_scores_from_tables, slide_table,

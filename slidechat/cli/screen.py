@@ -34,7 +34,7 @@ Rerunning skips slides whose fields/<slide>.csv exists (--overwrite to redo). No
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from slidechat.data.synthetic_cytology import GROUND_ABNORMAL_QUESTION, SCREENING_QUESTION
+    from slidechat.data.vocabulary import GROUND_ABNORMAL_QUESTION, SCREENING_QUESTION
     from slidechat.evaluation.screening import AGGREGATORS
 
     p.add_argument("inputs", nargs="*", metavar="INPUT",
