@@ -20,6 +20,7 @@ Definition (neither CytoChat nor LLaMA-Factory publishes one; this is the usual 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -29,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from slidechat.evaluation.referring import canonical_class
 from slidechat.evaluation.regions import Region, iou_matrix, parse_regions
+from slidechat.evaluation.tables import fmt_number, fmt_pct, markdown_table, shorten
 from slidechat.utils.errors import SlideChatError
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.75)
@@ -109,9 +111,60 @@ class GroundingReport:
                 "notes": self.notes}
 
     def to_markdown(self) -> str:
-        from slidechat.evaluation.tables import grounding_markdown
-
         return grounding_markdown(self)
+
+
+def grounding_markdown(report: GroundingReport, max_listed: int = 20) -> str:
+    """Overall P/R/F1 at each IoU, per class, count error and the malformed/failed rows."""
+    src = f" — `{os.path.basename(report.source)}`" if report.source else ""
+    parts = [f"## Multi-cell grounding{src}\n",
+             f"{report.n_rows} rows (image + question); boxes matched one-to-one per row, same class, "
+             "maximising total IoU (Hungarian).\n"]
+    ts = list(report.overall.keys())
+    rows = []
+    for t in ts:
+        d = report.overall[t]
+        rows.append([f"IoU ≥ {t}", d["n_pred"], d["n_true"], d["tp"], fmt_pct(d["precision"]),
+                     fmt_pct(d["recall"]), fmt_pct(d["f1"])])
+    parts.append(markdown_table(["", "predicted", "true", "matched", "precision (%)", "recall (%)", "F1 (%)"],
+                                rows))
+    parts.append("\n" + markdown_table(
+        ["mean IoU of matches (IoU ≥ 0.5)", "count error / row (mean abs)",
+         "count error / row (mean signed)", "rows with exact count (%)"],
+        [[fmt_number(report.mean_iou, 3), fmt_number(report.count_error["mean_abs"]), fmt_number(report.count_error["mean_signed"]),
+          fmt_pct(report.count_error["exact"])]], ["r", "r", "r", "r"]))
+    parts.append("\n### By class\n")
+    crow = []
+    for c, by_t in report.per_class.items():
+        h = by_t["0.5"]
+        crow.append([c, h["n_true"], h["n_pred"], fmt_pct(h["precision"]), fmt_pct(h["recall"]),
+                     fmt_pct(h["f1"])] + [fmt_pct(by_t[t]["f1"]) for t in ts if t != "0.5"])
+    parts.append(markdown_table(["class", "true", "predicted", "P@0.5 (%)", "R@0.5 (%)", "F1@0.5 (%)"]
+                                + [f"F1@{t} (%)" for t in ts if t != "0.5"], crow))
+    extra = []
+    if report.unlabelled_pred:
+        extra.append(f"{report.unlabelled_pred} predicted box(es) had no class label and took the "
+                     "question's class.")
+    if report.off_query_pred:
+        extra.append(f"{report.off_query_pred} predicted box(es) name a class neither asked for nor in the "
+                     "row's truth (they can only be false positives).")
+    mal = report.malformed
+    extra.append(f"Malformed predicted regions (not boxes, not guessed): {mal['n']} in {mal['rows']} row(s).")
+    if report.failed:
+        extra.append(f"Rows whose inference failed (scored as no predictions): {len(report.failed)}.")
+    extra += report.notes
+    parts.append("\n" + "\n".join(f"- {e}" for e in extra))
+    if mal["listed"]:
+        shown = min(max_listed, len(mal["listed"]))
+        parts.append(f"\n### Malformed regions ({mal['rows']} row(s)" + (
+            f", first {shown} listed; the JSON report has all)\n" if shown < mal["rows"] else ")\n"))
+        parts.append(markdown_table(["key", "malformed"], [[m["key"], shorten("; ".join(m["malformed"]))]
+                                                          for m in mal["listed"][:max_listed]], ["l", "l"]))
+    if report.failed:
+        parts.append("\n### Failed rows\n")
+        parts.append(markdown_table(["key", "error"], [[e["key"], shorten(e["error"])] for e in
+                                                       report.failed[:max_listed]], ["l", "l"]))
+    return "\n".join(parts) + "\n"
 
 
 def _canon_items(items: Sequence[GroundingItem], aliases: Optional[Mapping[str, str]]

@@ -6,6 +6,7 @@ written there); this module scores them and reads options and reference labels o
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -14,6 +15,8 @@ import pandas as pd
 
 from slidechat.data.answers import gold_letter, normalize_text, parse_choice
 from slidechat.data.vocabulary import LETTERS
+from slidechat.evaluation.tables import (ACCURACY_HEADERS, accuracy_cells, accuracy_rows, fmt_pct, markdown_table,
+                                        shorten)
 from slidechat.utils.errors import SlideChatError
 
 
@@ -54,9 +57,37 @@ class McqReport:
         return d
 
     def to_markdown(self) -> str:
-        from slidechat.evaluation.tables import mcq_markdown
-
         return mcq_markdown(self)
+
+
+def mcq_markdown(report: McqReport, max_listed: int = 20) -> str:
+    parts = []
+    title = (report.title or "SlideBench-VQA accuracy") + (
+        f" — `{os.path.basename(report.source)}`" if report.source else "")
+    parts.append(f"## {title}\n")
+    parts.append(markdown_table(["", *ACCURACY_HEADERS], [["**overall**", *accuracy_cells(report.overall)]]))
+    if report.macro:
+        parts.append("\n" + markdown_table(
+            ["average", "accuracy (%)"],
+            [["micro (all questions)", fmt_pct(report.overall["accuracy"])]]
+            + [[f"macro over {g} ({len(report.groups.get(g, []))} groups)", fmt_pct(v)] for g, v in
+               report.macro.items()]))
+    for g, rows in report.groups.items():
+        parts.append(f"\n### By {g}\n")
+        parts.append(markdown_table([g, *ACCURACY_HEADERS], [[r["value"], *accuracy_cells(r)] for r in rows]))
+    for note in report.notes:
+        parts.append(f"\n{note}")
+    if report.errors:
+        parts.append(f"\n### Rows not run ({len(report.errors)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "error"], [[e["key"], e["error"]] for e in
+                                                       report.errors[:max_listed]], ["l", "l"]))
+    if report.unparsed:
+        parts.append(f"\n### Unparsed answers ({len(report.unparsed)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "output"], [[u["key"], shorten(u["output"])] for u in
+                                                        report.unparsed[:max_listed]], ["l", "l"]))
+    if len(report.unparsed) > max_listed or len(report.errors) > max_listed:
+        parts.append(f"\n(first {max_listed} listed; the JSON report has all)")
+    return "\n".join(parts) + "\n"
 
 
 def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
@@ -66,8 +97,6 @@ def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
     ``Pred`` is used when present (empty = unparsed), else ``Output`` is parsed. Rows with a non-empty
     ``Error`` count as wrong and are listed under ``errors``, not ``unparsed``.
     """
-    from slidechat.evaluation.tables import accuracy_rows
-
     cols = list(df.columns)
     need = ["Answer"] + ([] if "Pred" in cols and use_pred else ["Output"])
     missing = [c for c in need if c not in cols]
@@ -212,8 +241,6 @@ def score_choice_rows(rows: Sequence[ChoiceRow], group_names: Sequence[str] = ()
                       macro_over: Sequence[str] = (), task: Optional[str] = None) -> McqReport:
     """Accuracy of free-text answers (parsed with :func:`parse_choice`) overall, per group and the macro
     average (mean of the group accuracies) for each grouping in ``macro_over``."""
-    from slidechat.evaluation.tables import accuracy_rows
-
     recs, unparsed, errors = [], [], []
     for r in rows:
         if r.error:

@@ -16,12 +16,14 @@ Known limit: negation is not understood (``"not hsil"`` names hsil), as in the M
 from __future__ import annotations
 
 import functools
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from slidechat.evaluation.regions import iou, parse_regions
+from slidechat.evaluation.tables import fmt_number, fmt_pct, markdown_table, shorten
 from slidechat.utils.errors import SlideChatError
 
 #: Cytology class aliases (keys and values go through the same normalisation as the answers).
@@ -172,9 +174,48 @@ class ReferringReport:
                 "errors": self.errors, "notes": self.notes}
 
     def to_markdown(self) -> str:
-        from slidechat.evaluation.tables import referring_markdown
-
         return referring_markdown(self)
+
+
+def referring_markdown(report: ReferringReport, max_listed: int = 20) -> str:
+    """Region -> description accuracy with per-class rows and confusion table; description -> region."""
+    src = f" — `{os.path.basename(report.source)}`" if report.source else ""
+    parts = [f"## Referring expressions{src}\n"]
+    d, loc = report.describe, report.locate
+    rows = []
+    if d["n"]:
+        rows.append(["region → description (class name)", d["n"], d["correct"], fmt_pct(d["accuracy"]),
+                     d["unparsed"], d["errors"]])
+    if loc["n"]:
+        rows.append([f"description → region (IoU ≥ {loc['iou_threshold']:g})", loc["n"], loc["correct"],
+                     fmt_pct(loc["accuracy"]), loc["no_box"] + loc["several_boxes"], loc["errors"]])
+    parts.append(markdown_table(["task", "n", "correct", "accuracy (%)", "unparsed", "errors"], rows))
+    if loc["n"]:
+        parts.append(f"\nDescription → region: mean IoU of single-box answers {fmt_number(loc['mean_iou'], 3)}; "
+                     f"{loc['no_box']} answer(s) without a box, {loc['several_boxes']} with several.")
+    if report.per_class:
+        parts.append("\n### Region → description by true class\n")
+        parts.append(markdown_table(["class", "n", "correct", "accuracy (%)"],
+                                    [[r["value"], r["n"], r["correct"], fmt_pct(r["accuracy"])]
+                                     for r in report.per_class]))
+        answers = sorted({a for row in report.confusion.values() for a in row},
+                         key=lambda a: (a.startswith("("), a))
+        parts.append("\n### Confusion (rows: truth, columns: answer)\n")
+        parts.append(markdown_table(["truth \\ answer", *answers],
+                                    [[t, *[report.confusion[t].get(a, 0) for a in answers]]
+                                     for t in report.confusion]))
+    if report.unparsed:
+        parts.append(f"\n### Unparsed answers ({len(report.unparsed)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "output", "why"],
+                                    [[u["key"], shorten(u["output"]), u.get("reason", "")]
+                                     for u in report.unparsed[:max_listed]], ["l", "l", "l"]))
+    if report.errors:
+        parts.append(f"\n### Rows not run ({len(report.errors)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "error"], [[e["key"], shorten(e["error"])] for e in
+                                                       report.errors[:max_listed]], ["l", "l"]))
+    for note in report.notes:
+        parts.append(f"\n{note}")
+    return "\n".join(parts) + "\n"
 
 
 @dataclass
