@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from slidechat.evaluation.boxes import box_format as get_format
 from slidechat.evaluation.referring import canonical_class
 from slidechat.evaluation.regions import Region, iou_matrix, parse_regions
 from slidechat.evaluation.tables import fmt_number, fmt_pct, markdown_table, shorten
@@ -277,47 +278,27 @@ def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional
     it. A truth label with a malformed region is an error (the reference must be exact); a prediction's
     are counted.
     """
-    if box_format != "region":
-        return _native_items(records, image_size, source, box_format, dict(resize or {}))
-    items = []
-    for r in records:
-        where = f"{source}: {r.where}" if source else r.where
-        needs = "<|box_start|>" in (r.predict or "") or "<|box_start|>" in r.label
-        size = image_size(r) if needs else None
-        if needs and size is None:
-            raise SlideChatError(f"{r.where}: Qwen2-VL boxes are on a 0-1000 scale and the image size is "
-                                 "unknown", source, hint="give readable image paths (--image-dir) or "
-                                                         "--image-size W H")
-        truth = parse_regions(r.label, size, source=where)
-        if truth.malformed:
-            raise SlideChatError(f"{r.where}: malformed region(s) in the label: {truth.malformed[:3]}",
-                                 source)
-        pred = parse_regions(r.predict, size, source=where) if not r.error else parse_regions("")
-        items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
-                                   query_class=query_class(r.question), malformed=pred.malformed,
-                                   failed=r.error))
-    return items
-
-
-def _native_items(records: Sequence[Any], image_size: Callable[[Any], Optional[Tuple[int, int]]],
-                  source: Optional[str], box_format: str, resize: Dict[str, Optional[int]]
-                  ) -> List[GroundingItem]:
-    from slidechat.evaluation.boxes import box_format as get_format
-
     fmt = get_format(box_format)
+    native = box_format != "region"
     items = []
     for r in records:
         where = f"{source}: {r.where}" if source else r.where
         pred_text = r.predict if not r.error else ""
-        needs = fmt.present(pred_text) or fmt.present(r.label)
+        if native:
+            needs = fmt.present(pred_text) or fmt.present(r.label)
+        else:  # <region> is in pixels already; Qwen2-VL box tokens are read too and need the size
+            needs = "<|box_start|>" in (r.predict or "") or "<|box_start|>" in r.label
         size = image_size(r) if needs else None
         if needs and size is None:
-            raise SlideChatError(f"{r.where}: {box_format} boxes need the image size and it is unknown", source,
+            what = (f"{box_format} boxes need the image size and it is unknown" if native else
+                    "Qwen2-VL boxes are on a 0-1000 scale and the image size is unknown")
+            raise SlideChatError(f"{r.where}: {what}", source,
                                  hint="give readable image paths (--image-dir) or --image-size W H")
-        truth = fmt.to_pixels(r.label, size, source=where, **resize)
+        truth = fmt.to_pixels(r.label, size, source=where, **dict(resize or {}))
         if truth.malformed:
-            raise SlideChatError(f"{r.where}: malformed box(es) in the label: {truth.malformed[:3]}", source)
-        pred = fmt.to_pixels(pred_text, size, source=where, **resize)
+            raise SlideChatError(f"{r.where}: malformed {'box(es)' if native else 'region(s)'} in the label: "
+                                 f"{truth.malformed[:3]}", source)
+        pred = fmt.to_pixels(pred_text, size, source=where, **dict(resize or {}))
         items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
                                    query_class=query_class(r.question), malformed=pred.malformed,
                                    failed=r.error))
