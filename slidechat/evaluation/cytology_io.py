@@ -150,6 +150,7 @@ def read_predictions(path: PathLike, sheet: Optional[str] = None) -> CytoFile:
 
 def _read_jsonl(p: Path) -> CytoFile:
     """Predictions JSONL (or a JSON list) through the project's one JSON/JSONL row reader."""
+    # lazy: PIL (through the dataset reader's image checks) is kept off `slidechat eval`'s parser start-up
     from slidechat.data.llamafactory import read_raw_rows
 
     records: List[CytoRecord] = []
@@ -409,7 +410,7 @@ def image_size_of(record: CytoRecord, base_dir: Optional[Path], fallback: Option
 
     Header only, through the one image loader; no pixel is decoded, so no pixel limit applies here.
     """
-    from slidechat.wsi.imageio import image_size  # numpy + PIL: kept off `slidechat eval`'s parser start-up
+    from slidechat.wsi.imageio import image_size  # lazy: PIL, kept off `slidechat eval`'s parser start-up
 
     for im in record.images[:1]:
         cand = Path(im)
