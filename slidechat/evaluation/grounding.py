@@ -132,8 +132,8 @@ def grounding_markdown(report: GroundingReport, max_listed: int = 20) -> str:
     parts.append("\n" + markdown_table(
         ["mean IoU of matches (IoU ≥ 0.5)", "count error / row (mean abs)",
          "count error / row (mean signed)", "rows with exact count (%)"],
-        [[fmt_number(report.mean_iou, 3), fmt_number(report.count_error["mean_abs"]), fmt_number(report.count_error["mean_signed"]),
-          fmt_pct(report.count_error["exact"])]], ["r", "r", "r", "r"]))
+        [[fmt_number(report.mean_iou, 3), fmt_number(report.count_error["mean_abs"]),
+          fmt_number(report.count_error["mean_signed"]), fmt_pct(report.count_error["exact"])]], ["r", "r", "r", "r"]))
     parts.append("\n### By class\n")
     crow = []
     for c, by_t in report.per_class.items():
