@@ -17,6 +17,12 @@ from ``chat_template_kwargs``.
 
 Training (:func:`encode_conversation`), ``slidechat test`` / ``xtuner test``, ``slidechat chat`` and the
 slide inference path all encode through :func:`tokenize_pairs`.
+
+Every prompt format, slide and vision (``qwen2_vl``, ``qwen3_vl``: LLaMA-Factory's, below), is registered
+once by name in :data:`PROMPT_FORMATS`; each kind has its typed lookup (:func:`resolve_template` /
+:func:`get_template` for slides, :func:`get_vision_template` for the Qwen VL families), so a slide format
+never reaches the vision encoder by mistake, and one "unknown template" error lists the names of the kind
+asked for. :func:`config_template` checks a slide model's configured format where the model is built.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from slidechat.evaluation.boxes import box_format as get_format
 from slidechat.evaluation.referring import canonical_class
-from slidechat.evaluation.regions import Region, iou_matrix, parse_regions
+from slidechat.evaluation.regions import Region, iou_matrix
 from slidechat.evaluation.tables import fmt_number, fmt_pct, markdown_table, shorten
 from slidechat.utils.errors import SlideChatError
 
