@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from slidechat.data.template import (CHAT_TEMPLATE, ConversationError, config_template, encode_conversation,
-                                     encode_prompt, render_chat_template, resolve_template, tokenize_pairs)
+                                     encode_prompt, get_vision_template, render_chat_template, resolve_template,
+                                     tokenize_pairs)
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +226,11 @@ def test_refusals_are_one_line(tokenizers):
         tokenize_pairs(tok, pairs, CHAT_TEMPLATE, system=f"Slides look like {IMAGE_TOKEN}.")
     with pytest.raises(ConversationError, match="unknown chat template 'qwen3_chat'"):
         resolve_template("qwen3_chat")
+    # one registry, a typed lookup per kind: a vision format is no slide format and the other way round
+    with pytest.raises(ConversationError, match=r"unknown chat template 'qwen2_vl' \(known: qwen_chat, chat_template\)"):
+        resolve_template("qwen2_vl")
+    with pytest.raises(ConversationError, match=r"unknown template 'qwen_chat' \(known: qwen2_vl, qwen3_vl\)"):
+        get_vision_template("qwen_chat")
     with pytest.raises(ConversationError, match="apply to 'chat_template' only"):
         resolve_template("qwen_chat", {"enable_thinking": True})
 
