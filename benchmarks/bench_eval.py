@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from slidechat.evaluation.captions import caption_metrics, load_wordnet
-from slidechat.evaluation.mcq import parse_choice, score_mcq
+from slidechat.data.answers import parse_choice
 from slidechat.data.slidebench import SlideBenchWriter, read_slidebench
+from slidechat.evaluation.captions import caption_metrics, load_wordnet
+from slidechat.evaluation.mcq import score_mcq
 
 N = 3176
 WORDS = ("tumor cells nuclei gland stroma invasive ductal carcinoma necrosis mitoses lymphocytes "

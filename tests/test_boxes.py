@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from slidechat.cli.main import main
+from slidechat.data.image_sizes import lf_scaled_size
 from slidechat.data.images import scale_image
 from slidechat.evaluation.boxes import (BOX_FORMATS, box_format, convert_dataset_rows, convert_text,
-                                        from_pixels, lf_scaled_size, model_input_size, smart_resize, to_pixels)
+                                        from_pixels, model_input_size, smart_resize, to_pixels)
 from slidechat.evaluation.regions import Region
 from slidechat.utils.errors import SlideChatError
 

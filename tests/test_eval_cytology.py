@@ -15,10 +15,11 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from slidechat.cli.main import main
+from slidechat.data.answers import parse_choice
 from slidechat.evaluation.cytology import score_file
 from slidechat.evaluation.cytology_io import detect_task, read_predictions, select_task, user_question
 from slidechat.evaluation.grounding import GroundingItem, match_boxes, score_grounding
-from slidechat.evaluation.mcq import label_letter, options_from_prompt, parse_choice
+from slidechat.evaluation.mcq import label_letter, options_from_prompt
 from slidechat.evaluation.referring import ReferringItem, canonical_class, read_class, score_referring
 from slidechat.evaluation.regions import Region, iou, iou_matrix, parse_regions
 from slidechat.utils.errors import SlideChatError

@@ -5,7 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from slidechat.evaluation.mcq import parse_choice, score_mcq
+from slidechat.data.answers import parse_choice
+from slidechat.evaluation.mcq import score_mcq
 from slidechat.evaluation.tables import markdown_table, write_reports
 from slidechat.utils.errors import SlideChatError
 

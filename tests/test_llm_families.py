@@ -20,8 +20,9 @@ from unittest import mock
 import pytest
 import torch
 
-from slidechat.data.template import (CHAT_TEMPLATE, ConversationError, encode_conversation, encode_prompt,
-                                     render_chat_template, resolve_template, tokenize_pairs)
+from slidechat.data.template import (CHAT_TEMPLATE, ConversationError, config_template, encode_conversation,
+                                     encode_prompt, get_vision_template, render_chat_template, resolve_template,
+                                     tokenize_pairs)
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +226,11 @@ def test_refusals_are_one_line(tokenizers):
         tokenize_pairs(tok, pairs, CHAT_TEMPLATE, system=f"Slides look like {IMAGE_TOKEN}.")
     with pytest.raises(ConversationError, match="unknown chat template 'qwen3_chat'"):
         resolve_template("qwen3_chat")
+    # one registry, a typed lookup per kind: a vision format is no slide format and the other way round
+    with pytest.raises(ConversationError, match=r"unknown chat template 'qwen2_vl' \(known: qwen_chat, chat_template\)"):
+        resolve_template("qwen2_vl")
+    with pytest.raises(ConversationError, match=r"unknown template 'qwen_chat' \(known: qwen2_vl, qwen3_vl\)"):
+        get_vision_template("qwen_chat")
     with pytest.raises(ConversationError, match="apply to 'chat_template' only"):
         resolve_template("qwen_chat", {"enable_thinking": True})
 
@@ -232,6 +238,7 @@ def test_refusals_are_one_line(tokenizers):
 def test_dataset_and_config_carry_the_choice(tokenizers, tmp_path):
     """A bad prompt_template fails at construction naming the config/file; a SlideChatConfig round-trips it."""
     from slidechat.data.dataset import SlideInstructionDataset
+    from slidechat.engine.train_model import SlideChatTrainModel
     from slidechat.model.slidechat_model import SlideChatConfig
     from slidechat.utils.errors import SlideChatError
 
@@ -243,10 +250,14 @@ def test_dataset_and_config_carry_the_choice(tokenizers, tmp_path):
     assert str(data) in str(e.value)
     cfg = SlideChatConfig(prompt_template=CHAT_TEMPLATE, chat_template_kwargs={"enable_thinking": True})
     back = SlideChatConfig.from_dict(cfg.to_dict())
-    assert back.template() == resolve_template(CHAT_TEMPLATE, {"enable_thinking": True})
+    assert config_template(back.prompt_template, back.chat_template_kwargs) == \
+        resolve_template(CHAT_TEMPLATE, {"enable_thinking": True})
     assert SlideChatConfig.from_dict({"feature_dim": 512}).prompt_template == "qwen_chat"  # older exports
-    with pytest.raises(SlideChatError, match="slidechat_config: unknown chat template"):
-        SlideChatConfig(prompt_template="llama3")
+    bad = SlideChatConfig(prompt_template="llama3")
+    with pytest.raises(SlideChatError, match="slidechat_config: unknown chat template 'llama3'"):
+        config_template(bad.prompt_template, bad.chat_template_kwargs)
+    with pytest.raises(SlideChatError, match="slidechat_config: unknown chat template 'llama3'"):
+        SlideChatTrainModel(llm=None, slidechat_config=bad.to_dict())  # refused before the LLM is built
 
 
 # ------------------------------------------------------------------------------------------ xtuner end to end

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from slidechat.evaluation.boxes import BOX_FORMATS, LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS
+    from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
+    from slidechat.evaluation.boxes import BOX_FORMATS
     from slidechat.utils.errors import SlideChatError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,8 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output file (same layout as the input)")
     p.add_argument("--image-dir", type=Path, default=None,
                    help="folder relative image paths are under (default: the dataset's folder, as LF's media_dir)")
-    p.add_argument("--image-max-pixels", type=int, default=LF_IMAGE_MAX_PIXELS)
-    p.add_argument("--image-min-pixels", type=int, default=LF_IMAGE_MIN_PIXELS)
+    p.add_argument("--image-max-pixels", type=int, default=IMAGE_MAX_PIXELS)
+    p.add_argument("--image-min-pixels", type=int, default=IMAGE_MIN_PIXELS)
     args = p.parse_args(argv)
     try:
         n = convert(args)

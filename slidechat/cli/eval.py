@@ -12,6 +12,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from slidechat.evaluation.cytology_io import SCORER_TASKS
+from slidechat.utils.atomic import atomic_path
+from slidechat.utils.errors import SlideChatError
+
 logger = logging.getLogger("slidechat.eval")
 
 
@@ -21,7 +25,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="eval_task", metavar="TASK")
     sub.required = True
+    for add in (_add_mcq, _add_caption, _add_grounding, _add_region, _add_report, _add_cytology):
+        add(sub)
 
+
+def _add_mcq(sub: "argparse._SubParsersAction") -> None:
     m = sub.add_parser("mcq", help="multiple-choice accuracy (overall, per category, per tumor/task; "
                                    "cytology: per task and number of classes)")
     m.add_argument("pred_csv", type=Path, metavar="FILE",
@@ -35,6 +43,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _cytology_options(m, "mcq")
     m.set_defaults(func=run_mcq)
 
+
+def _add_caption(sub: "argparse._SubParsersAction") -> None:
     c = sub.add_parser("caption", help="BLEU-1..4, ROUGE-L and METEOR against reference captions")
     c.add_argument("pred_csv", type=Path, help="output CSV with a prediction and a reference column")
     c.add_argument("--ref-column", default=None,
@@ -47,6 +57,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _cytology_options(c, "report")
     c.set_defaults(func=run_caption)
 
+
+def _add_grounding(sub: "argparse._SubParsersAction") -> None:
     g = sub.add_parser("grounding", help="cytology multi-cell grounding: Hungarian-matched precision / "
                                          "recall / F1 at IoU 0.3, 0.5, 0.75, per class, count error")
     g.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
@@ -58,6 +70,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _cytology_options(g, "grounding")
     g.set_defaults(func=run_cytology, scorer="grounding")
 
+
+def _add_region(sub: "argparse._SubParsersAction") -> None:
     r = sub.add_parser("region", help="cytology referring expressions: region -> class accuracy "
                                       "(confusion table), description -> region at IoU >= 0.5")
     r.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
@@ -66,12 +80,16 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _cytology_options(r, "region")
     r.set_defaults(func=run_cytology, scorer="region")
 
+
+def _add_report(sub: "argparse._SubParsersAction") -> None:
     t = sub.add_parser("report", help="cytology reports / VQA: BLEU-1..4, ROUGE-L, METEOR per task")
     t.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
     _outputs(t)
     _cytology_options(t, "report")
     t.set_defaults(func=run_cytology, scorer="report")
 
+
+def _add_cytology(sub: "argparse._SubParsersAction") -> None:
     a = sub.add_parser("cytology", help="every task in a cytology predictions file, each with its scorer "
                                         "(one section per task)")
     a.add_argument("pred_file", type=Path, metavar="FILE", help="predictions (.jsonl / CytoChat .xlsx)")
@@ -92,8 +110,6 @@ def _outputs(p: argparse.ArgumentParser) -> None:
 def _cytology_options(p: argparse.ArgumentParser, scorer: str) -> None:
     # --task here selects cytology rows (SCORER_TASKS); a SlideBench CSV given --task is refused in
     # run_mcq/run_caption (_cytology_only) until the SlideBench path gives it a meaning of its own.
-    from slidechat.evaluation.cytology_io import SCORER_TASKS
-
     p.add_argument("--task", default=None, choices=SCORER_TASKS[scorer],
                    help="cytology files: score the rows of this task (and rows fitting no task) as it; rows "
                         "of other tasks are left out and counted. Default: detect from the prompts and "
@@ -131,6 +147,7 @@ def _alias_option(p: argparse.ArgumentParser) -> None:
 def _report_paths(args: argparse.Namespace, path: Path, scorer: str):
     out_json, out_md = args.out_json, args.out_md
     if args.out is not None:
+        # lazy: pandas/scipy/nltk take about a second; `slidechat --help` must not wait for them
         from slidechat.evaluation.cytology import default_report_paths
 
         j, m = default_report_paths(path, scorer, args.out)
@@ -139,8 +156,6 @@ def _report_paths(args: argparse.Namespace, path: Path, scorer: str):
 
 
 def _aliases(values) -> dict:
-    from slidechat.utils.errors import SlideChatError
-
     out = {}
     for v in values or []:
         name, sep, cls = v.partition("=")
@@ -152,8 +167,6 @@ def _aliases(values) -> dict:
 
 def _box_kw(args: argparse.Namespace) -> dict:
     """``--box-format`` and the LLaMA-Factory scaling it needs (see slidechat.evaluation.boxes)."""
-    from slidechat.utils.errors import SlideChatError
-
     for flag in ("image_max_pixels", "image_min_pixels"):
         if getattr(args, flag) <= 0:
             raise SlideChatError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
@@ -162,8 +175,9 @@ def _box_kw(args: argparse.Namespace) -> dict:
 
 
 def run_cytology_all(args: argparse.Namespace) -> int:
+    # lazy: pandas/scipy/nltk take about a second; `slidechat --help` must not wait for them
     from slidechat.evaluation.cytology import score_all
-    from slidechat.evaluation.tables import write_reports
+    from slidechat.evaluation.tables import write_reports  # lazy: pandas (start-up)
 
     res = score_all(args.pred_file, sheet=args.sheet, drop_duplicates=args.drop_duplicates,
                     image_size=tuple(args.image_size) if args.image_size else None, image_dir=args.image_dir,
@@ -175,9 +189,10 @@ def run_cytology_all(args: argparse.Namespace) -> int:
 
 
 def run_cytology(args: argparse.Namespace) -> int:
+    # lazy: pandas/scipy/nltk take about a second; `slidechat --help` must not wait for them
     from slidechat.evaluation.cytology import score_file
-    from slidechat.evaluation.grounding import IOU_THRESHOLDS
-    from slidechat.evaluation.tables import write_reports
+    from slidechat.evaluation.grounding import IOU_THRESHOLDS  # lazy: pandas (start-up)
+    from slidechat.evaluation.tables import write_reports  # lazy: pandas (start-up)
 
     path = getattr(args, "pred_file", None) or args.pred_csv
     kw = {}
@@ -195,8 +210,6 @@ def run_cytology(args: argparse.Namespace) -> int:
 
 
 def _cytology_only(args: argparse.Namespace, *names: str) -> None:
-    from slidechat.utils.errors import SlideChatError
-
     for n in names:
         if getattr(args, n.replace("-", "_"), None):
             raise SlideChatError(f"--{n} applies to cytology files (.jsonl/.xlsx), not a SlideBench CSV",
@@ -204,12 +217,11 @@ def _cytology_only(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_mcq(args: argparse.Namespace) -> int:
-    from slidechat.evaluation.cytology import is_cytology_file
-    from slidechat.evaluation.mcq import score_mcq
+    # lazy: pandas/scipy/nltk take about a second; `slidechat --help` must not wait for them
     from slidechat.data.slidebench import read_csv_text
-    from slidechat.evaluation.tables import write_reports
-    from slidechat.utils.errors import SlideChatError
-
+    from slidechat.evaluation.cytology import is_cytology_file  # lazy: pandas (start-up)
+    from slidechat.evaluation.mcq import score_mcq  # lazy: pandas (start-up)
+    from slidechat.evaluation.tables import write_reports  # lazy: pandas (start-up)
     if is_cytology_file(args.pred_csv):
         if args.reparse or args.group_by is not None:
             raise SlideChatError("--reparse/--group-by apply to SlideBench CSVs; cytology answers are always "
@@ -228,13 +240,11 @@ def run_mcq(args: argparse.Namespace) -> int:
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from slidechat.evaluation.captions import caption_metrics
+    # lazy: pandas/scipy/nltk take about a second; `slidechat --help` must not wait for them
     from slidechat.data.slidebench import caption_columns, read_csv_text
-    from slidechat.evaluation.tables import caption_markdown, write_reports
-    from slidechat.evaluation.cytology import is_cytology_file
-    from slidechat.utils.atomic import atomic_path
-    from slidechat.utils.errors import SlideChatError
-
+    from slidechat.evaluation.captions import caption_metrics  # lazy: pandas (start-up)
+    from slidechat.evaluation.cytology import is_cytology_file  # lazy: pandas (start-up)
+    from slidechat.evaluation.tables import caption_markdown, write_reports  # lazy: pandas (start-up)
     if is_cytology_file(args.pred_csv):
         if args.ref_column or args.pred_column != "Output" or args.per_row_csv:
             raise SlideChatError("--ref-column/--pred-column/--per-row-csv apply to SlideBench CSVs; "

@@ -18,10 +18,14 @@ import torch
 from torch.utils.data import Dataset
 
 from slidechat.data.collate import pad_text_batch
-from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image
+from slidechat.data.dataset import build_object
+from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
+from slidechat.data.images import load_image, scale_image
 from slidechat.data.llamafactory import Example, read_llamafactory
 from slidechat.data.template import ConversationError, encode_qwen2vl, get_vision_template
 from slidechat.model.constants import IGNORE_INDEX
+from slidechat.model.hf_folder import load_processor
+from slidechat.model.qwen2vl import check_qwen2vl_folder, family_of
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -31,20 +35,13 @@ logger = logging.getLogger(__name__)
 def build_processor(processor: Any) -> Any:
     """A processor object, an xtuner-style config dict, or a local model folder path."""
     if isinstance(processor, (str, os.PathLike)):
-        from slidechat.model.hf_folder import load_processor
-        from slidechat.model.qwen2vl import check_qwen2vl_folder
-
         return load_processor(check_qwen2vl_folder(processor))  # never runs the folder's code
     if isinstance(processor, dict) and "type" in processor:
-        from slidechat.data.dataset import build_object
-
         return build_object(processor)
     return processor
 
 
 def _family_template(processor: Any) -> str:
-    from slidechat.model.qwen2vl import family_of
-
     return family_of(processor).lf_template
 
 
@@ -110,8 +107,6 @@ class CytologySFTDataset(Dataset):
         every step (under ZeRO-3 a rank whose batch skips it would wait for the others forever)."""
         if self._dummy is None:
             from PIL import Image
-
-            from slidechat.data.images import scale_image
 
             img = scale_image(Image.new("RGB", (64, 64), (255, 255, 255)), self.image_max_pixels,
                               self.image_min_pixels)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from slidechat.data.llamafactory import DATA_CONFIG, load_dataset_info, read_llamafactory, read_raw_rows
 from slidechat.data.template import (ConversationError, describe_template, encode_conversation,
                                      normalize_conversation, resolve_template)
 from slidechat.features.io import FEATURE_SUFFIXES, find_feature_file, load_features
@@ -68,8 +69,6 @@ def read_rows(data_path: PathLike, raw_rows: Optional[List[Any]] = None) -> List
 
     ``raw_rows``: the file as :func:`slidechat.data.llamafactory.read_raw_rows` already read it (not
     read again)."""
-    from slidechat.data.llamafactory import read_raw_rows
-
     p = Path(data_path)
     rows: List[Any] = []
     if raw_rows is None:
@@ -97,8 +96,6 @@ def sniff_training_data(data_path: PathLike, dataset_dir: Optional[PathLike] = N
     ``dataset_dir/dataset_info.json``, or a JSON/JSONL file whose first row has ``messages`` or ``images``;
     SlideChat rows have ``image``), and the file's raw rows (``read_raw_rows``) when it had to be read to
     tell, else None, so a SlideChat file is parsed once, not twice."""
-    from slidechat.data.llamafactory import DATA_CONFIG, load_dataset_info, read_raw_rows
-
     names = [n.strip() for n in str(data_path).split(",") if n.strip()]
     if dataset_dir is not None and (Path(dataset_dir) / DATA_CONFIG).is_file():
         registry = load_dataset_info(dataset_dir)
@@ -185,8 +182,6 @@ class SlideInstructionDataset(Dataset):
     def _read_llamafactory(self, dataset: str, dataset_dir: Optional[PathLike], check_files: bool) -> None:
         """Rows in LLaMA-Factory's format (``messages`` + ``images``, or a ``dataset_info.json`` name),
         read by the same reader as the cytology model; each row's one "image" is its feature file."""
-        from slidechat.data.llamafactory import read_llamafactory
-
         def check_feature_file(p: Path) -> None:
             if resolve_feature_path(str(p), None) is None:
                 raise SlideChatError(f"feature file not found (tried {', '.join(FEATURE_SUFFIXES)})", p)

@@ -17,36 +17,24 @@ here) and palette images (resized with nearest neighbour there, as palette indic
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from PIL import Image
 
+from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, lf_resize_steps
 from slidechat.utils.paths import PathLike
 from slidechat.wsi.imageio import image_size, read_image, to_rgb
 
-IMAGE_MAX_PIXELS = 768 * 768
-IMAGE_MIN_PIXELS = 32 * 32
-MIN_SIDE = 28
-
-
 def scale_image(img: Image.Image, max_pixels: int = IMAGE_MAX_PIXELS,
                 min_pixels: int = IMAGE_MIN_PIXELS) -> Image.Image:
-    """LLaMA-Factory's Qwen2-VL image preprocessing (area limits, RGB, sides >= 28, aspect <= 200)."""
-    if img.width * img.height > max_pixels:
-        factor = math.sqrt(max_pixels / (img.width * img.height))
-        img = img.resize((int(img.width * factor), int(img.height * factor)))
-    if img.width * img.height < min_pixels:
-        factor = math.sqrt(min_pixels / (img.width * img.height))
-        img = img.resize((int(img.width * factor), int(img.height * factor)))
+    """LLaMA-Factory's Qwen2-VL image preprocessing (area limits, RGB, sides >= 28, aspect <= 200): each
+    resize of :func:`slidechat.data.image_sizes.lf_resize_steps`, the image made RGB after the area ones."""
+    for stage, size in lf_resize_steps(img.size, max_pixels, min_pixels):
+        if stage == "shape" and img.mode != "RGB":
+            img = to_rgb(img)
+        img = img.resize(size)
     if img.mode != "RGB":
         img = to_rgb(img)  # the loader's mode rules (16-bit, alpha on white, ...), not PIL's convert
-    if min(img.width, img.height) < MIN_SIDE:
-        img = img.resize((max(img.width, MIN_SIDE), max(img.height, MIN_SIDE)))
-    if img.width / img.height > 200:
-        img = img.resize((img.height * 180, img.height))
-    if img.height / img.width > 200:
-        img = img.resize((img.width, img.width * 180))
     return img
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from slidechat.data.images import check_image_header
+from slidechat.data.template import get_vision_template
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -120,8 +122,6 @@ class Example:
         """
         if not self.tools:
             return self.system
-        from slidechat.data.template import get_vision_template
-
         tpl = get_vision_template(template if template is not None else "qwen2_vl")
         return (self.system or default_system or tpl.default_system) + qwen_tools_text(self.tools)
 
@@ -585,8 +585,6 @@ def convert_row(raw: Any, spec: DatasetSpec, media_dir: Path, *, check_images: b
 
 
 def _default_check_image(path: Path) -> None:
-    from slidechat.data.images import check_image_header
-
     check_image_header(path)
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from slidechat.data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, load_image, scale_image
+from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
+from slidechat.data.images import load_image, scale_image
 from slidechat.data.llamafactory import Example
 from slidechat.data.template import encode_qwen2vl_prompt, expand_image_pad_ids, get_vision_template
 from slidechat.model.qwen2vl import family_of

@@ -45,6 +45,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from slidechat.data.answers import parse_choice
+from slidechat.data.vocabulary import LETTERS
 from slidechat.features.io import find_feature_file
 from slidechat.model.constants import IMAGE_TOKEN
 from slidechat.utils.atomic import atomic_path
@@ -57,7 +59,6 @@ logger = logging.getLogger(__name__)
 KINDS = ("tcga", "bcnb", "vqa", "caption")
 #: what ``--task`` accepts: ``mcq`` (the flavour tcga/bcnb/vqa still comes from the columns) or ``caption``
 TASKS = ("mcq", "caption")
-OPTION_LETTERS = tuple("ABCDEFGHIJ")
 MCQ_REQUIRED = ("Slide", "Question", "A", "B")
 CAPTION_REF_COLUMNS = ("Caption", "Report", "Answer", "Reference", "Text")
 #: columns that mark a caption file when the task is not forced (``Answer`` is not one: see module doc)
@@ -155,7 +156,7 @@ def _mcq_flavour(cols: Sequence[str]) -> str:
 def detect_kind(columns: Sequence[str], path: Optional[PathLike] = None) -> str:
     """The task kind from explicit columns (see module doc); raises when the columns do not say."""
     cols = [str(c) for c in columns]
-    if any(c in cols for c in OPTION_LETTERS):
+    if any(c in cols for c in LETTERS):
         return _mcq_flavour(cols)
     if any(c in cols for c in CAPTION_MARKER_COLUMNS):
         return "caption"
@@ -190,7 +191,7 @@ def read_slidebench(path: PathLike, kind: Optional[str] = None,
                                  hint=f"columns found: {cols}")
         if ref_column is None:
             ref_column = next((c for c in CAPTION_REF_COLUMNS if c in cols), None)
-        if ref_column == "Answer" and any(c in cols for c in OPTION_LETTERS):
+        if ref_column == "Answer" and any(c in cols for c in LETTERS):
             logger.warning("%s: caption task forced on a file with option columns; 'Answer' is the reference",
                            p)
         require_rows(df, p)
@@ -204,7 +205,7 @@ def read_slidebench(path: PathLike, kind: Optional[str] = None,
                                  "; if this is a caption file, pass --task caption" if "Question" in missing
                                  else ""))
     require_rows(df, p)
-    options = tuple(c for c in OPTION_LETTERS if c in cols)
+    options = tuple(c for c in LETTERS if c in cols)
     return SlideBenchTable(p, kind, df, options, None)
 
 
@@ -219,7 +220,7 @@ def caption_columns(df: pd.DataFrame, path: PathLike, ref_column: Optional[str] 
     require_rows(df, path, "rows to score")
     ref = ref_column or next((c for c in CAPTION_MARKER_COLUMNS if c in cols and c != pred_column), None)
     if ref is None and "Answer" in cols and pred_column != "Answer":
-        if any(c in cols for c in OPTION_LETTERS):
+        if any(c in cols for c in LETTERS):
             raise SlideChatError(
                 "multiple-choice output (option columns A, B, ...): its Answer column holds option letters, "
                 "not reference captions", path,
@@ -525,8 +526,6 @@ class SlideBenchWriter:
         if got != expected:
             raise SlideChatError(f"write() got rows {got}, expected the next pending rows {expected}",
                                  self.path)
-        from slidechat.evaluation.mcq import parse_choice  # local: mcq imports nothing from here
-
         buf = io.StringIO()
         w = _csv_writer(buf)
         for it in items:

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from slidechat.utils.atomic import atomic_write_text
 from slidechat.utils.errors import SlideChatError
@@ -110,52 +110,66 @@ def build_synthetic_instructions(manifest: PathLike, seed: int = 0, holdout_ever
     stage1, stage2, test_vqa, test_caption = [], [], [], []
     for i, r in enumerate(rows):
         slide, label = r["slide"], r["label"]
-        d = _describe(label)
         image = [f"{slide}.csv"]  # SlideChat's naming; the dataset prefers the .h5 beside it
         is_test = holdout_every == 0 or (i + 1) % holdout_every == 0
-        is_train = holdout_every == 0 or not is_test
-        if is_train:
-            stage1.append({"id": f"caption::{i}", "image": image, "conversations": [
-                {"from": "human", "value": f"{rng.choice(CAPTION_PROMPTS)}\n<image>"},
-                {"from": "gpt", "value": caption_for(label)}]})
-            for v in range(mcq_variants):
-                opts = _options(rng, label, pool)
-                suffix = "" if v == 0 else f"::{v}"
-                stage2.append({"id": f"vqa::{i}{suffix}", "image": image, "conversations": [
-                    {"from": "human", "value": "<image>\n" + _mcq_text(
-                        "Which tissue type dominates this slide?", opts)},
-                    {"from": "gpt", "value": label}]})
-                copts = _options(rng, d["colour"], colours)
-                stage2.append({"id": f"vqa::{i}::colour{suffix}", "image": image, "conversations": [
-                    {"from": "human", "value": "<image>\n" + _mcq_text(
-                        "What is the dominant colour of the tissue?", copts)},
-                    {"from": "gpt", "value": d["colour"]}]})
-            stage2.append({"id": f"vqa::{i}::open", "image": image, "conversations": [
-                {"from": "human", "value": f"{rng.choice(OPEN_QUESTIONS)}\n<image>"},
-                {"from": "gpt", "value": f"The slide shows {d['finding']}."},
-                {"from": "human", "value": "How do the nuclei look?"},
-                {"from": "gpt", "value": f"The slide has {d['nuclei']}."}]})
-            stage2.append({"id": f"vqa::{i}::nuclei", "image": image, "conversations": [
-                {"from": "human", "value": "How do the nuclei look in this slide?\n<image>"},
-                {"from": "gpt", "value": f"The slide has {d['nuclei']}."}]})
-        if not is_test:
-            continue
-        # SlideBench-VQA-TCGA style test rows: two broad categories
-        opts = _options(rng, label, pool)
-        test_vqa.append({"ID": len(test_vqa), "Slide": slide, "Tumor": TUMOR,
-                         "Broad Category": "Diagnosis", "Narrow Category": "Tissue type",
-                         "Question": "Which tissue type dominates this slide?",
-                         **dict(zip("ABCD", opts)), "Answer": "ABCD"[opts.index(label)]})
-        copts = _options(rng, d["colour"], colours)
-        test_vqa.append({"ID": len(test_vqa), "Slide": slide, "Tumor": TUMOR,
-                         "Broad Category": "Microscopy", "Narrow Category": "Colour",
-                         "Question": "What is the dominant colour of the tissue?",
-                         **dict(zip("ABCD", copts)), "Answer": "ABCD"[copts.index(d["colour"])]})
-        test_caption.append({"ID": i, "Slide": slide, "Tumor": TUMOR, "Caption": caption_for(label)})
+        if holdout_every == 0 or not is_test:
+            caption, mcqs = _training_rows(rng, i, image, label, pool, colours, mcq_variants)
+            stage1.append(caption)
+            stage2 += mcqs
+        if is_test:
+            test_vqa += _test_vqa_rows(rng, len(test_vqa), slide, label, pool, colours)
+            test_caption.append({"ID": i, "Slide": slide, "Tumor": TUMOR, "Caption": caption_for(label)})
     if not stage1 or not test_vqa:
         raise SlideChatError(f"holdout_every={holdout_every} leaves no training or no test slide "
                              f"among {len(rows)}", manifest)
     return {"stage1": stage1, "stage2": stage2, "test_vqa": test_vqa, "test_caption": test_caption}
+
+
+def _conversation(row_id: str, image: List[str], *turns: str) -> Dict[str, Any]:
+    """A SlideChat training row: alternating human / gpt turns."""
+    return {"id": row_id, "image": image,
+            "conversations": [{"from": "human" if k % 2 == 0 else "gpt", "value": t}
+                              for k, t in enumerate(turns)]}
+
+
+def _training_rows(rng: random.Random, i: int, image: List[str], label: str, pool: List[str],
+                   colours: List[str], mcq_variants: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Slide ``i``'s stage-1 caption row and its stage-2 rows (MCQs with options shuffled by ``rng``, an
+    open two-turn question, a nuclei question); ``rng`` is drawn in a fixed order, so a seed gives the
+    same rows."""
+    d = _describe(label)
+    caption = _conversation(f"caption::{i}", image, f"{rng.choice(CAPTION_PROMPTS)}\n<image>", caption_for(label))
+    rows = []
+    for v in range(mcq_variants):
+        opts = _options(rng, label, pool)
+        suffix = "" if v == 0 else f"::{v}"
+        rows.append(_conversation(f"vqa::{i}{suffix}", image, "<image>\n" + _mcq_text(
+            "Which tissue type dominates this slide?", opts), label))
+        copts = _options(rng, d["colour"], colours)
+        rows.append(_conversation(f"vqa::{i}::colour{suffix}", image, "<image>\n" + _mcq_text(
+            "What is the dominant colour of the tissue?", copts), d["colour"]))
+    rows.append(_conversation(f"vqa::{i}::open", image, f"{rng.choice(OPEN_QUESTIONS)}\n<image>",
+                              f"The slide shows {d['finding']}.", "How do the nuclei look?",
+                              f"The slide has {d['nuclei']}."))
+    rows.append(_conversation(f"vqa::{i}::nuclei", image, "How do the nuclei look in this slide?\n<image>",
+                              f"The slide has {d['nuclei']}."))
+    return caption, rows
+
+
+def _test_vqa_rows(rng: random.Random, first_id: int, slide: str, label: str, pool: List[str],
+                   colours: List[str]) -> List[Dict[str, Any]]:
+    """SlideBench-VQA-TCGA style test rows of one slide: two broad categories."""
+    colour = _describe(label)["colour"]
+    opts = _options(rng, label, pool)
+    copts = _options(rng, colour, colours)
+    return [{"ID": first_id, "Slide": slide, "Tumor": TUMOR,
+             "Broad Category": "Diagnosis", "Narrow Category": "Tissue type",
+             "Question": "Which tissue type dominates this slide?",
+             **dict(zip("ABCD", opts)), "Answer": "ABCD"[opts.index(label)]},
+            {"ID": first_id + 1, "Slide": slide, "Tumor": TUMOR,
+             "Broad Category": "Microscopy", "Narrow Category": "Colour",
+             "Question": "What is the dominant colour of the tissue?",
+             **dict(zip("ABCD", copts)), "Answer": "ABCD"[copts.index(colour)]}]
 
 
 VQA_COLUMNS = ["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question",

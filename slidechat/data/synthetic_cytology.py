@@ -42,7 +42,9 @@ import numpy as np
 
 from slidechat.data.vocabulary import (GROUND_ABNORMAL_QUESTION, LETTERS, REGION_QUESTION, REPORT_QUESTION,
                                        SCREENING_OPTIONS, SCREENING_QUESTION, TASKS)
+from slidechat.utils.atomic import atomic_path, atomic_write_text
 from slidechat.utils.paths import PathLike
+from slidechat.wsi.synthetic import SlideSpec, write_manifest, write_pyramid
 
 logger = logging.getLogger(__name__)
 
@@ -380,8 +382,6 @@ def field_conversations(image: str, boxes: Sequence[Box], rng: np.random.Generat
 
 
 def _write_jsonl(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    from slidechat.utils.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for r in rows:
@@ -407,8 +407,6 @@ def write_fields_dataset(out_dir: PathLike, n_fields: int = 200, seed: int = 0,
     registering each file under its stem; ``fields.jsonl`` (per field: image, split, size, mpp, label,
     boxes). Fields are split by field (a field's rows never appear in both splits).
     """
-    from slidechat.utils.atomic import atomic_path, atomic_write_text
-
     if n_fields < 1:
         raise ValueError("n_fields must be >= 1")
     out = Path(out_dir)
@@ -568,8 +566,6 @@ def field_truth(cells: Sequence[Cell], x: float, y: float, size0: float) -> Dict
 
 def write_cytology_slide(path: PathLike, slide: CytologySlide, tile: int = 256, quality: int = 85) -> Path:
     """Write ``slide`` as a pyramidal Aperio-style TIFF (OpenSlide vendor ``aperio``, MPP set)."""
-    from slidechat.wsi.synthetic import SlideSpec, write_pyramid
-
     spec = SlideSpec(slide.name, "normal", slide.width, slide.height, slide.base_mpp, seed=slide.seed,
                      tile=tile, quality=quality, variant="cytology")
     index = CellIndex(slide.cells, bucket=256.0)
@@ -594,9 +590,6 @@ def write_cytology_slides(out_dir: PathLike, n_slides: int = 8, seed: int = 0, w
     (slide,x,y,size_level0,n_cells,n_abnormal,n_<class>...: the non-overlapping grid of
     ``field_size`` px at ``field_mpp`` (default ``base_mpp``), row-major, as ``slidechat screen`` tiles).
     """
-    from slidechat.utils.atomic import atomic_path
-    from slidechat.wsi.synthetic import write_manifest
-
     out = Path(out_dir)
     rng = np.random.default_rng([seed, 1717])
     n_ab = int(round(n_slides * abnormal_fraction))

@@ -17,6 +17,12 @@ from ``chat_template_kwargs``.
 
 Training (:func:`encode_conversation`), ``slidechat test`` / ``xtuner test``, ``slidechat chat`` and the
 slide inference path all encode through :func:`tokenize_pairs`.
+
+Every prompt format, slide and vision (``qwen2_vl``, ``qwen3_vl``: LLaMA-Factory's, below), is registered
+once by name in :data:`PROMPT_FORMATS`; each kind has its typed lookup (:func:`resolve_template` /
+:func:`get_template` for slides, :func:`get_vision_template` for the Qwen VL families), so a slide format
+never reaches the vision encoder by mistake, and one "unknown template" error lists the names of the kind
+asked for. :func:`config_template` checks a slide model's configured format where the model is built.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +61,8 @@ QWEN_CHAT = ChatTemplate(
     stop_words=("<|im_end|>", "<|endoftext|>"),
 )
 
-TEMPLATES: Dict[str, ChatTemplate] = {"qwen_chat": QWEN_CHAT}
-
 #: name of the prompt format that renders through the tokenizer's own chat template
 CHAT_TEMPLATE = "chat_template"
-#: prompt formats a slide model can be configured with (``prompt_template``)
-SLIDE_PROMPT_TEMPLATES = (*TEMPLATES, CHAT_TEMPLATE)
 #: template variables passed unless the config says otherwise: Qwen3 answers without a think block
 #: (templates that do not read a variable ignore it)
 DEFAULT_CHAT_TEMPLATE_KWARGS: Dict[str, Any] = {"enable_thinking": False}
@@ -76,12 +79,12 @@ class TokenizerChatTemplate:
         return dict(self.kwargs)
 
 
-SlideTemplate = "str | ChatTemplate | TokenizerChatTemplate"
+#: a prompt format a slide model is configured with (``SlideChatConfig.prompt_template``)
+SlideFormat = Union[ChatTemplate, TokenizerChatTemplate]
 
 
 def resolve_template(template: Any = "qwen_chat",
-                     chat_template_kwargs: Optional[Dict[str, Any]] = None
-                     ) -> "ChatTemplate | TokenizerChatTemplate":
+                     chat_template_kwargs: Optional[Dict[str, Any]] = None) -> SlideFormat:
     """A slide prompt format from its config name (``qwen_chat`` or ``chat_template``) and, for the
     latter, the template variables (over :data:`DEFAULT_CHAT_TEMPLATE_KWARGS`)."""
     if isinstance(template, (ChatTemplate, TokenizerChatTemplate)):
@@ -98,24 +101,31 @@ def resolve_template(template: Any = "qwen_chat",
     return get_template(template)
 
 
+def config_template(prompt_template: str, chat_template_kwargs: Optional[Mapping[str, Any]] = None
+                    ) -> SlideFormat:
+    """The prompt format a slide model's config names (``SlideChatConfig``'s two fields); an unknown one is
+    refused in one line naming the config, where a model is built or loaded, before anything runs."""
+    try:
+        return resolve_template(prompt_template, dict(chat_template_kwargs or {}))
+    except ConversationError as e:
+        raise SlideChatError(f"slidechat_config: {e}") from None
+
+
 def describe_template(template: Any) -> str:
     """One line for logs: which prompt format a run uses (a silent switch would go unnoticed)."""
     tpl = resolve_template(template)
     if isinstance(tpl, TokenizerChatTemplate):
         kw = ", ".join(f"{k}={v!r}" for k, v in tpl.kwargs)
         return f"{CHAT_TEMPLATE} (the tokenizer's own chat template; {kw or 'no extra variables'})"
-    name = next((n for n, t in TEMPLATES.items() if t == tpl), "custom")
+    name = next((n for n, t in PROMPT_FORMATS.items() if t == tpl), "custom")
     return f"{name} (SlideChat's xtuner format)" if name == "qwen_chat" else name
 
 
 def get_template(template: "str | ChatTemplate") -> ChatTemplate:
+    """An xtuner-style slide format by name (``qwen_chat``)."""
     if isinstance(template, ChatTemplate):
         return template
-    try:
-        return TEMPLATES[template]
-    except (KeyError, TypeError):
-        raise ConversationError(f"unknown chat template '{template}' (known: "
-                                f"{', '.join(SLIDE_PROMPT_TEMPLATES)})") from None
+    return _lookup(template, ChatTemplate)
 
 
 def normalize_conversation(conversations: Any) -> List[Tuple[str, str]]:
@@ -484,16 +494,42 @@ QWEN3_VL = VisionChatTemplate(
     thought_words=("<think>\n", "\n</think>\n\n"),
 )
 
-VISION_TEMPLATES: Dict[str, VisionChatTemplate] = {"qwen2_vl": QWEN2_VL, "qwen3_vl": QWEN3_VL}
+# ---------------------------------------------------------------------------------------------------------
+# the registry: every prompt format by name, one lookup per kind (a slide format never reaches the vision
+# encoder by mistake, nor the other way round)
+# ---------------------------------------------------------------------------------------------------------
+
+PromptFormat = Union[ChatTemplate, TokenizerChatTemplate, VisionChatTemplate]
+
+PROMPT_FORMATS: Dict[str, PromptFormat] = {"qwen_chat": QWEN_CHAT, CHAT_TEMPLATE: TokenizerChatTemplate(),
+                                           "qwen2_vl": QWEN2_VL, "qwen3_vl": QWEN3_VL}
+
+#: what each kind is called in the "unknown template" error, and which registry entries are of that kind
+_KINDS: Dict[type, Tuple[str, Tuple[type, ...]]] = {
+    ChatTemplate: ("chat template", (ChatTemplate, TokenizerChatTemplate)),
+    VisionChatTemplate: ("template", (VisionChatTemplate,)),
+}
+
+
+def prompt_format_names(kind: type) -> List[str]:
+    """The registered names of one kind (slide: ``ChatTemplate``, vision: ``VisionChatTemplate``)."""
+    return [n for n, f in PROMPT_FORMATS.items() if isinstance(f, _KINDS[kind][1])]
+
+
+def _lookup(name: Any, kind: type) -> Any:
+    """The registered format ``name`` if it is a ``kind``; else the one "unknown template" error."""
+    fmt = PROMPT_FORMATS.get(name) if isinstance(name, str) else None
+    if not isinstance(fmt, kind):
+        word = _KINDS[kind][0]
+        raise ConversationError(f"unknown {word} '{name}' (known: {', '.join(prompt_format_names(kind))})")
+    return fmt
 
 
 def get_vision_template(template: "str | VisionChatTemplate") -> VisionChatTemplate:
+    """A LLaMA-Factory vision format by name (``qwen2_vl``, ``qwen3_vl``)."""
     if isinstance(template, VisionChatTemplate):
         return template
-    try:
-        return VISION_TEMPLATES[template]
-    except KeyError:
-        raise ConversationError(f"unknown template '{template}' (known: {', '.join(VISION_TEMPLATES)})")
+    return _lookup(template, VisionChatTemplate)
 
 
 def expand_image_placeholders(text: str, image_seqlens: Optional[Sequence[int]] = None, start: int = 0,

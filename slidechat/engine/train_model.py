@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from mmengine.model import BaseModel
 
+from slidechat.data.template import config_template
 from slidechat.model.checkpoint import (KeyReport, is_exported_folder, load_weights, pickle_refusal,
                                         resolve_checkpoint)
 from slidechat.utils.errors import SlideChatError
@@ -419,6 +420,7 @@ class SlideChatTrainModel(BaseModel):
             cfg_dict.setdefault("encoder", {})
             cfg_dict["encoder"] = dict(cfg_dict["encoder"], compat=compat)
         config = SlideChatConfig.from_dict(cfg_dict)
+        config_template(config.prompt_template, config.chat_template_kwargs)  # refused before the LLM loads
         llm_module = build_cfg(llm)
         if hasattr(llm_module, "config"):
             llm_module.config.use_cache = False

@@ -1,1 +1,2 @@
-"""Answer extraction, accuracy tables and caption metrics."""
+"""Scoring only: SlideBench MCQ and captions, cytology MCQ / grounding / regions / reports, screening
+metrics, box conventions, report tables (answers are read into option letters by ``slidechat.data.answers``)."""

@@ -29,8 +29,8 @@ Resize rule (what :func:`model_input_size` reproduces; checked against each fami
 tests/test_vl_families.py): LLaMA-Factory first scales each image by
 ``sqrt(image_max_pixels / (w*h))`` when it has more pixels (and up to ``image_min_pixels`` when fewer),
 truncating each side with ``int()``, then makes each side >= 28 and the aspect ratio <= 200 (its
-``qwen2_vl`` mm plugin; the same code is :func:`slidechat.data.images.scale_image`, and the tests check
-the two agree). Then the processor's ``smart_resize`` (transformers
+``qwen2_vl`` mm plugin; :func:`slidechat.data.image_sizes.lf_resize_steps`, which
+:func:`slidechat.data.images.scale_image` follows too). Then the processor's ``smart_resize`` (transformers
 ``models/qwen2_vl/image_processing_qwen2_vl.py``, read in 4.48 and in 5.25, which no longer refuses a
 side shorter than ``factor`` and keeps sides >= ``factor`` when shrinking: round each side to
 a multiple of ``factor``; if that exceeds ``max_pixels`` floor both sides of ``side / beta`` with
@@ -63,16 +63,12 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, lf_scaled_size
 from slidechat.evaluation.regions import (QWEN_BOX_END, QWEN_BOX_START, QWEN_SCALE, Region, RegionParse,
                                           _snippet, normalize_label, parse_regions)
 from slidechat.utils.errors import SlideChatError
 
 Size = Tuple[int, int]  # (width, height)
-
-#: LLaMA-Factory's defaults (``scripts/vllm_infer.py`` and its data arguments)
-LF_IMAGE_MAX_PIXELS = 768 * 768
-LF_IMAGE_MIN_PIXELS = 32 * 32
-LF_MIN_SIDE = 28
 
 
 @dataclass(frozen=True)
@@ -107,32 +103,6 @@ def _check_size(image_size: Optional[Sequence[float]], where: Optional[str]) -> 
     return w, h
 
 
-def lf_scaled_size(image_size: Size, image_max_pixels: Optional[int] = LF_IMAGE_MAX_PIXELS,
-                   image_min_pixels: Optional[int] = LF_IMAGE_MIN_PIXELS) -> Size:
-    """The size LLaMA-Factory hands the processor (same steps as :func:`slidechat.data.images.scale_image`).
-
-    ``image_max_pixels=None`` (and ``image_min_pixels=None``) skip that step: images fed to the
-    processor directly (transformers / vLLM without LLaMA-Factory).
-    """
-    w, h = int(image_size[0]), int(image_size[1])
-    if w <= 0 or h <= 0:
-        raise SlideChatError(f"image size {image_size!r} must be positive")
-    if image_max_pixels is not None and w * h > image_max_pixels:
-        f = math.sqrt(image_max_pixels / (w * h))
-        w, h = int(w * f), int(h * f)
-    if image_min_pixels is not None and w * h < image_min_pixels:
-        f = math.sqrt(image_min_pixels / (w * h))
-        w, h = int(w * f), int(h * f)
-    if image_max_pixels is not None or image_min_pixels is not None:
-        if min(w, h) < LF_MIN_SIDE:
-            w, h = max(w, LF_MIN_SIDE), max(h, LF_MIN_SIDE)
-        if w / h > 200:
-            w = h * 180
-        if h / w > 200:
-            h = w * 180
-    return w, h
-
-
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> Tuple[int, int]:
     """``(height, width)`` after the Qwen VL image processor's resize (transformers 5's ``smart_resize`` of
     ``models/qwen2_vl/image_processing_qwen2_vl.py``, re-implemented so the box layer needs no
@@ -155,8 +125,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def model_input_size(image_size: Size, family: str, image_max_pixels: Optional[int] = LF_IMAGE_MAX_PIXELS,
-                     image_min_pixels: Optional[int] = LF_IMAGE_MIN_PIXELS,
+def model_input_size(image_size: Size, family: str, image_max_pixels: Optional[int] = IMAGE_MAX_PIXELS,
+                     image_min_pixels: Optional[int] = IMAGE_MIN_PIXELS,
                      processor_min_pixels: Optional[int] = None,
                      processor_max_pixels: Optional[int] = None) -> Size:
     """``(width, height)`` of the image the model of ``family`` sees: LLaMA-Factory's scaling (skipped
@@ -366,8 +336,8 @@ def _resize_kw(resize: Dict[str, Optional[int]]) -> Dict[str, Optional[int]]:
     bad = [k for k in resize if k not in allowed]
     if bad:
         raise SlideChatError(f"unknown resize option(s) {bad}", hint=f"allowed: {list(allowed)}")
-    out: Dict[str, Optional[int]] = {"image_max_pixels": LF_IMAGE_MAX_PIXELS,
-                                     "image_min_pixels": LF_IMAGE_MIN_PIXELS}
+    out: Dict[str, Optional[int]] = {"image_max_pixels": IMAGE_MAX_PIXELS,
+                                     "image_min_pixels": IMAGE_MIN_PIXELS}
     out.update(resize)
     return out
 
@@ -474,5 +444,5 @@ def convert_dataset_rows(rows: List[dict], src: str, dst: str, image_size: Calla
 
 
 __all__ = ["BOX_FORMATS", "FORMATS", "RESIZE_RULES", "BoxFormat", "ResizeRule", "box_format", "convert_text",
-           "convert_dataset_rows", "from_pixels", "lf_scaled_size", "model_input_size", "smart_resize",
-           "to_pixels", "LF_IMAGE_MAX_PIXELS", "LF_IMAGE_MIN_PIXELS"]
+           "convert_dataset_rows", "from_pixels", "model_input_size", "smart_resize",
+           "to_pixels"]

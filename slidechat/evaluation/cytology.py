@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from slidechat.evaluation.captions import text_task_metrics
 from slidechat.evaluation.cytology_io import (SCORER_TASKS, CytoFile, CytoRecord, detect_task, image_size_of,
                                               read_predictions, require_predictions, select_task)
-from slidechat.evaluation.grounding import IOU_THRESHOLDS
+from slidechat.evaluation.cytology_mcq import score_cytology_mcq
+from slidechat.evaluation.grounding import IOU_THRESHOLDS, grounding_items, score_grounding
+from slidechat.evaluation.referring import referring_items, score_referring
+from slidechat.evaluation.tables import text_metrics_markdown
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -113,14 +117,10 @@ def _score(f: CytoFile, scorer: str, task: Optional[str], *,
     require_predictions(f, records)
 
     if scorer == "mcq":
-        from slidechat.evaluation.cytology_mcq import score_cytology_mcq
-
         rep = score_cytology_mcq(records, source=src)
         rep.notes = notes
         data, md = rep.to_dict(), rep.to_markdown()
     elif scorer == "grounding":
-        from slidechat.evaluation.grounding import grounding_items, score_grounding
-
         base = Path(image_dir) if image_dir else f.path.parent
         items = grounding_items(records, lambda r: image_size_of(r, base, image_size, f.path), source=src,
                                 box_format=box_format, resize=resize)
@@ -130,15 +130,10 @@ def _score(f: CytoFile, scorer: str, task: Optional[str], *,
         rep.notes = notes
         data, md = rep.to_dict(), rep.to_markdown()
     elif scorer == "region":
-        from slidechat.evaluation.referring import referring_items, score_referring
-
         rep = score_referring(referring_items(records), aliases=aliases, source=src)
         rep.notes = notes
         data, md = rep.to_dict(), rep.to_markdown()
     elif scorer == "report":
-        from slidechat.evaluation.captions import text_task_metrics
-        from slidechat.evaluation.tables import text_metrics_markdown
-
         data = text_task_metrics({t: [(r.predict, r.label, r.error) for r in rs]
                                   for t, rs in by_task.items()}, source=f.path)
         data.update(task="report", source=src, notes=notes)

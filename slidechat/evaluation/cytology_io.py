@@ -150,6 +150,7 @@ def read_predictions(path: PathLike, sheet: Optional[str] = None) -> CytoFile:
 
 def _read_jsonl(p: Path) -> CytoFile:
     """Predictions JSONL (or a JSON list) through the project's one JSON/JSONL row reader."""
+    # lazy: PIL (through the dataset reader's image checks) is kept off `slidechat eval`'s parser start-up
     from slidechat.data.llamafactory import read_raw_rows
 
     records: List[CytoRecord] = []
@@ -236,6 +237,40 @@ def check_spreadsheet(path: PathLike, max_mb: Optional[float] = None,
 
 
 def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
+    df, label_col, pred_col = _xlsx_sheet(p, sheet)
+    cols = list(df.columns)
+    records: List[CytoRecord] = []
+    notes: List[str] = []
+    label_mismatch = 0
+    for i, row in enumerate(df.to_dict("records")):
+        where = f"row {i + 2}"  # spreadsheet row number (header = 1)
+        label = _text(row[label_col])
+        predict: Optional[str] = None if pred_col is None else strip_reasoning(_text(row[pred_col]))
+        cell = _read_prompt_cell(_text(row["Prompt"]), where, p, predict, pred_col, _images(row.get("Image")),
+                                 label)
+        label_mismatch += cell.label_differs
+        fields = {}
+        for c in ("Task", "Class number"):
+            if c in cols and _text(row[c]).strip():
+                fields[c] = _text(row[c]).strip()
+        records.append(CytoRecord(index=i, where=where, key=where, prompt=cell.prompt,
+                                  question=user_question(cell.last_turn), predict=cell.predict, label=label,
+                                  images=cell.images, fields=fields, turns=cell.turns))
+    if not records:
+        raise SlideChatError("no rows", p)
+    image_keys = [", ".join(r.images) for r in records]
+    if "Image" in cols and all(image_keys) and len(set(image_keys)) == len(image_keys):
+        for r, k in zip(records, image_keys):  # CytoChat's Image column names the row when unique
+            r.key = k
+    if label_mismatch:
+        notes.append(f"{label_mismatch} row(s): the label inside Prompt differs from the {label_col} column; "
+                     f"{label_col} is used as the truth")
+        logger.warning("%s: %s", p, notes[-1])
+    return CytoFile(p, "cytochat-xlsx", records, notes)
+
+
+def _xlsx_sheet(p: Path, sheet: Optional[str]) -> Tuple[Any, str, Optional[str]]:
+    """``(frame with string column names, label column, prediction column or None)`` of a benchmark sheet."""
     import pandas as pd
 
     check_spreadsheet(p)
@@ -249,64 +284,55 @@ def _read_xlsx(p: Path, sheet: Optional[str]) -> CytoFile:
     if "Prompt" not in cols or label_col is None:
         raise SlideChatError("not a CytoChat benchmark sheet: needs Prompt and Lable/Label columns", p,
                              hint=f"columns found: {cols}")
-    pred_col = next((c for c in PRED_COLUMNS if c in cols), None)
-    records: List[CytoRecord] = []
-    notes: List[str] = []
-    label_mismatch = 0
-    for i, row in enumerate(df.to_dict("records")):
-        where = f"row {i + 2}"  # spreadsheet row number (header = 1)
-        raw = _text(row["Prompt"])
-        label = _text(row[label_col])
-        predict: Optional[str] = None if pred_col is None else strip_reasoning(_text(row[pred_col]))
-        images = _images(row.get("Image"))
-        turns = 1
-        prompt = last_turn = raw
-        stripped = raw.strip()
-        if stripped.startswith("{"):
-            try:
-                d = ast.literal_eval(stripped)
-            except (ValueError, SyntaxError) as e:
-                raise SlideChatError(f"{where}: Prompt looks like a dict but is not a Python literal "
-                                     f"({type(e).__name__})", p) from None
-            if not isinstance(d, dict) or "prompt" not in d:
-                raise SlideChatError(f"{where}: Prompt dict has no 'prompt' key", p)
-            prompt = last_turn = _text(d["prompt"])
-            if "predict" in d:
-                if predict is not None and predict.strip() and predict.strip() != _text(d["predict"]).strip():
-                    raise SlideChatError(f"{where}: both a {pred_col} column and a predict inside Prompt, "
-                                         "and they differ", p)
-                predict = strip_reasoning(_text(d["predict"]))
-            if d.get("images"):
-                images = _images(d["images"])
-            if "label" in d and _text(d["label"]).strip() != label.strip():
-                label_mismatch += 1
-        elif stripped.startswith("["):
-            try:
-                lst = ast.literal_eval(stripped)
-            except (ValueError, SyntaxError):
-                lst = None
-            if isinstance(lst, list) and lst and all(isinstance(x, str) for x in lst):
-                turns = len(lst)
-                prompt = "\n".join(lst)
-                last_turn = lst[-1]
-        question = user_question(last_turn)
-        fields = {}
-        for c in ("Task", "Class number"):
-            if c in cols and _text(row[c]).strip():
-                fields[c] = _text(row[c]).strip()
-        records.append(CytoRecord(index=i, where=where, key=where, prompt=prompt, question=question,
-                                  predict=predict, label=label, images=images, fields=fields, turns=turns))
-    if not records:
-        raise SlideChatError("no rows", p)
-    image_keys = [", ".join(r.images) for r in records]
-    if "Image" in cols and all(image_keys) and len(set(image_keys)) == len(image_keys):
-        for r, k in zip(records, image_keys):  # CytoChat's Image column names the row when unique
-            r.key = k
-    if label_mismatch:
-        notes.append(f"{label_mismatch} row(s): the label inside Prompt differs from the {label_col} column; "
-                     f"{label_col} is used as the truth")
-        logger.warning("%s: %s", p, notes[-1])
-    return CytoFile(p, "cytochat-xlsx", records, notes)
+    return df, label_col, next((c for c in PRED_COLUMNS if c in cols), None)
+
+
+@dataclass
+class _PromptCell:
+    """What a sheet's Prompt cell says: the prompt, its last user turn, the number of turns, and the
+    prediction / images / label a dict-shaped cell may carry."""
+
+    prompt: str
+    last_turn: str
+    turns: int
+    predict: Optional[str]
+    images: List[str]
+    label_differs: bool = False
+
+
+def _read_prompt_cell(raw: str, where: str, p: Path, predict: Optional[str], pred_col: Optional[str],
+                      images: List[str], label: str) -> _PromptCell:
+    """A Prompt cell: plain text, a Python dict literal (``prompt``, and optionally ``predict``,
+    ``images``, ``label``) or a list of turns."""
+    cell = _PromptCell(raw, raw, 1, predict, images)
+    stripped = raw.strip()
+    if stripped.startswith("{"):
+        try:
+            d = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError) as e:
+            raise SlideChatError(f"{where}: Prompt looks like a dict but is not a Python literal "
+                                 f"({type(e).__name__})", p) from None
+        if not isinstance(d, dict) or "prompt" not in d:
+            raise SlideChatError(f"{where}: Prompt dict has no 'prompt' key", p)
+        cell.prompt = cell.last_turn = _text(d["prompt"])
+        if "predict" in d:
+            if predict is not None and predict.strip() and predict.strip() != _text(d["predict"]).strip():
+                raise SlideChatError(f"{where}: both a {pred_col} column and a predict inside Prompt, "
+                                     "and they differ", p)
+            cell.predict = strip_reasoning(_text(d["predict"]))
+        if d.get("images"):
+            cell.images = _images(d["images"])
+        cell.label_differs = "label" in d and _text(d["label"]).strip() != label.strip()
+    elif stripped.startswith("["):
+        try:
+            lst = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
+            lst = None
+        if isinstance(lst, list) and lst and all(isinstance(x, str) for x in lst):
+            cell.turns = len(lst)
+            cell.prompt = "\n".join(lst)
+            cell.last_turn = lst[-1]
+    return cell
 
 
 # --------------------------------------------------------------------------- task detection
@@ -409,7 +435,7 @@ def image_size_of(record: CytoRecord, base_dir: Optional[Path], fallback: Option
 
     Header only, through the one image loader; no pixel is decoded, so no pixel limit applies here.
     """
-    from slidechat.wsi.imageio import image_size  # numpy + PIL: kept off `slidechat eval`'s parser start-up
+    from slidechat.wsi.imageio import image_size  # lazy: PIL, kept off `slidechat eval`'s parser start-up
 
     for im in record.images[:1]:
         cand = Path(im)

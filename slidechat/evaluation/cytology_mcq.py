@@ -3,7 +3,7 @@
 Options come from the question (``[A.Benign, B.Mild Dysplasia, …]``, 2-10 options A-J,
 :func:`slidechat.evaluation.mcq.options_from_prompt`), the truth from the label (``A.Benign.``,
 :func:`~slidechat.evaluation.mcq.label_letter`: a label contradicting its option list is an error),
-the answer from :func:`~slidechat.evaluation.mcq.parse_choice` (letter, option text, ambiguity
+the answer from :func:`~slidechat.data.answers.parse_choice` (letter, option text, ambiguity
 refused, no random guess). Accuracy overall (micro), per task and per number of classes, and the
 macro averages (mean of the per-task / per-class-count accuracies).
 

@@ -20,6 +20,7 @@ Definition (neither CytoChat nor LLaMA-Factory publishes one; this is the usual 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -27,8 +28,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from slidechat.evaluation.boxes import box_format as get_format
 from slidechat.evaluation.referring import canonical_class
-from slidechat.evaluation.regions import Region, iou_matrix, parse_regions
+from slidechat.evaluation.regions import Region, iou_matrix
+from slidechat.evaluation.tables import fmt_number, fmt_pct, markdown_table, shorten
 from slidechat.utils.errors import SlideChatError
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.75)
@@ -109,9 +112,60 @@ class GroundingReport:
                 "notes": self.notes}
 
     def to_markdown(self) -> str:
-        from slidechat.evaluation.tables import grounding_markdown
-
         return grounding_markdown(self)
+
+
+def grounding_markdown(report: GroundingReport, max_listed: int = 20) -> str:
+    """Overall P/R/F1 at each IoU, per class, count error and the malformed/failed rows."""
+    src = f" — `{os.path.basename(report.source)}`" if report.source else ""
+    parts = [f"## Multi-cell grounding{src}\n",
+             f"{report.n_rows} rows (image + question); boxes matched one-to-one per row, same class, "
+             "maximising total IoU (Hungarian).\n"]
+    ts = list(report.overall.keys())
+    rows = []
+    for t in ts:
+        d = report.overall[t]
+        rows.append([f"IoU ≥ {t}", d["n_pred"], d["n_true"], d["tp"], fmt_pct(d["precision"]),
+                     fmt_pct(d["recall"]), fmt_pct(d["f1"])])
+    parts.append(markdown_table(["", "predicted", "true", "matched", "precision (%)", "recall (%)", "F1 (%)"],
+                                rows))
+    parts.append("\n" + markdown_table(
+        ["mean IoU of matches (IoU ≥ 0.5)", "count error / row (mean abs)",
+         "count error / row (mean signed)", "rows with exact count (%)"],
+        [[fmt_number(report.mean_iou, 3), fmt_number(report.count_error["mean_abs"]),
+          fmt_number(report.count_error["mean_signed"]), fmt_pct(report.count_error["exact"])]], ["r", "r", "r", "r"]))
+    parts.append("\n### By class\n")
+    crow = []
+    for c, by_t in report.per_class.items():
+        h = by_t["0.5"]
+        crow.append([c, h["n_true"], h["n_pred"], fmt_pct(h["precision"]), fmt_pct(h["recall"]),
+                     fmt_pct(h["f1"])] + [fmt_pct(by_t[t]["f1"]) for t in ts if t != "0.5"])
+    parts.append(markdown_table(["class", "true", "predicted", "P@0.5 (%)", "R@0.5 (%)", "F1@0.5 (%)"]
+                                + [f"F1@{t} (%)" for t in ts if t != "0.5"], crow))
+    extra = []
+    if report.unlabelled_pred:
+        extra.append(f"{report.unlabelled_pred} predicted box(es) had no class label and took the "
+                     "question's class.")
+    if report.off_query_pred:
+        extra.append(f"{report.off_query_pred} predicted box(es) name a class neither asked for nor in the "
+                     "row's truth (they can only be false positives).")
+    mal = report.malformed
+    extra.append(f"Malformed predicted regions (not boxes, not guessed): {mal['n']} in {mal['rows']} row(s).")
+    if report.failed:
+        extra.append(f"Rows whose inference failed (scored as no predictions): {len(report.failed)}.")
+    extra += report.notes
+    parts.append("\n" + "\n".join(f"- {e}" for e in extra))
+    if mal["listed"]:
+        shown = min(max_listed, len(mal["listed"]))
+        parts.append(f"\n### Malformed regions ({mal['rows']} row(s)" + (
+            f", first {shown} listed; the JSON report has all)\n" if shown < mal["rows"] else ")\n"))
+        parts.append(markdown_table(["key", "malformed"], [[m["key"], shorten("; ".join(m["malformed"]))]
+                                                          for m in mal["listed"][:max_listed]], ["l", "l"]))
+    if report.failed:
+        parts.append("\n### Failed rows\n")
+        parts.append(markdown_table(["key", "error"], [[e["key"], shorten(e["error"])] for e in
+                                                       report.failed[:max_listed]], ["l", "l"]))
+    return "\n".join(parts) + "\n"
 
 
 def _canon_items(items: Sequence[GroundingItem], aliases: Optional[Mapping[str, str]]
@@ -224,47 +278,27 @@ def grounding_items(records: Sequence[Any], image_size: Callable[[Any], Optional
     it. A truth label with a malformed region is an error (the reference must be exact); a prediction's
     are counted.
     """
-    if box_format != "region":
-        return _native_items(records, image_size, source, box_format, dict(resize or {}))
-    items = []
-    for r in records:
-        where = f"{source}: {r.where}" if source else r.where
-        needs = "<|box_start|>" in (r.predict or "") or "<|box_start|>" in r.label
-        size = image_size(r) if needs else None
-        if needs and size is None:
-            raise SlideChatError(f"{r.where}: Qwen2-VL boxes are on a 0-1000 scale and the image size is "
-                                 "unknown", source, hint="give readable image paths (--image-dir) or "
-                                                         "--image-size W H")
-        truth = parse_regions(r.label, size, source=where)
-        if truth.malformed:
-            raise SlideChatError(f"{r.where}: malformed region(s) in the label: {truth.malformed[:3]}",
-                                 source)
-        pred = parse_regions(r.predict, size, source=where) if not r.error else parse_regions("")
-        items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
-                                   query_class=query_class(r.question), malformed=pred.malformed,
-                                   failed=r.error))
-    return items
-
-
-def _native_items(records: Sequence[Any], image_size: Callable[[Any], Optional[Tuple[int, int]]],
-                  source: Optional[str], box_format: str, resize: Dict[str, Optional[int]]
-                  ) -> List[GroundingItem]:
-    from slidechat.evaluation.boxes import box_format as get_format
-
     fmt = get_format(box_format)
+    native = box_format != "region"
     items = []
     for r in records:
         where = f"{source}: {r.where}" if source else r.where
         pred_text = r.predict if not r.error else ""
-        needs = fmt.present(pred_text) or fmt.present(r.label)
+        if native:
+            needs = fmt.present(pred_text) or fmt.present(r.label)
+        else:  # <region> is in pixels already; Qwen2-VL box tokens are read too and need the size
+            needs = "<|box_start|>" in (r.predict or "") or "<|box_start|>" in r.label
         size = image_size(r) if needs else None
         if needs and size is None:
-            raise SlideChatError(f"{r.where}: {box_format} boxes need the image size and it is unknown", source,
+            what = (f"{box_format} boxes need the image size and it is unknown" if native else
+                    "Qwen2-VL boxes are on a 0-1000 scale and the image size is unknown")
+            raise SlideChatError(f"{r.where}: {what}", source,
                                  hint="give readable image paths (--image-dir) or --image-size W H")
-        truth = fmt.to_pixels(r.label, size, source=where, **resize)
+        truth = fmt.to_pixels(r.label, size, source=where, **dict(resize or {}))
         if truth.malformed:
-            raise SlideChatError(f"{r.where}: malformed box(es) in the label: {truth.malformed[:3]}", source)
-        pred = fmt.to_pixels(pred_text, size, source=where, **resize)
+            raise SlideChatError(f"{r.where}: malformed {'box(es)' if native else 'region(s)'} in the label: "
+                                 f"{truth.malformed[:3]}", source)
+        pred = fmt.to_pixels(pred_text, size, source=where, **dict(resize or {}))
         items.append(GroundingItem(key=r.key, pred=pred.boxes, truth=truth.boxes,
                                    query_class=query_class(r.question), malformed=pred.malformed,
                                    failed=r.error))

@@ -1,166 +1,27 @@
-"""Multiple-choice answer extraction and SlideBench-VQA accuracy.
+"""Multiple-choice scoring (SlideBench-VQA accuracy) and the options and labels a prompt holds.
 
-:func:`parse_choice` turns a model's free text into one option letter, or ``None``. It never guesses:
-anything it cannot read without doubt is ``None`` and is scored as wrong (and listed in the report).
-Rules, tried in this order on the text with markdown emphasis (``**``, ``__``, backticks) removed and
-whitespace collapsed; only letters of the row's non-empty options are valid:
-
-1. Ambiguity first: two different letters joined by ``or``/``and``/``/``/``,`` (``"A or B"``,
-   ``"(A) and (C)"``) -> ``None``.
-2. The whole answer is one letter, optionally bracketed or followed by ``.``/``)``/``:``
-   (``"B"``, ``"b"``, ``"(B)"``, ``"B)"``, ``"B."``). A lowercase letter counts only here. If that
-   letter is also the whole text of another option (Milan grade ``"I"`` with options ``C.I`` and
-   ``I.IVB``) the answer is ambiguous -> ``None``.
-3. An explicit statement: ``answer``/``option``/``choice`` (+ ``is``/``:``/``would be``...) followed by
-   an UPPERCASE letter standing alone or bracketed (``"Answer: C"``, ``"The answer is C"``,
-   ``"The correct option is (D) ..."``, ``"Option B"``; lowercase only when bracketed, ``"(b)"``), or
-   a letter followed by ``is correct/right/best/the answer``. All such statements must name the
-   same letter.
-4. A leading letter marker: the answer starts with ``B.``, ``B)``, ``(B)``, ``B:``, ``B -`` or
-   ``B <option B's text>``. A bare ``"A "`` followed by other words is the English article and does not
-   count (``"A tumor is seen"``). If the text after the marker is exactly another option's text the
-   answer contradicts itself -> ``None``.
-5. Option text: each option's text (lower-cased, punctuation and extra spaces removed) is searched as
-   whole words in the answer likewise normalised; options whose text lies inside a longer matched
-   option's text are dropped (longest match). Exactly one option left -> its letter; two or more ->
-   ``None``.
-
-Known limit: negation is not understood (``"not positive"`` matches the option ``Positive``).
-
-In rules 3-4 a letter that is not one of the row's options (``"Answer: E"`` with options A-D) makes
-the answer ``None`` rather than falling through to a weaker rule.
+Answers are read into option letters by :func:`slidechat.data.answers.parse_choice` (its rules are
+written there); this module scores them and reads options and reference labels out of prompts.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from slidechat.data.answers import gold_letter, normalize_text, parse_choice
+from slidechat.data.vocabulary import LETTERS
+from slidechat.evaluation.tables import (ACCURACY_HEADERS, accuracy_cells, accuracy_rows, fmt_pct, markdown_table,
+                                        shorten)
 from slidechat.utils.errors import SlideChatError
-
-Options = Union[Mapping[str, str], Iterable[str]]
-
-_MD = re.compile(r"(\*\*|\*|__|`+)")
-_PAIR = re.compile(r"(?<![A-Za-z])\(?([A-J])\)?\s*(?:or|and|/|,|&)\s*\(?([A-J])\)?(?![A-Za-z])")
-_BARE = re.compile(r"^\(?([A-Za-j])\)?\s*[.:)]?$")
-_EXPLICIT = re.compile(
-    r"\b(?:answer|option|choice)s?\b\s*(?:is|would be|will be|should be|=|:|-)?\s*"
-    r"(?:(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is)?\s*)?[:\-]?\s*"
-    r"(?:\(([A-J])\)|\[([A-J])\]|([A-J])(?![A-Za-z0-9'\-]))",
-    re.IGNORECASE)
-_STATED_AFTER = re.compile(
-    r"(?<![A-Za-z])(?:\(([A-J])\)|([A-J]))\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b")
-_LEAD = re.compile(r"^(?:\(([A-J])\)|\[([A-J])\]|([A-J])\s*(?:[.:)]|\s-\s|\s*$))\s*(.*)$", re.DOTALL)
-_LEAD_SPACE = re.compile(r"^([A-J])\s+(.+)$", re.DOTALL)
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def _valid_letters(options: Options) -> Dict[str, str]:
-    if isinstance(options, Mapping):
-        return {str(k).upper(): str(v) for k, v in options.items()
-                if v is not None and not (isinstance(v, float) and v != v) and str(v).strip()}
-    return {str(k).upper(): "" for k in options}
-
-
-def _norm(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
 def _s(v: object) -> str:
     return "" if v is None or (isinstance(v, float) and v != v) else str(v)
-
-
-def _text_match(text: str, opts: Mapping[str, str]) -> Optional[str]:
-    t = f" {_norm(text)} "
-    hits = {}
-    for letter, otext in opts.items():
-        o = _norm(otext)
-        if o and f" {o} " in t:
-            hits[letter] = o
-    if not hits:
-        return None
-    # longest match: drop options whose text is contained in another matched option's text
-    keep = [k for k, o in hits.items()
-            if not any(k2 != k and len(o2) > len(o) and f" {o} " in f" {o2} " for k2, o2 in hits.items())]
-    if len(set(hits[k] for k in keep)) == 1 and len(keep) > 1:
-        return None  # two options with the same text: cannot tell them apart
-    return keep[0] if len(keep) == 1 else None
-
-
-def parse_choice(text: Optional[str], options: Options) -> Optional[str]:
-    """The option letter a free-text answer states, or ``None`` if absent/ambiguous (see module doc).
-
-    ``options`` is ``{letter: text}`` (empty texts are not options) or just the valid letters.
-    """
-    if text is None or (isinstance(text, float) and text != text):
-        return None
-    opts = _valid_letters(options)
-    if not opts:
-        return None
-    s = " ".join(_MD.sub("", str(text)).split())
-    if not s:
-        return None
-
-    # 1. ambiguity between letters
-    for m in _PAIR.finditer(s):
-        a, b = m.group(1), m.group(2)
-        if a != b and a in opts and b in opts:
-            return None
-
-    # 2. the whole answer is one letter
-    m = _BARE.match(s)
-    if m:
-        letter = m.group(1).upper()
-        if any(k != letter and _norm(v) == letter.lower() for k, v in opts.items() if v):
-            return None  # "I" with options "C.I" and "I.IVB": the letter I or the text of C?
-        return letter if letter in opts else None
-
-    # 3. explicit statements ("the answer is C")
-    stated = set()
-    for m in _EXPLICIT.finditer(s):
-        bracketed = m.group(1) or m.group(2)
-        x = bracketed or m.group(3)
-        if bracketed or x.isupper():  # "the answer is a tumor": lowercase bare "a" is an article
-            stated.add(x.upper())
-    for m in _STATED_AFTER.finditer(s):  # "B is correct", "(C) is the answer"
-        stated.add(m.group(1) or m.group(2))
-    if stated:
-        if len(stated) == 1:
-            letter = stated.pop()
-            return letter if letter in opts else None
-        return None
-
-    # 4. a leading letter marker ("B. Lung", "(B) ...", "B Lung")
-    texts = {k: _norm(v) for k, v in opts.items() if v}
-    m = _LEAD.match(s)
-    rest = None
-    if m:
-        letter = next(g for g in m.groups()[:3] if g)
-        rest = m.group(4)
-    else:
-        m2 = _LEAD_SPACE.match(s)
-        letter = None
-        if m2 and texts:
-            cand, after = m2.group(1), _norm(m2.group(2))
-            own = texts.get(cand)
-            if own and (after == own or after.startswith(own + " ")):
-                letter, rest = cand, m2.group(2)
-    if letter is not None:
-        if letter not in opts:
-            return None
-        if rest and texts:
-            r = _norm(rest)
-            if r != texts.get(letter) and any(r == t for k, t in texts.items() if k != letter):
-                return None  # "B. <text of option C>"
-        return letter
-
-    # 5. option text
-    if texts:
-        return _text_match(s, texts)
-    return None
 
 
 # --------------------------------------------------------------------------- scoring
@@ -196,16 +57,37 @@ class McqReport:
         return d
 
     def to_markdown(self) -> str:
-        from slidechat.evaluation.tables import mcq_markdown
-
         return mcq_markdown(self)
 
 
-def _gold_letter(ans: str, opts: Mapping[str, str]) -> Optional[str]:
-    a = ans.strip()
-    if len(a) == 1 and a.upper() in opts:
-        return a.upper()
-    return parse_choice(a, opts)
+def mcq_markdown(report: McqReport, max_listed: int = 20) -> str:
+    parts = []
+    title = (report.title or "SlideBench-VQA accuracy") + (
+        f" — `{os.path.basename(report.source)}`" if report.source else "")
+    parts.append(f"## {title}\n")
+    parts.append(markdown_table(["", *ACCURACY_HEADERS], [["**overall**", *accuracy_cells(report.overall)]]))
+    if report.macro:
+        parts.append("\n" + markdown_table(
+            ["average", "accuracy (%)"],
+            [["micro (all questions)", fmt_pct(report.overall["accuracy"])]]
+            + [[f"macro over {g} ({len(report.groups.get(g, []))} groups)", fmt_pct(v)] for g, v in
+               report.macro.items()]))
+    for g, rows in report.groups.items():
+        parts.append(f"\n### By {g}\n")
+        parts.append(markdown_table([g, *ACCURACY_HEADERS], [[r["value"], *accuracy_cells(r)] for r in rows]))
+    for note in report.notes:
+        parts.append(f"\n{note}")
+    if report.errors:
+        parts.append(f"\n### Rows not run ({len(report.errors)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "error"], [[e["key"], e["error"]] for e in
+                                                       report.errors[:max_listed]], ["l", "l"]))
+    if report.unparsed:
+        parts.append(f"\n### Unparsed answers ({len(report.unparsed)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "output"], [[u["key"], shorten(u["output"])] for u in
+                                                        report.unparsed[:max_listed]], ["l", "l"]))
+    if len(report.unparsed) > max_listed or len(report.errors) > max_listed:
+        parts.append(f"\n(first {max_listed} listed; the JSON report has all)")
+    return "\n".join(parts) + "\n"
 
 
 def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
@@ -215,15 +97,13 @@ def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
     ``Pred`` is used when present (empty = unparsed), else ``Output`` is parsed. Rows with a non-empty
     ``Error`` count as wrong and are listed under ``errors``, not ``unparsed``.
     """
-    from slidechat.evaluation.tables import accuracy_rows
-
     cols = list(df.columns)
     need = ["Answer"] + ([] if "Pred" in cols and use_pred else ["Output"])
     missing = [c for c in need if c not in cols]
     if missing:
         raise SlideChatError(f"missing column(s) {missing} needed for scoring", source,
                              hint=f"columns found: {cols}")
-    letters = [c for c in "ABCDEFGHIJ" if c in cols]
+    letters = [c for c in LETTERS if c in cols]
     if not letters:  # without options an Answer cannot be checked: refuse rather than assume A-D
         raise SlideChatError("no option columns (A, B, ...): not a multiple-choice output", source,
                              hint=f"columns found: {cols}; score captions with `slidechat eval caption`")
@@ -237,7 +117,7 @@ def score_mcq(df: pd.DataFrame, group_columns: Optional[Sequence[str]] = None,
         opts = {c: _s(r[c]) for c in letters if _s(r[c]).strip()}
         if not opts:
             opts = {c: "" for c in "ABCD"}
-        gold = _gold_letter(_s(r["Answer"]), opts)
+        gold = gold_letter(_s(r["Answer"]), opts)
         if gold is None:
             bad_gold.append(key)
         err = _s(r["Error"]).strip() if "Error" in cols else ""
@@ -295,7 +175,7 @@ def options_from_prompt(text: str) -> Dict[str, str]:
         body = text[m.start() + 1:end]
         opts: Dict[str, str] = {}
         pos = 0
-        letters = "ABCDEFGHIJ"
+        letters = LETTERS
         k = 0
         head = re.match(r"\s*A\s*[.)]\s*", body)
         pos = head.end()
@@ -314,7 +194,7 @@ def options_from_prompt(text: str) -> Dict[str, str]:
     lines = _LINE_OPT.findall(text)
     opts = {}
     for letter, body in lines:
-        expected = "ABCDEFGHIJ"[len(opts)] if len(opts) < 10 else None
+        expected = LETTERS[len(opts)] if len(opts) < 10 else None
         if letter == expected:
             opts[letter] = body
         elif opts:
@@ -334,11 +214,11 @@ def label_letter(label: str, options: Mapping[str, str]) -> Tuple[Optional[str],
     m = re.match(r"^\(?([A-J])\)?\s*[.):]\s*(.*)$", lab)
     if m and m.group(1) in options:  # "A.Benign." -- the usual form
         letter = m.group(1)
-        told, own = _norm(m.group(2)), _norm(options.get(letter, ""))
+        told, own = normalize_text(m.group(2)), normalize_text(options.get(letter, ""))
         if told and own and told != own:
             return None, f"label {lab!r} names option {letter} but {letter} is {options[letter]!r}"
         return letter, ""
-    letter = _gold_letter(lab, options)
+    letter = gold_letter(lab, options)
     if letter is None:
         return None, f"label {lab!r} names none of the options {sorted(options)}"
     return letter, ""
@@ -361,8 +241,6 @@ def score_choice_rows(rows: Sequence[ChoiceRow], group_names: Sequence[str] = ()
                       macro_over: Sequence[str] = (), task: Optional[str] = None) -> McqReport:
     """Accuracy of free-text answers (parsed with :func:`parse_choice`) overall, per group and the macro
     average (mean of the group accuracies) for each grouping in ``macro_over``."""
-    from slidechat.evaluation.tables import accuracy_rows
-
     recs, unparsed, errors = [], [], []
     for r in rows:
         if r.error:

@@ -16,12 +16,14 @@ Known limit: negation is not understood (``"not hsil"`` names hsil), as in the M
 from __future__ import annotations
 
 import functools
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from slidechat.evaluation.regions import iou, parse_regions
+from slidechat.evaluation.regions import Region, iou, parse_regions
+from slidechat.evaluation.tables import fmt_number, fmt_pct, markdown_table, shorten
 from slidechat.utils.errors import SlideChatError
 
 #: Cytology class aliases (keys and values go through the same normalisation as the answers).
@@ -172,9 +174,48 @@ class ReferringReport:
                 "errors": self.errors, "notes": self.notes}
 
     def to_markdown(self) -> str:
-        from slidechat.evaluation.tables import referring_markdown
-
         return referring_markdown(self)
+
+
+def referring_markdown(report: ReferringReport, max_listed: int = 20) -> str:
+    """Region -> description accuracy with per-class rows and confusion table; description -> region."""
+    src = f" — `{os.path.basename(report.source)}`" if report.source else ""
+    parts = [f"## Referring expressions{src}\n"]
+    d, loc = report.describe, report.locate
+    rows = []
+    if d["n"]:
+        rows.append(["region → description (class name)", d["n"], d["correct"], fmt_pct(d["accuracy"]),
+                     d["unparsed"], d["errors"]])
+    if loc["n"]:
+        rows.append([f"description → region (IoU ≥ {loc['iou_threshold']:g})", loc["n"], loc["correct"],
+                     fmt_pct(loc["accuracy"]), loc["no_box"] + loc["several_boxes"], loc["errors"]])
+    parts.append(markdown_table(["task", "n", "correct", "accuracy (%)", "unparsed", "errors"], rows))
+    if loc["n"]:
+        parts.append(f"\nDescription → region: mean IoU of single-box answers {fmt_number(loc['mean_iou'], 3)}; "
+                     f"{loc['no_box']} answer(s) without a box, {loc['several_boxes']} with several.")
+    if report.per_class:
+        parts.append("\n### Region → description by true class\n")
+        parts.append(markdown_table(["class", "n", "correct", "accuracy (%)"],
+                                    [[r["value"], r["n"], r["correct"], fmt_pct(r["accuracy"])]
+                                     for r in report.per_class]))
+        answers = sorted({a for row in report.confusion.values() for a in row},
+                         key=lambda a: (a.startswith("("), a))
+        parts.append("\n### Confusion (rows: truth, columns: answer)\n")
+        parts.append(markdown_table(["truth \\ answer", *answers],
+                                    [[t, *[report.confusion[t].get(a, 0) for a in answers]]
+                                     for t in report.confusion]))
+    if report.unparsed:
+        parts.append(f"\n### Unparsed answers ({len(report.unparsed)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "output", "why"],
+                                    [[u["key"], shorten(u["output"]), u.get("reason", "")]
+                                     for u in report.unparsed[:max_listed]], ["l", "l", "l"]))
+    if report.errors:
+        parts.append(f"\n### Rows not run ({len(report.errors)}, counted as wrong)\n")
+        parts.append(markdown_table(["key", "error"], [[e["key"], shorten(e["error"])] for e in
+                                                       report.errors[:max_listed]], ["l", "l"]))
+    for note in report.notes:
+        parts.append(f"\n{note}")
+    return "\n".join(parts) + "\n"
 
 
 @dataclass
@@ -194,6 +235,18 @@ def score_referring(items: Sequence[ReferringItem], aliases: Optional[Mapping[st
                     iou_threshold: float = 0.5, source: Optional[str] = None) -> ReferringReport:
     """Score region -> description rows (truth is a class name) and description -> region rows (truth
     is one ``<region>``) separately; failed rows count as wrong and are listed."""
+    desc_items, loc_items = _split_tasks(items, source)
+    unparsed: List[Dict[str, str]] = []
+    errors: List[Dict[str, str]] = []
+    describe, per_class, confusion = _score_describe(desc_items, aliases, source, unparsed, errors)
+    locate = _score_locate(loc_items, iou_threshold, unparsed, errors)
+    return ReferringReport(describe=describe, locate=locate, confusion=confusion, per_class=per_class,
+                           unparsed=unparsed, errors=errors, source=source)
+
+
+def _split_tasks(items: Sequence[ReferringItem], source: Optional[str]
+                 ) -> Tuple[List[ReferringItem], List[Tuple[ReferringItem, Region]]]:
+    """Region -> description rows, and description -> region rows with their one true box."""
     desc_items, loc_items = [], []
     for it in items:
         truth_boxes = parse_regions(it.label)
@@ -205,9 +258,14 @@ def score_referring(items: Sequence[ReferringItem], aliases: Optional[Mapping[st
             loc_items.append((it, truth_boxes.boxes[0]))
         else:
             desc_items.append(it)
+    return desc_items, loc_items
 
-    unparsed: List[Dict[str, str]] = []
-    errors: List[Dict[str, str]] = []
+
+def _score_describe(desc_items: Sequence[ReferringItem], aliases: Optional[Mapping[str, str]],
+                    source: Optional[str], unparsed: List[Dict[str, str]], errors: List[Dict[str, str]]
+                    ) -> Tuple[Dict[str, Any], List[Dict[str, Any]], Dict[str, Dict[str, int]]]:
+    """Region -> description: ``(totals, per true class, confusion)``; unreadable and failed rows are
+    appended to ``unparsed`` / ``errors``."""
     truths = [canonical_class(it.label, (), aliases) for it in desc_items]
     vocab: Set[str] = {t for t in truths if t} | set(KNOWN_CLASSES)
     truths = [canonical_class(it.label, vocab, aliases) for it in desc_items]
@@ -239,7 +297,13 @@ def score_referring(items: Sequence[ReferringItem], aliases: Optional[Mapping[st
                 "unparsed": n_unparsed, "errors": n_err}
     per_class = [{"value": c, "n": len(v), "correct": sum(v), "accuracy": sum(v) / len(v)}
                  for c, v in sorted(per.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+    return describe, per_class, confusion
 
+
+def _score_locate(loc_items: Sequence[Tuple[ReferringItem, Region]], iou_threshold: float,
+                  unparsed: List[Dict[str, str]], errors: List[Dict[str, str]]) -> Dict[str, Any]:
+    """Description -> region: a single predicted box at IoU >= ``iou_threshold`` is correct; none or
+    several are unparsed, failed rows errors (both appended to the lists)."""
     l_ok = l_none = l_multi = l_err = 0
     ious: List[float] = []
     for it, tb in loc_items:
@@ -262,11 +326,9 @@ def score_referring(items: Sequence[ReferringItem], aliases: Optional[Mapping[st
         ious.append(v)
         l_ok += v >= iou_threshold
     m = len(loc_items)
-    locate = {"n": m, "correct": l_ok, "accuracy": l_ok / m if m else float("nan"),
-              "iou_threshold": iou_threshold, "no_box": l_none, "several_boxes": l_multi, "errors": l_err,
-              "mean_iou": sum(ious) / len(ious) if ious else float("nan")}
-    return ReferringReport(describe=describe, locate=locate, confusion=confusion, per_class=per_class,
-                           unparsed=unparsed, errors=errors, source=source)
+    return {"n": m, "correct": l_ok, "accuracy": l_ok / m if m else float("nan"),
+            "iou_threshold": iou_threshold, "no_box": l_none, "several_boxes": l_multi, "errors": l_err,
+            "mean_iou": sum(ious) / len(ious) if ious else float("nan")}
 
 
 def referring_items(records: Sequence[Any]) -> List[ReferringItem]:

@@ -1,28 +1,6 @@
-"""Slide encoder, projector and the LLM wrapper (plain PyTorch + transformers).
+"""Plain PyTorch / transformers models: the LongNet slide encoder, the projector, SlideChat, the Qwen VL
+family registry and loader, checkpoint reading with the key check, tiny test models.
 
-Names are exported lazily so ``slidechat.model.constants`` stays importable without torch.
+Import each name from its module (``slidechat.model.slidechat_model.SlideChatModel``); this package
+exports nothing, so ``slidechat.model.constants`` stays importable without torch.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "SlideEncoderConfig": "slide_encoder",
-    "LongNetEncoder": "slide_encoder",
-    "Projector": "projector",
-    "SlideChatConfig": "slidechat_model",
-    "SlideChatModel": "slidechat_model",
-    "LoadReport": "slidechat_model",
-    "load_state_dict_file": "checkpoint",
-    "make_tiny_llm": "tiny_llm",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

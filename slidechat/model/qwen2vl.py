@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 import torch
 
 from slidechat.model.hf_folder import load_model, load_processor
+from slidechat.model.lora import _hide_broken_bitsandbytes_from_peft
 from slidechat.utils.devices import resolve_dtype
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
@@ -132,8 +133,6 @@ def check_qwen2vl_folder(path: PathLike) -> Path:
 
 def merge_adapter(model: Any, adapter_name_or_path: PathLike) -> Any:
     """Apply a peft LoRA adapter folder to ``model`` and merge it into the weights."""
-    from slidechat.model.lora import _hide_broken_bitsandbytes_from_peft
-
     a = Path(adapter_name_or_path).expanduser()
     if not (a / "adapter_config.json").is_file():
         raise SlideChatError("not a LoRA adapter folder (no adapter_config.json)", a)

@@ -54,7 +54,9 @@ class SlideChatConfig:
 
     ``prompt_template``/``chat_template_kwargs`` travel with the model (training config -> checkpoint
     config -> export ``config.json``) so ``slidechat test``, ``xtuner test`` and ``slidechat chat`` prompt
-    it as it was trained. A folder written before these keys existed was trained with ``qwen_chat``.
+    it as it was trained. A folder written before these keys existed was trained with ``qwen_chat``. The
+    names are resolved and checked by the data layer (``slidechat.data.template.config_template``) where a
+    model is built or loaded: a model takes token ids and does not know prompt formats.
     """
 
     feature_dim: int = 512
@@ -65,21 +67,9 @@ class SlideChatConfig:
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from slidechat.data.template import ConversationError, resolve_template
-
         if isinstance(self.encoder, dict):  # configs written as plain dicts (xtuner/mmengine, JSON)
             self.encoder = SlideEncoderConfig.from_dict(self.encoder)
         self.chat_template_kwargs = dict(self.chat_template_kwargs or {})
-        try:
-            resolve_template(self.prompt_template, self.chat_template_kwargs)
-        except ConversationError as e:
-            raise SlideChatError(f"slidechat_config: {e}") from None
-
-    def template(self) -> Any:
-        """The resolved prompt format (what :func:`slidechat.data.template.tokenize_pairs` takes)."""
-        from slidechat.data.template import resolve_template
-
-        return resolve_template(self.prompt_template, self.chat_template_kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"feature_dim": self.feature_dim, "encoder": self.encoder.to_dict(),

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
+from slidechat.model.llm_templates import LLAMA_3_1_INSTRUCT, QWEN2_5_INSTRUCT, QWEN3
+
 logger = logging.getLogger(__name__)
 
 # Qwen2.5-Instruct's special tokens (ids are assigned after the BPE vocabulary here).
@@ -172,8 +174,6 @@ def _build_llama3_tokenizer(vocab_size: int = 3000, corpus: str = _CORPUS) -> An
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from slidechat.model.llm_templates import LLAMA_3_1_INSTRUCT
-
     tok = _train_bpe(corpus, vocab_size, _LLAMA3_SPLIT)
     _add_tokens(tok, LLAMA3_SPECIAL_TOKENS)
     bos_id = tok.token_to_id(BEGIN_OF_TEXT)
@@ -188,8 +188,6 @@ def _build_llama3_tokenizer(vocab_size: int = 3000, corpus: str = _CORPUS) -> An
 
 def build_tiny_tokenizer(arch: str = "qwen2", official_template: Optional[bool] = None) -> Any:
     """The tokenizer ``make_tiny_llm`` writes for ``arch`` (see the module doc)."""
-    from slidechat.model.llm_templates import QWEN2_5_INSTRUCT, QWEN3
-
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
     if official_template is False and arch != "qwen2":

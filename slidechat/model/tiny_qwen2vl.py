@@ -16,6 +16,9 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from slidechat.model.qwen2vl import get_family
+from slidechat.model.tiny_llm import _build_tokenizer
+
 logger = logging.getLogger(__name__)
 
 ENDOFTEXT = "<|endoftext|>"
@@ -68,8 +71,6 @@ Were any abnormal cells found during the examination? Yes. No. What cells are pr
 
 
 def _build_qwen2vl_tokenizer(vocab_size: int = 300, arch: str = "qwen2_vl"):
-    from slidechat.model.tiny_llm import _build_tokenizer
-
     qwen3 = arch == "qwen3_vl"
     tok = _build_tokenizer(vocab_size=vocab_size, special_tokens=QWEN2VL_SPECIAL_TOKENS,
                            additional_special_tokens=QWEN2VL_ADDITIONAL_SPECIAL_TOKENS, corpus=_CYTO_CORPUS,
@@ -189,8 +190,6 @@ def make_tiny_qwen2vl(out_dir: Union[str, os.PathLike], seed: int = 0, vocab_siz
     import torch
     import transformers
     from transformers import GenerationConfig
-
-    from slidechat.model.qwen2vl import get_family
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch '{arch}' (known: {', '.join(ARCHS)})")
