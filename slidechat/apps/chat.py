@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
+from slidechat.data.template import config_template
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -74,7 +75,8 @@ class ChatSession:
         self.prompt_limit = model_prompt_limit(model, self.max_new_tokens, max_prompt_tokens)
         if template is None:  # the prompt format the model was trained with (its SlideChatConfig)
             cfg = getattr(model, "config", None)
-            template = cfg.template() if hasattr(cfg, "template") else "qwen_chat"
+            template = (config_template(cfg.prompt_template, cfg.chat_template_kwargs)
+                        if hasattr(cfg, "prompt_template") else "qwen_chat")
         self.template = template
         self.system = system
         self.generation_kwargs = dict(generation_kwargs)

@@ -49,7 +49,7 @@ from slidechat.data.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, S
                                        check_template, default_template, merge_shards, read_csv_text,
                                        read_slidebench, require_rows, resolve_feature_path)
 from slidechat.data.slidebench_dataset import SlideBenchTestDataset, slidebench_collate_fn
-from slidechat.data.template import describe_template
+from slidechat.data.template import config_template, describe_template
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import route_mmengine_logs_to_stderr
 from slidechat.utils.outputs import require_file_path
@@ -317,7 +317,8 @@ class SlideBenchTestLoop(TestLoop):
                       max_patches=core_cfg.max_patches_test, system=system,
                       # the prompt format the model was trained with (its slidechat_config) unless the
                       # loop names another
-                      template=core_cfg.template() if template is None else template,
+                      template=(config_template(core_cfg.prompt_template, core_cfg.chat_template_kwargs)
+                                if template is None else template),
                       prompt_limit=model_prompt_limit(model.core, s.max_new_tokens, s.max_prompt_tokens))
         dataset = SlideBenchTestDataset(**ds_cfg)
         _log(f"prompt format: {describe_template(dataset.template)}")
