@@ -394,9 +394,9 @@ def run_screen_demo(work_dir: PathLike, model_dir: PathLike, n_slides: int = 8, 
     Writes ``n_slides`` slides (half abnormal) under ``<work_dir>/cyto_slides`` (reused when present)
     and the screening outputs under ``<work_dir>/screen``. Fields (``field_size`` px at ``target_mpp``)
     and ``image_max_pixels`` must match what the model was trained on: the defaults fit the tiny model
-    trained on native 224-px fields at 0.5 µm/px (``configs/tiny/cytochat_sft.py`` feeds 224x224). Returns the summary: ``metrics`` holds
-    ``auc``, ``auc_ci_low``, ``auc_ci_high``, ``sensitivity``, ``specificity``; ``metrics_line`` is
-    the printable line; pictures are under ``<work_dir>/screen/{heatmaps,galleries}``.
+    trained on native 224-px fields at 0.5 µm/px (``configs/tiny/cytochat_sft.py`` feeds 224x224).
+    Returns the summary: ``metrics`` holds ``auc``, ``auc_ci_low``, ``auc_ci_high``, ``sensitivity``,
+    ``specificity``; ``metrics_line`` is the printable line; pictures are under ``<work_dir>/screen/{heatmaps,galleries}``.
     """
     work = Path(work_dir)
     sl = work / "cyto_slides"
