@@ -167,6 +167,8 @@ def _ground(reader: PatchReader, scorer: FieldModel, grid: PatchGrid, fields: Li
             clock: _Clock) -> Tuple[Dict[int, List[List[Any]]], int]:
     """Level-0 boxes ``[label, x1, y1, x2, y2]`` the model locates in each of ``fields``, and the number of
     malformed regions in its answers."""
+    if not fields:
+        return {}, 0
     mw, mh = model_image_size(grid.patch_size, opts)
     f0 = grid.patch_size_level0 / float(mw)  # model image px -> level-0 px
     f1 = grid.patch_size_level0 / float(mh)
@@ -205,14 +207,14 @@ def screen_slide(path: PathLike, scorer: FieldModel, opts: ScreenOptions) -> Sli
         plan = plan_fields(slide, opts)
     t1 = time.perf_counter()
     n = len(plan.grid)
+    bs = max(1, int(opts.batch_size))
     clock = _Clock()
-    reader = PatchReader(path, plan.grid, max(1, int(opts.batch_size)))  # one slide handle for the whole slide
+    reader = PatchReader(path, plan.grid, bs)  # one slide handle for the whole slide
     bar = tqdm(total=n, desc=sid[:30], unit="field", leave=False, disable=not opts.progress)
     try:
-        probs, mass = _option_probabilities(reader, scorer, n, max(1, int(opts.batch_size)), clock, bar)
+        probs, mass = _option_probabilities(reader, scorer, n, bs, clock, bar)
         score = scorer.abnormal_score(probs)
-        to_ground = _fields_to_ground(score, opts)
-        grounded, malformed = _ground(reader, scorer, plan.grid, to_ground, opts, clock) if to_ground else ({}, 0)
+        grounded, malformed = _ground(reader, scorer, plan.grid, _fields_to_ground(score, opts), opts, clock)
     finally:
         bar.close()
         reader.close()
