@@ -33,7 +33,8 @@ def main() -> None:
     from PIL import Image
 
     from slidechat.data.synthetic_cytology import write_cytology_slides
-    from slidechat.apps.screening import FieldModel, ScreenOptions, screen_slide
+    from slidechat.apps.screening import ScreenOptions, screen_slide
+    from slidechat.inference.field_scorer import FieldModel
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
     work = Path(a.work or tempfile.mkdtemp(prefix="screen_bench_"))

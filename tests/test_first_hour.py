@@ -88,17 +88,15 @@ def test_qc_png_has_a_title_and_a_scale_bar_of_the_right_length(tmp_path: Path) 
 # screening gallery: grounded boxes on the right pixels, or the picture says why none
 
 
-def _rows(grounded: List[object], size0: int) -> List[Dict[str, object]]:
-    rows = []
-    for i, g in enumerate(grounded):
-        rows.append({"slide": "s", "field": i, "x": 1000 + i * size0, "y": 2000, "size_level0": size0,
-                     "score": f"{0.9 - 0.1 * i:.6f}",
-                     "n_grounded": "" if g is None else len(g), "grounded": "" if g is None else json.dumps(g)})
-    return rows
+def _rows(grounded: List[object], size0: int) -> List[object]:
+    from slidechat.evaluation.screening import FieldRow
+
+    return [FieldRow.measured("s", i, 1000 + i * size0, 2000, size0, 0.5, 0.1, 0.9 - 0.1 * i, 1.0,
+                              [0.1 + 0.1 * i, 0.9 - 0.1 * i], g) for i, g in enumerate(grounded)]
 
 
 def test_gallery_draws_a_known_box_on_the_right_pixels() -> None:
-    from slidechat.apps.screening import render_gallery
+    from slidechat.apps.screening_report import render_gallery
 
     size0, P, t = 896, 448, 224  # level-0 field side, field pixels, gallery tile side
     # field 0: a box 200..400 x 100..300 level-0 px inside the field (top-left 1000, 2000)
@@ -130,7 +128,7 @@ def test_gallery_draws_a_known_box_on_the_right_pixels() -> None:
 
 
 def test_gallery_says_why_there_are_no_boxes() -> None:
-    from slidechat.apps.screening import render_gallery
+    from slidechat.apps.screening_report import render_gallery
 
     fields = np.full((2, 64, 64, 3), 200, np.uint8)
     off = render_gallery("s", _rows([None, None], 128), [0, 1], fields, 128.0, 0.5)
@@ -152,8 +150,9 @@ def _help_flags(command: str) -> set:
 
 
 def test_screen_small_slide_message_names_only_screen_flags(tmp_path: Path) -> None:
-    from slidechat.apps.screening import ScreenOptions, plan_fields
+    from slidechat.apps.screening import ScreenOptions
     from slidechat.utils.errors import SlideChatError
+    from slidechat.wsi.cellularity import plan_fields
     from slidechat.wsi.slide import Slide
 
     png = tmp_path / "tiny_smear.png"

@@ -165,7 +165,8 @@ def _read_csv(p: Path) -> List[Dict[str, str]]:
 
 def test_cellular_detector_keeps_cell_rich_fields_and_drops_blank_ones(cyto: Dict[str, Path]) -> None:
     from slidechat.data.synthetic_cytology import write_cytology_slides
-    from slidechat.apps.screening import ScreenOptions, plan_fields
+    from slidechat.apps.screening import ScreenOptions
+    from slidechat.wsi.cellularity import plan_fields
     from slidechat.wsi.patching import plan_patches
     from slidechat.wsi.slide import Slide, resolve_resolution
     from slidechat.wsi.tissue import segment_tissue
@@ -213,7 +214,8 @@ def test_cellular_detector_keeps_cell_rich_fields_and_drops_blank_ones(cyto: Dic
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory: pytest.TempPathFactory):
-    from slidechat.apps.screening import FieldModel, ScreenOptions
+    from slidechat.apps.screening import ScreenOptions
+    from slidechat.inference.field_scorer import FieldModel
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
     folder = make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl") / "model", seed=0)

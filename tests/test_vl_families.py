@@ -350,7 +350,8 @@ def test_chat_image_and_the_screening_scorer_run_on_each_family(tinies, arch, tm
     from PIL import Image
 
     from slidechat.apps.chat import ImageChatSession, load_image_chat_model
-    from slidechat.apps.screening import FieldModel, ScreenOptions
+    from slidechat.apps.screening import ScreenOptions
+    from slidechat.inference.field_scorer import FieldModel
 
     model, proc = load_image_chat_model(tinies[arch], device="cpu")
     img = field(tmp_path / "f.png", 0, 1)

@@ -18,25 +18,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
-import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional
 
+from slidechat.cli.main import main as cli_main
 from slidechat.utils.atomic import atomic_write_text
-from slidechat.utils.errors import SlideChatError
-
-logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-#: image_max_pixels of configs/tiny/cytochat_sft.py (224x224): inference and screening must match it
-TINY_IMAGE_MAX_PIXELS = 224 * 224
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,39 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the steps' full output (training logs, progress bars) on the terminal "
                         "instead of <work-dir>/demo.log")
     p.set_defaults(func=run)
-
-
-def _config(name: str) -> Path:
-    path = REPO_ROOT / "configs" / "tiny" / name
-    if not path.is_file():
-        raise SlideChatError("demo config not found (run the demo from a source checkout)", path)
-    return path
-
-
-def _xtuner_train(config: Path, work_dir: Path, overrides: List[str]) -> None:
-    """Run the stock ``xtuner train`` entry point, exactly as a user would."""
-    bin_dir = Path(sys.executable).parent
-    xtuner = bin_dir / "xtuner"
-    if not xtuner.exists():
-        xtuner = Path(shutil.which("xtuner") or "xtuner")
-    env = dict(os.environ)
-    # xtuner's launcher re-executes a bare `python`: make it this environment's interpreter.
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [str(xtuner), "train", str(config), "--work-dir", str(work_dir), "--seed", "0"]
-    if overrides:
-        cmd += ["--cfg-options", *overrides]
-    logger.info("$ %s", " ".join(cmd))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    res = subprocess.run(cmd, env=env)  # its output goes where ours goes (the demo log)
-    # xtuner's launcher returns 0 even when training failed: judge by the checkpoint it must leave
-    if res.returncode != 0 or not _trained(work_dir):
-        raise SlideChatError(f"xtuner train did not finish (exit code {res.returncode}, no "
-                             f"last_checkpoint; see the log under {work_dir})", config)
-
-
-def _trained(work_dir: Path) -> bool:
-    return (work_dir / "last_checkpoint").is_file()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +76,10 @@ class Steps:
     def say(self, text: str) -> None:
         self.term.write(text)
         self.term.flush()
+
+    def note(self, text: str) -> None:
+        """A step's own output (a table, a figure): where everything the step prints goes."""
+        print(text)
 
     @contextlib.contextmanager
     def _redirected(self) -> Iterator[None]:
@@ -167,6 +131,9 @@ class Steps:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: apps.demo imports torch, transformers and mmengine; `slidechat --help` must not wait for them
+    from slidechat.apps.demo import run_cytology_demo, run_slide_demo
+
     root = Path(args.work_dir)
     if args.fresh and root.exists():
         shutil.rmtree(root)
@@ -176,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.show_output:
             steps.say(f"slidechat demo: one line per step; the steps' full output goes to {steps.log_path}\n")
         if args.part in ("all", "slide"):
-            run_slide_demo(root, args.n_slides, steps)
+            run_slide_demo(root, args.n_slides, steps, cli_main)
         if args.part in ("all", "cytology"):
-            run_cytology_demo(root, args.n_fields, args.n_cyto_slides, steps)
+            run_cytology_demo(root, args.n_fields, args.n_cyto_slides, steps, cli_main)
         block = summary_block(root, log_path=None if args.show_output else steps.log_path,
                               minutes=(time.perf_counter() - steps.t_start) / 60)
         atomic_write_text(root / "summary.txt", block)
@@ -188,183 +155,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_slide_demo(root: Path, n_slides: int, steps: Optional[Steps] = None) -> None:
-    """Whole slides: synthetic WSIs -> features -> stage 1 -> stage 2 -> SlideBench test -> export."""
-    from slidechat.cli.main import main as cli_main
-    from slidechat.data.synthetic import FEATURE_TEMPLATE, write_synthetic_dataset
-    from slidechat.engine.overrides import parse_cfg_options, path_overrides
-    from slidechat.engine.testing import run_test
-    from slidechat.apps.extract import extract_slides
-    from slidechat.model.tiny_llm import make_tiny_llm
-    from slidechat.wsi.synthetic import make_demo_slides
-
-    steps = steps or Steps(root / "demo.log", show_output=True)
-    paths = demo_paths(root)
-    slides_dir, feat_dir = root / "slides", root / "features"
-    llm_dir, data_dir = root / "tiny_llm", root / "data"
-    stage1, stage2, export_dir = root / "stage1", root / "stage2", paths["export"]
-    manifest = slides_dir / "manifest.csv"
-
-    with steps.step("[slide 1/8] synthetic slides", done=manifest.is_file()):
-        if not manifest.is_file():
-            manifest = make_demo_slides(slides_dir, n_slides=n_slides, seed=0)
-    import pandas as pd
-
-    slide_paths = pd.read_csv(manifest)["path"].tolist()
-
-    with steps.step("[slide 2/8] feature extraction (tiny_test encoder, 20x, 224 px, QC pictures)"):
-        summary = extract_slides(slide_paths, feat_dir, encoder="tiny_test", save_csv=True, save_qc=True)
-        if summary.get("failed"):
-            raise SlideChatError(f"{len(summary['failed'])} slide(s) failed; see failures.csv", feat_dir)
-
-    with steps.step("[slide 3/8] tiny offline LLM + tokenizer", done=(llm_dir / "config.json").is_file()):
-        if not (llm_dir / "config.json").is_file():
-            make_tiny_llm(llm_dir)
-
-    with steps.step("[slide 4/8] instruction data (training slides) and test CSV (held-out slides)"):
-        data = write_synthetic_dataset(manifest, data_dir, seed=0, holdout_every=3, mcq_variants=4)
-
-    h5_root = feat_dir / "h5_files"
-    common = dict(llm_name_or_path=llm_dir, feature_root=h5_root)
-    with steps.step("[slide 5/8] stage 1 (alignment: slide encoder + projector, LLM frozen; xtuner train)",
-                    done=_trained(stage1)):
-        if not _trained(stage1):
-            _xtuner_train(_config("stage_1.py"), stage1,
-                          path_overrides(data_path=data["stage1"], **common))
-    with steps.step("[slide 6/8] stage 2 (instruction tuning: everything trained; xtuner train)",
-                    done=_trained(stage2)):
-        if not _trained(stage2):
-            _xtuner_train(_config("stage_2.py"), stage2,
-                          path_overrides(data_path=data["stage2"], pretrained_pth=stage1, **common))
-
-    out_csv = paths["slide_test"]
-    with steps.step("[slide 7/8] SlideBench-style test on the held-out slides + scoring"):
-        report = run_test(config=_config("stage_2.py"), checkpoint=stage2,
-                          test_slide_csv=data["test_vqa"], test_output_csv=out_csv,
-                          feature_root=h5_root, feature_template=FEATURE_TEMPLATE, batch_size=8,
-                          cfg_options=parse_cfg_options(path_overrides(**common)))
-        print("\n" + _report_markdown(report, out_csv))
-
-    exported = _exported(export_dir)
-    with steps.step(f"[slide 8/8] export the stage-2 model for chat (slidechat export -> {export_dir})",
-                    done=exported):
-        if not exported:
-            rc = cli_main(["export", str(_config("stage_2.py")), "--checkpoint", str(stage2),
-                           "--out", str(export_dir), "--cfg-options", *path_overrides(**common)])
-            if rc != 0:
-                raise SlideChatError(f"slidechat export failed (exit code {rc})", export_dir)
-
-
-def _report_markdown(report: object, out_csv: Path) -> str:
-    if hasattr(report, "to_markdown"):
-        return report.to_markdown()
-    md = Path(str(out_csv) + ".report.md")
-    if md.is_file():
-        return md.read_text()
-    from slidechat.evaluation.mcq import score_mcq
-    from slidechat.data.slidebench import read_output
-
-    return score_mcq(read_output(out_csv)).to_markdown()
-
-
-def run_cytology_demo(root: Path, n_fields: int, n_cyto_slides: int,
-                      steps: Optional[Steps] = None) -> Dict[str, Any]:
-    """Cytology fields of view: synthetic fields -> tiny Qwen2-VL trained with ``xtuner train`` ->
-    export -> ``slidechat infer`` -> cytology scores -> slide screening with AUC.
-
-    The tiny model is taught the screening question only (``configs/tiny/cytochat_screen.py``: the
-    other tasks would need far more CPU time than a demo has); inference and scoring run on the
-    held-out screening and multiple-choice fields, so the report shows a taught task beside tasks the
-    model never saw (it answers those like the screening question: option A or B, whatever the options).
-    """
-    from slidechat.cli.main import main as cli_main
-    from slidechat.data.synthetic_cytology import write_fields_dataset
-    from slidechat.apps.screening import run_screen_demo
-    from slidechat.engine.qwen2vl_train import export_qwen2vl
-    from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
-
-    steps = steps or Steps(root / "demo.log", show_output=True)
-    paths = demo_paths(root)
-    fields_dir, vlm_dir = paths["fields"], root / "tiny_qwen2vl"
-    sft_dir, hf_dir = root / "cytochat_screen", paths["cyto_model"]
-    preds, scores_dir = paths["cyto_preds"], paths["cyto_scores"].parent
-    config = _config("cytochat_screen.py")
-
-    with steps.step("[cytology 1/7] synthetic fields of view + LLaMA-Factory datasets",
-                    done=(fields_dir / "dataset_info.json").is_file()):
-        if not (fields_dir / "dataset_info.json").is_file():
-            write_fields_dataset(fields_dir, n_fields=n_fields, seed=0, size=224, test_fraction=0.1)
-
-    with steps.step("[cytology 2/7] tiny offline Qwen2-VL + processor", done=(vlm_dir / "config.json").is_file()):
-        if not (vlm_dir / "config.json").is_file():
-            make_tiny_qwen2vl(vlm_dir)
-
-    with steps.step(f"[cytology 3/7] fine-tune (vision tower included; xtuner train {config.name})",
-                    done=_trained(sft_dir)):
-        if not _trained(sft_dir):
-            _xtuner_train(config, sft_dir, [
-                f"model.model_name_or_path={vlm_dir}", f"train_dataloader.dataset.processor={vlm_dir}",
-                f"train_dataloader.dataset.dataset_dir={fields_dir}"])
-
-    with steps.step("[cytology 4/7] export to a plain Hugging Face folder",
-                    done=(hf_dir / "config.json").is_file()):
-        if not (hf_dir / "config.json").is_file():
-            if hf_dir.exists():  # the demo's own folder, left half-written by an interrupted run
-                shutil.rmtree(hf_dir)
-            export_qwen2vl(config, sft_dir, hf_dir, cfg_options={
-                "model.model_name_or_path": str(vlm_dir), "train_dataloader.dataset.processor": str(vlm_dir),
-                "train_dataloader.dataset.dataset_dir": str(fields_dir)})
-
-    with steps.step("[cytology 5/7] slidechat infer on the held-out fields (screening + MCQ, greedy)"):
-        rc = cli_main(["infer", "--model_name_or_path", str(hf_dir), "--dataset",
-                       "cyto_screening_test,cyto_mcq_test",
-                       "--dataset_dir", str(fields_dir), "--template", "qwen2_vl", "--save_name", str(preds),
-                       "--temperature", "0", "--max_new_tokens", "16", "--batch_size", "8",
-                       "--image_max_pixels", str(TINY_IMAGE_MAX_PIXELS), "--seed", "0", "--no_progress"])
-        if rc != 0:
-            raise SlideChatError(f"slidechat infer failed (exit code {rc})", preds)
-
-    with steps.step("[cytology 6/7] scores (slidechat eval cytology)"):
-        rc = cli_main(["eval", "cytology", str(preds), "--out", str(scores_dir)])
-        if rc != 0:
-            raise SlideChatError(f"slidechat eval cytology failed (exit code {rc})", preds)
-
-    with steps.step(f"[cytology 7/7] slidechat screen on {n_cyto_slides} held-out synthetic cytology slides "
-                    f"(ROC, heatmaps, galleries)"):
-        summary = run_screen_demo(root, hf_dir, n_slides=n_cyto_slides,
-                                  image_max_pixels=TINY_IMAGE_MAX_PIXELS)
-        print(f"\nSlide-level screening ({n_cyto_slides} held-out synthetic slides): "
-              f"{summary.get('metrics_line')}")
-    return summary
-
-
 # ----------------------------------------------------------------------------------------------
 # the summary block
-
-
-def demo_paths(root: Path) -> Dict[str, Path]:
-    """Where the demo's steps write what the summary reads (one place for both)."""
-    return {
-        "slide_test": root / "test" / "test_vqa_output.csv",
-        "slide_report": root / "test" / "test_vqa_output.csv.report.json",
-        "export": root / "export",
-        "h5": root / "features" / "h5_files",
-        "qc": root / "features" / "qc",
-        "fields": root / "cytology",
-        "cyto_model": root / "cytochat_screen_hf",
-        "cyto_preds": root / "cytology_infer" / "generated_predictions.jsonl",
-        "cyto_scores": root / "cytology_scores" / "generated_predictions.cytology.json",
-        "screen": root / "screen",
-        "screen_metrics": root / "screen" / "metrics.json",
-        "cyto_slides": root / "cyto_slides",
-    }
-
-
-def _exported(folder: Path) -> bool:
-    """Whether ``folder`` holds a slide-model export (the file ``SlideChatModel.from_pretrained`` reads)."""
-    from slidechat.model.checkpoint import EXPORTED_CONFIG_FILE  # here: that module imports torch
-
-    return (folder / EXPORTED_CONFIG_FILE).is_file()
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -425,8 +217,6 @@ def _first(folder: Path, pattern: str) -> Optional[Path]:
 
 def _held_out_feature(root: Path, paths: Dict[str, Path]) -> Optional[Path]:
     """A held-out slide's feature file (the first slide of the test CSV), for the chat example."""
-    import csv
-
     test_csv = root / "data" / "test_vqa.csv"
     try:
         with open(test_csv, newline="", encoding="utf-8") as fh:
@@ -442,6 +232,9 @@ def _held_out_feature(root: Path, paths: Dict[str, Path]) -> Optional[Path]:
 def summary_block(root: Path, log_path: Optional[Path] = None, minutes: Optional[float] = None) -> str:
     """The demo's closing block: headline figures read from the files the steps wrote (a step not run
     says so), where the pictures are, and the next three commands (two chats on the demo's own models)."""
+    # lazy: apps.demo imports torch, transformers and mmengine; `slidechat --help` must not wait for them
+    from slidechat.apps.demo import demo_paths, exported
+
     paths = demo_paths(root)
     slide = _slide_line(_read_json(paths["slide_report"]))
     lines = ["=" * 78,
@@ -472,7 +265,7 @@ def summary_block(root: Path, log_path: Optional[Path] = None, minutes: Optional
         lines.append(f"Full output of every step: {log_path}")
     lines += ["", "Next, try"]
     feat = _held_out_feature(root, paths)
-    if _exported(paths["export"]) and feat is not None:
+    if exported(paths["export"]) and feat is not None:
         lines.append(f"  slidechat chat --checkpoint {paths['export']} --features {feat}")
     field = _first(paths["fields"] / "images" / "test", "*.png")
     if (paths["cyto_model"] / "config.json").is_file() and field is not None:

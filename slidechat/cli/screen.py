@@ -8,6 +8,11 @@ import logging
 from typing import Any
 
 from slidechat.cli.args import add_slide_run_arguments, add_trust_remote_code_argument
+from slidechat.data.vocabulary import GROUND_ABNORMAL_QUESTION, LETTERS, SCREENING_QUESTION
+from slidechat.evaluation.screening import AGGREGATORS
+from slidechat.features.inputs import collect_slide_paths
+from slidechat.utils.errors import SlideChatError
+from slidechat.utils.outputs import check_output_folder
 
 logger = logging.getLogger("slidechat.screen")
 
@@ -34,9 +39,6 @@ Rerunning skips slides whose fields/<slide>.csv exists (--overwrite to redo). No
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from slidechat.data.vocabulary import GROUND_ABNORMAL_QUESTION, SCREENING_QUESTION
-    from slidechat.evaluation.screening import AGGREGATORS
-
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="slide file(s), folder(s), glob(s) or a CSV/text list (as extract-features)")
     p.add_argument("--out", "-o", help="output folder")
@@ -95,8 +97,9 @@ def register(subparsers: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from slidechat.apps.screening import LETTERS, ScreenOptions
-    from slidechat.utils.errors import SlideChatError
+    """The command line as :class:`slidechat.apps.screening.ScreenOptions` (option letters checked)."""
+    # lazy: apps.screening imports torch and transformers; `slidechat --help` must not wait for them
+    from slidechat.apps.screening import ScreenOptions
 
     options = tuple(o.strip() for o in args.options.split(",") if o.strip())
     ab = []
@@ -136,8 +139,8 @@ def _screen_entries(folder: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: apps.screening imports torch and transformers; `slidechat --help` must not wait for them
     from slidechat.apps.screening import reaggregate, screen_slides
-    from slidechat.utils.errors import SlideChatError
 
     opts = _options(args)
     if args.reaggregate:
@@ -150,9 +153,6 @@ def run(args: argparse.Namespace) -> int:
         raise SlideChatError("give slide INPUTs and --out (or --reaggregate OUT)")
     if not args.model_name_or_path:
         raise SlideChatError("--model_name_or_path is required to screen slides")
-    from slidechat.features.inputs import collect_slide_paths
-    from slidechat.utils.outputs import check_output_folder
-
     # the output-folder rule before the model loads: a user's folder (its failures.csv) is never written into
     check_output_folder(args.out, "screening", legacy=_screen_entries, create=True,
                         refuse_hint="screen into a new or empty folder, or an earlier screening's --out "

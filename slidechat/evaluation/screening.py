@@ -25,6 +25,7 @@ scores); a slide is called abnormal when its score is >= the threshold.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from slidechat.data.vocabulary import LETTERS
+from slidechat.utils.atomic import atomic_path, save_figure
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -228,8 +231,6 @@ def plot_roc(path: PathLike, labels: Sequence[int], scores: Sequence[float],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from slidechat.utils.atomic import save_figure
-
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
     ax.plot([0, 1], [0, 1], ls="--", c="0.7", lw=1)
@@ -256,35 +257,136 @@ def plot_roc(path: PathLike, labels: Sequence[int], scores: Sequence[float],
 
 FIELD_COLUMNS = ("slide", "field", "x", "y", "size_level0", "cellular_fraction", "nuclear_fraction",
                  "score", "option_mass", "n_grounded", "grounded")
+#: decimals the field table records of the detector's fractions and of the model's probabilities
+FRACTION_DECIMALS = 4
+PROBABILITY_DECIMALS = 6
 
 
-def read_field_table(path: PathLike) -> "Any":
-    """A ``fields/<slide>.csv`` written by ``slidechat screen`` (pandas DataFrame), checked."""
-    import pandas as pd
+@dataclass
+class FieldRow:
+    """One kept field of a screened slide, numeric from scoring until :func:`write_field_table`.
 
+    Fractions and probabilities are held at the precision the table records (:meth:`measured` rounds
+    them), so a live run and ``reaggregate`` of its table rank, aggregate and draw the same numbers.
+    """
+
+    slide: str
+    field: int
+    x: int                                       # level-0 top-left
+    y: int
+    size_level0: int                             # level-0 side
+    cellular_fraction: float
+    nuclear_fraction: float
+    score: float                                 # P(abnormal option(s))
+    option_mass: float                           # full-vocabulary probability on the option tokens
+    probs: List[float]                           # p_A, p_B, ... in the options' order
+    grounded: Optional[List[List[Any]]] = None   # [label, x1, y1, x2, y2] level-0 boxes; None: not asked
+
+    @classmethod
+    def measured(cls, slide: str, field: int, x: int, y: int, size_level0: int, cellular_fraction: float,
+                 nuclear_fraction: float, score: float, option_mass: float, probs: Sequence[float],
+                 grounded: Optional[List[List[Any]]] = None) -> "FieldRow":
+        """A row from the detector's and the model's raw numbers, rounded as the table records them."""
+        def frac(v: float) -> float:
+            return round(float(v), FRACTION_DECIMALS)
+
+        def prob(v: float) -> float:
+            return round(float(v), PROBABILITY_DECIMALS)
+
+        return cls(slide, int(field), int(x), int(y), int(size_level0), frac(cellular_fraction),
+                   frac(nuclear_fraction), prob(score), prob(option_mass), [prob(p) for p in probs], grounded)
+
+    @property
+    def n_grounded(self) -> Optional[int]:
+        """Cells the model located in this field; None when it was not asked."""
+        return None if self.grounded is None else len(self.grounded)
+
+    def table_row(self) -> Dict[str, Any]:
+        """The row as the field table writes it (the one place a field row is formatted)."""
+        row: Dict[str, Any] = {
+            "slide": self.slide, "field": self.field, "x": self.x, "y": self.y, "size_level0": self.size_level0,
+            "cellular_fraction": f"{self.cellular_fraction:.{FRACTION_DECIMALS}f}",
+            "nuclear_fraction": f"{self.nuclear_fraction:.{FRACTION_DECIMALS}f}",
+            "score": f"{self.score:.{PROBABILITY_DECIMALS}f}",
+            "option_mass": f"{self.option_mass:.{PROBABILITY_DECIMALS}f}",
+            "n_grounded": "" if self.grounded is None else len(self.grounded),
+            "grounded": "" if self.grounded is None else json.dumps(self.grounded)}
+        for j, p in enumerate(self.probs):
+            row[f"p_{LETTERS[j]}"] = f"{p:.{PROBABILITY_DECIMALS}f}"
+        return row
+
+
+def field_columns(n_options: int) -> List[str]:
+    """The field table's header for a question with ``n_options`` options."""
+    return list(FIELD_COLUMNS) + [f"p_{LETTERS[j]}" for j in range(n_options)]
+
+
+def write_field_table(path: PathLike, rows: Sequence[FieldRow], n_options: int) -> Path:
+    """``fields/<slide>.csv``, atomically (a slide's "done" marker)."""
+    return write_rows_csv(path, [r.table_row() for r in rows], field_columns(n_options))
+
+
+def _number(text: Optional[str], kind: Any = float) -> Any:
+    """A table cell as a number; an empty (or missing) cell is NaN (an int column: an error)."""
+    if text is None or text.strip() == "":
+        if kind is int:
+            raise ValueError("empty cell in an integer column")
+        return float("nan")
+    return kind(float(text)) if kind is int else float(text)
+
+
+def _field_row(r: Mapping[str, Optional[str]], i: int, n_options: int) -> FieldRow:
+    """One CSV record as a typed row (a table without a ``field`` column numbers its rows in order)."""
+    g = r.get("grounded") or ""
+    field = _number(r["field"], int) if (r.get("field") or "").strip() else i
+    return FieldRow(r["slide"] or "", field,
+                    _number(r["x"], int), _number(r["y"], int), _number(r["size_level0"], int),
+                    _number(r.get("cellular_fraction")), _number(r.get("nuclear_fraction")),
+                    _number(r["score"]), _number(r.get("option_mass")),
+                    [_number(r.get(f"p_{LETTERS[j]}")) for j in range(n_options)],
+                    json.loads(g) if g.strip() else None)
+
+
+def read_field_table(path: PathLike) -> List[FieldRow]:
+    """A ``fields/<slide>.csv`` written by ``slidechat screen``, read once into typed rows, checked."""
     p = Path(path)
     try:
-        df = pd.read_csv(p, keep_default_na=True)
-    except Exception as e:
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None:
+                raise ValueError("No columns to parse from file")
+            columns = list(reader.fieldnames)
+            records = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
         raise SlideChatError(f"cannot read field scores: {e}", p) from e
-    missing = [c for c in ("slide", "x", "y", "size_level0", "score") if c not in df.columns]
+    missing = [c for c in ("slide", "x", "y", "size_level0", "score") if c not in columns]
     if missing:
         raise SlideChatError(f"not a field-score table: missing columns {', '.join(missing)}", p)
-    if not np.isfinite(df["score"].to_numpy(dtype=float)).all():
+    n_options = sum(1 for c in columns if c.startswith("p_") and c[2:] in LETTERS and len(c) == 3)
+    try:
+        rows = [_field_row(r, i, n_options) for i, r in enumerate(records)]
+    except (TypeError, ValueError) as e:
+        raise SlideChatError(f"cannot read field scores: {e}", p) from e
+    if not all(math.isfinite(r.score) for r in rows):
         raise SlideChatError("field scores contain NaN/Inf", p)
-    return df
+    return rows
 
 
-def slide_scores_from_tables(tables: Mapping[str, Any], method: str = DEFAULT_AGGREGATOR,
+def aggregate_rows(rows: Sequence[FieldRow], method: str = DEFAULT_AGGREGATOR, k: int = DEFAULT_TOP_K,
+                   threshold: float = DEFAULT_FIELD_THRESHOLD) -> float:
+    """A slide's score from its field rows (:func:`aggregate`; grounded counts for ``count_grounded``)."""
+    return aggregate([r.score for r in rows], method, k=k, threshold=threshold,
+                     grounded_counts=[r.n_grounded for r in rows])
+
+
+def slide_scores_from_tables(tables: Mapping[str, Sequence[FieldRow]], method: str = DEFAULT_AGGREGATOR,
                              k: int = DEFAULT_TOP_K, threshold: float = DEFAULT_FIELD_THRESHOLD
                              ) -> Dict[str, float]:
-    """{slide: aggregated score} from per-slide field tables."""
+    """{slide: aggregated score} from per-slide field rows."""
     out: Dict[str, float] = {}
-    for slide, df in tables.items():
-        counts = df["n_grounded"].tolist() if "n_grounded" in df.columns else None
+    for slide, rows in tables.items():
         try:
-            out[slide] = aggregate(df["score"].to_numpy(dtype=float), method, k=k, threshold=threshold,
-                                   grounded_counts=counts)
+            out[slide] = aggregate_rows(rows, method, k=k, threshold=threshold)
         except SlideChatError as e:
             raise SlideChatError(f"slide {slide}: {e.reason}", e.path, hint=e.hint) from None
     return out
@@ -292,8 +394,6 @@ def slide_scores_from_tables(tables: Mapping[str, Any], method: str = DEFAULT_AG
 
 def write_rows_csv(path: PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
     """Atomic CSV write."""
-    from slidechat.utils.atomic import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
