@@ -48,11 +48,12 @@ from slidechat.data.qwen2vl_batch import prepare_generation_batch
 from slidechat.data.slidebench_dataset import clean_output, slidebench_collate_fn
 from slidechat.data.template import (encode_qwen2vl_prompt, get_vision_template, render_qwen2vl_prompt,
                                      template_stop_token_ids)
-from slidechat.inference.writers import ResultWriter, make_id
+from slidechat.inference.writers import make_id
 from slidechat.model.hf_folder import load_tokenizer
 from slidechat.model.qwen2vl import family_of, per_image_vision, read_family
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
+from slidechat.utils.resumable import ResultWriter
 
 logger = logging.getLogger(__name__)
 
