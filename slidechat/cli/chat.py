@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any, Tuple
 
 from slidechat.cli.args import add_trust_remote_code_argument
 from slidechat.data.limits import DEFAULT_MAX_INPUT_CHARS, InputRefused, read_input_line
@@ -149,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     return chat_loop(session, args, banner)
 
 
-def _session(args: argparse.Namespace):
+def _session(args: argparse.Namespace) -> Tuple[Any, str]:
     """The chat session and its banner; the input is read (and checked) before the model loads."""
-    # lazy: start-up - the application imports torch, transformers, mmengine; `slidechat --help` must not
+    # lazy: start-up - the app imports torch, transformers and mmengine; `slidechat --help` stays instant
     from slidechat.apps import chat as app
 
     if args.image:
@@ -182,7 +183,7 @@ def _session(args: argparse.Namespace):
     return session, f"Slide loaded ({len(session.features)} patches)."
 
 
-def chat_loop(session, args: argparse.Namespace, banner: str) -> int:
+def chat_loop(session: Any, args: argparse.Namespace, banner: str) -> int:
     """The terminal loop for any session with ``ask``/``reset``/``prompt_text``/``history`` (slides:
     ``ChatSession``, images: ``ImageChatSession``)."""
     interactive = sys.stdin.isatty()
