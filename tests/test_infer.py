@@ -363,7 +363,8 @@ def _fake_items(prompts):
 
 def test_loop_errors_per_row_and_batch_retry(tmp_path):
     from slidechat.inference.loop import run_inference
-    from slidechat.inference.writers import JsonlPredictionWriter, ResultWriter
+    from slidechat.inference.writers import JsonlPredictionWriter
+    from slidechat.utils.resumable import ResultWriter
 
     prompts = ["a", "unreadable b", "c", "poison d", "e", "f", "g"]
     items = _fake_items(prompts)
@@ -419,7 +420,8 @@ def test_slidebench_writer_follows_the_protocol(tmp_path):
     import csv
 
     from slidechat.inference.loop import run_inference
-    from slidechat.inference.writers import ResultWriter, SlideBenchWriter
+    from slidechat.data.slidebench import SlideBenchWriter
+    from slidechat.utils.resumable import ResultWriter
     from slidechat.data.slidebench import read_slidebench
 
     src = tmp_path / "q.csv"
@@ -460,7 +462,7 @@ def test_slidebench_through_the_shared_loop_equals_the_mmengine_loop(tmp_path_fa
 
     from slidechat.inference.loop import run_inference
     from slidechat.engine.testing import build_test_runner
-    from slidechat.inference.writers import SlideBenchWriter
+    from slidechat.data.slidebench import SlideBenchWriter
     from slidechat.data.slidebench import read_slidebench
 
     setup = build_tiny_setup(tmp_path_factory.getbasetemp() / "slidechat_testing_setup")

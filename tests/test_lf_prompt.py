@@ -227,6 +227,30 @@ def test_generation_batch_expands_images_like_the_processor(processor, dataset):
     assert b["input_ids"][0].tolist() == lf_prompt[:k] + [pad] * n + lf_prompt[k + 1:]
 
 
+def test_a_prepared_image_is_not_scaled_again(processor):
+    """An image read through ``prepare_image`` reaches the processor as it is; a raw PIL image of the
+    same pixels still gets LLaMA-Factory's scaling in the batch builder (today's path, unchanged)."""
+    import torch
+    from PIL import Image
+
+    from slidechat.data.images import PreparedImage, prepare_image, scale_image
+    from slidechat.data.qwen2vl_batch import prepare_generation_batch
+
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids("<|image_pad|>")]
+    big = Image.new("RGB", (120, 90), (200, 180, 190))
+    limits = dict(image_max_pixels=56 * 56, image_min_pixels=32 * 32)
+    raw = prepare_generation_batch(processor, [ids], [[big]], **limits)
+    kept = prepare_generation_batch(processor, [ids], [[PreparedImage(big)]], **limits)
+    ref = processor.image_processor(images=[big], return_tensors="pt")
+    assert torch.equal(kept["image_grid_thw"], ref["image_grid_thw"])  # not shrunk to 56x56 pixels
+    assert not torch.equal(raw["image_grid_thw"], kept["image_grid_thw"])
+    once = prepare_image(big, 56 * 56, 32 * 32)
+    assert once.size == scale_image(big, 56 * 56, 32 * 32).size and prepare_image(once) is once
+    assert torch.equal(prepare_generation_batch(processor, [ids], [[once]], **limits)["pixel_values"],
+                       raw["pixel_values"])
+
+
 def _run(model_dir, dataset, out, *extra) -> int:
     from slidechat.cli.main import main
 

@@ -14,7 +14,18 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from slidechat.data.template import config_template
+from slidechat.apps.extract import extract_slide_features
+from slidechat.data.dataset import uniform_indices
+from slidechat.data.images import check_image_header, prepare_image
+from slidechat.data.limits import InputRefused, check_prompt_length, llm_context_length, model_prompt_limit
+from slidechat.data.template import config_template, encode_prompt
+from slidechat.engine.builder import build_model_from_config, is_exported_folder
+from slidechat.features.io import load_features
+from slidechat.inference.loop import CytologyItem, Qwen2VLFamily, SamplingSettings
+from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from slidechat.model.qwen2vl import load_qwen2vl
+from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
+from slidechat.utils.devices import resolve_device_dtype
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -27,9 +38,6 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
     """``(SlideChatModel in eval mode, tokenizer)`` from an exported folder (no config needed) or a
     config + training checkpoint (strict key check; ``allow_partial`` accepts missing weights with a
     warning). The LLM folder's own code runs only with ``trust_remote_code`` (``--trust-remote-code``)."""
-    from slidechat.engine.builder import build_model_from_config, is_exported_folder
-    from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
-
     ckpt = Path(checkpoint)
     if config is None:
         if not is_exported_folder(ckpt):
@@ -56,9 +64,6 @@ class ChatSession:
                  coords: Optional[np.ndarray] = None, max_new_tokens: int = 500,
                  max_patches: Optional[int] = None, template: Any = None, system: str = "",
                  max_prompt_tokens: Optional[int] = None, **generation_kwargs: Any) -> None:
-        from slidechat.data.dataset import uniform_indices
-        from slidechat.data.limits import model_prompt_limit
-
         self.model = model
         self.tokenizer = tokenizer
         feats = np.asarray(features, dtype=np.float32)
@@ -85,14 +90,10 @@ class ChatSession:
         self._visual_tokens: Optional[List[torch.Tensor]] = None
 
     def prompt_ids(self, question: str) -> List[int]:
-        from slidechat.data.template import encode_prompt
-
         return encode_prompt(self.tokenizer, self.history, question, self.template, self.system)
 
     def prompt_text(self, question: str) -> str:
         """The next turn's prompt as text (the slide shown as ``<image>``), for inspection."""
-        from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-
         ids = self.prompt_ids(question)
         parts, run = [], []
         for t in ids:
@@ -123,9 +124,6 @@ class ChatSession:
     def checked_prompt_ids(self, question: str) -> List[int]:
         """``prompt_ids`` within :attr:`prompt_limit`, else :class:`~slidechat.data.limits.InputRefused`
         (the session is unchanged: the caller can go on with a shorter question or ``reset``)."""
-        from slidechat.data.limits import InputRefused, check_prompt_length
-        from slidechat.model.constants import IMAGE_TOKEN_INDEX
-
         ids, reason = check_prompt_length(question, lambda: self.prompt_ids(question), self.prompt_limit,
                                           count=lambda t: sum(1 for x in t if x != IMAGE_TOKEN_INDEX))
         if reason is not None:
@@ -150,12 +148,8 @@ class ImageChatSession:
     def __init__(self, model: Any, processor: Any, image: PathLike, max_new_tokens: int = 500,
                  system: Optional[str] = None, image_max_pixels: int = 768 * 768,
                  image_min_pixels: int = 32 * 32) -> None:
-        from slidechat.data.images import load_image
-        from slidechat.inference.loop import Qwen2VLFamily, SamplingSettings
-        from slidechat.data.limits import llm_context_length
-
         self.image_path = Path(image)
-        self.image = load_image(self.image_path, image_max_pixels, image_min_pixels)
+        self.image = prepare_image(self.image_path, image_max_pixels, image_min_pixels)  # read + scaled once
         limit = llm_context_length(model) or 32768
         self.family = Qwen2VLFamily(model, processor,
                                     SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=0.0),
@@ -164,9 +158,7 @@ class ImageChatSession:
         self.system = system or None
         self.history: List[Tuple[str, str]] = []
 
-    def _item(self, question: str) -> Any:
-        from slidechat.inference.loop import CytologyItem
-
+    def _item(self, question: str) -> CytologyItem:
         msgs = []
         for k, (q, a) in enumerate(self.history + [(question, "")]):
             msgs.append({"role": "user", "content": ("<image>" if k == 0 else "") + q})
@@ -175,7 +167,7 @@ class ImageChatSession:
         item = CytologyItem(position=0, key={}, images=[str(self.image_path)], messages=msgs,
                             system=self.system, label_content=None, source=str(self.image_path))
         self.family.render(item)
-        item.pil_images = [self.image]
+        item.prepared_images = [self.image]
         return item
 
     def prompt_text(self, question: str) -> str:
@@ -199,9 +191,35 @@ def load_image_chat_model(model_name_or_path: PathLike, adapter_name_or_path: Op
                           device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                           allow_partial: bool = False) -> Tuple[Any, Any]:
     """``(Qwen2-VL model in eval mode, processor)`` for ``chat --image`` (same loader as ``infer``)."""
-    from slidechat.utils.devices import resolve_device_dtype
-    from slidechat.model.qwen2vl import load_qwen2vl
-
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     return load_qwen2vl(model_name_or_path, adapter_name_or_path, torch_dtype=torch_dtype, device=dev,
                         trust_remote_code=trust_remote_code, allow_partial=allow_partial)
+
+
+def open_image_session(image: PathLike, model_name_or_path: Optional[PathLike],
+                       adapter_name_or_path: Optional[PathLike] = None, *, device: str = "auto",
+                       dtype: str = "auto", trust_remote_code: bool = False, allow_partial: bool = False,
+                       **session_options: Any) -> ImageChatSession:
+    """``chat --image``: the image's header is checked (readable, within the pixel limits) before the
+    model loads, so a wrong file costs seconds, not a model load; ``session_options`` go to
+    :class:`ImageChatSession`."""
+    check_image_header(image)
+    if not model_name_or_path:
+        raise SlideChatError("--image needs --model_name_or_path (a Qwen2-VL folder)")
+    model, processor = load_image_chat_model(model_name_or_path, adapter_name_or_path, device=device,
+                                             dtype=dtype, trust_remote_code=trust_remote_code,
+                                             allow_partial=allow_partial)
+    return ImageChatSession(model, processor, image, **session_options)
+
+
+def read_slide_features(features: Optional[PathLike], slide: Optional[PathLike] = None, *,
+                        encoder: str = "conch_v1", encoder_checkpoint: Optional[PathLike] = None,
+                        **extract_options: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(features, coords)`` of the slide to talk about: read from its feature file, or, for a raw
+    slide, extracted now by the extraction pipeline (``extract_options`` as ``slidechat extract``)."""
+    if features:
+        return load_features(features, require_finite=True)
+    feats, coords, _ = extract_slide_features(slide, encoder=encoder, checkpoint=encoder_checkpoint,
+                                              **extract_options)
+    logger.info("%s: %d patches encoded with %s", slide, len(feats), encoder)
+    return feats, coords

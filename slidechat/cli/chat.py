@@ -21,8 +21,13 @@ import json
 import logging
 import os
 import sys
+from typing import Any, Tuple
 
 from slidechat.cli.args import add_trust_remote_code_argument
+from slidechat.data.limits import DEFAULT_MAX_INPUT_CHARS, InputRefused, read_input_line
+from slidechat.engine.overrides import parse_cfg_options
+from slidechat.utils.errors import SlideChatError
+from slidechat.utils.logging import route_mmengine_logs_to_stderr
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +94,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
-def _features(args: argparse.Namespace):
-    from slidechat.features.io import load_features
-
-    if args.features:
-        return load_features(args.features, require_finite=True)
-    from slidechat.apps.extract import extract_slide_features
-
+def _extract_options(args: argparse.Namespace) -> dict:
+    """The extraction flags given (with ``--slide``), as ``extract_slide_features`` keywords."""
     opts = {"device": args.device, "progress": False}
     if args.magnification is not None:
         opts["target_magnification"] = args.magnification
@@ -111,10 +111,7 @@ def _features(args: argparse.Namespace):
         opts["no_tissue_seg"] = True
     if args.num_workers is not None:
         opts["num_workers"] = args.num_workers
-    feats, coords, info = extract_slide_features(args.slide, encoder=args.encoder,
-                                                 checkpoint=args.encoder_checkpoint, **opts)
-    logger.info("%s: %d patches encoded with %s", args.slide, len(feats), args.encoder)
-    return feats, coords
+    return opts
 
 
 def _keep_stdout_for_answers() -> None:
@@ -126,25 +123,8 @@ def _keep_stdout_for_answers() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def _image_session(args: argparse.Namespace):
-    from slidechat.apps.chat import ImageChatSession, load_image_chat_model
-    from slidechat.utils.errors import SlideChatError
-
-    path = args.model_name_or_path or args.checkpoint
-    if not path:
-        raise SlideChatError("--image needs --model_name_or_path (a Qwen2-VL folder)")
-    model, processor = load_image_chat_model(path, args.adapter_name_or_path, device=args.device,
-                                             dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                             allow_partial=args.allow_partial)
-    return ImageChatSession(model, processor, args.image, max_new_tokens=args.max_new_tokens,
-                            system=args.system or None, image_max_pixels=args.image_max_pixels,
-                            image_min_pixels=args.image_min_pixels)
-
-
 def _require_paths(args: argparse.Namespace) -> None:
     """The paths the user gave exist, checked before anything heavy runs (one line naming the flag)."""
-    from slidechat.utils.errors import SlideChatError
-
     for flag, value, want_file in (("--features", args.features, True), ("--slide", args.slide, None),
                                    ("--image", args.image, True), ("--config", args.config, True),
                                    ("--checkpoint", args.checkpoint, None),
@@ -161,8 +141,6 @@ def _require_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidechat.utils.logging import route_mmengine_logs_to_stderr
-
     _require_paths(args)  # before the torch import below: a mistyped path costs nothing
     _keep_stdout_for_answers()
     route_mmengine_logs_to_stderr()
@@ -172,41 +150,42 @@ def run(args: argparse.Namespace) -> int:
     return chat_loop(session, args, banner)
 
 
-def _session(args: argparse.Namespace):
+def _session(args: argparse.Namespace) -> Tuple[Any, str]:
     """The chat session and its banner; the input is read (and checked) before the model loads."""
+    # lazy: start-up - the app imports torch, transformers and mmengine; `slidechat --help` stays instant
+    from slidechat.apps import chat as app
+
     if args.image:
-        from slidechat.data.images import check_image_header
-
-        check_image_header(args.image)  # readable image within the pixel limits, before the model
-        session = _image_session(args)
-        return session, f"Image loaded ({session.image.width}x{session.image.height})."
-    from slidechat.engine.overrides import parse_cfg_options
-    from slidechat.apps.chat import ChatSession, load_chat_model
-    from slidechat.utils.errors import SlideChatError
-
+        session = app.open_image_session(
+            args.image, args.model_name_or_path or args.checkpoint, args.adapter_name_or_path,
+            device=args.device, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, allow_partial=args.allow_partial,
+            max_new_tokens=args.max_new_tokens, system=args.system or None,
+            image_max_pixels=args.image_max_pixels, image_min_pixels=args.image_min_pixels)
+        width, height = session.image.size
+        return session, f"Image loaded ({width}x{height})."
     if not (args.checkpoint or args.model_name_or_path):
         raise SlideChatError("--features/--slide need --checkpoint (an exported folder or a training "
                              "checkpoint with --config)")
-    feats, coords = _features(args)  # the input first: a bad feature file or slide fails in seconds
-    model, tok = load_chat_model(args.checkpoint or args.model_name_or_path, args.config,
-                                 parse_cfg_options(args.cfg_options),
-                                 allow_partial=args.allow_partial, trust_remote_code=args.trust_remote_code)
+    # the input first: a bad feature file or slide fails in seconds
+    feats, coords = app.read_slide_features(args.features, args.slide, encoder=args.encoder,
+                                            encoder_checkpoint=args.encoder_checkpoint, **_extract_options(args))
+    model, tok = app.load_chat_model(args.checkpoint or args.model_name_or_path, args.config,
+                                     parse_cfg_options(args.cfg_options),
+                                     allow_partial=args.allow_partial, trust_remote_code=args.trust_remote_code)
     dim = model.config.feature_dim
     if feats.shape[1] != dim:  # never cut: other columns are other features
         raise SlideChatError(f"features are {feats.shape[1]} wide, the model expects {dim} (feature_dim)",
                              args.features or args.slide)
-    session = ChatSession(model, tok, feats, coords, max_new_tokens=args.max_new_tokens,
-                          max_patches=args.max_patches, system=args.system,
-                          max_prompt_tokens=args.max_prompt_tokens)
+    session = app.ChatSession(model, tok, feats, coords, max_new_tokens=args.max_new_tokens,
+                              max_patches=args.max_patches, system=args.system,
+                              max_prompt_tokens=args.max_prompt_tokens)
     return session, f"Slide loaded ({len(session.features)} patches)."
 
 
-def chat_loop(session, args: argparse.Namespace, banner: str) -> int:
+def chat_loop(session: Any, args: argparse.Namespace, banner: str) -> int:
     """The terminal loop for any session with ``ask``/``reset``/``prompt_text``/``history`` (slides:
     ``ChatSession``, images: ``ImageChatSession``)."""
-    from slidechat.data.limits import DEFAULT_MAX_INPUT_CHARS, InputRefused, read_input_line
-    from slidechat.utils.errors import SlideChatError
-
     interactive = sys.stdin.isatty()
     limit = getattr(session, "prompt_limit", None)
     max_chars = (getattr(args, "max_input_chars", None) or getattr(limit, "max_chars", None)

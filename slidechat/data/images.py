@@ -17,13 +17,15 @@ here) and palette images (resized with nearest neighbour there, as palette indic
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 from PIL import Image
 
 from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, lf_resize_steps
 from slidechat.utils.paths import PathLike
 from slidechat.wsi.imageio import image_size, read_image, to_rgb
+
 
 def scale_image(img: Image.Image, max_pixels: int = IMAGE_MAX_PIXELS,
                 min_pixels: int = IMAGE_MIN_PIXELS) -> Image.Image:
@@ -54,6 +56,35 @@ def load_image(path: PathLike, max_pixels: int = IMAGE_MAX_PIXELS,
     ``max_pixels``/``min_pixels`` are LLaMA-Factory's scaling targets, not the decoding limit.
     """
     return scale_image(open_image(path), max_pixels=max_pixels, min_pixels=min_pixels)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already read and scaled by LLaMA-Factory's rule (:func:`prepare_image`).
+
+    The type says "do not scale again": the batch builder
+    (:func:`slidechat.data.qwen2vl_batch.prepare_generation_batch`) hands it to the processor as it is,
+    while raw PIL images and paths get :func:`scale_image` there. The rule is applied once, as in
+    LLaMA-Factory: a second pass is not always a no-op (an enlarged image's truncated sides can fall
+    under ``min_pixels`` again).
+    """
+
+    image: Image.Image
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.image.size
+
+
+def prepare_image(image: Union[PathLike, Image.Image, PreparedImage], max_pixels: int = IMAGE_MAX_PIXELS,
+                  min_pixels: int = IMAGE_MIN_PIXELS) -> PreparedImage:
+    """A path (read, then scaled) or a PIL image (scaled) as a :class:`PreparedImage`; one that is
+    prepared already is returned as it is (its scaling is not redone with these limits)."""
+    if isinstance(image, PreparedImage):
+        return image
+    if isinstance(image, Image.Image):
+        return PreparedImage(scale_image(image, max_pixels, min_pixels))
+    return PreparedImage(load_image(image, max_pixels, min_pixels))
 
 
 def check_image_header(path: PathLike) -> None:

@@ -1,20 +1,20 @@
 """Qwen VL prompts + images -> the left-padded batch ``model.generate(**batch)`` takes: prompts
-encoded with the family's LLaMA-Factory template, images scaled by LLaMA-Factory's rule and then the
-processor's, each image pad expanded as the processor does."""
+encoded with the family's LLaMA-Factory template, images scaled by LLaMA-Factory's rule (once: a
+:class:`~slidechat.data.images.PreparedImage` is taken as it is) and then the processor's, each image
+pad expanded as the processor does."""
 
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence
 
 import torch
-from PIL import Image
 from transformers import BatchFeature
 
 from slidechat.data.image_sizes import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
-from slidechat.data.images import load_image, scale_image
+from slidechat.data.images import prepare_image
 from slidechat.data.llamafactory import Example
 from slidechat.data.template import encode_qwen2vl_prompt, expand_image_pad_ids, get_vision_template
-from slidechat.model.qwen2vl import family_of
+from slidechat.model.qwen2vl import family_of, mm_token_type_ids
 from slidechat.utils.errors import SlideChatError
 
 
@@ -30,9 +30,11 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
     the encoder training uses), prompt token ids (one ``<|image_pad|>`` per image, as that encoder and
     vllm_infer give them) or prompt strings already rendered (each image as
     ``<|vision_start|><|image_pad|><|vision_end|>``; tokenized whole, so only for single-turn prompts,
-    where that equals the slot-by-slot ids). ``images[i]``: paths or PIL images of row ``i`` (default: the
-    examples' own images). Images get LLaMA-Factory's scaling, then the processor's; each image's pad is
-    expanded to ``t*h*w / merge²`` pads as the processor does.
+    where that equals the slot-by-slot ids). ``images[i]``: paths, PIL images or
+    :class:`~slidechat.data.images.PreparedImage` of row ``i`` (default: the examples' own images). Paths
+    and PIL images get LLaMA-Factory's scaling (``image_max_pixels``/``image_min_pixels``); prepared ones
+    were scaled when they were read and are not scaled again. Then the processor's scaling; each image's
+    pad is expanded to ``t*h*w / merge²`` pads as the processor does.
     """
     tpl = get_vision_template(family_of(processor).lf_template)
     span = f"{tpl.vision_bos}{tpl.image_token}{tpl.vision_eos}"
@@ -62,11 +64,7 @@ def prepare_generation_batch(processor: Any, examples_or_prompts: Sequence[Any],
         if n_spans != len(row_images):
             raise SlideChatError(f"prompt {i} has {n_spans} image span(s) but {len(row_images)} "
                                  f"image(s) were given")
-        for im in row_images:
-            if isinstance(im, Image.Image):
-                flat.append(scale_image(im, image_max_pixels, image_min_pixels))
-            else:
-                flat.append(load_image(im, image_max_pixels, image_min_pixels))
+        flat.extend(prepare_image(im, image_max_pixels, image_min_pixels).image for im in row_images)
         rows.append(prompt)
         counts.append(len(row_images))
     if all(isinstance(r, str) for r in rows):
@@ -108,5 +106,6 @@ def _batch_from_ids(processor: Any, rows: Sequence[Any], counts: Sequence[int], 
             input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
     if flat:  # transformers 5: M-RoPE needs the token types whenever images are in the batch
-        data["mm_token_type_ids"] = (input_ids == pad_id).to(torch.int)
+        # the processor carries the image/video token ids the model config has
+        data["mm_token_type_ids"] = mm_token_type_ids(input_ids, processor)
     return BatchFeature(data={"input_ids": input_ids, "attention_mask": mask, **data})

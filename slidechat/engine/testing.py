@@ -19,10 +19,14 @@ copied into nested dicts), so the test set-up is read from top-level keys by
 ==================  ==========================================================================
 
 The loop owns a :class:`SlideBenchWriter`: its dataset holds only the rows not yet in the output,
-so a killed run resumes at the first missing row (no duplicates, nothing lost). Each batch's
-answers go through the evaluator (:class:`SlideBenchMetric`), which appends them to the output and,
-at the end, scores the whole file and writes ``<output>.report.json`` / ``.report.md``. A row whose
-features are missing or unreadable gets an ``Error`` entry; the other rows still run.
+so a killed run resumes at the first missing row (no duplicates, nothing lost). mmengine owns the
+iteration (hooks, the evaluator, sharding under a launcher); each batch is answered by the one batch
+step of :mod:`slidechat.inference.loop` (:func:`~slidechat.inference.loop.generate_into` with
+:class:`~slidechat.inference.loop.SlideFamily`: one batched generate, each row alone if the batch
+fails), the same step ``run_inference`` uses. The answers go through the evaluator
+(:class:`SlideBenchMetric`), which appends them to the output and, at the end, scores the whole file
+and writes ``<output>.report.json`` / ``.report.md``. A row whose features are missing or unreadable
+gets an ``Error`` entry; the other rows still run.
 
 :func:`run_test` is the same path for Python callers and ``slidechat test``: build the runner from
 the config with the top-level overrides, load the checkpoint through the model's
@@ -48,8 +52,12 @@ from slidechat.data.limits import model_prompt_limit
 from slidechat.data.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
                                        check_template, default_template, merge_shards, read_csv_text,
                                        read_slidebench, require_rows, resolve_feature_path)
-from slidechat.data.slidebench_dataset import SlideBenchTestDataset, slidebench_collate_fn
+from slidechat.data.slidebench_dataset import SlideBenchTestDataset
 from slidechat.data.template import config_template, describe_template
+from slidechat.evaluation.captions import caption_metrics
+from slidechat.evaluation.mcq import score_mcq
+from slidechat.evaluation.tables import caption_markdown, write_reports
+from slidechat.inference.loop import SlideFamily, generate_into
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import route_mmengine_logs_to_stderr
 from slidechat.utils.outputs import require_file_path
@@ -178,8 +186,6 @@ def report_paths(output_csv: PathLike) -> Tuple[Path, Path]:
 
 def score_output(output_csv: PathLike, kind: str, write: bool = True) -> TestReport:
     """Score a complete output CSV and (by default) write ``<output>.report.json/.md`` beside it."""
-    from slidechat.evaluation.tables import caption_markdown, write_reports
-
     out = Path(output_csv)
     df = read_csv_text(out)
     require_rows(df, out, "rows to score")  # a header-only output is an error, not accuracy 0/0
@@ -187,8 +193,6 @@ def score_output(output_csv: PathLike, kind: str, write: bool = True) -> TestRep
     mcq = caption = None
     if kind != "caption":
         if "Answer" in df.columns:
-            from slidechat.evaluation.mcq import score_mcq
-
             mcq = score_mcq(df, source=str(out))
             md = mcq.to_markdown()
         else:
@@ -196,8 +200,6 @@ def score_output(output_csv: PathLike, kind: str, write: bool = True) -> TestRep
     else:
         ref = read_slidebench(out, kind="caption").ref_column  # first CAPTION_REF_COLUMNS present
         if ref is not None:
-            from slidechat.evaluation.captions import caption_metrics
-
             caption = caption_metrics(df["Output"].tolist(), df[ref].tolist(), per_row=False)
             caption.update(source=str(out), pred_column="Output", ref_column=ref)
             md = caption_markdown(caption, str(out))
@@ -271,6 +273,13 @@ class SlideBenchMetric(BaseMetric):
 
 # --------------------------------------------------------------------------- loop
 
+def prepared_rows(instances: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The test dataloader's ``collate_fn``: the batch's prepared rows as they are
+    (``SlideBenchTestDataset.prepare_item`` outputs); :class:`SlideFamily` collates the runnable ones
+    when it generates, so a failed batch can be retried row by row."""
+    return list(instances)
+
+
 def _unwrap(model: Any) -> Any:
     from mmengine.model import is_model_wrapper
 
@@ -323,7 +332,7 @@ class SlideBenchTestLoop(TestLoop):
         dataset = SlideBenchTestDataset(**ds_cfg)
         _log(f"prompt format: {describe_template(dataset.template)}")
         dl.update(dataset=dataset, batch_size=s.batch_size, sampler=SequentialSampler(dataset),
-                  collate_fn=slidebench_collate_fn, shuffle=None)
+                  collate_fn=prepared_rows, shuffle=None)
         dl.pop("shuffle")
         dl.setdefault("num_workers", 0)
         dl.pop("batch_sampler", None)
@@ -335,8 +344,6 @@ class SlideBenchTestLoop(TestLoop):
                                  "(test_evaluator = dict(type=SlideBenchMetric))")
         self.metric = metrics[0]
         self.metric.bind(self.writer, world)
-        from slidechat.inference.loop import SlideFamily  # the shared per-batch generation
-
         self.family = SlideFamily(model, dataset, max_new_tokens=s.max_new_tokens, fp16=fp16,
                                   generation_kwargs=generation_kwargs)
         self.generation_kwargs = self.family.generation_kwargs
@@ -363,13 +370,12 @@ class SlideBenchTestLoop(TestLoop):
         return metrics
 
     @torch.no_grad()
-    def run_iter(self, idx: int, data_batch: Dict[str, Any]) -> None:
+    def run_iter(self, idx: int, data_batch: List[Dict[str, Any]]) -> None:
+        """One batch of prepared rows (see :func:`prepared_rows`) through the shared batch step."""
         self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
-        items: List[SlideBenchItem] = data_batch["data_samples"]
-        if data_batch["data"] is not None:
-            texts = self.family.generate_collated(data_batch["data"])
-            for j, text in zip(data_batch["data"]["rows"], texts):
-                items[j].output = text
+        items: List[SlideBenchItem] = [inst["item"] for inst in data_batch]
+        self.family.hold(data_batch)
+        generate_into(items, self.family.generate)
         self.evaluator.process(data_samples=items, data_batch=data_batch)
         self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=items)
 

@@ -1,25 +1,38 @@
-"""One batched, resumable inference loop for both model families, writing through a result writer.
+"""The one batched, resumable generation loop, for both model families, writing through a result writer.
 
-The loop (:func:`run_inference`) knows nothing about slides or images::
+Every row, slide or image, is answered by the same batch step, :func:`generate_into`::
 
-    pending items (input order, after what the writer already holds)
-      -> batches of ``batch_size``
-      -> family.prepare(item) per item   (read the image / features, check the prompt length;
-                                          a SlideChatError becomes the item's ``error``)
-      -> family.generate(runnable items) (one batched generate call -> texts)
-      -> writer.write(batch)             (append + flush + fsync; failed items included)
+    a batch of prepared items
+      -> family.generate(runnable items)  (one batched call -> texts)
+      -> on a SlideChatError: each row of the batch alone, so only the culprit gets the ``error``
+      -> the writer appends the batch     (append + flush + fsync; failed items included)
+
+Two drivers feed it batches, and they differ only in who owns the iteration:
+
+* :func:`run_inference` (``slidechat infer``, plain PyTorch): pending items in input order (after what
+  the writer already holds) -> batches of ``batch_size`` -> ``family.prepare(item)`` per item (read the
+  image / features, check the prompt length; a SlideChatError becomes the item's ``error``) ->
+  :func:`generate_into` -> ``writer.write(batch)``.
+* mmengine's ``SlideBenchTestLoop`` (``slidechat test`` / ``xtuner test``,
+  :mod:`slidechat.engine.testing`): mmengine owns the iteration because ``xtuner test`` needs its hooks,
+  its evaluator (the SlideBench writer and scorer) and its sharding under a launcher; its dataloader
+  prepares the rows (``SlideBenchTestDataset.prepare_item``, the same call :meth:`SlideFamily.prepare`
+  makes), and each batch goes through :meth:`SlideFamily.hold` and :func:`generate_into` here.
+
+So a SlideBench row is answered one way whichever command runs it, and the CSVs are the same bytes.
 
 A family is anything with ``prepare(item)`` and ``generate(items) -> List[str]``
 (:class:`GenerationFamily`): :class:`Qwen2VLFamily` (cytology, ``slidechat infer``, transformers
 engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is installed) and
-:class:`SlideFamily` (SlideChat on SlideBench rows; the mmengine ``SlideBenchTestLoop`` used by
-``xtuner test`` delegates its per-batch generation to it). Writers are in
-:mod:`slidechat.inference.writers`. Items need ``position`` (0-based input order), ``error`` and
-``output``; the writer decides what else it reads from them.
+:class:`SlideFamily` (SlideChat on SlideBench rows). Writers are in :mod:`slidechat.inference.writers`.
+Items need ``position`` (0-based input order), ``error`` and ``output``; the writer decides what else
+it reads from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 import os
 import time
@@ -27,12 +40,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence
 
 import torch
+from tqdm import tqdm
 
+from slidechat.data.images import PreparedImage, prepare_image
+from slidechat.data.limits import CHARS_PER_TOKEN_BOUND
+from slidechat.data.qwen2vl_batch import prepare_generation_batch
 from slidechat.data.slidebench_dataset import clean_output, slidebench_collate_fn
-from slidechat.inference.writers import ResultWriter, make_id
+from slidechat.data.template import (encode_qwen2vl_prompt, get_vision_template, render_qwen2vl_prompt,
+                                     template_stop_token_ids)
+from slidechat.inference.writers import make_id
 from slidechat.model.hf_folder import load_tokenizer
+from slidechat.model.qwen2vl import family_of, per_image_vision, read_family
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
+from slidechat.utils.resumable import ResultWriter
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +143,6 @@ def run_inference(items: Sequence[Any], writer: ResultWriter, family: Generation
     t_start = time.perf_counter()
     bar = None
     if progress and pending:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=writer.done, desc=desc, unit="row", dynamic_ncols=True)
     try:
         for start in range(0, len(pending), batch_size):
@@ -166,12 +185,12 @@ class CytologyItem:
     prompt: str = ""  # written: prompt_ids decoded like vllm_infer
     label: str = ""  # written: the assistant slot decoded like vllm_infer, truncated ("" when none)
     truncated: bool = False  # cutoff_len cut the prompt or the label (LLaMA-Factory's infer_seqlen)
-    pil_images: List[Any] = field(default_factory=list)
+    prepared_images: List[PreparedImage] = field(default_factory=list)  # read and scaled once (prepare)
     error: Optional[str] = None
     output: Optional[str] = None
 
     def release(self) -> None:
-        self.pil_images = []
+        self.prepared_images = []
 
 
 def cytology_items(examples: Sequence[Any], default_system: Optional[str] = None) -> List[CytologyItem]:
@@ -231,10 +250,6 @@ class _Qwen2VLText:
         self.image_min_pixels = int(image_min_pixels)
         self.truncate = bool(truncate)
         self.stop_ids = stop_token_ids(tokenizer, generation_config)
-        import dataclasses
-
-        from slidechat.data.template import get_vision_template
-
         # the family's LLaMA-Factory template; enable_thinking as vllm_infer passes it (reasoning templates)
         self.template = dataclasses.replace(get_vision_template(template), enable_thinking=bool(enable_thinking))
 
@@ -250,9 +265,6 @@ class _Qwen2VLText:
         (:data:`~slidechat.data.limits.CHARS_PER_TOKEN_BOUND` characters per allowed token) is refused
         before it is tokenized.
         """
-        from slidechat.data.template import encode_qwen2vl_prompt, render_qwen2vl_prompt
-        from slidechat.data.limits import CHARS_PER_TOKEN_BOUND
-
         tok = self.tokenizer
         try:
             if not self.truncate:
@@ -297,9 +309,9 @@ class _Qwen2VLText:
         self.load_images(item)
 
     def load_images(self, item: CytologyItem) -> None:
-        from slidechat.data.images import load_image
-
-        item.pil_images = [load_image(p, self.image_max_pixels, self.image_min_pixels) for p in item.images]
+        """Read and scale the item's images once; the batch builder takes them as prepared."""
+        item.prepared_images = [prepare_image(p, self.image_max_pixels, self.image_min_pixels)
+                                for p in item.images]
 
     def answer_length(self, ids: Sequence[int]) -> int:
         """Generated tokens up to and including the first stop token (all when none)."""
@@ -338,8 +350,6 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> List[int]:
     ``<|endoftext|>`` stops generation only where the model's generation config lists it (released
     Qwen2-VL-Instruct does), never by itself. Order: template ids, tokenizer eos, generation config.
     """
-    from slidechat.data.template import template_stop_token_ids
-
     ids = template_stop_token_ids(tokenizer)
     extra = [tokenizer.eos_token_id] + _generation_config_eos(generation_config)
     for t in extra:
@@ -354,8 +364,6 @@ class Qwen2VLFamily(_Qwen2VLText):
     """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
 
     def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, **kw: Any) -> None:
-        from slidechat.model.qwen2vl import family_of
-
         kw.setdefault("generation_config", getattr(model, "generation_config", None))
         if kw.get("template") is None:  # the model's family's LLaMA-Factory template
             kw["template"] = family_of(model).lf_template
@@ -371,19 +379,13 @@ class Qwen2VLFamily(_Qwen2VLText):
 
     @torch.no_grad()
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
-        from slidechat.data.qwen2vl_batch import prepare_generation_batch
-
         batch = prepare_generation_batch(self.processor, [it.prompt_ids for it in items],
-                                         [it.pil_images for it in items],
-                                         image_max_pixels=self.image_max_pixels,
-                                         image_min_pixels=self.image_min_pixels)
+                                         [it.prepared_images for it in items])
         param = next(self.model.parameters())
         inputs = {k: (v.to(param.device, dtype=param.dtype) if k in ("pixel_values",) else v.to(param.device))
                   if torch.is_tensor(v) else v for k, v in batch.items()}
         if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
             torch.manual_seed(int(self.sampling.seed) + items[0].position)
-        from slidechat.model.qwen2vl import per_image_vision
-
         with per_image_vision(self.model):
             out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                       **self.gen_kwargs)
@@ -403,12 +405,8 @@ class VllmQwen2VLFamily(_Qwen2VLText):
         vllm = require_vllm()
         tok = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         if kw.get("template") is None:  # the folder's family's LLaMA-Factory template
-            from slidechat.model.qwen2vl import read_family
-
             kw["template"] = read_family(model_name_or_path)[1].lf_template
         super().__init__(tok, **kw)
-        from slidechat.data.template import template_stop_token_ids
-
         pp = int(pipeline_parallel_size)
         engine_args: Dict[str, Any] = {
             "model": os.fspath(model_name_or_path), "dtype": dtype,
@@ -440,14 +438,13 @@ class VllmQwen2VLFamily(_Qwen2VLText):
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
         # token ids with one pad per image, as vllm_infer passes them (vLLM expands the image itself)
         inputs = [{"prompt_token_ids": list(it.prompt_ids),
-                   "multi_modal_data": {"image": it.pil_images} if it.pil_images else None} for it in items]
+                   "multi_modal_data": {"image": [p.image for p in it.prepared_images]}
+                   if it.prepared_images else None} for it in items]
         results = self.llm.generate(inputs, self.params, lora_request=self.lora)
         return [r.outputs[0].text for r in results]
 
 
 def vllm_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -466,7 +463,8 @@ def require_vllm() -> Any:
 
 class SlideFamily:
     """SlideChat on SlideBench rows: prepare = features + prompt ids (errors per row), generate =
-    one batched ``predict``; the mmengine test loop calls :meth:`generate_collated` directly."""
+    one batched ``predict``. The mmengine test loop's dataloader prepares the rows itself and hands
+    them over with :meth:`hold`; both drivers then answer through :func:`generate_into`."""
 
     def __init__(self, model: Any, dataset: Any, *, max_new_tokens: int = 500, fp16: bool = False,
                  generation_kwargs: Optional[Mapping[str, Any]] = None) -> None:
@@ -477,18 +475,24 @@ class SlideFamily:
         self.fp16 = fp16
         self.generation_kwargs = dict(generation_kwargs or {})
         self.generation_kwargs.setdefault("use_cache", True)
-        self._prepared: Dict[int, Dict[str, Any]] = {}
+        self._prepared: Dict[int, Mapping[str, Any]] = {}
         self.timings: Dict[str, float] = {"generate_s": 0.0, "new_tokens": 0, "rows_generated": 0}
 
     def prepare(self, item: Any) -> None:
-        inst = self.dataset.prepare_item(item)
-        if item.error is None:
-            self._prepared[id(item)] = inst
+        self.hold([self.dataset.prepare_item(item)])
+
+    def hold(self, instances: Iterable[Mapping[str, Any]]) -> None:
+        """Keep the prepared instances (``SlideBenchTestDataset.prepare_item`` outputs) of the runnable
+        rows until :meth:`generate` answers them; rows that failed to prepare carry their ``error``."""
+        for inst in instances:
+            item = inst["item"]
+            if item.error is None:
+                self._prepared[id(item)] = inst
 
     def generate(self, items: Sequence[Any]) -> List[str]:
         insts = [self._prepared[id(it)] for it in items]
         try:
-            texts = self.generate_collated(slidebench_collate_fn(insts)["data"])
+            texts = self._predict(slidebench_collate_fn(insts)["data"])
         except SlideChatError:
             if len(items) == 1:  # no retry follows (generate_into retries batches row by row)
                 self._prepared.pop(id(items[0]), None)
@@ -498,7 +502,7 @@ class SlideFamily:
         return texts
 
     @torch.no_grad()
-    def generate_collated(self, data: Mapping[str, Any]) -> List[str]:
+    def _predict(self, data: Mapping[str, Any]) -> List[str]:
         """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
         model = self.model
         data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]

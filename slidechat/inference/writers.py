@@ -1,6 +1,6 @@
 """Result writers for the inference loop: append-only, fsynced per batch, resumable after kill -9.
 
-Every writer follows one protocol (:class:`ResultWriter`): items carry a 0-based ``position`` in the
+Every writer follows one protocol (:class:`~slidechat.utils.resumable.ResultWriter`): items carry a 0-based ``position`` in the
 input (SlideBench: ``index``), the writer is opened on the whole input and tells how many leading
 positions are already written (``done``); the loop hands it the next pending items in order
 (``write``), which appends them as one write + flush + ``fsync``; ``close`` releases the file.
@@ -24,8 +24,7 @@ Writers:
   ``null`` when the dataset has no ``id`` column.
 * :class:`~slidechat.data.slidebench.SlideBenchWriter` — SlideBench answer CSVs (``slidechat
   test`` / ``xtuner test``): input columns + ``Output`` (+ ``Pred``) + ``Error``. It lives with the
-  SlideBench reader (it validates rows against the question table) and follows this protocol; it is
-  re-exported here so both writers are found in one place.
+  SlideBench reader (it validates rows against the question table) and follows this protocol.
 """
 
 from __future__ import annotations
@@ -35,17 +34,15 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from slidechat.data.slidebench import SlideBenchWriter
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
-from slidechat.utils.resumable import AppendOnlyFile, ResultWriter, truncate_file
+from slidechat.utils.resumable import AppendOnlyFile, truncate_file
 
 logger = logging.getLogger(__name__)
 
 
-__all__ = ["ResultWriter", "AppendOnlyFile", "JsonlPredictionWriter", "SlideBenchWriter",
-           "read_complete_jsonl", "JSONL_KEYS"]
+__all__ = ["JsonlPredictionWriter", "read_complete_jsonl", "JSONL_KEYS", "make_id", "check_run_settings"]
 
 #: key order of a prediction line (``error`` only on failed rows)
 JSONL_KEYS = ("id", "images", "prompt", "predict", "label")
