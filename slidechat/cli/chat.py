@@ -94,7 +94,7 @@ def _features(args: argparse.Namespace):
 
     if args.features:
         return load_features(args.features, require_finite=True)
-    from slidechat.apps.extract import extract_slide_features
+    from slidechat.features.extract import extract_slide_features
 
     opts = {"device": args.device, "progress": False}
     if args.magnification is not None:
