@@ -445,3 +445,21 @@ def test_multi_file_dicom_slide_is_one_slide(tmp_path):
     with pytest.raises(SlideChatError, match="2 DICOM series") as e:
         collect_slide_paths(slide_dir)
     assert "CASE-7" in str(e.value)
+
+
+def test_a_slide_is_opened_once_per_extraction(synthetic_slides, monkeypatch):
+    """Resolution, tissue mask, patch grid and the main process's patch reads share one slide handle."""
+    from slidechat.wsi.slide import Slide
+
+    opened = []
+    init = Slide.__init__
+
+    def counting_init(self, path):
+        opened.append(path)
+        init(self, path)
+
+    monkeypatch.setattr(Slide, "__init__", counting_init)
+    feats, _, _ = extract_slide_features(synthetic_slides["tumor20"], "tiny_test", patch_size=112, num_workers=0,
+                                         progress=False)
+    assert len(feats) > 16  # more than the probe batch: the rest was read too
+    assert len(opened) == 1

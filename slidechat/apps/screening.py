@@ -689,9 +689,7 @@ class _Screening(SlideTask):
             res = screen_slide(path, self.scorer, self.opts)
             stage = "write"
             _write_slide_outputs(res, self.out, self.opts, self.info)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
+        except Exception as e:  # a failing slide is one failure row; the run goes on
             raise SlideFailed(stage, failure_reason(e)) from e
         return res
 

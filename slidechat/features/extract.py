@@ -99,6 +99,8 @@ def as_encoder(encoder: Any, checkpoint: Optional[PathLike]) -> Any:
 
 @dataclass
 class SlideResult:
+    """One slide's features in memory, with what its output files record (grid, mask, timings)."""
+
     slide: str
     path: Path
     features: np.ndarray
