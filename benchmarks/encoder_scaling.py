@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig
+
 DENSE_NAIVE_LIMIT_GB = 16.0
 
 
@@ -24,8 +26,6 @@ def worker(mode: str, n: int, repeats: int) -> dict:
     import resource
 
     import torch
-
-    from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig
 
     torch.manual_seed(0)
     if mode == "dilated":

@@ -30,6 +30,14 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from slidechat.apps.extract import extract_slides
+from slidechat.features.encoders import build_encoder
+from slidechat.features.encoders.base import PatchEncoder
+from slidechat.wsi.patching import plan_patches
+from slidechat.wsi.slide import Slide, resolve_resolution
+from slidechat.wsi.synthetic import SlideSpec, write_slide
+from slidechat.wsi.tissue import segment_tissue
+
 
 # ----------------------------------------------------------------------------------------------
 # (a) the tile-decode limit
@@ -137,8 +145,6 @@ def clam_style(path: str, grid, workers: int, encoder=None, batch_size: int = 25
 def _free_encoder():
     import torch
 
-    from slidechat.features.encoders.base import PatchEncoder
-
     class FreeEncoder(PatchEncoder):
         name = "free"
         embed_dim = 8
@@ -150,8 +156,6 @@ def _free_encoder():
 
 
 def slidechat_pipeline(path: str, encoder, out: Path) -> Tuple[float, Dict[str, float]]:
-    from slidechat.apps.extract import extract_slides
-
     t = time.perf_counter()
     s = extract_slides([path], out, encoder=encoder, overwrite=True, progress=False, save_qc=True)
     dt = time.perf_counter() - t
@@ -164,8 +168,6 @@ def slidechat_pipeline(path: str, encoder, out: Path) -> Tuple[float, Dict[str, 
 
 
 def make_slide(work: Path, width: int, height: int, mag: float) -> Path:
-    from slidechat.wsi.synthetic import SlideSpec, write_slide
-
     path = work / f"bench_{width}x{height}_{mag:g}x.svs"
     if not path.is_file():
         t = time.perf_counter()
@@ -175,18 +177,12 @@ def make_slide(work: Path, width: int, height: int, mag: float) -> Path:
 
 
 def plan(path: Path):
-    from slidechat.wsi.patching import plan_patches
-    from slidechat.wsi.slide import Slide, resolve_resolution
-    from slidechat.wsi.tissue import segment_tissue
-
     with Slide(path) as s:
         return plan_patches(s, segment_tissue(s), resolve_resolution(s), 20.0, None, 224, 0.5)
 
 
 def build(name: str, work: Path):
     import torch
-
-    from slidechat.features.encoders import build_encoder
 
     if name == "resnet50_trunc":
         ckpt = work / "resnet50_random.pth"

@@ -13,7 +13,9 @@ import pytest
 
 from slidechat.features.inputs import collect_slide_paths, rank_and_world, shard, unique_shard
 from slidechat.features.io import load_features
-from slidechat.apps.extract import LOCK_DIR, extract_slide_features, extract_slides
+from slidechat.apps.extract import extract_slides
+from slidechat.apps.runner import LOCK_DIR
+from slidechat.features.extract import extract_slide_features
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.outputs import MARKER
 from tolerances import FP32_RTOL, assert_close_rel, assert_rounded_to_decimals
@@ -356,7 +358,7 @@ def test_timing_breakdown_logged_and_stored_in_h5(extracted, synthetic_slides, t
 
 
 def test_balance_readers_against_the_encoder():
-    from slidechat.apps.extract import balance_workers
+    from slidechat.wsi.reader import balance_workers
 
     # decoding costs 4x the (cheap) encoder: both cores read, the encoder gets one thread
     assert balance_workers(0.004, 0.001, 1, "cpu", cores=2) == (2, 1)
@@ -382,7 +384,7 @@ def test_encoder_resize_in_readers_equals_resize_on_device(synthetic_slides):
     import torch
 
     from slidechat.features.encoders import build_encoder
-    from slidechat.apps.extract import PatchReader
+    from slidechat.wsi.reader import PatchReader
     from slidechat.features.resample import pil_resize_uint8
     from slidechat.wsi.patching import plan_patches
     from slidechat.wsi.slide import Slide, resolve_resolution
@@ -443,3 +445,21 @@ def test_multi_file_dicom_slide_is_one_slide(tmp_path):
     with pytest.raises(SlideChatError, match="2 DICOM series") as e:
         collect_slide_paths(slide_dir)
     assert "CASE-7" in str(e.value)
+
+
+def test_a_slide_is_opened_once_per_extraction(synthetic_slides, monkeypatch):
+    """Resolution, tissue mask, patch grid and the main process's patch reads share one slide handle."""
+    from slidechat.wsi.slide import Slide
+
+    opened = []
+    init = Slide.__init__
+
+    def counting_init(self, path):
+        opened.append(path)
+        init(self, path)
+
+    monkeypatch.setattr(Slide, "__init__", counting_init)
+    feats, _, _ = extract_slide_features(synthetic_slides["tumor20"], "tiny_test", patch_size=112, num_workers=0,
+                                         progress=False)
+    assert len(feats) > 16  # more than the probe batch: the rest was read too
+    assert len(opened) == 1

@@ -59,7 +59,7 @@ def _dark_run(row: np.ndarray, start: int) -> int:
 
 
 def test_qc_png_has_a_title_and_a_scale_bar_of_the_right_length(tmp_path: Path) -> None:
-    from slidechat.apps.extract import write_qc_png
+    from slidechat.features.extract import write_qc_png
     from slidechat.wsi.tissue import TissueMask
 
     dims, base_mpp = (4000, 3000), 0.25

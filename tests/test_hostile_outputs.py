@@ -195,7 +195,7 @@ def test_screen_into_a_user_folder_is_refused_before_the_model_loads(synthetic_s
     assert snapshot(out) == before and sorted(os.listdir(out)) == ["failures.csv", "notes.txt"]
 
 
-DONE_LINE = re.compile(r"slidechat\.features\.pipeline: (.+?) \(\d+px@[\d.]+x\): ")
+DONE_LINE = re.compile(r"slidechat\.apps\.extract: (.+?) \(\d+px@[\d.]+x\): ")
 
 
 def test_two_extraction_jobs_on_one_out_share_the_slides(synthetic_slides, extracted, tmp_path):

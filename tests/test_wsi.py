@@ -196,7 +196,7 @@ def _reference_patches(path, grid, idx, method):
 
 @pytest.mark.parametrize("case", ["40x_to_20x", "20x_native", "lower_level", "non_integer"])
 def test_patch_reader_matches_openslide_reference(synthetic_slides, case):
-    from slidechat.apps.extract import PatchReader
+    from slidechat.wsi.reader import PatchReader
 
     key, kw, method = {
         "40x_to_20x": ("tumor40", dict(target_magnification=20, patch_size=224), "reduce"),

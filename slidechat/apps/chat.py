@@ -14,12 +14,12 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from slidechat.apps.extract import extract_slide_features
 from slidechat.data.dataset import uniform_indices
 from slidechat.data.images import check_image_header, prepare_image
 from slidechat.data.limits import InputRefused, check_prompt_length, llm_context_length, model_prompt_limit
 from slidechat.data.template import config_template, encode_prompt
 from slidechat.engine.builder import build_model_from_config, is_exported_folder
+from slidechat.features.extract import extract_slide_features
 from slidechat.features.io import load_features
 from slidechat.inference.loop import CytologyItem, Qwen2VLFamily, SamplingSettings
 from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX

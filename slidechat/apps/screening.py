@@ -34,10 +34,8 @@ table, which formats them once; ``reaggregate`` reads the tables back into the s
 from __future__ import annotations
 
 import dataclasses
-import glob as _glob
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from slidechat.apps.extract import PatchReader
+from slidechat.apps.runner import SlideFailed, SlideTask, failure_reason, run_slides
 from slidechat.apps.screening_report import output_paths, write_slide_outputs
 from slidechat.data.synthetic_cytology import write_cytology_slides
 from slidechat.data.vocabulary import (GROUND_ABNORMAL_QUESTION, SCREENING_ABNORMAL_INDEX, SCREENING_OPTIONS,
@@ -61,6 +59,7 @@ from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 from slidechat.wsi.cellularity import FieldPlan, plan_fields
 from slidechat.wsi.patching import PatchGrid
+from slidechat.wsi.reader import PatchReader
 from slidechat.wsi.slide import Slide, slide_id
 
 logger = logging.getLogger(__name__)
@@ -236,13 +235,48 @@ def _write_slide_outputs(res: SlideScreen, out: Path, opts: ScreenOptions, score
 # many slides
 
 
-def _remove_partials_for(out_dir: Path, sid: str) -> None:
-    for sub in ("fields", "heatmaps", "galleries", "reports"):
-        for p in (out_dir / sub).glob(f".{_glob.escape(sid)}.*.partial"):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+class _Screening(SlideTask):
+    """Screening as the slide runner's per-slide work."""
+
+    folders = ("fields", "heatmaps", "galleries", "reports")
+    finished_word = "screened"
+    doing_word = "screening"
+
+    def __init__(self, out: Path, opts: ScreenOptions, scorer: Optional[FieldModel],
+                 model_name_or_path: Optional[PathLike], adapter_name_or_path: Optional[PathLike]) -> None:
+        self.out, self.opts, self.scorer = out, opts, scorer
+        self.model_name_or_path, self.adapter_name_or_path = model_name_or_path, adapter_name_or_path
+        self.info: Dict[str, Any] = {}
+
+    def finished_file(self, sid: str) -> Path:
+        return output_paths(self.out, sid)["fields"]  # written last
+
+    def counters(self) -> Dict[str, Any]:
+        return {"n_fields": 0, "read_s": 0.0, "model_s": 0.0}
+
+    def prepare(self, todo: Sequence[Path], rank: int, world: int) -> None:
+        if self.scorer is None:
+            if self.model_name_or_path is None:
+                raise SlideChatError("screening needs --model_name_or_path (a Qwen2-VL folder)")
+            self.scorer = FieldModel(self.model_name_or_path, self.adapter_name_or_path, self.opts)
+        self.info = self.scorer.provenance()
+
+    def run(self, path: Path, sid: str) -> SlideScreen:
+        stage = "screen"
+        try:
+            res = screen_slide(path, self.scorer, self.opts)
+            stage = "write"
+            _write_slide_outputs(res, self.out, self.opts, self.info)
+        except Exception as e:  # a failing slide is one failure row; the run goes on
+            raise SlideFailed(stage, failure_reason(e)) from e
+        return res
+
+    def record(self, sid: str, result: SlideScreen, summary: Dict[str, Any]) -> None:
+        summary["n_fields"] += len(result.rows)
+        summary["read_s"] += result.timings["read_s"]
+        summary["model_s"] += result.timings["model_s"]
+        logger.info("%s: %d cellular fields of %d (read %.1fs, model %.1fs)", sid, len(result.rows),
+                    result.plan.n_candidates, result.timings["read_s"], result.timings["model_s"])
 
 
 def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
@@ -253,78 +287,25 @@ def screen_slides(slide_paths: Union[PathLike, Sequence[PathLike]], out_dir: Pat
                   limit: Optional[int] = None, scorer: Optional[FieldModel] = None) -> Dict[str, Any]:
     """Screen many slides into ``out_dir``; aggregate and (with ``labels``) score them.
 
-    Sharded round-robin over ``rank``/``world_size`` (default: torchrun's env) like extraction; with
+    Runs on the slide runner (``apps.runner``) like extraction: sharded round-robin over
+    ``rank``/``world_size`` (default: torchrun's env), finished slides skipped, one lock per slide; with
     more than one shard each rank only writes its field tables and ``failures_rank<r>.csv``, and the
     slide table/metrics come from ``reaggregate`` once every rank is done. Returns a summary dict.
     """
-    from tqdm.auto import tqdm
-
-    from slidechat.features.inputs import collect_slide_paths, limit as _limit, rank_and_world, unique_shard
-    from slidechat.apps.extract import _write_failures  # extraction's failures.csv writer
-
     opts = opts or ScreenOptions()
-    if isinstance(slide_paths, (str, os.PathLike)):
-        slide_paths = collect_slide_paths(slide_paths)
-    paths = _limit([Path(p) for p in slide_paths], limit)
-    rank, world = rank_and_world(rank, world_size)
     label_map = read_labels_csv(labels) if labels is not None else None  # fail early on a bad file
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fail_path = out / ("failures.csv" if world == 1 else f"failures_rank{rank}.csv")
-    mine, failures = unique_shard(paths, rank, world)
-    summary: Dict[str, Any] = {"out_dir": str(out), "rank": rank, "world_size": world, "done": [],
-                               "skipped": [], "failed": failures, "n_fields": 0,
-                               "failures_file": str(fail_path), "read_s": 0.0, "model_s": 0.0}
-    todo = []
-    for p in mine:
-        sid = slide_id(p)
-        _remove_partials_for(out, sid)
-        if output_paths(out, sid)["fields"].is_file() and not overwrite:
-            summary["skipped"].append(sid)
-        else:
-            todo.append(p)
-    if summary["skipped"]:
-        logger.info("rank %d: %d slide(s) already screened, skipped (use --overwrite to redo)", rank,
-                    len(summary["skipped"]))
-    if todo:
-        if scorer is None:
-            if model_name_or_path is None:
-                raise SlideChatError("screening needs --model_name_or_path (a Qwen2-VL folder)")
-            scorer = FieldModel(model_name_or_path, adapter_name_or_path, opts)
-        info = scorer.provenance()
-        for p in tqdm(todo, desc="slides", unit="slide", disable=not opts.progress or len(todo) < 2):
-            sid = slide_id(p)
-            stage = "screen"
-            try:
-                res = screen_slide(p, scorer, opts)
-                stage = "write"
-                _write_slide_outputs(res, out, opts, info)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                reason = (e.reason + (f" ({e.hint})" if e.hint else "")) if isinstance(e, SlideChatError) \
-                    else f"{type(e).__name__}: {e}"
-                logger.error("%s: %s failed: %s", sid, stage, reason)
-                logger.debug("traceback", exc_info=e)
-                failures.append({"slide": sid, "path": str(p), "stage": stage, "reason": reason})
-                _write_failures(fail_path, failures)
-                continue
-            summary["done"].append(sid)
-            summary["n_fields"] += len(res.rows)
-            summary["read_s"] += res.timings["read_s"]
-            summary["model_s"] += res.timings["model_s"]
-            logger.info("%s: %d cellular fields of %d (read %.1fs, model %.1fs)", sid, len(res.rows),
-                        res.plan.n_candidates, res.timings["read_s"], res.timings["model_s"])
-    _write_failures(fail_path, failures)
-    if failures:
+    task = _Screening(out, opts, scorer, model_name_or_path, adapter_name_or_path)
+    summary = run_slides(slide_paths, out, task, overwrite=overwrite, rank=rank, world_size=world_size,
+                         limit=limit, progress=opts.progress)
+    if summary["failed"]:
         logger.warning("%d slide(s) failed (see %s); they are not in the slide table or the metrics",
-                       len(failures), fail_path)
-    if world == 1:
-        summary.update(reaggregate(out, labels=labels, opts=opts,
-                                   slides=[slide_id(p) for p in mine], label_map=label_map))
+                       len(summary["failed"]), summary["failures_file"])
+    if summary["world_size"] == 1:
+        summary.update(reaggregate(out, labels=labels, opts=opts, slides=summary["slides"], label_map=label_map))
     else:
         logger.info("rank %d/%d done; when every rank has finished run: slidechat screen --reaggregate %s",
-                    rank, world, out)
+                    summary["rank"], summary["world_size"], out)
     return summary
 
 

@@ -15,13 +15,13 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from slidechat.apps.extract import PatchReader
 from slidechat.evaluation.screening import FieldRow, write_field_table
 from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path, atomic_write_text, save_figure
 from slidechat.utils.paths import PathLike
 from slidechat.wsi.cellularity import FieldPlan
 from slidechat.wsi.patching import PatchGrid
+from slidechat.wsi.reader import PatchReader
 
 BOX_RGB = (230, 30, 30)
 

@@ -98,8 +98,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidechat.features.inputs import collect_slide_paths
+    # lazy: slidechat --help must not import torch (the encoders, via apps.extract)
     from slidechat.apps.extract import check_output_dir, extract_slides
+    from slidechat.features.inputs import collect_slide_paths  # lazy: as above, the CLI starts light
 
     check_output_dir(args.out)  # before listing slides or loading an encoder
     paths = collect_slide_paths(args.inputs, recursive=args.recursive)

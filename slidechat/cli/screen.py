@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from typing import Any
 
 from slidechat.cli.args import add_slide_run_arguments, add_trust_remote_code_argument
@@ -126,18 +127,6 @@ def _options(args: argparse.Namespace) -> Any:
 SCREEN_LAYOUT = ("fields", "heatmaps", "galleries", "reports", "slides.csv", "metrics.json", "roc.png")
 
 
-def _screen_entries(folder: Any) -> Any:
-    """The entries of an earlier screening --out (the EPILOG's layout), or None when it holds anything else."""
-    import os
-
-    from slidechat.apps.extract import is_failures_csv
-
-    names = {e for e in os.listdir(folder) if not e.startswith(".")}
-    ours = all(e in SCREEN_LAYOUT or (e.startswith("failures") and e.endswith(".csv")
-                                      and is_failures_csv(os.path.join(folder, e))) for e in names)
-    return names if names and ours else None
-
-
 def run(args: argparse.Namespace) -> int:
     # lazy: apps.screening imports torch and transformers; `slidechat --help` must not wait for them
     from slidechat.apps.screening import reaggregate, screen_slides
@@ -153,8 +142,12 @@ def run(args: argparse.Namespace) -> int:
         raise SlideChatError("give slide INPUTs and --out (or --reaggregate OUT)")
     if not args.model_name_or_path:
         raise SlideChatError("--model_name_or_path is required to screen slides")
+    # lazy: the runner imports torch (through the patch reader); `slidechat --help` must not wait for it
+    from slidechat.apps.runner import earlier_run_entries
+
     # the output-folder rule before the model loads: a user's folder (its failures.csv) is never written into
-    check_output_folder(args.out, "screening", legacy=_screen_entries, create=True,
+    legacy = partial(earlier_run_entries, layout=SCREEN_LAYOUT)
+    check_output_folder(args.out, "screening", legacy=legacy, create=True,
                         refuse_hint="screen into a new or empty folder, or an earlier screening's --out "
                                     "to resume it")
     paths = collect_slide_paths(args.inputs, recursive=args.recursive)

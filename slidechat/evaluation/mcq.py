@@ -16,7 +16,7 @@ import pandas as pd
 from slidechat.data.answers import gold_letter, normalize_text, parse_choice
 from slidechat.data.vocabulary import LETTERS
 from slidechat.evaluation.tables import (ACCURACY_HEADERS, accuracy_cells, accuracy_rows, fmt_pct, markdown_table,
-                                        shorten)
+                                         shorten)
 from slidechat.utils.errors import SlideChatError
 
 

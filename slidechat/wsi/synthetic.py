@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from slidechat.utils.atomic import atomic_path
 from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
@@ -230,8 +231,6 @@ def write_pyramid(path: PathLike, spec: SlideSpec,
     """
     import tifffile
 
-    from slidechat.utils.atomic import atomic_path
-
     path = Path(path)
     T = spec.tile
     with atomic_path(path) as tmp:
@@ -300,8 +299,6 @@ def write_fov_png(path: PathLike, label: str, size: int = 768, seed: int = 0,
 
 
 def write_manifest(path: PathLike, rows: Sequence[Dict[str, str]]) -> Path:
-    from slidechat.utils.atomic import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:

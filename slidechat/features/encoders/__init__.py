@@ -11,6 +11,10 @@ import os
 from typing import List, Optional, Union
 
 from slidechat.features.encoders.base import PatchEncoder
+from slidechat.features.encoders.conch import ConchV1Encoder
+from slidechat.features.encoders.resnet import ResNet50TruncEncoder
+from slidechat.features.encoders.timm_model import TimmEncoder
+from slidechat.features.encoders.tiny import TinyTestEncoder
 from slidechat.utils.errors import SlideChatError
 
 ENCODERS = ("tiny_test", "conch_v1", "resnet50_trunc", "timm:<model_name>")
@@ -23,20 +27,12 @@ def list_encoders() -> List[str]:
 def build_encoder(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None) -> PatchEncoder:
     """Build an encoder in eval mode on CPU."""
     if name == "tiny_test":
-        from slidechat.features.encoders.tiny import TinyTestEncoder
-
         enc: PatchEncoder = TinyTestEncoder()
     elif name in ("conch_v1", "conch"):
-        from slidechat.features.encoders.conch import ConchV1Encoder
-
         enc = ConchV1Encoder(checkpoint)
     elif name in ("resnet50_trunc", "resnet50"):
-        from slidechat.features.encoders.resnet import ResNet50TruncEncoder
-
         enc = ResNet50TruncEncoder(checkpoint)
     elif name.startswith("timm:") and len(name) > 5:
-        from slidechat.features.encoders.timm_model import TimmEncoder
-
         enc = TimmEncoder(name[5:], checkpoint)
     else:
         raise SlideChatError(f"unknown encoder '{name}'", hint="choose one of " + ", ".join(ENCODERS))

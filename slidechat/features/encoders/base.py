@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slidechat.features.resample import pil_resize_uint8, torchvision_resize_size
+from slidechat.model import checkpoint as model_checkpoint
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -124,9 +125,8 @@ def load_checked(module: nn.Module, sd: Dict[str, torch.Tensor], path: PathLike,
     (except ``ignore_missing`` prefixes) is required and shapes must match; keys the encoder does not
     use are logged and ignored.
     """
-    from slidechat.model.checkpoint import load_checked as checked
-
     own = nn.Module.state_dict(module)
     required = [k for k in own if not (ignore_missing and k.startswith(tuple(ignore_missing)))]
-    checked(module, sd, required=required, allow_unexpected=True, source=path,
-            hint=f"refusing to run with random weights: is this the right --checkpoint for --encoder {encoder}?")
+    model_checkpoint.load_checked(
+        module, sd, required=required, allow_unexpected=True, source=path,
+        hint=f"refusing to run with random weights: is this the right --checkpoint for --encoder {encoder}?")
