@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -216,3 +218,16 @@ def test_patch_reader_matches_openslide_reference(synthetic_slides, case):
             assert reader._slide._tiles is not None  # the fast path really ran
         reader.close()
         assert got.shape == ref.shape and np.array_equal(got, ref), (case, direct)
+
+
+def test_read_downsampled_fills_every_output_pixel(tmp_path):
+    """``read_downsampled`` rounds the output size up (ceil): the last column/row must come from the
+    slide too, not be left as uninitialised memory (a uniform slide stays uniform at any downsample)."""
+    colour = (123, 45, 67)
+    path = tmp_path / "uniform.png"
+    Image.new("RGB", (1001, 999), colour).save(path)
+    with Slide(path) as slide:
+        for ds in (4.0, 3.3, 7.0):
+            out = slide.read_downsampled(ds, chunk=256)
+            assert out.shape == (math.ceil(999 / ds), math.ceil(1001 / ds), 3)
+            assert (out == np.array(colour, np.uint8)).all(), ds

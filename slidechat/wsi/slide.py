@@ -266,7 +266,10 @@ class Slide:
             for lx in range(0, lw, step):
                 cw, ch = min(step, lw - lx), min(step, lh - ly)
                 ox1, oy1 = int(round(lx * f)), int(round(ly * f))
-                ox2, oy2 = min(ow, int(round((lx + cw) * f))), min(oh, int(round((ly + ch) * f)))
+                # the last chunk of a row/column reaches the output's edge: ``ow``/``oh`` round up, so
+                # rounding its end could leave the last output column/row unwritten (uninitialised)
+                ox2 = ow if lx + cw >= lw else min(ow, int(round((lx + cw) * f)))
+                oy2 = oh if ly + ch >= lh else min(oh, int(round((ly + ch) * f)))
                 if ox2 <= ox1 or oy2 <= oy1:
                     continue
                 reg = self.read_region((int(lx * lds), int(ly * lds)), level, (cw, ch))
