@@ -202,21 +202,22 @@ def screen_slide(path: PathLike, scorer: FieldModel, opts: ScreenOptions) -> Sli
     path = Path(path)
     sid = slide_id(path)
     t0 = time.perf_counter()
-    with Slide(path) as slide:
+    with Slide(path) as slide:  # opened once: planning and every field read use this handle
         plan = plan_fields(slide, opts)
-    t1 = time.perf_counter()
-    n = len(plan.grid)
-    bs = max(1, int(opts.batch_size))
-    clock = _Clock()
-    reader = PatchReader(path, plan.grid, bs)  # one slide handle for the whole slide
-    bar = tqdm(total=n, desc=sid[:30], unit="field", leave=False, disable=not opts.progress)
-    try:
-        probs, mass = _option_probabilities(reader, scorer, n, bs, clock, bar)
-        score = scorer.abnormal_score(probs)
-        grounded, malformed = _ground(reader, scorer, plan.grid, _fields_to_ground(score, opts), opts, clock)
-    finally:
-        bar.close()
-        reader.close()
+        t1 = time.perf_counter()
+        n = len(plan.grid)
+        bs = max(1, int(opts.batch_size))
+        clock = _Clock()
+        reader = PatchReader(path, plan.grid, bs, slide=slide)
+        bar = tqdm(total=n, desc=sid[:30], unit="field", leave=False, disable=not opts.progress)
+        try:
+            probs, mass = _option_probabilities(reader, scorer, n, bs, clock, bar)
+            score = scorer.abnormal_score(probs)
+            grounded, malformed = _ground(reader, scorer, plan.grid, _fields_to_ground(score, opts), opts,
+                                          clock)
+        finally:
+            bar.close()
+            reader.close()
     timings = {"plan_s": t1 - t0, "read_s": clock.read_s, "model_s": clock.model_s,
                "total_s": time.perf_counter() - t0, "n_fields": n, "n_candidates": plan.n_candidates,
                "malformed_regions": malformed}

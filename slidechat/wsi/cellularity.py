@@ -24,7 +24,7 @@ from typing import Optional, Protocol, Sequence, Tuple
 import numpy as np
 
 from slidechat.utils.errors import SlideChatError
-from slidechat.wsi.patching import PatchGrid, plan_patches
+from slidechat.wsi.patching import PatchGrid, SlideTooSmall, plan_patches
 from slidechat.wsi.slide import Slide, resolve_resolution
 from slidechat.wsi.tissue import TissueMask
 
@@ -111,18 +111,17 @@ class FieldPlan:
 def plan_fields(slide: Slide, opts: FieldSettings) -> FieldPlan:
     """Field grid at the target MPP/size, filtered by the cellular-content detector."""
     res = resolve_resolution(slide, opts.base_mpp, opts.base_magnification)
-    W, H = slide.dimensions
-    size0 = int(round(opts.field_size * opts.target_mpp / res.mpp))  # plan_patches' level-0 field side
-    if opts.field_size > 0 and opts.target_mpp > 0 and (W < size0 or H < size0):
-        # checked here, not left to plan_patches: its message and hint name extract-features' flags
+    whole = TissueMask(np.ones((1, 1), bool), tuple(float(v) for v in slide.dimensions), None, "none")
+    try:
+        grid = plan_patches(slide, whole, res, target_magnification=None, target_mpp=opts.target_mpp,
+                            patch_size=opts.field_size, tissue_threshold=0.0)
+    except SlideTooSmall as e:  # the same check, said with screen's flags (plan_patches names extraction's)
+        W, H = slide.dimensions
         raise SlideChatError(
             f"slide is {W}x{H} px, smaller than one field ({opts.field_size} px at {opts.target_mpp:g} "
-            f"µm/px = {size0} px at the slide's {res.mpp:g} µm/px, {res.source})", slide.path,
+            f"µm/px = {e.patch_size_level0} px at the slide's {res.mpp:g} µm/px, {res.source})", slide.path,
             hint="use a smaller --field-size or a smaller --mpp; if the slide's own µm/px is wrong, "
-                 "give --base-mpp")
-    whole = TissueMask(np.ones((1, 1), bool), tuple(float(v) for v in slide.dimensions), None, "none")
-    grid = plan_patches(slide, whole, res, target_magnification=None, target_mpp=opts.target_mpp,
-                        patch_size=opts.field_size, tissue_threshold=0.0)
+                 "give --base-mpp") from None
     masks = cellular_masks(slide, grid.patch_size_level0, opts.od_threshold, opts.nuclear_od)
     cell = field_fractions(masks.cellular, grid.coords, grid.patch_size_level0)
     nuc = field_fractions(masks.nuclear, grid.coords, grid.patch_size_level0)

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 from slidechat.wsi.slide import Resolution, Slide
 from slidechat.wsi.tissue import TissueMask
 
@@ -74,6 +75,15 @@ class PatchGrid:
         return d
 
 
+class SlideTooSmall(SlideChatError):
+    """The slide is smaller than one patch. Carries the patch's level-0 side so a caller that lays
+    patches under another name (screening's fields) can say it in its own words and flags."""
+
+    def __init__(self, reason: str, path: Optional[PathLike], hint: str, patch_size_level0: int) -> None:
+        super().__init__(reason, path, hint)
+        self.patch_size_level0 = patch_size_level0
+
+
 def _snap(scale: float, tol: float = 0.03) -> float:
     r = round(scale)
     return float(r) if r >= 1 and abs(scale - r) <= tol * scale else scale
@@ -110,10 +120,10 @@ def plan_patches(slide: Slide, mask: TissueMask, resolution: Resolution,
     step0 = max(1, int(round((patch_size - overlap) * scale)))
     W, H = slide.dimensions
     if W < ps0 or H < ps0:
-        raise SlideChatError(
+        raise SlideTooSmall(
             f"slide is {W}x{H} px, smaller than one patch ({patch_size} px at {target_mag:g}x = "
             f"{ps0} level-0 px)", slide.path,
-            hint="use a smaller --patch-size or a lower --magnification")
+            hint="use a smaller --patch-size or a lower --magnification", patch_size_level0=ps0)
     level = slide.best_level_for_downsample(scale)
     lds = slide.level_downsamples[level]
     read_size = max(1, int(round(ps0 / lds)))
