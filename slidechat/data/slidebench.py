@@ -52,7 +52,7 @@ from slidechat.model.constants import IMAGE_TOKEN
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
-from slidechat.utils.resumable import AppendOnlyFile, truncate_file
+from slidechat.utils.resumable import AppendOnlyFile, ResumableWriter
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def _complete_records(data: bytes, ncols: int) -> Tuple[List[List[str]], int]:
     return records, good_end
 
 
-class SlideBenchWriter:
+class SlideBenchWriter(ResumableWriter):
     """Resumable, append-only answer writer for one SlideBench CSV (one process per output file).
 
     Caller protocol::
@@ -474,19 +474,12 @@ class SlideBenchWriter:
                     f"output row {j + 1} (key {self._keys[i]}) differs from input row {i + 1} in "
                     f"column {bad!r}; the output belongs to another input", self.path,
                     hint="use --overwrite to start fresh")
-        if good_end < len(data):
-            logger.warning("%s: dropping a torn last record (%d bytes)", self.path, len(data) - good_end)
-            truncate_file(self.path, good_end)
+        self.drop_torn_tail(len(data), good_end, "record")
         return len(rows)
 
     # -- the loop
-    @property
-    def num_pending(self) -> int:
-        return len(self.indices) - self.done
-
-    @property
-    def complete(self) -> bool:
-        return self.num_pending == 0
+    def positions(self) -> int:
+        return len(self.indices)
 
     def make_item(self, index: int) -> SlideBenchItem:
         row = self.table.row(index)
@@ -545,12 +538,6 @@ class SlideBenchWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-
-    def __enter__(self) -> "SlideBenchWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def merge_shards(table: SlideBenchTable, out_path: PathLike, world_size: int,

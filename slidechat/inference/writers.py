@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
-from slidechat.utils.resumable import AppendOnlyFile, truncate_file
+from slidechat.utils.resumable import AppendOnlyFile, ResumableWriter
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def read_complete_jsonl(path: PathLike) -> Tuple[List[Dict[str, Any]], int, int]
     return records, pos, len(data)
 
 
-class JsonlPredictionWriter:
+class JsonlPredictionWriter(ResumableWriter):
     """Resumable JSONL writer for LLaMA-Factory style predictions (format in the module doc).
 
     ``keys`` holds, for every input position, the ``(id, images)`` pair its line must carry: on
@@ -119,18 +119,11 @@ class JsonlPredictionWriter:
                     f"line {j + 1} is for id {rec.get('id')} / images {rec.get('images')}, but input "
                     f"row {j + 1} is id {key} / images {images}; the output belongs to another input",
                     self.path, hint="use --overwrite to start fresh, or another --save_name")
-        if good_end < total:
-            logger.warning("%s: dropping a torn last line (%d bytes)", self.path, total - good_end)
-            truncate_file(self.path, good_end)
+        self.drop_torn_tail(total, good_end, "line")
         return len(records)
 
-    @property
-    def num_pending(self) -> int:
-        return len(self.keys) - self.done
-
-    @property
-    def complete(self) -> bool:
-        return self.num_pending == 0
+    def positions(self) -> int:
+        return len(self.keys)
 
     @staticmethod
     def record(item: Any) -> Dict[str, Any]:
@@ -165,12 +158,6 @@ class JsonlPredictionWriter:
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> "JsonlPredictionWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def make_id(dataset: str, index: int, id_value: Optional[Any]) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ follow it: :class:`slidechat.inference.writers.JsonlPredictionWriter` (predictio
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -17,6 +18,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.locks import lock_handle, unlock_handle
 from slidechat.utils.paths import PathLike
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -70,3 +73,40 @@ def truncate_file(path: PathLike, size: int) -> None:
         fh.truncate(size)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+class ResumableWriter:
+    """What every writer of the protocol shares: the counts, the torn-tail rule, ``with`` support.
+
+    A subclass sets ``path`` and ``done``, says how many positions it owns (:meth:`positions`), appends
+    through an :class:`AppendOnlyFile` and closes it in :meth:`close`.
+    """
+
+    path: Path
+    done: int = 0
+
+    def positions(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_pending(self) -> int:
+        return self.positions() - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.num_pending == 0
+
+    def drop_torn_tail(self, size: int, good_end: int, what: str) -> None:
+        """Cut a last ``what`` that a kill left half-written (``good_end`` < ``size`` bytes), durably."""
+        if good_end < size:
+            logger.warning("%s: dropping a torn last %s (%d bytes)", self.path, what, size - good_end)
+            truncate_file(self.path, good_end)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "ResumableWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
