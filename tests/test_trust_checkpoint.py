@@ -138,8 +138,9 @@ def test_allow_partial_loads_deliberately_with_a_warning(setup, ckpts, trained_s
     # the LLM came from the checkpoint; the encoder stayed as initialised (differs from the trained one)
     from slidechat.engine.builder import build_model_from_config
     from slidechat.engine.overrides import parse_cfg_options
+    from slidechat.model.checkpoint import resolve_checkpoint
 
-    core, _ = build_model_from_config(CONFIG, ckpts["no_slide"], parse_cfg_options(
+    core, _ = build_model_from_config(CONFIG, resolve_checkpoint(ckpts["no_slide"]), parse_cfg_options(
         cfg_option_args(setup["overrides"])), allow_partial=True)
     sd = core.state_dict()
     assert torch.equal(sd["llm.lm_head.weight"], trained_sd["llm.lm_head.weight"])

@@ -26,7 +26,8 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
     """``(SlideChatModel in eval mode, tokenizer)`` from an exported folder (no config needed) or a
     config + training checkpoint (strict key check; ``allow_partial`` accepts missing weights with a
     warning). The LLM folder's own code runs only with ``trust_remote_code`` (``--trust-remote-code``)."""
-    from slidechat.engine.builder import build_model_from_config, is_exported_folder
+    from slidechat.engine.builder import build_model_from_config
+    from slidechat.model.checkpoint import is_exported_folder, resolve_checkpoint
     from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
 
     ckpt = Path(checkpoint)
@@ -39,7 +40,7 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
         if model.tokenizer is None:
             raise SlideChatError("exported folder has no tokenizer", ckpt / "llm")
         return model, model.tokenizer
-    model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options,
+    model, tok = build_model_from_config(config, checkpoint=resolve_checkpoint(ckpt), cfg_options=cfg_options,
                                          allow_partial=allow_partial, trust_remote_code=trust_remote_code)
     if tok is None:
         raise SlideChatError("config has no tokenizer", config)

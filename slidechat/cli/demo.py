@@ -193,8 +193,9 @@ def run_slide_demo(root: Path, n_slides: int, steps: Optional[Steps] = None) -> 
     from slidechat.cli.main import main as cli_main
     from slidechat.data.synthetic import FEATURE_TEMPLATE, write_synthetic_dataset
     from slidechat.engine.overrides import parse_cfg_options, path_overrides
-    from slidechat.engine.testing import run_test
+    from slidechat.apps.test import TestOptions, run_test
     from slidechat.apps.extract import extract_slides
+    from slidechat.model.checkpoint import resolve_checkpoint
     from slidechat.model.tiny_llm import make_tiny_llm
     from slidechat.wsi.synthetic import make_demo_slides
 
@@ -239,10 +240,10 @@ def run_slide_demo(root: Path, n_slides: int, steps: Optional[Steps] = None) -> 
 
     out_csv = paths["slide_test"]
     with steps.step("[slide 7/8] SlideBench-style test on the held-out slides + scoring"):
-        report = run_test(config=_config("stage_2.py"), checkpoint=stage2,
-                          test_slide_csv=data["test_vqa"], test_output_csv=out_csv,
-                          feature_root=h5_root, feature_template=FEATURE_TEMPLATE, batch_size=8,
-                          cfg_options=parse_cfg_options(path_overrides(**common)))
+        report = run_test(TestOptions(config=_config("stage_2.py"), checkpoint=resolve_checkpoint(stage2),
+                                      test_slide_csv=data["test_vqa"], test_output_csv=out_csv,
+                                      feature_root=h5_root, feature_template=FEATURE_TEMPLATE, batch_size=8,
+                                      cfg_options=parse_cfg_options(path_overrides(**common))))
         print("\n" + _report_markdown(report, out_csv))
 
     exported = _exported(export_dir)
@@ -281,6 +282,7 @@ def run_cytology_demo(root: Path, n_fields: int, n_cyto_slides: int,
     from slidechat.data.synthetic_cytology import write_fields_dataset
     from slidechat.apps.screening import run_screen_demo
     from slidechat.engine.qwen2vl_train import export_qwen2vl
+    from slidechat.model.checkpoint import resolve_checkpoint
     from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 
     steps = steps or Steps(root / "demo.log", show_output=True)
@@ -311,7 +313,7 @@ def run_cytology_demo(root: Path, n_fields: int, n_cyto_slides: int,
         if not (hf_dir / "config.json").is_file():
             if hf_dir.exists():  # the demo's own folder, left half-written by an interrupted run
                 shutil.rmtree(hf_dir)
-            export_qwen2vl(config, sft_dir, hf_dir, cfg_options={
+            export_qwen2vl(config, resolve_checkpoint(sft_dir), hf_dir, cfg_options={
                 "model.model_name_or_path": str(vlm_dir), "train_dataloader.dataset.processor": str(vlm_dir),
                 "train_dataloader.dataset.dataset_dir": str(fields_dir)})
 
