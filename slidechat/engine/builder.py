@@ -1,11 +1,12 @@
-"""Training config (+ checkpoint) -> plain :class:`SlideChatModel` and tokenizer, for export/test/chat.
+"""Training config (+ checkpoint) -> plain :class:`SlideChatModel` and tokenizer (export, chat) or the mmengine
+Runner (test).
 
 Accepts our xtuner checkpoints (``iter_N.pth``, DeepSpeed ``iter_N.pth/`` folders, work dirs),
 released-style state dicts and exported folders (whose LLM and slide config then replace the config's),
 resolved once by the caller (:func:`slidechat.model.checkpoint.resolve_checkpoint`).
 LoRA checkpoints are loaded into the LoRA-wrapped model and merged. Reading and the key check are
 :mod:`slidechat.model.checkpoint`'s, through ``SlideChatTrainModel.load_checkpoint``; this module only
-turns configs into models.
+turns configs into models and mmengine runners.
 """
 
 from __future__ import annotations
