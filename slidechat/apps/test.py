@@ -109,7 +109,7 @@ def _test_config(options: TestOptions) -> Any:
     for key in ("test_dataloader", "test_cfg", "test_evaluator"):
         if cfg.get(key) is None:
             raise SlideChatError(f"config has no {key}: it lacks the SlideBench test section", options.config,
-                                 hint="see configs/tiny/stage_2.py, PART 6")
+                                 hint="see configs/tiny/stage_1.py, PART 6 (stage 2 extends it)")
     return cfg
 
 
