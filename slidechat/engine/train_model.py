@@ -554,8 +554,8 @@ class SlideChatTrainModel(BaseModel):
         return self._core.load_slidechat_state_dict(sd, required=self.required_keys(llm=llm),
                                                     allow_partial=allow, source=source)
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str,
+                              local_metadata: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
         """Module walkers that do not call :meth:`load_state_dict` arrive here first with every key under
         ``prefix``: mmengine's resume (``mmengine.runner.checkpoint.load_state_dict``, which with
         ``strict=False`` only warned about a shape mismatch and kept the random tensor) and torch's
@@ -566,11 +566,11 @@ class SlideChatTrainModel(BaseModel):
         (:class:`CheckpointWeights`)."""
         own = {k[len(prefix):]: v for k, v in state_dict.items()
                if k.startswith(prefix) and isinstance(v, torch.Tensor)}
-        local_metadata = args[0] if args else kwargs.get("local_metadata") or {}
-        report = self.load_weights_checked(own, source=local_metadata.get(SOURCE_METADATA_KEY) or "state dict")
+        source = local_metadata.get(SOURCE_METADATA_KEY) or "state dict"
+        report = self.load_weights_checked(own, source=source)
         _print_log(f"load_state_dict: {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def load_checkpoint(self, checkpoint: ResolvedCheckpoint,
                         allow_partial: Optional[bool] = None) -> KeyReport:
