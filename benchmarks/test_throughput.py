@@ -52,13 +52,14 @@ def make_inputs(root: Path, rows: int, patches: tuple, hidden: int, layers: int,
 
 
 def run_once(inp: dict, root: Path, batch: int, max_new: int, ckpt: Path) -> dict:
-    from slidechat.engine.testing import build_test_runner
+    from slidechat.apps.test import TestOptions, build_test_runner
+    from slidechat.model.checkpoint import resolve_checkpoint
 
     out = root / f"out_b{batch}.csv"
-    overrides = {"test_slide_csv": str(inp["csv"]), "test_output_csv": str(out),
-                 "feature_root": str(inp["feats"]), "test_batch_size": batch, "max_new_tokens": max_new,
-                 "overwrite": True}
-    runner = build_test_runner(CONFIG, ckpt, overrides, inp["opts"], work_dir=root / f"wd_b{batch}")
+    runner = build_test_runner(TestOptions(
+        config=CONFIG, checkpoint=resolve_checkpoint(ckpt), test_slide_csv=inp["csv"], test_output_csv=out,
+        feature_root=inp["feats"], batch_size=batch, max_new_tokens=max_new, overwrite=True,
+        cfg_options=inp["opts"], work_dir=root / f"wd_b{batch}"))
     runner.test()
     t = runner.test_loop.timings
     import pandas as pd

@@ -64,3 +64,40 @@ def test_deepspeed_json(name, stage, offload):
     assert zero["stage"] == stage
     assert ("offload_optimizer" in zero) == offload
     assert ds["bf16"]["enabled"] == "auto" and ds["gradient_accumulation_steps"] == "auto"
+
+
+#: the commit before the stage-2 configs extended their stage-1 config (read_base); their settings then
+#: were written out whole, and the extended configs must give every key the same value
+FLAT_STAGE_2 = "6226f87"
+
+
+def _old_configs(tmp_path: Path, folder: str) -> Path:
+    """``configs/<folder>`` as it was at :data:`FLAT_STAGE_2` (its files import each other by relative
+    path, so the whole folder is written out)."""
+    import subprocess
+
+    try:
+        names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", FLAT_STAGE_2,
+                                f"configs/{folder}/"], capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"git history with commit {FLAT_STAGE_2} is not available")
+    out = tmp_path / folder
+    out.mkdir(parents=True)
+    for name in names:
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{FLAT_STAGE_2}:{name}"], capture_output=True,
+                              text=True, check=True).stdout
+        (out / Path(name).name).write_text(text, encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("folder,name", [("slidechat", "stage_2.py"), ("slidechat", "stage_2_qwen3_8b.py"),
+                                         ("tiny", "stage_2.py"), ("slidechat", "stage_2_lora.py"),
+                                         ("tiny", "stage_2_lora.py")])
+def test_stage_2_configs_extending_stage_1_equal_the_flat_ones(tmp_path, folder, name):
+    """Every key of a stage-2 config that extends its stage-1 config through ``read_base`` has the value
+    the self-contained file gave it."""
+    old = Config.fromfile(str(_old_configs(tmp_path, folder) / name)).to_dict()
+    new = Config.fromfile(str(REPO / "configs" / folder / name)).to_dict()
+    assert list(new) == list(old)
+    for key in old:
+        assert new[key] == old[key], key

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from slidechat.model.checkpoint import resolve_checkpoint
 from slidechat.utils.errors import SlideChatError
 from tolerances import FP32_RTOL, assert_close_rel, assert_differs_rel
 from train_data import cyto_train_data
@@ -121,7 +122,7 @@ def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft,
     from slidechat.engine.qwen2vl_train import build_qwen2vl_from_config, export_qwen2vl
 
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
-    out = export_qwen2vl(SFT, sft, tmp_path / "hf", cfg_options=opts)
+    out = export_qwen2vl(SFT, resolve_checkpoint(sft), tmp_path / "hf", cfg_options=opts)
     exported = _hf_weights(out)
     base = _hf_weights(setup["tiny"])
     for k in base:  # frozen vision tower identical, everything trained equals the checkpoint
@@ -133,7 +134,7 @@ def test_export_full_reloads_with_identical_logits_and_frozen_vision(setup, sft,
     hf = Qwen2VLForConditionalGeneration.from_pretrained(str(out)).eval()
     proc = AutoProcessor.from_pretrained(str(out))
     assert type(proc).__name__ == "Qwen2VLProcessor"
-    trained = build_qwen2vl_from_config(SFT, sft, cfg_options=opts)
+    trained = build_qwen2vl_from_config(SFT, resolve_checkpoint(sft), cfg_options=opts)
     ds = CytologySFTDataset("tiny_train", proc, setup["data"], image_max_pixels=224 * 224)
     batch = qwen2vl_collate_fn([ds[0], ds[1]])["data"]
     with torch.no_grad():
@@ -171,7 +172,7 @@ def test_export_lora_merges_adapters(setup, lora, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(SlideChatError, match="output folder exists and is not empty"):
-        export_qwen2vl(LORA, lora, foreign, cfg_options=opts)
+        export_qwen2vl(LORA, resolve_checkpoint(lora), foreign, cfg_options=opts)
     exported = _hf_weights(out)
     base = _hf_weights(setup["tiny"])
     assert set(exported) == set(base)
@@ -182,7 +183,7 @@ def test_export_lora_merges_adapters(setup, lora, tmp_path):
     changed = {k for k in base if not torch.equal(exported[k], base[k])}
     assert changed and all(k.startswith("model.language_model.layers.") and k.endswith("proj.weight")
                            for k in changed)
-    trained = build_qwen2vl_from_config(LORA, lora, cfg_options=opts)  # adapters unmerged
+    trained = build_qwen2vl_from_config(LORA, resolve_checkpoint(lora), cfg_options=opts)  # adapters unmerged
     model, proc = load_qwen2vl(out)
     assert isinstance(model, Qwen2VLForConditionalGeneration)
     from slidechat.data.llamafactory import read_llamafactory
@@ -228,9 +229,9 @@ def test_strict_loading_of_checkpoints(setup, sft, lora, tmp_path):
     opts = dict(o.split("=", 1) for o in setup["opts"][:4])
     # a LoRA checkpoint does not fit the full fine-tune model (lacks every trained LLM weight)
     with pytest.raises(SlideChatError, match=r"checkpoint holds none of the"):
-        build_qwen2vl_from_config(SFT, Path(lora) / f"epoch_{EPOCHS}.pth", cfg_options=opts)
+        build_qwen2vl_from_config(SFT, resolve_checkpoint(Path(lora) / f"epoch_{EPOCHS}.pth"), cfg_options=opts)
     # load_state_dict (DeepSpeed resume / xtuner) is strict by default, and checks shapes always
-    model = build_qwen2vl_from_config(SFT, sft, cfg_options=opts)
+    model = build_qwen2vl_from_config(SFT, resolve_checkpoint(sft), cfg_options=opts)
     sd = dict(_ckpt(sft)["state_dict"])
     sd["lm_head.weight"] = sd["lm_head.weight"][:-1]
     with pytest.raises(SlideChatError, match=r"do not fit the model: lm_head.weight"):
@@ -392,7 +393,7 @@ def test_checkpoints_and_folders_in_the_448_layout_still_load(setup, sft, tmp_pa
     old = {_to_448_layout(k): v for k, v in sd.items()}
     assert any(k.startswith("model.layers.") for k in old) and not any(k.startswith("model.language") for k in old)
     torch.save({"state_dict": old}, tmp_path / "old.pth")
-    model = build_qwen2vl_from_config(SFT, tmp_path / "old.pth", cfg_options=opts)
+    model = build_qwen2vl_from_config(SFT, resolve_checkpoint(tmp_path / "old.pth"), cfg_options=opts)
     for k, v in sd.items():
         assert torch.equal(model.state_dict()[k], v), k
     # Hugging Face / exported folders in either layout load to the same weights

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from slidechat.engine.overrides import parse_cfg_options, path_overrides
+from slidechat.model.checkpoint import resolve_checkpoint
 from train_data import slide_train_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_zero2_stage1_trains_and_saves_a_loadable_folder(demo, stage1_zero2):
     assert ckpt.name == "epoch_2.pth" and (ckpt / "mp_rank_00_model_states.pt").is_file()
     sd = load_weights(ckpt)  # frozen LLM excluded, as in the non-DeepSpeed checkpoints
     assert sd and all(k.startswith(("LongNet_encoder.", "projector.model.")) for k in sd)
-    core, _ = build_model_from_config(TINY1, stage1_zero2["work_dir"],
+    core, _ = build_model_from_config(TINY1, resolve_checkpoint(stage1_zero2["work_dir"]),
                                       cfg_options=parse_cfg_options(stage1_zero2["opts"]))
     own = core.state_dict()
     for k, v in sd.items():
@@ -203,7 +204,7 @@ def test_zero3_lora_trains_adapters_only(demo, stage1_zero2, tmp_path):
     llm_keys = [k for k in sd if k.startswith("llm.")]
     assert llm_keys and all("lora_" in k for k in llm_keys)
     assert any(float(sd[k].abs().sum()) > 0 for k in llm_keys if "lora_B" in k)  # lora_B starts at 0
-    core, _ = build_model_from_config(TINY2_LORA, wd, cfg_options=parse_cfg_options(opts))
+    core, _ = build_model_from_config(TINY2_LORA, resolve_checkpoint(wd), cfg_options=parse_cfg_options(opts))
     assert not any("lora_" in k for k in core.llm.state_dict())
 
 

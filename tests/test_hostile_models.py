@@ -72,16 +72,18 @@ def _empty_weights(weights: Path) -> None:
 
 def _old_style_config(tmp_path: Path) -> Path:
     """The tiny stage-2 config as configs were written before hf_folder (transformers' Auto classes,
-    no trust_remote_code)."""
-    text = CONFIG.read_text(encoding="utf-8")
+    no trust_remote_code), in the stage-1 config it extends (where the LLM and tokenizer are written)."""
+    text = (CONFIG.parent / "stage_1.py").read_text(encoding="utf-8")
     line = next(ln for ln in text.splitlines() if ln.startswith("from slidechat.model.hf_folder import"))
     text = text.replace(line, "from transformers import AutoModelForCausalLM, AutoTokenizer")
     for checked, auto in (("CheckedCausalLM", "AutoModelForCausalLM"), ("CheckedTokenizer", "AutoTokenizer")):
         text = text.replace(f"{checked}.from_pretrained, trust_remote_code=False,", f"{auto}.from_pretrained,")
     assert "Checked" not in text and "trust_remote_code" not in text
-    out = tmp_path / "old_style_stage_2.py"
-    out.write_text(text, encoding="utf-8")
-    return out
+    out = tmp_path / "old_style"
+    out.mkdir(exist_ok=True)
+    (out / "stage_1.py").write_text(text, encoding="utf-8")
+    shutil.copyfile(CONFIG, out / CONFIG.name)
+    return out / CONFIG.name
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

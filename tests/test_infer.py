@@ -461,18 +461,18 @@ def test_slidebench_through_the_shared_loop_equals_the_mmengine_loop(tmp_path_fa
     from test_testing import BATCH, CONFIG, MAX_NEW, build_tiny_setup
 
     from slidechat.inference.loop import run_inference
-    from slidechat.engine.testing import build_test_runner
+    from slidechat.apps.test import TestOptions, build_test_runner
+    from slidechat.model.checkpoint import resolve_checkpoint
     from slidechat.data.slidebench import SlideBenchWriter
     from slidechat.data.slidebench import read_slidebench
 
     setup = build_tiny_setup(tmp_path_factory.getbasetemp() / "slidechat_testing_setup")
     root = tmp_path_factory.mktemp("slide_loop")
     ref = root / "mmengine.csv"
-    runner = build_test_runner(
-        CONFIG, setup["ckpt"], overrides={"test_slide_csv": str(setup["csv"]), "test_output_csv": str(ref),
-                                          "feature_root": str(setup["feats"]), "test_batch_size": BATCH,
-                                          "max_new_tokens": MAX_NEW},
-        cfg_options=setup["overrides"], work_dir=root / "wd")
+    runner = build_test_runner(TestOptions(
+        config=CONFIG, checkpoint=resolve_checkpoint(setup["ckpt"]), test_slide_csv=setup["csv"],
+        test_output_csv=ref, feature_root=setup["feats"], batch_size=BATCH, max_new_tokens=MAX_NEW,
+        cfg_options=setup["overrides"], work_dir=root / "wd"))
     runner.test()
     family = runner.test_loop.family
     out = root / "shared_loop.csv"

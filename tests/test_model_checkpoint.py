@@ -73,6 +73,9 @@ def test_deepspeed_folder(tmp_path):
                 "ds_version": "0.19.8", "global_steps": 100}, folder / "mp_rank_00_model_states.pt")
     torch.save({"optimizer_state_dict": {"x": torch.zeros(1)}}, folder / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert_same(load_state_dict_file(folder), sd)
+    from slidechat.model.checkpoint import CheckpointKind, resolve_checkpoint
+
+    assert resolve_checkpoint(folder).kind is CheckpointKind.DEEPSPEED
 
 
 def test_errors_name_the_file(tmp_path):
@@ -107,18 +110,18 @@ def test_encoder_weights_survive_pth_roundtrip(tmp_path):
 # ----------------------------------------------------------------------------- resolve + key check
 
 def test_resolve_checkpoint_layouts(tmp_path):
-    from slidechat.model.checkpoint import load_weights, resolve_checkpoint
+    from slidechat.model.checkpoint import CheckpointKind, ResolvedCheckpoint, load_weights, resolve_checkpoint
 
     sd = weights()
     wd = tmp_path / "work"
     wd.mkdir()
     torch.save({"state_dict": sd}, wd / "epoch_2.pth")
     (wd / "last_checkpoint").write_text(str(wd / "epoch_2.pth"))
-    assert resolve_checkpoint(wd) == wd / "epoch_2.pth"
+    assert resolve_checkpoint(wd) == ResolvedCheckpoint(wd / "epoch_2.pth", CheckpointKind.FILE, work_dir=wd)
     assert_same(load_weights(wd), sd)
     moved = tmp_path / "moved"
     wd.rename(moved)  # the marker still names the old absolute path: looked up beside the marker
-    assert resolve_checkpoint(moved) == moved / "epoch_2.pth"
+    assert resolve_checkpoint(moved).path == moved / "epoch_2.pth"
     (moved / "epoch_2.pth").unlink()
     with pytest.raises(SlideChatError, match="last_checkpoint names .*epoch_2.pth.*does not exist"):
         resolve_checkpoint(moved)
@@ -126,13 +129,14 @@ def test_resolve_checkpoint_layouts(tmp_path):
         resolve_checkpoint(tmp_path / "nope")
     f = tmp_path / "w.safetensors"
     save_file(sd, str(f))
-    assert resolve_checkpoint(f) == f
+    assert resolve_checkpoint(f) == ResolvedCheckpoint(f, CheckpointKind.FILE)
 
 
 def test_exported_and_hugging_face_folders(tmp_path):
     import json
 
-    from slidechat.model.checkpoint import EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_FILE, load_weights
+    from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_FILE, CheckpointKind,
+                                            load_weights, resolve_checkpoint)
 
     sd = weights()
     exp = tmp_path / "exported"
@@ -141,6 +145,7 @@ def test_exported_and_hugging_face_folders(tmp_path):
     slide = {k: v for k, v in sd.items() if not k.startswith("llm.")}
     save_file(slide, str(exp / EXPORTED_WEIGHTS_FILE))
     assert_same(load_weights(exp), slide)
+    assert resolve_checkpoint(exp).kind is CheckpointKind.EXPORTED
     hf = tmp_path / "hf"
     hf.mkdir()
     a, b = dict(list(sd.items())[:1]), dict(list(sd.items())[1:])
@@ -149,6 +154,7 @@ def test_exported_and_hugging_face_folders(tmp_path):
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         **{k: "model-00001-of-00002.safetensors" for k in a}, **{k: "model-00002-of-00002.safetensors" for k in b}}}))
     assert_same(load_weights(hf), sd)
+    assert resolve_checkpoint(hf).kind is CheckpointKind.HF
     (hf / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(SlideChatError, match="shard model-00002-of-00002.safetensors named by the index is missing"):
         load_weights(hf)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from slidechat.engine.overrides import parse_cfg_options, path_overrides
+from slidechat.model.checkpoint import resolve_checkpoint
 from train_data import slide_train_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_stage1_learns_and_keeps_llm_frozen(demo, stage1):
     # the LLM as trained in stage 1 (config LLM + stage-1 checkpoint) equals the tiny LLM folder
     from slidechat.engine.builder import build_model_from_config
 
-    core, _ = build_model_from_config(TINY1, _last_ckpt(stage1["work_dir"]),
+    core, _ = build_model_from_config(TINY1, resolve_checkpoint(_last_ckpt(stage1["work_dir"])),
                                       cfg_options=parse_cfg_options(stage1["opts"]))
     ref = llm_folder_tensors(demo["llm"])
     llm_sd = core.llm.state_dict()
@@ -143,7 +144,8 @@ def test_export_reloads_with_identical_logits(demo, stage2, tmp_path):
     rc = slidechat_main(["export", str(TINY2), "--checkpoint", ckpt, "--out", str(out),
                          "--cfg-options", *stage2["opts"]])
     assert rc == 0
-    trained, tok = build_model_from_config(TINY2, ckpt, cfg_options=parse_cfg_options(stage2["opts"]))
+    trained, tok = build_model_from_config(TINY2, resolve_checkpoint(ckpt),
+                                           cfg_options=parse_cfg_options(stage2["opts"]))
     reloaded = SlideChatModel.from_pretrained(out).eval()
     ds = SlideInstructionDataset(demo["stage2"], tok, feature_root=demo["features"], max_patches=256)
     batch = slidechat_collate_fn([ds[0], ds[3]])["data"]
@@ -176,7 +178,7 @@ def test_stage2_lora_through_xtuner_train(demo, stage1, tmp_path):
     assert llm_keys and all("lora_" in k for k in llm_keys)
     # adapters start with lora_B = 0; training must have moved them
     assert any(float(sd[k].abs().sum()) > 0 for k in llm_keys if "lora_B" in k)
-    core, _ = build_model_from_config(REPO / "configs/tiny/stage_2_lora.py", _last_ckpt(wd),
+    core, _ = build_model_from_config(REPO / "configs/tiny/stage_2_lora.py", resolve_checkpoint(_last_ckpt(wd)),
                                       cfg_options=parse_cfg_options(opts))
     merged = core.llm.state_dict()
     assert not any("lora_" in k for k in merged)

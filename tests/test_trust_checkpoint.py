@@ -138,8 +138,9 @@ def test_allow_partial_loads_deliberately_with_a_warning(setup, ckpts, trained_s
     # the LLM came from the checkpoint; the encoder stayed as initialised (differs from the trained one)
     from slidechat.engine.builder import build_model_from_config
     from slidechat.engine.overrides import parse_cfg_options
+    from slidechat.model.checkpoint import resolve_checkpoint
 
-    core, _ = build_model_from_config(CONFIG, ckpts["no_slide"], parse_cfg_options(
+    core, _ = build_model_from_config(CONFIG, resolve_checkpoint(ckpts["no_slide"]), parse_cfg_options(
         cfg_option_args(setup["overrides"])), allow_partial=True)
     sd = core.state_dict()
     assert torch.equal(sd["llm.lm_head.weight"], trained_sd["llm.lm_head.weight"])
@@ -410,3 +411,29 @@ def test_deepspeed_resume_reads_its_files_without_running_code(tmp_path):
     with pytest.raises(SlideChatError, match=r"crafted_optim_states.pt: refusing to load a DeepSpeed checkpoint"):
         engine.load(str(bad), map_location="cpu")
     assert not marker.exists()
+
+
+def test_xtuner_test_weights_carry_their_checkpoint_to_the_report(setup, trained_sd, tmp_path):
+    """``xtuner test`` hands the model only the weights its (safe) loader read; they carry the checkpoint
+    they came from, so a refusal names the file — loaded directly or through a wrapper (as
+    ``DistributedDataParallel`` under ``--launcher pytorch``), with no state kept between the two calls."""
+    from mmengine.config import Config
+    from xtuner.registry import BUILDER
+
+    from slidechat.engine.train_model import safe_guess_load_checkpoint
+    from slidechat.utils.errors import SlideChatError
+
+    cfg = Config.fromfile(str(CONFIG))
+    cfg.merge_from_dict(setup["overrides"])
+    model = BUILDER.build(cfg.model)
+    path = tmp_path / "iter_7.pth"
+    torch.save({"state_dict": {k: v for k, v in trained_sd.items() if not k.startswith("projector.")}}, path)
+    with pytest.raises(SlideChatError, match=r"iter_7.pth.*lacks required weights: 4 keys: projector.model"):
+        model.load_state_dict(safe_guess_load_checkpoint(str(path)), strict=False)
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    with pytest.raises(SlideChatError, match=r"iter_7.pth.*holds none of the"):
+        wrapper.load_state_dict(safe_guess_load_checkpoint(str(path)), strict=False)
+    with pytest.raises(SlideChatError, match=r"holds none of the") as plain:  # no source: nothing named
+        wrapper.load_state_dict(dict(trained_sd), strict=False)
+    assert "iter_7.pth" not in str(plain.value)

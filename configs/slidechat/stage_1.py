@@ -1,6 +1,7 @@
 # SlideChat stage 1 (cross-domain alignment): slide encoder + projector trained on WSI-caption pairs,
 # LLM frozen. Hyperparameters of the released model (see FACTS): batch 1 x accumulative 8 per GPU,
 # AdamW (0.9, 0.999), weight decay 0, lr 1e-3, max_norm 1, cosine with 3% warmup, max_length 51,200.
+# configs/slidechat/stage_2.py extends this file (read_base): what stage 2 does not change is written here once.
 #   NPROC_PER_NODE=8 xtuner train configs/slidechat/stage_1.py \
 #       --deepspeed configs/deepspeed/deepspeed_zero2.json --work-dir work_dirs/stage1
 # Paths: edit PART 1, or override the nested keys (see slidechat.engine.overrides.path_overrides), e.g.

@@ -1,165 +1,34 @@
 # SlideChat stage 2 (visual instruction learning): everything trained on the VQA data, starting from
 # the stage-1 weights (pretrained_pth). Released hyperparameters: batch 1 x accumulative 8 per GPU,
 # AdamW (0.9, 0.999), weight decay 0, lr 2e-5, max_norm 1, cosine with 3% warmup, max_length 19,600.
+# Everything else (LLM, encoder, sizes, runtime, the SlideBench test section) is
+# configs/slidechat/stage_1.py, which this file extends, changing only what stage 2 changes.
 #   NPROC_PER_NODE=8 xtuner train configs/slidechat/stage_2.py \
 #       --deepspeed configs/deepspeed/deepspeed_zero2.json --work-dir work_dirs/stage2
-# Paths: edit PART 1, or override the nested keys (see slidechat.engine.overrides.path_overrides), e.g.
+# Paths: edit PART 1 of stage_1.py (the LLM, feature_root) and the stage-2 paths below, or override the
+# nested keys (see slidechat.engine.overrides.path_overrides), e.g.
 #   --cfg-options model.llm.pretrained_model_name_or_path=/models/Qwen2.5-7B-Instruct \
 #     tokenizer.pretrained_model_name_or_path=/models/Qwen2.5-7B-Instruct \
 #     train_dataloader.dataset.tokenizer.pretrained_model_name_or_path=/models/Qwen2.5-7B-Instruct \
 #     train_dataloader.dataset.data_path=... train_dataloader.dataset.feature_root=...
 # Resume: add  --resume work_dirs/stage2/iter_N.pth  (or --cfg-options resume=True for the latest).
-import torch
-from mmengine.dataset import DefaultSampler
-from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook,
-                            ParamSchedulerHook)
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
-from mmengine.visualization import LocalVisBackend, Visualizer
-from torch.optim import AdamW
-from xtuner.engine.runner import TrainLoop
+from mmengine.config import read_base
 
-from slidechat.data.collate import slidechat_collate_fn
-from slidechat.data.dataset import SlideInstructionDataset
-from slidechat.model.hf_folder import CheckedCausalLM, CheckedTokenizer  # no folder code, no random weights
-# importing slidechat.engine.train_model also makes `xtuner test --checkpoint` read through slidechat's
-# safe loader (no pickle code runs; see install_safe_xtuner_loader)
-from slidechat.engine.train_model import SlideChatTrainModel
-# mmengine reads this file in lazy-import mode: the imports above run only when the model is built, but
-# `xtuner train --resume` reads the checkpoint before that; this import installs the safe loaders now
-# (resume: weights-only with mmengine's own classes allowed; see install_safe_xtuner_loader)
-__import__('slidechat.engine.train_model')
+with read_base():
+    from .stage_1 import *  # noqa: F401,F403
 
-#######################################################################
-#                          PART 1  Settings                           #
-#######################################################################
-llm_name_or_path = 'Qwen/Qwen2.5-7B-Instruct'  # a local folder (no hub access at run time)
 # stage-1 result: iter_N.pth, a DeepSpeed checkpoint folder, or the stage-1 work dir (latest)
 pretrained_pth = 'work_dirs/stage1'
 data_path = 'dataset/slideinstruction/stage2_vqa.json'  # SlideInstruction stage-2 JSON
-feature_root = 'dataset/features'  # folder holding <slide>.h5 (or SlideChat's <slide>.csv)
-feature_dim = 512
-# Prompt format (docs/training.md, "Choosing the LLM"): 'qwen_chat' is the format the released SlideChat
-# (Qwen2.5-7B-Instruct) was trained with; 'chat_template' renders through the LLM tokenizer's own chat
-# template (any Hugging Face causal LM), with chat_template_kwargs as extra template variables.
-prompt_template = 'qwen_chat'
-chat_template_kwargs = dict()
 max_length = 19600
-max_patches = 10240
-
-batch_size = 1  # per device
-accumulative_counts = 8
-dataloader_num_workers = 4
 max_epochs = 2  # the released run used 2 (the README says 1)
 lr = 2e-5
-betas = (0.9, 0.999)
-weight_decay = 0
-max_norm = 1
-warmup_ratio = 0.03
-save_steps = 500
-save_total_limit = 2
 
-#######################################################################
-#                      PART 2  Model & Tokenizer                      #
-#######################################################################
-tokenizer = dict(type=CheckedTokenizer.from_pretrained, trust_remote_code=False,
-                 pretrained_model_name_or_path=llm_name_or_path, padding_side='right')
-
-model = dict(
-    type=SlideChatTrainModel,
-    freeze_llm=False,
-    train_stage='2',
-    pretrained_pth=pretrained_pth,
-    llm_lora=None,
-    compat=None,  # 'slidechat_v1' reproduces the released encoder's patch-isolation bug
-    use_activation_checkpointing=True,
-    llm=dict(type=CheckedCausalLM.from_pretrained, trust_remote_code=False,
-             pretrained_model_name_or_path=llm_name_or_path, torch_dtype=torch.bfloat16),
-    slidechat_config=dict(
-        feature_dim=feature_dim,
-        encoder=dict(embed_dim=512, ffn_dim=1024, num_heads=8, num_layers=2,
-                     segment_lengths=[1024, 2048, 4096, 8192, 16384],
-                     dilated_ratios=[1, 2, 4, 8, 16], dropout=0.1, drop_path=0.1),
-        max_patches_train=max_patches, max_patches_test=38400,
-        prompt_template=prompt_template, chat_template_kwargs=chat_template_kwargs),
-)
-
-#######################################################################
-#                      PART 3  Dataset & Dataloader                   #
-#######################################################################
-train_dataset = dict(type=SlideInstructionDataset, data_path=data_path, feature_root=feature_root,
-                     tokenizer=tokenizer, max_length=max_length, max_patches=max_patches,
-                     feature_dim=feature_dim, template=prompt_template,
-                     chat_template_kwargs=chat_template_kwargs)
-
-train_dataloader = dict(batch_size=batch_size, num_workers=dataloader_num_workers,
-                        dataset=train_dataset, sampler=dict(type=DefaultSampler, shuffle=True),
-                        collate_fn=dict(type=slidechat_collate_fn))
-
-#######################################################################
-#                    PART 4  Scheduler & Optimizer                    #
-#######################################################################
-# Without --deepspeed: bf16 autocast via AmpOptimWrapper. With --deepspeed, xtuner replaces this by a
-# DeepSpeedOptimWrapper with the same optimizer, accumulation and clipping, and bf16 comes from the
-# DeepSpeed JSON ("auto": on when the GPU supports it).
-optim_wrapper = dict(
-    type=AmpOptimWrapper,
-    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
-    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
-    accumulative_counts=accumulative_counts,
-    loss_scale='dynamic',
-    dtype='bfloat16')
-
-param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0,
-         end=warmup_ratio * max_epochs, convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs,
-         end=max_epochs, convert_to_iter_based=True),
-]
-
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
-
-#######################################################################
-#                           PART 5  Runtime                           #
-#######################################################################
-default_hooks = dict(
-    timer=dict(type=IterTimerHook),
-    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=10),
-    param_scheduler=dict(type=ParamSchedulerHook),
-    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps,
-                    max_keep_ckpts=save_total_limit),
-    sampler_seed=dict(type=DistSamplerSeedHook),
-)
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='nccl'))
-visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend)])
-log_level = 'INFO'
-load_from = None
-resume = False
-randomness = dict(seed=None, deterministic=False)
-log_processor = dict(by_epoch=False)
-
-#######################################################################
-#                     PART 6  SlideBench test                         #
-#######################################################################
-# xtuner test <this config> --checkpoint CKPT --cfg-options test_slide_csv=A.csv \
-#     test_output_csv=B.csv [feature_root=DIR feature_template=... test_batch_size=8 max_new_tokens=500]
-# (or: slidechat test <this config> --checkpoint CKPT --test_slide_csv A.csv --test_output_csv B.csv)
-# The checkpoint must hold the trained modules (a partial one is refused; add
-# model.allow_partial=True to --cfg-options to accept it with a warning). xtuner's launcher
-# exits 0 even when the test fails: scripts should use `slidechat test`.
-# The loop reads these TOP-LEVEL keys (the only ones --cfg-options can change) and resumes an
-# interrupted output; feature_root above is reused unless overridden.
-from slidechat.data.slidebench_dataset import SlideBenchTestDataset
-from slidechat.engine.testing import SlideBenchMetric, SlideBenchTestLoop
-
-test_slide_csv = None
-test_output_csv = None
-feature_template = None  # default: {feature_root}/{Tumor}/{Slide} when a Tumor column exists
-test_batch_size = 1  # a 7B LLM with up to 38,400 visual tokens per row; raise it when slides are small
-max_new_tokens = 500
-overwrite = False
-test_dataloader = dict(batch_size=test_batch_size, num_workers=0,
-                       dataset=dict(type=SlideBenchTestDataset),  # rows/tokenizer filled in by the loop
-                       sampler=dict(type=DefaultSampler, shuffle=False))
-test_evaluator = dict(type=SlideBenchMetric)
-test_cfg = dict(type=SlideBenchTestLoop)
+# mmengine resolved stage 1's variables when it read that file: each change is also set where it is used
+model.update(freeze_llm=False, train_stage='2', pretrained_pth=pretrained_pth)  # noqa: F405
+train_dataset.update(data_path=data_path, max_length=max_length)  # noqa: F405
+train_dataloader['dataset'].update(data_path=data_path, max_length=max_length)  # noqa: F405
+optim_wrapper['optimizer']['lr'] = lr  # noqa: F405
+param_scheduler[0]['end'] = param_scheduler[1]['begin'] = warmup_ratio * max_epochs  # noqa: F405
+param_scheduler[1]['end'] = max_epochs  # noqa: F405
+train_cfg['max_epochs'] = max_epochs  # noqa: F405

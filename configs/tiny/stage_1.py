@@ -1,5 +1,6 @@
 # Tiny CPU run of SlideChat stage 1 (slide encoder + projector trained, LLM frozen) on the synthetic
 # demo slides: same pipeline as configs/slidechat/stage_1.py, small sizes, fp32, no DeepSpeed.
+# configs/tiny/stage_2.py extends this file (read_base): what stage 2 does not change is written here once.
 #   python tools/make_tiny_llm.py --out work_dirs/demo/tiny_llm
 #   python tools/make_synthetic_dataset.py --manifest <slides>/manifest.csv --out work_dirs/demo/data
 #   xtuner train configs/tiny/stage_1.py --work-dir work_dirs/demo/stage1

@@ -18,10 +18,11 @@ from slidechat.data.dataset import uniform_indices
 from slidechat.data.images import check_image_header, prepare_image
 from slidechat.data.limits import InputRefused, check_prompt_length, llm_context_length, model_prompt_limit
 from slidechat.data.template import config_template, encode_prompt
-from slidechat.engine.builder import build_model_from_config, is_exported_folder
+from slidechat.engine.builder import build_model_from_config
 from slidechat.features.extract import extract_slide_features
 from slidechat.features.io import load_features
 from slidechat.inference.loop import CytologyItem, Qwen2VLFamily, SamplingSettings
+from slidechat.model.checkpoint import is_exported_folder, resolve_checkpoint
 from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from slidechat.model.qwen2vl import load_qwen2vl
 from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
@@ -48,7 +49,7 @@ def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
         if model.tokenizer is None:
             raise SlideChatError("exported folder has no tokenizer", ckpt / "llm")
         return model, model.tokenizer
-    model, tok = build_model_from_config(config, checkpoint=ckpt, cfg_options=cfg_options,
+    model, tok = build_model_from_config(config, checkpoint=resolve_checkpoint(ckpt), cfg_options=cfg_options,
                                          allow_partial=allow_partial, trust_remote_code=trust_remote_code)
     if tok is None:
         raise SlideChatError("config has no tokenizer", config)

@@ -26,14 +26,14 @@ import pandas as pd
 
 from slidechat.apps.extract import extract_slides
 from slidechat.apps.screening import run_screen_demo
+from slidechat.apps.test import TestOptions, run_test
 from slidechat.data.slidebench import read_output
 from slidechat.data.synthetic import FEATURE_TEMPLATE, write_synthetic_dataset
 from slidechat.data.synthetic_cytology import write_fields_dataset
 from slidechat.engine.overrides import parse_cfg_options, path_overrides
 from slidechat.engine.qwen2vl_train import export_qwen2vl
-from slidechat.engine.testing import run_test
 from slidechat.evaluation.mcq import score_mcq
-from slidechat.model.checkpoint import EXPORTED_CONFIG_FILE
+from slidechat.model.checkpoint import EXPORTED_CONFIG_FILE, resolve_checkpoint
 from slidechat.model.tiny_llm import make_tiny_llm
 from slidechat.model.tiny_qwen2vl import make_tiny_qwen2vl
 from slidechat.utils.errors import SlideChatError
@@ -171,10 +171,10 @@ def _test_and_export(root: Path, data: Dict[str, Path], common: Dict[str, Any], 
     paths = demo_paths(root)
     stage2, export_dir, out_csv = root / "stage2", paths["export"], paths["slide_test"]
     with steps.step("[slide 7/8] SlideBench-style test on the held-out slides + scoring"):
-        report = run_test(config=demo_config("stage_2.py"), checkpoint=stage2,
-                          test_slide_csv=data["test_vqa"], test_output_csv=out_csv,
-                          feature_root=common["feature_root"], feature_template=FEATURE_TEMPLATE, batch_size=8,
-                          cfg_options=parse_cfg_options(path_overrides(**common)))
+        report = run_test(TestOptions(config=demo_config("stage_2.py"), checkpoint=resolve_checkpoint(stage2),
+                                      test_slide_csv=data["test_vqa"], test_output_csv=out_csv,
+                                      feature_root=common["feature_root"], feature_template=FEATURE_TEMPLATE,
+                                      batch_size=8, cfg_options=parse_cfg_options(path_overrides(**common))))
         steps.note("\n" + _report_markdown(report, out_csv))
 
     done = exported(export_dir)
@@ -249,7 +249,7 @@ def _cytology_model(root: Path, n_fields: int, steps: StepReporter) -> Path:
         if not (hf_dir / "config.json").is_file():
             if hf_dir.exists():  # the demo's own folder, left half-written by an interrupted run
                 shutil.rmtree(hf_dir)
-            export_qwen2vl(config, sft_dir, hf_dir, cfg_options={
+            export_qwen2vl(config, resolve_checkpoint(sft_dir), hf_dir, cfg_options={
                 "model.model_name_or_path": str(vlm_dir), "train_dataloader.dataset.processor": str(vlm_dir),
                 "train_dataloader.dataset.dataset_dir": str(fields_dir)})
     return hf_dir

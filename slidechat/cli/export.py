@@ -17,6 +17,8 @@ import argparse
 import logging
 
 from slidechat.cli.args import add_trust_remote_code_argument
+from slidechat.engine.overrides import parse_cfg_options
+from slidechat.utils.outputs import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the builders import torch, transformers, mmengine and xtuner; `slidechat --help` must not wait
     from slidechat.engine.builder import build_model_from_config
-    from slidechat.engine.overrides import parse_cfg_options
+    # lazy: as above
     from slidechat.engine.qwen2vl_train import QWEN2VL_EXPORT_KIND, config_is_qwen2vl, export_qwen2vl
-    from slidechat.model.slidechat_model import EXPORT_KIND, legacy_export_entries
-    from slidechat.utils.outputs import check_output_folder
+    from slidechat.model.checkpoint import resolve_checkpoint  # lazy: torch, as above
+    from slidechat.model.slidechat_model import EXPORT_KIND, legacy_export_entries  # lazy: torch, as above
 
     qwen2vl = config_is_qwen2vl(args.config)
     # the output rule first: a bad --out is one line in a second, not after the model is built
@@ -56,13 +59,14 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.out, QWEN2VL_EXPORT_KIND, overwrite=args.overwrite)
     else:
         check_output_folder(args.out, EXPORT_KIND, overwrite=args.overwrite, legacy=legacy_export_entries)
+    checkpoint = None if args.checkpoint is None else resolve_checkpoint(args.checkpoint)
     if qwen2vl:  # cytology (Qwen2-VL) configs: a plain Hugging Face folder
-        out = export_qwen2vl(args.config, args.checkpoint, args.out,
+        out = export_qwen2vl(args.config, checkpoint, args.out,
                              cfg_options=parse_cfg_options(args.cfg_options), allow_partial=args.allow_partial,
                              overwrite=args.overwrite)
         print(out)
         return 0
-    core, tokenizer = build_model_from_config(args.config, checkpoint=args.checkpoint,
+    core, tokenizer = build_model_from_config(args.config, checkpoint=checkpoint,
                                               cfg_options=parse_cfg_options(args.cfg_options),
                                               allow_partial=args.allow_partial,
                                               trust_remote_code=args.trust_remote_code)

@@ -14,9 +14,9 @@ import os
 import sys
 from typing import List, Optional
 
-from slidechat.utils.version import __version__
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import setup_cli_logging
+from slidechat.utils.version import __version__
 
 # Order = order in --help. A module listed here that does not exist yet is skipped.
 SUBCOMMAND_MODULES = ["extract", "train", "export", "test", "infer", "eval", "screen", "chat", "demo"]

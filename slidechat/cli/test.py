@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 from slidechat.cli.args import add_trust_remote_code_argument
+from slidechat.engine.overrides import parse_cfg_options
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +64,21 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from slidechat.engine.overrides import parse_cfg_options
-    from slidechat.engine.testing import run_test
+    # lazy: the application imports torch, mmengine and xtuner; `slidechat --help` must not wait for them
+    from slidechat.apps.test import TestOptions, run_test
+    from slidechat.model.checkpoint import resolve_checkpoint  # lazy: torch, as above
 
-    report = run_test(args.config, args.checkpoint, args.test_slide_csv, args.test_output_csv,
-                      feature_root=args.feature_root, feature_template=args.feature_template,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      overwrite=args.overwrite, cfg_options=parse_cfg_options(args.cfg_options),
-                      work_dir=args.work_dir, compat=args.compat, launcher=args.launcher,
-                      allow_partial=args.allow_partial, task=args.task,
-                      max_prompt_tokens=args.max_prompt_tokens, trust_remote_code=args.trust_remote_code)
+    options = TestOptions(
+        config=Path(args.config), checkpoint=resolve_checkpoint(args.checkpoint),
+        test_slide_csv=Path(args.test_slide_csv), test_output_csv=Path(args.test_output_csv),
+        feature_root=None if args.feature_root is None else Path(args.feature_root),
+        feature_template=args.feature_template, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite, task=args.task,
+        max_prompt_tokens=args.max_prompt_tokens, compat=args.compat,
+        cfg_options=parse_cfg_options(args.cfg_options) or {},
+        work_dir=None if args.work_dir is None else Path(args.work_dir), launcher=args.launcher,
+        allow_partial=args.allow_partial, trust_remote_code=args.trust_remote_code)
+    report = run_test(options)
     print(report.to_markdown(), end="")
     return 0

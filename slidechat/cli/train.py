@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import List
 
+from slidechat.utils.errors import SlideChatError
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,8 +79,6 @@ def single_process_env(cmd: List[str], xtuner_args: List[str], env: dict) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidechat.utils.errors import SlideChatError
-
     if not os.path.isfile(args.config):
         raise SlideChatError("config file not found", args.config)
     extra = list(args.xtuner_args)

@@ -14,12 +14,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from mmengine.model import BaseModel
 
-# importing engine.model registers the torch.load globals mmengine checkpoints need (weights-only resume)
-import slidechat.engine.train_model  # noqa: F401,E402
+from slidechat.data.cytology_dataset import build_processor
+from slidechat.engine.builder import load_config
+# train_model also makes checkpoint reads in this process safe: install_safe_xtuner_loader (called again
+# when the model is built) and the torch.load globals mmengine checkpoints need (weights-only resume)
+from slidechat.engine.train_model import build_cfg, install_safe_xtuner_loader
+from slidechat.model.checkpoint import ResolvedCheckpoint, load_checked, load_weights, read_checkpoint
 from slidechat.model.hf_folder import load_model
-from slidechat.model.qwen2vl import FAMILIES, PathLike, VLFamily, map_legacy_keys, read_family
+from slidechat.model.label_logits import loss_at_labels
+from slidechat.model.lora import apply_lora
+from slidechat.model.qwen2vl import (FAMILIES, LEGACY_KEY_MAP, VLFamily, map_legacy_keys, mm_token_type_ids,
+                                     mrope_position_ids, quiet_tp_plan_check, read_family)
+from slidechat.model.recompute import enable_activation_checkpointing
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.outputs import check_output_folder, staged_folder
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +133,8 @@ class Qwen2VLTrainModel(BaseModel):
                  use_activation_checkpointing: bool = False, attn_implementation: Optional[str] = None
                  ) -> None:
         super().__init__()
+        install_safe_xtuner_loader()  # before any checkpoint is read in this process (see there)
         import transformers
-
-        from slidechat.model.qwen2vl import LEGACY_KEY_MAP, quiet_tp_plan_check
 
         folder, family = read_family(model_name_or_path)
         kwargs: Dict[str, Any] = {"torch_dtype": _as_dtype(torch_dtype) or torch.float32,
@@ -159,8 +167,6 @@ class Qwen2VLTrainModel(BaseModel):
             for name, p in self.named_parameters():
                 p.requires_grad_(not _under(name, forbidden))
         if self.use_activation_checkpointing:
-            from slidechat.model.recompute import enable_activation_checkpointing
-
             enable_activation_checkpointing(hf)
         trained = [n for n, p in self.named_parameters() if p.requires_grad]
         if not trained:
@@ -186,13 +192,9 @@ class Qwen2VLTrainModel(BaseModel):
         return self._trained_keys
 
     def _apply_lora(self, lora_cfg: Any, targets: List[str]) -> None:
-        from slidechat.model.lora import apply_lora
-
         if not targets:
             raise SlideChatError("LoRA has no target modules (everything is frozen)")
         if isinstance(lora_cfg, dict):
-            from slidechat.engine.train_model import build_cfg
-
             lora_cfg = build_cfg(lora_cfg) if "type" in lora_cfg else _lora_config(**lora_cfg)
         peft_model = apply_lora(self._hf, lora_cfg, target_modules=targets)
         object.__setattr__(self, "_peft", peft_model)
@@ -232,8 +234,6 @@ class Qwen2VLTrainModel(BaseModel):
         """Every load of this model: ``module.`` prefixes dropped, 4.48-layout keys renamed
         (:func:`~slidechat.model.qwen2vl.map_legacy_keys`), then :func:`load_checked` (``required``
         defaults to the trained keys; ``strict=False`` allows a partial load)."""
-        from slidechat.model.checkpoint import load_checked
-
         sd = map_legacy_keys({(k[len("module."):] if k.startswith("module.") else k): v
                               for k, v in state_dict.items()})
         req = sorted(self._trained_keys) if required is None else required
@@ -268,8 +268,6 @@ class Qwen2VLTrainModel(BaseModel):
         """Initial weights from a checkpoint or a Hugging Face folder (before freezing/LoRA): every
         tensor must fit the model (no unexpected keys, no shape mismatch); model keys it lacks keep
         the model folder's values."""
-        from slidechat.model.checkpoint import load_weights
-
         report = self._checked_load(load_weights(path), strict=True, source=os.fspath(path), required=[])
         logger.info("pretrained_pth %s", report.summary())
         return report
@@ -281,8 +279,6 @@ class Qwen2VLTrainModel(BaseModel):
         LLaMA-Factory's collator passes the positions from ``get_rope_index`` on every step (transformers
         4.48 would otherwise fall back to 1-D positions after the first forward); so do we.
         """
-        from slidechat.model.qwen2vl import mm_token_type_ids, mrope_position_ids
-
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids")
         inputs = {k: data[k] for k in keys if data.get(k) is not None}
         if inputs.get("pixel_values") is not None:
@@ -297,8 +293,6 @@ class Qwen2VLTrainModel(BaseModel):
         labelled positions (``label_logits``): the family's own inner model (vision features spliced in,
         Qwen3-VL's deepstack features added, explicit M-RoPE positions), then the head where the shifted
         label is not ignored."""
-        from slidechat.model.label_logits import loss_at_labels
-
         inputs = self._hf_inputs(data)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:
@@ -337,14 +331,12 @@ def _lora_config(**kwargs: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ config -> model
 def config_is_qwen2vl(config: Any) -> bool:
     """Whether a training config (path or mmengine Config) builds a :class:`Qwen2VLTrainModel`."""
-    from slidechat.engine.builder import load_config
-
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     mtype = cfg.model.get("type") if "model" in cfg else None
     return mtype is Qwen2VLTrainModel or (isinstance(mtype, str) and mtype.endswith("Qwen2VLTrainModel"))
 
 
-def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None,
+def build_qwen2vl_from_config(config: Any, checkpoint: Optional[ResolvedCheckpoint] = None,
                               cfg_options: Optional[Mapping[str, Any]] = None, allow_partial: bool = False
                               ) -> Any:
     """The config's :class:`Qwen2VLTrainModel` with ``checkpoint`` loaded through ``load_checked``.
@@ -353,9 +345,6 @@ def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None
     trained; the rest comes from the model folder). Strict unless ``allow_partial``.
     """
     from xtuner.registry import BUILDER
-
-    from slidechat.engine.builder import load_config
-    from slidechat.model.checkpoint import load_weights
 
     cfg = load_config(config, dict(cfg_options or {})) if isinstance(config, (str, os.PathLike)) else config
     model_cfg = cfg.model.copy()
@@ -367,8 +356,8 @@ def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None
         raise SlideChatError(f"config model is {type(model).__name__}, expected Qwen2VLTrainModel",
                              config if isinstance(config, (str, os.PathLike)) else None)
     if checkpoint is not None:
-        report = model._checked_load(load_weights(checkpoint), strict=not allow_partial,
-                                     source=os.fspath(checkpoint))
+        report = model._checked_load(read_checkpoint(checkpoint), strict=not allow_partial,
+                                     source=os.fspath(checkpoint.path))
         logger.info("checkpoint %s", report.summary())
     model.eval()
     return model
@@ -376,8 +365,6 @@ def build_qwen2vl_from_config(config: Any, checkpoint: Optional[PathLike] = None
 
 def _processor_source(cfg: Any, model: Qwen2VLTrainModel) -> Any:
     """The processor the config trains with (its dataset's ``processor``), else the model folder's."""
-    from slidechat.data.cytology_dataset import build_processor
-
     ds = cfg.get("train_dataloader", {}).get("dataset", {}) if "train_dataloader" in cfg else {}
     src = ds.get("processor") if hasattr(ds, "get") else None
     return build_processor(src if src is not None else model.model_name_or_path)
@@ -387,7 +374,7 @@ def _processor_source(cfg: Any, model: Qwen2VLTrainModel) -> Any:
 QWEN2VL_EXPORT_KIND = "Qwen2-VL model export"
 
 
-def export_qwen2vl(config: PathLike, checkpoint: Optional[PathLike], out: PathLike,
+def export_qwen2vl(config: PathLike, checkpoint: Optional[ResolvedCheckpoint], out: PathLike,
                    cfg_options: Optional[Mapping[str, Any]] = None, allow_partial: bool = False,
                    overwrite: bool = False) -> Path:
     """Training checkpoint -> a plain Hugging Face Qwen2-VL folder (LoRA merged) that
@@ -398,8 +385,6 @@ def export_qwen2vl(config: PathLike, checkpoint: Optional[PathLike], out: PathLi
     it was. A non-empty ``out`` that is not an export of ours is refused unless ``overwrite`` (the
     user's other files there are kept).
     """
-    from slidechat.engine.builder import load_config
-
     out = check_output_folder(out, QWEN2VL_EXPORT_KIND, overwrite=overwrite)
     cfg = load_config(config, dict(cfg_options or {}))
     model = build_qwen2vl_from_config(cfg, checkpoint, allow_partial=allow_partial)

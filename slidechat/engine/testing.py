@@ -36,7 +36,6 @@ the config with the top-level overrides, load the checkpoint through the model's
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +48,8 @@ from mmengine.runner import TestLoop
 from torch.utils.data import SequentialSampler
 
 from slidechat.data.limits import model_prompt_limit
-from slidechat.data.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter,
-                                       check_template, default_template, merge_shards, read_csv_text,
-                                       read_slidebench, require_rows, resolve_feature_path)
+from slidechat.data.slidebench import (TASKS, SlideBenchItem, SlideBenchTable, SlideBenchWriter, merge_shards,
+                                       read_csv_text, read_slidebench, require_rows)
 from slidechat.data.slidebench_dataset import SlideBenchTestDataset
 from slidechat.data.template import config_template, describe_template
 from slidechat.evaluation.captions import caption_metrics
@@ -59,8 +57,6 @@ from slidechat.evaluation.mcq import score_mcq
 from slidechat.evaluation.tables import caption_markdown, write_reports
 from slidechat.inference.loop import SlideFamily, generate_into
 from slidechat.utils.errors import SlideChatError
-from slidechat.utils.logging import route_mmengine_logs_to_stderr
-from slidechat.utils.outputs import require_file_path
 from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
@@ -378,104 +374,3 @@ class SlideBenchTestLoop(TestLoop):
         generate_into(items, self.family.generate)
         self.evaluator.process(data_samples=items, data_batch=data_batch)
         self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=items)
-
-
-# --------------------------------------------------------------------------- entry point
-
-def check_test_inputs(cfg: Mapping[str, Any]) -> TestSettings:
-    """The test's inputs and output, checked before the model is built (minutes at 7B): the question
-    CSV (readable, its task's columns), the feature folder and template (and that some row's features
-    are there: a wrong ``feature_root`` is one line now, not N error rows later), the output path."""
-    s = TestSettings.from_cfg(cfg)
-    table = read_slidebench(s.test_slide_csv, kind=s.task)
-    require_file_path(s.test_output_csv, "--test_output_csv")
-    if s.feature_root is not None:
-        if not s.feature_root.is_dir():
-            raise SlideChatError("feature_root is not a folder", s.feature_root,
-                                 hint="--feature_root: the folder of the slides' feature files")
-        template = s.feature_template or default_template(table.columns)
-        check_template(template, table.columns, table.path)
-        if len(table) and not any(resolve_feature_path(table.row(i), template, s.feature_root)[0]
-                                  for i in range(len(table))):
-            raise SlideChatError(f"none of the {len(table)} rows' feature files is there (template "
-                                 f"{template!r})", s.feature_root,
-                                 hint="check --feature_root / --feature_template")
-    return s
-
-
-def build_test_runner(config: PathLike, checkpoint: Optional[PathLike] = None,
-                      overrides: Optional[Mapping[str, Any]] = None,
-                      cfg_options: Optional[Mapping[str, Any]] = None,
-                      work_dir: Optional[PathLike] = None, launcher: str = "none",
-                      allow_partial: bool = False, trust_remote_code: bool = False) -> Any:
-    """The mmengine Runner ``xtuner test`` would build, with the checkpoint loaded into its model
-    through the strict key check (``SlideChatTrainModel.load_checkpoint``): a checkpoint without the
-    trained modules is an error before anything is generated, unless ``allow_partial``."""
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-
-    from slidechat.engine.builder import checkpoint_overrides, load_config
-
-    cfg = load_config(config, dict(cfg_options) if cfg_options else None,
-                      trust_remote_code=trust_remote_code, allow_partial=allow_partial)
-    cfg.launcher = launcher
-    if overrides:
-        cfg.merge_from_dict({k: v for k, v in overrides.items() if v is not None})
-    if checkpoint is not None:
-        cfg.merge_from_dict(checkpoint_overrides(checkpoint))
-    for key in ("test_dataloader", "test_cfg", "test_evaluator"):
-        if cfg.get(key) is None:
-            raise SlideChatError(f"config has no {key}: it lacks the SlideBench test section", config,
-                                 hint="see configs/tiny/stage_2.py, PART 6")
-    check_test_inputs(cfg)  # before the Runner builds the model
-    route_mmengine_logs_to_stderr()  # stdout: the report only
-    try:  # as xtuner test does: plain functions in the config become registry names
-        from xtuner.tools.test import register_function
-
-        register_function(cfg._cfg_dict)
-    except ImportError:  # pragma: no cover - xtuner is a dependency of the engine
-        pass
-    if work_dir is not None:
-        cfg.work_dir = os.fspath(work_dir)
-    elif cfg.get("work_dir") is None:
-        cfg.work_dir = os.path.join("./work_dirs", os.path.splitext(os.path.basename(config))[0])
-    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
-    if checkpoint is not None:
-        _unwrap(runner.model).load_checkpoint(checkpoint, allow_partial=allow_partial)
-    return runner
-
-
-def run_test(config: PathLike, checkpoint: Optional[PathLike], test_slide_csv: PathLike,
-             test_output_csv: PathLike, feature_root: Optional[PathLike] = None,
-             feature_template: Optional[str] = None, batch_size: Optional[int] = 8,
-             max_new_tokens: Optional[int] = None, overwrite: bool = False,
-             cfg_options: Optional[Mapping[str, Any]] = None, work_dir: Optional[PathLike] = None,
-             compat: Optional[str] = None, launcher: str = "none",
-             allow_partial: bool = False, task: Optional[str] = None,
-             max_prompt_tokens: Optional[int] = None, trust_remote_code: bool = False) -> TestReport:
-    """Answer a SlideBench CSV with a trained model and score it (the ``slidechat test`` path).
-
-    ``None`` arguments keep the config's values. Returns the report also written to
-    ``<test_output_csv>.report.json/.md``. ``allow_partial``: accept a checkpoint lacking trained
-    weights (warning) instead of refusing it.
-    """
-    overrides: Dict[str, Any] = {
-        "test_slide_csv": os.fspath(test_slide_csv), "test_output_csv": os.fspath(test_output_csv),
-        "feature_root": None if feature_root is None else os.fspath(feature_root),
-        "feature_template": feature_template, "test_batch_size": batch_size,
-        "max_new_tokens": max_new_tokens, "overwrite": True if overwrite else None,
-        "test_task": task, "max_prompt_tokens": max_prompt_tokens,
-    }
-    opts = dict(cfg_options or {})
-    if compat is not None:
-        opts["model.compat"] = compat
-    runner = build_test_runner(config, checkpoint, overrides, opts, work_dir, launcher,
-                               allow_partial=allow_partial, trust_remote_code=trust_remote_code)
-    runner.test()
-    loop = runner.test_loop
-    report = getattr(loop, "report", None)
-    if report is None:  # another rank, or a loop that did not score
-        s = TestSettings.from_cfg(runner.cfg)
-        report = score_output(s.test_output_csv, read_slidebench(s.test_slide_csv, kind=s.task).kind,
-                              write=False)
-    return report

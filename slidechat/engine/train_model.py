@@ -22,9 +22,13 @@ from torch import nn
 from mmengine.model import BaseModel
 
 from slidechat.data.template import config_template
-from slidechat.model.checkpoint import (KeyReport, is_exported_folder, load_weights, pickle_refusal,
-                                        resolve_checkpoint)
+from slidechat.model.checkpoint import (CheckpointKind, KeyReport, ResolvedCheckpoint, pickle_refusal,
+                                        read_checkpoint, resolve_checkpoint)
+from slidechat.model.lora import apply_lora
+from slidechat.model.recompute import enable_activation_checkpointing
+from slidechat.model.slidechat_model import OPTIONAL_SLIDE_KEYS, SlideChatConfig, SlideChatModel
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -160,21 +164,46 @@ def safe_seed_from_checkpoint(pth_model: Union[str, os.PathLike]) -> Any:
 
 # ------------------------------------------------------------------------------------ xtuner's loader
 
-#: the path the safe loader read last: ``load_state_dict`` names it in its report
-_last_loaded: Dict[str, str] = {}
+#: the key under which :class:`CheckpointWeights` hands its source to ``_load_from_state_dict``
+SOURCE_METADATA_KEY = "slidechat_source"
 
 
-def safe_guess_load_checkpoint(pth_model: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+class _SourceMetadata(dict):
+    """torch's per-prefix load metadata (``state_dict._metadata``), the same for every prefix: the
+    checkpoint's path, so it reaches our ``_load_from_state_dict`` below any wrapper's prefix."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def get(self, key: Any, default: Any = None) -> Dict[str, str]:  # noqa: ARG002 - any prefix
+        return {SOURCE_METADATA_KEY: self.source}
+
+
+class CheckpointWeights(dict):
+    """Weights read by :func:`safe_guess_load_checkpoint`, carrying the checkpoint they came from to the
+    model's ``load_state_dict`` (``xtuner test`` passes nothing else), which names it in its report.
+
+    torch's and mmengine's ``load_state_dict`` copy the dict but keep its ``_metadata``; the source rides
+    there too, for loads through a wrapper (``DistributedDataParallel``)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], source: ResolvedCheckpoint) -> None:
+        super().__init__(weights)
+        self.source = source
+        self._metadata = _SourceMetadata(os.fspath(source.path))
+
+
+def safe_guess_load_checkpoint(pth_model: PathLike) -> CheckpointWeights:
     """Drop-in for ``xtuner.model.utils.guess_load_checkpoint`` that never unpickles code.
 
     xtuner's own reads ``.pth`` files with ``torch.load(weights_only=False)`` (and DeepSpeed folders
     likewise), so a crafted checkpoint given to ``xtuner test CONFIG --checkpoint X`` would run code.
-    This reads through :func:`slidechat.model.checkpoint.load_weights` (safetensors / weights-only /
-    restricted unpickler; files, DeepSpeed folders, work dirs, exported folders).
+    This is that command's entry: the path is resolved once and read through
+    :func:`load_checkpoint_weights` (safetensors / weights-only / restricted unpickler; files, DeepSpeed
+    folders, work dirs, exported folders).
     """
-    path = resolve_checkpoint(pth_model)
-    _last_loaded["path"] = os.fspath(path)
-    return load_checkpoint_weights(path)
+    checkpoint = resolve_checkpoint(pth_model)
+    return CheckpointWeights(load_checkpoint_weights(checkpoint), checkpoint)
 
 
 _DS_ENGINE_MODULE = "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine"
@@ -275,12 +304,12 @@ def consolidate_zero3(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor
     return {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def load_checkpoint_weights(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """:func:`slidechat.model.checkpoint.load_weights` for an already resolved path, plus ZeRO-3
-    folders (:func:`consolidate_zero3`), whose model-states file alone holds no weights."""
-    if is_zero3_folder(path):
-        return consolidate_zero3(path)
-    return load_weights(path)
+def load_checkpoint_weights(checkpoint: ResolvedCheckpoint) -> Dict[str, torch.Tensor]:
+    """:func:`slidechat.model.checkpoint.read_checkpoint`, plus ZeRO-3 folders
+    (:func:`consolidate_zero3`), whose model-states file alone holds no weights."""
+    if checkpoint.kind is CheckpointKind.DEEPSPEED and is_zero3_folder(checkpoint.path):
+        return consolidate_zero3(checkpoint.path)
+    return read_checkpoint(checkpoint)
 
 
 def zero3_gathered(module: nn.Module) -> Any:
@@ -408,8 +437,6 @@ class SlideChatTrainModel(BaseModel):
         super().__init__()
         install_safe_xtuner_loader()  # before any checkpoint is read in this process (see there)
         self.allow_partial = bool(allow_partial)
-        from slidechat.model.slidechat_model import SlideChatConfig, SlideChatModel
-
         self.freeze_llm = bool(freeze_llm)
         self.train_stage = str(train_stage)
         self.use_activation_checkpointing = bool(use_activation_checkpointing)
@@ -465,13 +492,9 @@ class SlideChatTrainModel(BaseModel):
         self.llm = llm
 
     def _apply_lora(self, lora_cfg: Any) -> None:
-        from slidechat.model.lora import apply_lora
-
         self._set_llm(apply_lora(self.llm, build_cfg(lora_cfg)))
 
     def _enable_checkpointing(self) -> None:
-        from slidechat.model.recompute import enable_activation_checkpointing
-
         enable_activation_checkpointing(self.llm)
 
     def merge_lora(self) -> None:
@@ -519,8 +542,6 @@ class SlideChatTrainModel(BaseModel):
         """What a checkpoint of this model must hold: the trained keys of :meth:`state_dict` (encoder,
         projector, and the LLM's trained tensors when ``llm``), less the parameters our encoder adds on top
         of the released layout."""
-        from slidechat.model.slidechat_model import OPTIONAL_SLIDE_KEYS
-
         return [k for k in self.state_dict() if not k.startswith(OPTIONAL_SLIDE_KEYS)
                 and (llm or not k.startswith("llm."))]
 
@@ -535,41 +556,45 @@ class SlideChatTrainModel(BaseModel):
         return self._core.load_slidechat_state_dict(sd, required=self.required_keys(llm=llm),
                                                     allow_partial=allow, source=source)
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str,
+                              local_metadata: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
         """Module walkers that do not call :meth:`load_state_dict` arrive here first with every key under
         ``prefix``: mmengine's resume (``mmengine.runner.checkpoint.load_state_dict``, which with
         ``strict=False`` only warned about a shape mismatch and kept the random tensor) and torch's
         ``load_state_dict`` on a wrapper (``DistributedDataParallel`` under ``xtuner test --launcher
         pytorch`` receives un-prefixed keys and loaded nothing). The same key check runs here, so such a
-        load either fits or is a one-line error. (Our own loads go through the core, never through here.)"""
+        load either fits or is a one-line error. (Our own loads go through the core, never through here.)
+        The checkpoint's path comes in ``local_metadata`` when ``xtuner test`` read it
+        (:class:`CheckpointWeights`)."""
         own = {k[len(prefix):]: v for k, v in state_dict.items()
                if k.startswith(prefix) and isinstance(v, torch.Tensor)}
-        report = self.load_weights_checked(own, source=_last_loaded.pop("path", "") or "state dict")
+        source = local_metadata.get(SOURCE_METADATA_KEY) or "state dict"
+        report = self.load_weights_checked(own, source=source)
         _print_log(f"load_state_dict: {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
-    def load_checkpoint(self, checkpoint: Union[str, os.PathLike],
+    def load_checkpoint(self, checkpoint: ResolvedCheckpoint,
                         allow_partial: Optional[bool] = None) -> KeyReport:
-        """Resolve, read safely and load a checkpoint (file, DeepSpeed folder, work dir, exported folder,
-        released-style dict). An exported folder carries its own LLM (the caller builds the model on it),
-        so only its slide modules are required from it."""
-        path = resolve_checkpoint(checkpoint)
-        report = self.load_weights_checked(load_checkpoint_weights(path), llm=not is_exported_folder(path),
-                                           allow_partial=allow_partial, source=path)
+        """Read safely and load a checkpoint resolved at the command's entry (file, DeepSpeed folder,
+        exported folder, released-style dict). An exported folder carries its own LLM (the caller builds
+        the model on it), so only its slide modules are required from it."""
+        report = self.load_weights_checked(load_checkpoint_weights(checkpoint),
+                                           llm=checkpoint.kind is not CheckpointKind.EXPORTED,
+                                           allow_partial=allow_partial, source=checkpoint.path)
         _print_log(f"Loaded checkpoint {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
         return report
 
-    def load_pretrained(self, path: Union[str, os.PathLike],
-                        allow_partial: Optional[bool] = None) -> KeyReport:
-        """Stage-1 weights (``pretrained_pth``) into the core: the slide modules are required, ``llm.*``
-        keys load when present (else the config's LLM folder stays)."""
-        path = resolve_checkpoint(path)
-        weights = load_checkpoint_weights(path)
+    def load_pretrained(self, path: PathLike, allow_partial: Optional[bool] = None) -> KeyReport:
+        """Stage-1 weights (``pretrained_pth``, the config's path: resolved here, its one entry) into the
+        core: the slide modules are required, ``llm.*`` keys load when present (else the config's LLM
+        folder stays)."""
+        checkpoint = resolve_checkpoint(path)
+        weights = load_checkpoint_weights(checkpoint)
         with zero3_gathered(self):
-            report = self.load_weights_checked(weights, llm=False, allow_partial=allow_partial, source=path)
+            report = self.load_weights_checked(weights, llm=False, allow_partial=allow_partial,
+                                               source=checkpoint.path)
         _print_log(f"Loaded pretrained_pth {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)
         return report
@@ -579,11 +604,12 @@ class SlideChatTrainModel(BaseModel):
         """What ``xtuner test`` (``strict=False``) and DeepSpeed resume call: the strict key check of
         :meth:`load_weights_checked`, whatever ``strict`` says — ``xtuner test`` passes ``strict=False``,
         which must not let a checkpoint without the trained modules score a random model. Relax it with
-        the model's ``allow_partial`` (``--cfg-options model.allow_partial=True``)."""
+        the model's ``allow_partial`` (``--cfg-options model.allow_partial=True``). The report names the
+        checkpoint when the weights carry it (:class:`CheckpointWeights`, what ``xtuner test`` reads)."""
         from torch.nn.modules.module import _IncompatibleKeys
 
         del strict, assign  # see docstring
-        source = _last_loaded.pop("path", "")
+        source = state_dict.source.path if isinstance(state_dict, CheckpointWeights) else ""
         report = self.load_weights_checked(state_dict, source=source)
         _print_log(f"load_state_dict: {report.summary()}",
                    logging.WARNING if not report.ok else logging.INFO)

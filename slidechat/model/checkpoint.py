@@ -5,8 +5,10 @@ encoders, ``xtuner test`` through our configs) goes through these functions, so 
 same way and its keys are reported in one format everywhere:
 
 * :func:`resolve_checkpoint` — a file, a DeepSpeed folder, a work dir (mmengine's ``last_checkpoint``
-  marker -> the latest checkpoint) or an exported model folder.
-* :func:`load_state_dict_file` / :func:`load_weights` — ``.safetensors``, torch ``.pth/.pt/.bin`` (plain
+  marker -> the latest checkpoint), an exported model folder or a Hugging Face folder, resolved ONCE at a
+  command's entry into a :class:`ResolvedCheckpoint` (path + :class:`CheckpointKind`) that is passed down.
+* :func:`read_checkpoint` (and :func:`load_state_dict_file` / :func:`load_weights` for plain paths) —
+  ``.safetensors``, torch ``.pth/.pt/.bin`` (plain
   dicts, mmengine ``{"state_dict", "meta", "message_hub"}`` wrappers), DeepSpeed folders
   (``iter_N.pth/mp_rank_00_model_states.pt``, weights under ``module``), exported SlideChat folders (their
   ``slide_modules.safetensors``) and Hugging Face folders (``model.safetensors``, sharded or not).
@@ -25,6 +27,8 @@ the encoders and plain-PyTorch users load through it without mmengine/xtuner.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -184,30 +188,81 @@ def _strip_module_prefix(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 # --------------------------------------------------------------------------------------------- resolve
 
+class CheckpointKind(enum.Enum):
+    """The layouts a checkpoint path can have; each is read its own way (see :func:`read_checkpoint`)."""
+
+    FILE = "state-dict file"  # .safetensors / .pth / .pt / .bin / .ckpt
+    DEEPSPEED = "DeepSpeed folder"  # iter_N.pth/ with mp_rank_00_model_states.pt (ZeRO-3: zero_pp_rank_...)
+    EXPORTED = "exported folder"  # slidechat export (SlideChatModel.save_pretrained)
+    HF = "Hugging Face folder"  # save_pretrained: model.safetensors, sharded or not
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint path resolved once at a command's entry, with its layout, and passed down typed.
+
+    ``work_dir``: the training work dir it was found through (``last_checkpoint``), if any.
+    """
+
+    path: Path
+    kind: CheckpointKind
+    work_dir: Optional[Path] = None
+
+
 def is_exported_folder(path: PathLike) -> bool:
     """A ``SlideChatModel.save_pretrained`` folder (``slidechat export``)."""
     return Path(path).is_dir() and (Path(path) / EXPORTED_CONFIG_FILE).is_file()
 
 
-def resolve_checkpoint(path: PathLike) -> Path:
-    """The checkpoint ``path`` stands for: a work dir -> the checkpoint its ``last_checkpoint`` marker
-    names (looked up beside the marker when the work dir was moved); anything else that exists (a file, a
-    DeepSpeed folder, an exported or Hugging Face folder) as is. Missing paths are a one-line error."""
+def _deepspeed_model_file(folder: Path) -> Optional[Path]:
+    return next((folder / name for name in _DS_MODEL_FILES if (folder / name).is_file()), None)
+
+
+def _hf_weight_file(folder: Path) -> Optional[Path]:
+    return next((folder / name for name in _HF_WEIGHT_FILES if (folder / name).is_file()), None)
+
+
+def checkpoint_at(path: PathLike) -> ResolvedCheckpoint:
+    """The layout of the checkpoint at ``path`` itself (a work dir's marker is not followed: see
+    :func:`resolve_checkpoint`). A missing path or a folder of no known layout is a one-line error."""
+    p = Path(path)
+    if not p.exists():
+        raise SlideChatError("checkpoint not found", path=p)
+    if not p.is_dir():
+        return ResolvedCheckpoint(p, CheckpointKind.FILE)
+    if is_exported_folder(p):
+        return ResolvedCheckpoint(p, CheckpointKind.EXPORTED)
+    if _deepspeed_model_file(p) is not None:
+        return ResolvedCheckpoint(p, CheckpointKind.DEEPSPEED)
+    if _hf_weight_file(p) is not None:
+        return ResolvedCheckpoint(p, CheckpointKind.HF)
+    found = sorted(x.name for x in p.iterdir())[:10]
+    raise SlideChatError(
+        f"folder is not a checkpoint: no DeepSpeed {_DS_MODEL_FILES[0]}, no "
+        f"{LAST_CHECKPOINT_FILE} (work dir), no {EXPORTED_CONFIG_FILE} (exported model), no "
+        f"{_HF_WEIGHT_FILES[0]}; has {found}", path=path)
+
+
+def resolve_checkpoint(path: PathLike) -> ResolvedCheckpoint:
+    """The checkpoint ``path`` stands for, resolved once: a work dir -> the checkpoint its
+    ``last_checkpoint`` marker names (looked up beside the marker when the work dir was moved); anything
+    else (a file, a DeepSpeed folder, an exported or Hugging Face folder) as is, with its layout.
+    Missing paths and folders of no known layout are one-line errors."""
     p = Path(path)
     if not p.exists():
         raise SlideChatError("checkpoint not found", path=p)
     marker = p / LAST_CHECKPOINT_FILE
-    if p.is_dir() and marker.is_file():
-        named = marker.read_text(encoding="utf-8").strip()
-        target = Path(named)
-        if not target.exists():  # the work dir moved since: look beside the marker
-            target = p / Path(named.rstrip("/")).name
-        if not named or not target.exists():
-            raise SlideChatError(f"work dir's {LAST_CHECKPOINT_FILE} names {named!r}, which does not exist",
-                                 path=marker)
-        logger.info("%s is a work dir: using its last checkpoint %s", p, target)
-        return target
-    return p
+    if not (p.is_dir() and marker.is_file()):
+        return checkpoint_at(p)
+    named = marker.read_text(encoding="utf-8").strip()
+    target = Path(named)
+    if not target.exists():  # the work dir moved since: look beside the marker
+        target = p / Path(named.rstrip("/")).name
+    if not named or not target.exists():
+        raise SlideChatError(f"work dir's {LAST_CHECKPOINT_FILE} names {named!r}, which does not exist",
+                             path=marker)
+    logger.info("%s is a work dir: using its last checkpoint %s", p, target)
+    return dataclasses.replace(checkpoint_at(target), work_dir=p)
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -221,68 +276,57 @@ def _load_safetensors(p: Path) -> Dict[str, Tensor]:
         raise SlideChatError(f"cannot read safetensors file: {exc}", path=p) from exc
 
 
-def _load_hf_folder(folder: Path, allow_unsafe_pickle: bool) -> Optional[Dict[str, Tensor]]:
-    """Weights of a Hugging Face ``save_pretrained`` folder (sharded or not); ``None`` if it is not one."""
-    for name in _HF_WEIGHT_FILES:
-        f = folder / name
-        if not f.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return _load_safetensors(f) if f.suffix == ".safetensors" else _unwrap(
-                _torch_load(f, allow_unsafe_pickle), f)
-        try:
-            shards = sorted(set(json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SlideChatError(f"invalid shard index: {exc}", path=f) from exc
-        sd: Dict[str, Tensor] = {}
-        for shard in shards:
-            sp = folder / shard
-            if not sp.is_file():
-                raise SlideChatError(f"shard {shard} named by the index is missing", path=f)
-            sd.update(_load_safetensors(sp) if sp.suffix == ".safetensors" else _unwrap(
-                _torch_load(sp, allow_unsafe_pickle), sp))
-        return sd
-    return None
+def _load_hf_folder(folder: Path, allow_unsafe_pickle: bool) -> Dict[str, Tensor]:
+    """Weights of a Hugging Face ``save_pretrained`` folder (sharded or not)."""
+    f = _hf_weight_file(folder)
+    assert f is not None, "checkpoint_at found a weight file"
+    if not f.name.endswith(".index.json"):
+        return _load_file(f, allow_unsafe_pickle)
+    try:
+        shards = sorted(set(json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SlideChatError(f"invalid shard index: {exc}", path=f) from exc
+    sd: Dict[str, Tensor] = {}
+    for shard in shards:
+        sp = folder / shard
+        if not sp.is_file():
+            raise SlideChatError(f"shard {shard} named by the index is missing", path=f)
+        sd.update(_load_file(sp, allow_unsafe_pickle))
+    return sd
+
+
+def _load_file(p: Path, allow_unsafe_pickle: bool) -> Dict[str, Tensor]:
+    """One weights file, by its suffix: safetensors, or a torch pickle read safely and unwrapped."""
+    if p.suffix == ".safetensors":
+        return _load_safetensors(p)
+    if p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return _unwrap(_torch_load(p, allow_unsafe_pickle), p)
+    raise SlideChatError(f"unknown checkpoint type {p.suffix!r}", path=p,
+                         hint="expected .safetensors, .pth, .pt, .bin or a checkpoint folder")
+
+
+def read_checkpoint(checkpoint: ResolvedCheckpoint, allow_unsafe_pickle: bool = False) -> Dict[str, Tensor]:
+    """Weights of a resolved checkpoint as a flat ``{name: tensor}`` dict on CPU, read safely by its layout.
+
+    An exported SlideChat folder gives its slide modules (the LLM is read by ``from_pretrained``).
+    ``allow_unsafe_pickle`` is a Python-only escape hatch for trusted legacy files; no command exposes it.
+    """
+    p, kind = checkpoint.path, checkpoint.kind
+    if kind is CheckpointKind.HF:
+        return _checked_nonempty(_strip_module_prefix(dict(_load_hf_folder(p, allow_unsafe_pickle))), p)
+    if kind is CheckpointKind.EXPORTED:
+        p = p / EXPORTED_WEIGHTS_FILE
+        if not p.is_file():
+            raise SlideChatError(f"exported model folder has no {EXPORTED_WEIGHTS_FILE}", path=checkpoint.path)
+    elif kind is CheckpointKind.DEEPSPEED:
+        p = _deepspeed_model_file(p) or p / _DS_MODEL_FILES[0]
+    return _checked_nonempty(_strip_module_prefix(dict(_load_file(p, allow_unsafe_pickle))), p)
 
 
 def load_state_dict_file(path: PathLike, allow_unsafe_pickle: bool = False) -> Dict[str, Tensor]:
-    """Weights of a checkpoint file or folder as a flat ``{name: tensor}`` dict on CPU, read safely.
-
-    Folders: DeepSpeed (``mp_rank_00_model_states.pt``), an exported SlideChat folder (its slide modules;
-    the LLM is read by ``from_pretrained``), a Hugging Face folder. ``allow_unsafe_pickle`` is a
-    Python-only escape hatch for trusted legacy files; no command exposes it.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise SlideChatError("checkpoint not found", path=p)
-    if p.is_dir():
-        folder = p
-        if is_exported_folder(folder):
-            p = folder / EXPORTED_WEIGHTS_FILE
-            if not p.is_file():
-                raise SlideChatError(f"exported model folder has no {EXPORTED_WEIGHTS_FILE}", path=folder)
-        else:
-            for name in _DS_MODEL_FILES:
-                if (folder / name).is_file():
-                    p = folder / name
-                    break
-            else:
-                hf = _load_hf_folder(folder, allow_unsafe_pickle)
-                if hf is not None:
-                    return _checked_nonempty(_strip_module_prefix(dict(hf)), folder)
-                found = sorted(x.name for x in folder.iterdir())[:10]
-                raise SlideChatError(
-                    f"folder is not a checkpoint: no DeepSpeed {_DS_MODEL_FILES[0]}, no "
-                    f"{LAST_CHECKPOINT_FILE} (work dir), no {EXPORTED_CONFIG_FILE} (exported model), no "
-                    f"{_HF_WEIGHT_FILES[0]}; has {found}", path=path)
-    if p.suffix == ".safetensors":
-        sd = _load_safetensors(p)
-    elif p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        sd = _unwrap(_torch_load(p, allow_unsafe_pickle), p)
-    else:
-        raise SlideChatError(f"unknown checkpoint type {p.suffix!r}", path=p,
-                             hint="expected .safetensors, .pth, .pt, .bin or a checkpoint folder")
-    return _checked_nonempty(_strip_module_prefix(dict(sd)), p)
+    """Weights of the checkpoint file or folder at ``path`` (:func:`checkpoint_at` + :func:`read_checkpoint`):
+    for weight files named directly (a patch encoder's), where no work dir is followed."""
+    return read_checkpoint(checkpoint_at(path), allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def _checked_nonempty(sd: Dict[str, Tensor], p: Path) -> Dict[str, Tensor]:
@@ -292,8 +336,9 @@ def _checked_nonempty(sd: Dict[str, Tensor], p: Path) -> Dict[str, Tensor]:
 
 
 def load_weights(path: PathLike, allow_unsafe_pickle: bool = False) -> Dict[str, Tensor]:
-    """:func:`resolve_checkpoint` + :func:`load_state_dict_file`: what every entry point calls."""
-    return load_state_dict_file(resolve_checkpoint(path), allow_unsafe_pickle=allow_unsafe_pickle)
+    """:func:`resolve_checkpoint` + :func:`read_checkpoint`, for Python callers holding a plain path
+    (commands resolve once at their entry and call :func:`read_checkpoint`)."""
+    return read_checkpoint(resolve_checkpoint(path), allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 # --------------------------------------------------------------------------------------------- key check
@@ -377,6 +422,20 @@ def _required_keys(own: Sequence[str], required: Optional[Iterable[str]]) -> set
 PARTIAL_HINT = "--allow-partial / allow_partial=True loads it anyway, leaving missing weights as initialised"
 
 
+def _refusal(report: KeyReport, n_required: int) -> str:
+    """Why a strict load refuses ``report``'s checkpoint (missing and/or unexpected keys)."""
+    missing, unexpected = report.missing, report.unexpected
+    if not report.loaded:
+        return (f"checkpoint holds none of the {n_required} weights the model must receive "
+                f"(missing {summarize_keys(missing)}; unexpected {summarize_keys(unexpected)})")
+    if missing:
+        reason = f"checkpoint lacks required weights: {summarize_keys(missing)}"
+        if unexpected:
+            reason += f"; and has unexpected ones: {summarize_keys(unexpected)}"
+        return reason
+    return f"checkpoint has weights the model does not use: {summarize_keys(unexpected)}"
+
+
 def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
                  required: Optional[Iterable[str]] = None, allow_partial: bool = False,
                  source: Union[str, os.PathLike] = "", allow_unexpected: bool = False,
@@ -422,16 +481,8 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
                              f"{report.mismatch_text()}", path=src or None,
                              hint="check that the config matches the checkpoint: encoder size, feature_dim, LLM")
     if (missing or (unexpected and not allow_unexpected)) and not allow_partial:
-        if not matched:
-            reason = (f"checkpoint holds none of the {len(req)} weights the model must receive "
-                      f"(missing {summarize_keys(missing)}; unexpected {summarize_keys(unexpected)})")
-        elif missing:
-            reason = f"checkpoint lacks required weights: {summarize_keys(missing)}"
-            if unexpected:
-                reason += f"; and has unexpected ones: {summarize_keys(unexpected)}"
-        else:
-            reason = f"checkpoint has weights the model does not use: {summarize_keys(unexpected)}"
-        raise SlideChatError(reason, path=src or None, hint=PARTIAL_HINT if hint is None else hint)
+        raise SlideChatError(_refusal(report, len(req)), path=src or None,
+                             hint=PARTIAL_HINT if hint is None else hint)
     if matched:
         nn.Module.load_state_dict(module, matched, strict=False)
     if missing or unexpected:

@@ -28,10 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Set
 
-from slidechat.utils.paths import PathLike
-from slidechat.utils.version import __version__
 from slidechat.utils.atomic import _UMASK, atomic_write_text
 from slidechat.utils.errors import SlideChatError
+from slidechat.utils.paths import PathLike
+from slidechat.utils.version import __version__
 
 logger = logging.getLogger(__name__)
 
