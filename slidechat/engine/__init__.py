@@ -1,1 +1,3 @@
-"""xtuner/mmengine glue: the only place that imports them (configs, train/test loops)."""
+"""xtuner/mmengine glue: config loading and the runner, the training wrappers stock ``xtuner train``
+builds, the SlideBench loop ``xtuner test`` runs, mmengine's safe checkpoint loading. The other
+packages touch mmengine only where they handle a value it made (a lazy import, with the reason)."""

@@ -28,9 +28,9 @@ fails), the same step ``run_inference`` uses. The answers go through the evaluat
 and writes ``<output>.report.json`` / ``.report.md``. A row whose features are missing or unreadable
 gets an ``Error`` entry; the other rows still run.
 
-:func:`run_test` is the same path for Python callers and ``slidechat test``: build the runner from
-the config with the top-level overrides, load the checkpoint through the model's
-``load_state_dict`` (as ``xtuner test`` does), ``runner.test()``.
+``slidechat test`` and Python callers take the same path through :func:`slidechat.apps.test.run_test`:
+the runner built from the config with the top-level overrides, the checkpoint loaded through the
+model's strict key check (as ``xtuner test`` does), ``runner.test()``.
 """
 
 from __future__ import annotations
