@@ -52,7 +52,7 @@ from slidechat.model.constants import IMAGE_TOKEN
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
-from slidechat.utils.resumable import AppendOnlyFile, ResumableWriter
+from slidechat.utils.resumable import ResumableWriter
 
 logger = logging.getLogger(__name__)
 
@@ -426,24 +426,9 @@ class SlideBenchWriter(ResumableWriter):
             check_template(self.feature_template, table.columns, table.path)
         self.caption_prompt = caption_prompt
         self._keys = table.row_keys()
-        self._fh = None
-        self._open(overwrite)
+        self.open_output(_csv_line(self.columns).encode("utf-8"), overwrite)
 
-    # -- opening / resuming
-    def _open(self, overwrite: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = _csv_line(self.columns)
-        if overwrite or not self.path.exists() or self.path.stat().st_size == 0:
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(header, encoding="utf-8")
-            self.done = 0
-        else:
-            self.done = self._validate_existing()
-
-        self._fh = AppendOnlyFile(self.path)
-        if self.done:
-            logger.info("%s: resuming after %d/%d rows", self.path, self.done, len(self.indices))
-
+    # -- resuming
     def _validate_existing(self) -> int:
         data = self.path.read_bytes()
         records, good_end = _complete_records(data, len(self.columns))
@@ -505,8 +490,6 @@ class SlideBenchWriter(ResumableWriter):
 
     def write(self, items: Sequence[SlideBenchItem], outputs: Optional[Sequence[str]] = None) -> None:
         """Append the next pending rows (``outputs`` optionally gives the texts in item order)."""
-        if self._fh is None:
-            raise SlideChatError("writer is closed", self.path)
         items = list(items)
         if outputs is not None:
             if len(outputs) != len(items):
@@ -531,13 +514,8 @@ class SlideBenchWriter(ResumableWriter):
                 pred = parse_choice(out, self.table.options(it.index)) if it.error is None else None
                 added[PRED_COLUMN] = pred or ""
             w.writerow(vals + [added[c] for c in self.added])
-        self._fh.append(buf.getvalue().encode("utf-8"))
+        self.append(buf.getvalue().encode("utf-8"))
         self.done += len(items)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 def merge_shards(table: SlideBenchTable, out_path: PathLike, world_size: int,

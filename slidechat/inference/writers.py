@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
-from slidechat.utils.resumable import AppendOnlyFile, ResumableWriter
+from slidechat.utils.resumable import ResumableWriter
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +95,7 @@ class JsonlPredictionWriter(ResumableWriter):
                  overwrite: bool = False) -> None:
         self.path = Path(path)
         self.keys = [(k, list(imgs)) for k, imgs in keys]
-        self.done = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite or not self.path.exists():
-            with atomic_path(self.path) as tmp:
-                tmp.write_bytes(b"")
-        else:
-            self.done = self._validate_existing()
-        self._file = AppendOnlyFile(self.path)
-        if self.done:
-            logger.info("%s: resuming after %d/%d rows", self.path, self.done, len(self.keys))
+        self.open_output(b"", overwrite)
 
     def _validate_existing(self) -> int:
         records, good_end, total = read_complete_jsonl(self.path)
@@ -153,11 +144,8 @@ class JsonlPredictionWriter(ResumableWriter):
                 raise SlideChatError(f"row {it.position}: item id/images do not match the input",
                                      self.path)
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._file.append("".join(lines).encode("utf-8"))
+        self.append("".join(lines).encode("utf-8"))
         self.done += len(items)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def make_id(dataset: str, index: int, id_value: Optional[Any]) -> Dict[str, Any]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
+from slidechat.utils.atomic import atomic_path
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.locks import lock_handle, unlock_handle
 from slidechat.utils.paths import PathLike
@@ -84,9 +85,33 @@ class ResumableWriter:
 
     path: Path
     done: int = 0
+    _file: Optional[AppendOnlyFile] = None
 
     def positions(self) -> int:
         raise NotImplementedError
+
+    def _validate_existing(self) -> int:
+        """How many leading positions an existing output already holds (refusing another input's)."""
+        raise NotImplementedError
+
+    def open_output(self, header: bytes, overwrite: bool) -> None:
+        """Start the output afresh (``header`` only) or resume it (:meth:`_validate_existing`), then
+        hold it open for appending, locked."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite or not self.path.exists():  # an empty file resumes (its writer may hold it)
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(header)
+            self.done = 0
+        else:
+            self.done = self._validate_existing()
+        self._file = AppendOnlyFile(self.path)
+        if self.done:
+            logger.info("%s: resuming after %d/%d rows", self.path, self.done, self.positions())
+
+    def append(self, data: bytes) -> None:
+        if self._file is None:
+            raise SlideChatError("writer is closed", self.path)
+        self._file.append(data)
 
     @property
     def num_pending(self) -> int:
@@ -103,7 +128,9 @@ class ResumableWriter:
             truncate_file(self.path, good_end)
 
     def close(self) -> None:
-        raise NotImplementedError
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "ResumableWriter":
         return self
