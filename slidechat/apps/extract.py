@@ -13,13 +13,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from slidechat.apps.runner import (SlideFailed, SlideTask, earlier_run_entries, failure_reason, one_line,
-                                   remove_files, run_slides)
+from slidechat.apps.runner import (SlideFailed, SlideTask, earlier_run_entries, failure_reason, remove_files,
+                                   run_slides)
 from slidechat.features.extract import (OUTPUT_FOLDERS, ExtractOptions, SlideResult, StageError, as_encoder,
                                         extract_slide, format_timings, output_paths, slide_error, write_outputs)
 from slidechat.features.io import load_features, write_slidechat_csv
 from slidechat.utils.devices import resolve_device
-from slidechat.utils.errors import SlideChatError
+from slidechat.utils.errors import SlideChatError, one_line
 from slidechat.utils.outputs import check_output_folder, read_marker, write_marker
 from slidechat.utils.paths import PathLike
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from slidechat.features.inputs import collect_slide_paths, limit as limit_items, rank_and_world, unique_shard
 from slidechat.utils.atomic import atomic_path
-from slidechat.utils.errors import SlideChatError
+from slidechat.utils.errors import SlideChatError, exception_text
 from slidechat.utils.locks import FileLock, try_lock
 from slidechat.utils.paths import PathLike
 from slidechat.wsi.slide import slide_id
@@ -189,12 +189,7 @@ def failure_reason(e: BaseException) -> str:
     """A failure row's reason: a SlideChatError's reason (and hint), else the error's type and text."""
     if isinstance(e, SlideChatError):
         return e.reason + (f" ({e.hint})" if e.hint else "")
-    return f"{type(e).__name__}: {e}"
-
-
-def one_line(text: str) -> str:
-    """Failure reasons go to a CSV cell and one console line: no embedded newlines."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return exception_text(e)
 
 
 def remove_partials(out_dir: Path, sid: str, folders: Sequence[str]) -> int:

@@ -27,7 +27,7 @@ from slidechat.features.io import write_feature_h5, write_slidechat_csv
 from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path, temp_path_for
 from slidechat.utils.devices import resolve_device
-from slidechat.utils.errors import SlideChatError
+from slidechat.utils.errors import SlideChatError, exception_text
 from slidechat.utils.paths import PathLike
 from slidechat.utils.version import __version__
 from slidechat.wsi.patching import (DEFAULT_MAGNIFICATION, DEFAULT_PATCH_SIZE, DEFAULT_TISSUE_THRESHOLD,
@@ -344,7 +344,7 @@ def slide_error(e: StageError, path: Path) -> SlideChatError:
     c = e.cause
     if isinstance(c, SlideChatError):
         return c
-    return SlideChatError(f"{e.stage} failed: {type(c).__name__}: {c}", path)
+    return SlideChatError(f"{e.stage} failed: {exception_text(c)}", path)
 
 
 # ----------------------------------------------------------------------------------------------

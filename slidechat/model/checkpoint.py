@@ -151,7 +151,7 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
     logger.info("%s holds non-tensor metadata; extracting tensors with a restricted unpickler", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not loadable safely"
+    except Exception:  # noqa: BLE001 - any failure here means "not loadable safely"
         if allow_unsafe_pickle:  # Python-only escape hatch (load_state_dict_file); no command offers it
             logger.warning("loading %s with full unpickling (allow_unsafe_pickle=True)", path)
             return torch.load(path, map_location="cpu", weights_only=False)

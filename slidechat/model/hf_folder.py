@@ -28,7 +28,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, Iterator, Optional, Tuple
 
 from slidechat.model.checkpoint import PARTIAL_HINT, summarize_keys
-from slidechat.utils.errors import SlideChatError
+from slidechat.utils.errors import SlideChatError, exception_text, one_line
 from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,6 @@ TRUST_FLAG = "--trust-remote-code"
 TRUST_HINT = (f"{TRUST_FLAG} runs it; give it only for a folder whose Python files you have read; "
               "in a config: --cfg-options ...trust_remote_code=True")
 _TRANSFORMERS_LOGGERS = ("transformers.modeling_utils",)
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_trust_refusal(exc: BaseException) -> bool:
@@ -80,7 +75,7 @@ def _call(what: str, name_or_path: PathLike, fn: Any, *args: Any, **kwargs: Any)
         if _is_trust_refusal(e):
             raise SlideChatError(f"the {what} asks to run its own Python code (auto_map), which is off by "
                                  "default", _where(name_or_path), hint=TRUST_HINT) from None
-        raise SlideChatError(f"cannot load the {what}: {type(e).__name__}: {_one_line(e)}",
+        raise SlideChatError(f"cannot load the {what}: {one_line(exception_text(e), limit=300)}",
                              _where(name_or_path)) from None
 
 

@@ -18,3 +18,17 @@ class SlideChatError(Exception):
         if hint:
             msg = f"{msg} ({hint})"
         super().__init__(msg)
+
+
+def exception_text(exc: BaseException) -> str:
+    """``Type: message`` of an error that is not ours (just ``Type`` when it has no message)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def one_line(text: str, limit: Optional[int] = None) -> str:
+    """``text`` for one console line or one CSV cell: its lines joined by spaces, blank ones dropped,
+    cut to ``limit`` characters (ending in ``...``) when given."""
+    out = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    if limit is not None and len(out) > limit:
+        out = out[:limit - 3] + "..."
+    return out

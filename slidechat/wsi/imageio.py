@@ -42,7 +42,7 @@ from typing import BinaryIO, Iterator, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from slidechat.utils.errors import SlideChatError
+from slidechat.utils.errors import SlideChatError, exception_text
 from slidechat.utils.paths import PathLike
 
 #: Environment variable overriding :data:`DEFAULT_PIXEL_LIMIT` (a positive number of pixels).
@@ -132,10 +132,6 @@ def _identify(fh: BinaryIO, filename: str) -> Image.Image:
     raise Image.UnidentifiedImageError("not an image file PIL can identify")
 
 
-def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
 @contextlib.contextmanager
 def open_header(path: PathLike, max_pixels: Optional[int] = None, *,
                 check_limit: bool = True, hint: Optional[str] = None) -> Iterator[Image.Image]:
@@ -150,14 +146,14 @@ def open_header(path: PathLike, max_pixels: Optional[int] = None, *,
     try:
         fh = open(p, "rb")
     except OSError as e:
-        raise SlideChatError(f"cannot read image ({_reason(e)})", p) from None
+        raise SlideChatError(f"cannot read image ({exception_text(e)})", p) from None
     try:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL warns on odd headers; the error below is the message
                 im = _identify(fh, str(p))
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-            raise SlideChatError(f"cannot read image ({_reason(e)})", p) from None
+            raise SlideChatError(f"cannot read image ({exception_text(e)})", p) from None
         w, h = im.size
         if w < 1 or h < 1:
             raise SlideChatError(f"image has no pixels ({w}x{h})", p)
@@ -190,7 +186,7 @@ def read_image(path: PathLike, max_pixels: Optional[int] = None, *, hint: Option
                 warnings.simplefilter("ignore")
                 im.load()
         except Exception as e:
-            raise SlideChatError(f"cannot read image ({_reason(e)})", p) from None
+            raise SlideChatError(f"cannot read image ({exception_text(e)})", p) from None
         return to_rgb(im, p)
 
 
@@ -228,12 +224,12 @@ def to_rgb(img: Image.Image, path: Optional[PathLike] = None) -> Image.Image:
         try:
             rgba = np.asarray(img.convert("RGBA"))
         except (ValueError, OSError) as e:
-            raise SlideChatError(f"cannot convert {mode} image to RGB ({_reason(e)})", path) from None
+            raise SlideChatError(f"cannot convert {mode} image to RGB ({exception_text(e)})", path) from None
         return Image.fromarray(composite_on_white(rgba[..., :3], rgba[..., 3]), "RGB")
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
-        raise SlideChatError(f"cannot convert {mode} image to RGB ({_reason(e)})", path) from None
+        raise SlideChatError(f"cannot convert {mode} image to RGB ({exception_text(e)})", path) from None
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
