@@ -139,7 +139,10 @@ def _slide_data(root: Path, n_slides: int, steps: StepReporter) -> Dict[str, Pat
     slide_paths = pd.read_csv(manifest)["path"].tolist()
 
     with steps.step("[slide 2/8] feature extraction (tiny_test encoder, 20x, 224 px, QC pictures)"):
-        summary = extract_slides(slide_paths, feat_dir, encoder="tiny_test", save_csv=True, save_qc=True)
+        # readers and encoder threads fixed, not balanced by timing: CPU matmuls round differently with
+        # the thread count, and the tiny models turn 1e-7 feature differences into different answers
+        summary = extract_slides(slide_paths, feat_dir, encoder="tiny_test", save_csv=True, save_qc=True,
+                                 num_workers=0)
         if summary.get("failed"):
             raise SlideChatError(f"{len(summary['failed'])} slide(s) failed; see failures.csv", feat_dir)
 
