@@ -409,7 +409,6 @@ def _add_timing_attrs(h5_path: Path, timings: Dict[str, float]) -> None:
         f.attrs["timings"] = json.dumps({k: round(float(v), 6) for k, v in timings.items()})
 
 
-
 def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask: TissueMask,
                  grid: PatchGrid, atomic: bool = True, slide_name: Optional[str] = None) -> Optional[ScaleBar]:
     """Thumbnail with the tissue contour (green) and kept patches (blue boxes), titled with the slide

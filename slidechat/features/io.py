@@ -66,16 +66,6 @@ def write_slidechat_csv(path: PathLike, features: np.ndarray, atomic: bool = Tru
         np.savetxt(tmp, features, fmt="%.4f", delimiter=",", header=header, comments="")
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
-
-
 def load_features(path: PathLike, num_columns: Optional[int] = None, require_finite: bool = False
                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Read any slidechat feature file into ``(features float32 N×D, coords int64 N×2 or None)``.

@@ -14,9 +14,8 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from slidechat.data.images import scale_image
+from slidechat.data.image_sizes import lf_scaled_size
 from slidechat.data.qwen2vl_batch import prepare_generation_batch
 from slidechat.data.template import get_vision_template, render_qwen2vl_prompt
 from slidechat.data.vocabulary import LETTERS
@@ -144,5 +143,4 @@ class FieldModel:
 
 def model_image_size(field_px: int, opts: ScorerSettings) -> Tuple[int, int]:
     """Size of the field image the model sees after LLaMA-Factory's scaling (grounded boxes are in it)."""
-    return scale_image(Image.new("RGB", (field_px, field_px)), opts.image_max_pixels,
-                       opts.image_min_pixels).size
+    return lf_scaled_size((field_px, field_px), opts.image_max_pixels, opts.image_min_pixels)
