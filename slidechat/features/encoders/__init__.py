@@ -1,42 +1,44 @@
 """Patch encoders behind one registry: ``build_encoder(name, checkpoint=...)``.
 
-``tiny_test`` (deterministic test/demo stand-in, no weights), ``conch_v1`` (SlideChat's features),
-``resnet50_trunc`` (CLAM baseline) and ``timm:<model_name>``. Every real model loads a local
-``--checkpoint``; nothing is ever downloaded.
+Each family module registers its presets with ``@register_encoder`` when imported below; the names,
+dimensions, inputs, magnifications and licences are listed by ``slidechat extract-features
+--list-encoders``. Every real model loads a local ``--checkpoint``; nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Union
+from pathlib import Path
+from typing import List, Optional
 
+# the family modules: importing one registers its presets
+from slidechat.features.encoders import conch, resnet, timm_model, tiny, uni  # noqa: F401
 from slidechat.features.encoders.base import PatchEncoder
-from slidechat.features.encoders.conch import ConchV1Encoder
-from slidechat.features.encoders.resnet import ResNet50TruncEncoder
-from slidechat.features.encoders.timm_model import TimmEncoder
-from slidechat.features.encoders.tiny import TinyTestEncoder
+from slidechat.features.encoders.registry import (BuildRequest, EncoderPreset, format_preset_table, get_preset,
+                                                  preset_table, registered_presets)
 from slidechat.utils.errors import SlideChatError
-
-ENCODERS = ("tiny_test", "conch_v1", "resnet50_trunc", "timm:<model_name>")
+from slidechat.utils.paths import PathLike
 
 
 def list_encoders() -> List[str]:
-    return list(ENCODERS)
+    """The registered names (``timm:`` stands for ``timm:<model_name>``)."""
+    return [p.name for p in registered_presets()]
 
 
-def build_encoder(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None) -> PatchEncoder:
-    """Build an encoder in eval mode on CPU."""
-    if name == "tiny_test":
-        enc: PatchEncoder = TinyTestEncoder()
-    elif name in ("conch_v1", "conch"):
-        enc = ConchV1Encoder(checkpoint)
-    elif name in ("resnet50_trunc", "resnet50"):
-        enc = ResNet50TruncEncoder(checkpoint)
-    elif name.startswith("timm:") and len(name) > 5:
-        enc = TimmEncoder(name[5:], checkpoint)
-    else:
-        raise SlideChatError(f"unknown encoder '{name}'", hint="choose one of " + ", ".join(ENCODERS))
-    return enc.eval()
+def build_encoder(name: str, checkpoint: Optional[PathLike] = None, *, depth: Optional[int] = None,
+                  load_weights: bool = True) -> PatchEncoder:
+    """The encoder ``name`` in eval mode on CPU, its weights loaded strictly from ``checkpoint``.
+
+    ``depth`` builds the preset with fewer blocks (tests); ``load_weights=False`` keeps the random
+    initialisation (benchmarks and tests only: features without weights mean nothing).
+    """
+    preset, argument = get_preset(name)
+    if checkpoint is not None and not preset.needs_checkpoint:
+        raise SlideChatError(f"encoder '{name}' takes no --checkpoint", Path(checkpoint))
+    request = BuildRequest(checkpoint=Path(checkpoint) if checkpoint is not None else None,
+                           load_weights=load_weights and preset.needs_checkpoint, depth=depth,
+                           argument=argument)
+    return preset.factory(preset, request).eval()
 
 
-__all__ = ["PatchEncoder", "build_encoder", "list_encoders", "ENCODERS"]
+__all__ = ["PatchEncoder", "EncoderPreset", "build_encoder", "list_encoders", "get_preset", "preset_table",
+           "format_preset_table", "registered_presets"]

@@ -14,6 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from slidechat.features.encoders.registry import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderPreset,
+                                                  Preprocessing)
 from slidechat.features.resample import pil_resize_uint8, torchvision_resize_size
 from slidechat.model import checkpoint as model_checkpoint
 from slidechat.utils.errors import SlideChatError
@@ -21,14 +23,13 @@ from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "PatchEncoder", "load_checked",
+           "require_checkpoint", "sha256_file"]
 
 
 class PatchEncoder(nn.Module):
-    """Base class. Subclasses set the attributes below and implement ``encode`` on the input tensor.
+    """Base class. Subclasses pass their :class:`EncoderPreset` (which sets the attributes below) and
+    implement ``encode`` on the input tensor.
 
     ``resize_to`` is the shorter-side resize and ``crop`` the centre crop (torchvision ``Resize`` +
     ``CenterCrop`` on a PIL image, with ``interpolation`` one of PIL's filters: "bicubic", "bilinear",
@@ -44,6 +45,20 @@ class PatchEncoder(nn.Module):
     std: Sequence[float] = (1.0, 1.0, 1.0)
     checkpoint_path: Optional[str] = None
     checkpoint_sha256: str = "none"
+    preset: Optional[EncoderPreset] = None
+
+    def __init__(self, preset: Optional[EncoderPreset] = None) -> None:
+        super().__init__()
+        if preset is not None:
+            p = preset.preprocessing
+            self.preset, self.name, self.embed_dim = preset, preset.name, preset.dim
+            self.resize_to, self.crop, self.interpolation = p.resize_to, p.crop, p.interpolation
+            self.mean, self.std = p.mean, p.std
+
+    def record_checkpoint(self, path: Path) -> None:
+        """Remember the weights file and its SHA-256 for the H5 provenance."""
+        self.checkpoint_path = str(path)
+        self.checkpoint_sha256 = sha256_file(path)
 
     def input_size(self, h: int, w: int) -> Tuple[int, int]:
         """(h, w) after ``Resize(resize_to)`` (torchvision's rule: shorter side, long side truncated)."""
@@ -92,9 +107,16 @@ class PatchEncoder(nn.Module):
         return self.encode(self.preprocess(patches))
 
     def provenance(self) -> Dict[str, str]:
-        return {"encoder": self.name, "encoder_checkpoint": self.checkpoint_path or "none",
-                "encoder_checkpoint_sha256": self.checkpoint_sha256,
-                "encoder_embed_dim": str(self.embed_dim)}
+        """The H5 root attributes that say which features these are (checked before features mix)."""
+        out = {"encoder": self.name, "encoder_checkpoint": self.checkpoint_path or "none",
+               "encoder_checkpoint_sha256": self.checkpoint_sha256,
+               "encoder_embed_dim": str(self.embed_dim)}
+        if self.preset is not None:
+            out.update(self.preset.provenance())
+        # what this instance really does (a parametric preset takes it from the model)
+        out["encoder_preprocessing"] = Preprocessing(self.resize_to, self.crop, self.interpolation,
+                                                     tuple(self.mean), tuple(self.std)).describe()
+        return out
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -118,15 +140,16 @@ def require_checkpoint(path: Optional[PathLike], encoder: str) -> Path:
 
 
 def load_checked(module: nn.Module, sd: Dict[str, torch.Tensor], path: PathLike, encoder: str,
-                 ignore_missing: Tuple[str, ...] = ()) -> None:
+                 ignore_missing: Tuple[str, ...] = (), allow_unexpected: bool = True) -> None:
     """The encoders' use of :func:`slidechat.model.checkpoint.load_checked` (the one key check).
 
     A model with silently-random weights produces plausible-looking garbage, so every parameter
-    (except ``ignore_missing`` prefixes) is required and shapes must match; keys the encoder does not
-    use are logged and ignored.
+    (except ``ignore_missing`` prefixes) is required and shapes must match. ``allow_unexpected=False``
+    (the named presets: the file must be exactly the reference's weights) also refuses keys the model
+    does not have; otherwise they are logged and ignored (a tower taken out of a larger checkpoint).
     """
     own = nn.Module.state_dict(module)
     required = [k for k in own if not (ignore_missing and k.startswith(tuple(ignore_missing)))]
     model_checkpoint.load_checked(
-        module, sd, required=required, allow_unexpected=True, source=path,
+        module, sd, required=required, allow_unexpected=allow_unexpected, source=path,
         hint=f"refusing to run with random weights: is this the right --checkpoint for --encoder {encoder}?")

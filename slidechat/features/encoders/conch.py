@@ -9,14 +9,14 @@ text tower, caption pooler, ``proj_contrast`` and ``logit_scale`` are ignored.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Dict, Optional, Union
+from typing import Dict
 
 import torch
 from torch import nn
 
-from slidechat.features.encoders.base import (CLIP_MEAN, CLIP_STD, PatchEncoder, load_checked,
-                                              require_checkpoint, sha256_file)
+from slidechat.features.encoders.base import PatchEncoder, load_checked, require_checkpoint
+from slidechat.features.encoders.registry import (CLIP_MEAN, CLIP_STD, BuildRequest, EncoderPreset,
+                                                  Preprocessing, register_encoder)
 from slidechat.model.checkpoint import load_state_dict_file
 from slidechat.utils.errors import SlideChatError
 
@@ -51,11 +51,11 @@ class AttentionalPooler(nn.Module):
 
 
 class ConchVisionTower(nn.Module):
-    def __init__(self, img_size: int = 448) -> None:
+    def __init__(self, img_size: int = 448, depth: int = 12) -> None:
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
-        self.trunk = VisionTransformer(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
+        self.trunk = VisionTransformer(embed_dim=768, depth=depth, num_heads=12, mlp_ratio=4,
                                        img_size=img_size, patch_size=16, num_classes=0,
                                        dynamic_img_size=True)
         self.attn_pool_contrast = AttentionalPooler(512, 768, 8, 1)
@@ -67,27 +67,17 @@ class ConchVisionTower(nn.Module):
 
 
 class ConchV1Encoder(PatchEncoder):
-    name = "conch_v1"
-    embed_dim = 512
-    resize_to = 448
-    crop = 448
-    interpolation = "bicubic"
-    mean = CLIP_MEAN
-    std = CLIP_STD
-
-    def __init__(self, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                 load_weights: bool = True) -> None:
-        super().__init__()
-        path = require_checkpoint(checkpoint, self.name) if load_weights else None
+    def __init__(self, preset: EncoderPreset, request: BuildRequest) -> None:
+        super().__init__(preset)
+        path = require_checkpoint(request.checkpoint, self.name) if request.load_weights else None
         sd = load_state_dict_file(path) if path is not None else None
         if sd is not None and not any(k.startswith(VISION_PREFIX + "trunk.") for k in sd):
             raise SlideChatError("checkpoint has no CONCH vision weights (no 'visual.trunk.*' keys)",
                                  path, hint="pass the CONCH v1 pytorch_model.bin as --checkpoint")
-        self.visual = ConchVisionTower(448)
+        self.visual = ConchVisionTower(448, depth=request.depth or 12)
         if path is not None and sd is not None:
             self.load_conch_state_dict(sd, str(path))
-            self.checkpoint_path = str(path)
-            self.checkpoint_sha256 = sha256_file(path)
+            self.record_checkpoint(path)
         self.requires_grad_(False)
 
     def load_conch_state_dict(self, sd: Dict[str, torch.Tensor], source: str = "<state dict>") -> None:
@@ -122,3 +112,16 @@ class ConchV1Encoder(PatchEncoder):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual(x)
+
+
+@register_encoder
+def conch_v1() -> EncoderPreset:
+    return EncoderPreset(
+        name="conch_v1", dim=512, aliases=("conch",), trident_name="conch_v1",
+        preprocessing=Preprocessing(resize_to=448, crop=448, interpolation="bicubic", mean=CLIP_MEAN,
+                                    std=CLIP_STD),
+        output="ln_contrast(attn_pool_contrast(trunk.forward_features(x)))[:, 0], i.e. "
+               "encode_image(proj_contrast=False, normalize=False)",
+        factory=ConchV1Encoder, magnification=20, patch_px=224, licence="CC-BY-NC-ND-4.0 (gated)",
+        source="github.com/mahmoodlab/CONCH conch/open_clip_custom (coca_model.py, transform.py); "
+               "hf.co/MahmoodLab/CONCH; SlideChat's features: 224 px at 20x")

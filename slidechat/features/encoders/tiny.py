@@ -13,19 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidechat.features.encoders.base import PatchEncoder
+from slidechat.features.encoders.registry import BuildRequest, EncoderPreset, Preprocessing, register_encoder
 
 _N_STATS = 36  # 3 mean + 3 std + 1 saturation + 3 dark fractions + 2 edge energies + 24 histogram
 _THRESH = torch.arange(1, 8, dtype=torch.float32) / 8  # histogram bin edges
 
 
 class TinyTestEncoder(PatchEncoder):
-    name = "tiny_test"
-    resize_to = 224
-    crop = 224
-    interpolation = "bilinear"
-
-    def __init__(self, embed_dim: int = 512, seed: int = 0) -> None:
-        super().__init__()
+    def __init__(self, preset: EncoderPreset, embed_dim: int = 512, seed: int = 0) -> None:
+        super().__init__(preset)
         if embed_dim < _N_STATS + 2 or (embed_dim - _N_STATS) % 2:
             raise ValueError(f"tiny_test embed_dim must be even and >= {_N_STATS + 2}")
         self.embed_dim = embed_dim
@@ -67,3 +63,14 @@ class TinyTestEncoder(PatchEncoder):
                           append=torch.ones_like(cum[..., :1])).flatten(1)  # (B, 24)
         stats = torch.cat([mean, std, sat, dark, torch.stack([gx, gy], 1), hist], 1)
         return torch.cat([stats, conv_feats], 1)
+
+
+@register_encoder
+def tiny_test() -> EncoderPreset:
+    return EncoderPreset(
+        name="tiny_test", dim=512, needs_checkpoint=False,
+        preprocessing=Preprocessing(resize_to=224, crop=224, interpolation="bilinear", mean=(0.0, 0.0, 0.0),
+                                    std=(1.0, 1.0, 1.0)),
+        output="colour statistics + fixed random convolutions (NOT a pathology model)",
+        factory=lambda preset, request: TinyTestEncoder(preset), licence="project's own",
+        source="slidechat/features/encoders/tiny.py (tests and the demo)")
