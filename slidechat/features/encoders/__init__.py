@@ -37,7 +37,9 @@ def build_encoder(name: str, checkpoint: Optional[PathLike] = None, *, depth: Op
     request = BuildRequest(checkpoint=Path(checkpoint) if checkpoint is not None else None,
                            load_weights=load_weights and preset.needs_checkpoint, depth=depth,
                            argument=argument)
-    return preset.factory(preset, request).eval()
+    encoder = preset.factory(preset, request)
+    encoder.reduced_depth = depth
+    return encoder.eval()
 
 
 __all__ = ["PatchEncoder", "EncoderPreset", "build_encoder", "list_encoders", "get_preset", "preset_table",

@@ -46,6 +46,7 @@ class PatchEncoder(nn.Module):
     checkpoint_path: Optional[str] = None
     checkpoint_sha256: str = "none"
     preset: Optional[EncoderPreset] = None
+    reduced_depth: Optional[int] = None  # set by build_encoder(depth=...): tests only, recorded in the H5
 
     def __init__(self, preset: Optional[EncoderPreset] = None) -> None:
         super().__init__()
@@ -113,6 +114,9 @@ class PatchEncoder(nn.Module):
                "encoder_embed_dim": str(self.embed_dim)}
         if self.preset is not None:
             out.update(self.preset.provenance())
+        if self.reduced_depth is not None:  # such features must never pass for the real encoder's
+            out["encoder_depth"] = str(self.reduced_depth)
+            out["encoder"] = f"{self.name}@depth{self.reduced_depth}"
         # what this instance really does (a parametric preset takes it from the model)
         out["encoder_preprocessing"] = Preprocessing(self.resize_to, self.crop, self.interpolation,
                                                      tuple(self.mean), tuple(self.std)).describe()
