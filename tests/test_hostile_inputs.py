@@ -137,3 +137,55 @@ def test_dataset_name_without_dataset_dir_says_which_flag(tmp_path, monkeypatch,
     assert main(["infer", "--model_name_or_path", str(tmp_path), "--dataset", "cyto_test", "--template",
                  "qwen2_vl", "--save_name", str(tmp_path / "o.jsonl")]) == 1
     assert "--dataset_dir" in _one_error_line(capsys, caplog)
+
+
+# ----------------------------------------------------------------------------------------------
+# a slide whose objective power and MPP disagree
+
+
+def test_objective_power_and_mpp_agreement_rule():
+    """objective ~ 10 / mpp within a factor 1.5 (wsi.slide.METADATA_AGREEMENT_FACTOR): a scanner's own
+    pixel size passes, a whole objective step (factor 2) never does."""
+    from slidechat.wsi.slide import metadata_disagreement
+
+    for mpp, obj in ((0.25, 40), (0.2631, 40), (0.2265, 40), (0.5, 20), (0.4952, 20), (1.0, 10)):
+        assert metadata_disagreement(mpp, obj) is None, (mpp, obj)
+    for mpp, obj in ((0.5, 40), (0.25, 20), (1.0, 20), (0.125, 40)):
+        line = metadata_disagreement(mpp, obj)
+        assert line and f"{obj:g}x" in line and f"{mpp:g}" in line, (mpp, obj, line)
+    assert metadata_disagreement(None, 40) is None and metadata_disagreement(0.5, None) is None
+
+
+def test_disagreeing_objective_and_mpp_is_refused_then_settled_by_mpp_source(tmp_path, caplog):
+    """A "40x" slide scanned at 0.5 µm/px: refused in failures.csv with both values and the flag; each
+    --mpp-source then gives its own, recorded, scale."""
+    import h5py
+
+    from slidechat.apps.extract import extract_slides
+    from slidechat.wsi.synthetic import SlideSpec, write_slide
+
+    slide = tmp_path / "s_clash.svs"
+    write_slide(slide, SlideSpec("s_clash", "tumor", 1024, 1024, 0.5, seed=3, stated_magnification=40))
+    out = tmp_path / "out"
+    s = extract_slides([slide], out, encoder="tiny_test", num_workers=0, progress=False)
+    assert not s["done"] and len(s["failed"]) == 1
+    with open(out / "failures.csv", newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["stage"] == "resolution" and "\n" not in row["reason"]
+    for words in ("40x", "0.5 µm/px", "--mpp-source mpp", "--mpp-source objective"):
+        assert words in row["reason"], (words, row["reason"])
+    assert not list(out.rglob("*.h5"))
+    # the rerun that settles it: finished slides would be skipped, the refused one is redone
+    for source, base_mpp, ps0 in (("mpp", 0.5, 224), ("objective", 0.25, 448)):
+        caplog.clear()
+        s = extract_slides([slide], out, encoder="tiny_test", num_workers=0, progress=False,
+                           mpp_source=source, overwrite=True)
+        assert s["done"] == ["s_clash"], s["failed"]
+        with h5py.File(out / "h5_files" / "s_clash.h5", "r") as f:
+            a, root = dict(f["coords"].attrs), dict(f.attrs)
+        assert a["base_mpp"] == pytest.approx(base_mpp) and a["patch_size_level0"] == ps0
+        note = root["resolution_note"]
+        assert "disagree" in note and f"--mpp-source {source}" in note
+        assert any("disagree" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    with pytest.raises(SlideChatError, match="--mpp-source must be one of"):
+        extract_slides([slide], out, encoder="tiny_test", progress=False, mpp_source="guess")

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from slidechat.features.encoders import PatchEncoder, build_encoder
+from slidechat.features.encoders import PatchEncoder, build_encoder, get_preset
 from slidechat.features.io import write_feature_h5, write_slidechat_csv
 from slidechat.utils.annotate import ScaleBar, add_title_and_scale_bar
 from slidechat.utils.atomic import atomic_path, temp_path_for
@@ -39,8 +39,8 @@ from slidechat.wsi.tissue import TissueMask, TissueParams, auto_downsample, segm
 
 logger = logging.getLogger(__name__)
 
-#: an extraction's output folders under ``--out``, one file per slide in each
-OUTPUT_FOLDERS = ("h5_files", "csv", "qc")
+#: ``--layout``: ``slidechat`` (``h5_files/``, ``csv/``, ``qc/``) or ``trident`` (TRIDENT's folders)
+LAYOUTS = ("slidechat", "trident")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ExtractOptions:
     base_mpp: Optional[float] = None
     base_magnification: Optional[float] = None
     override_metadata: bool = False   # base_mpp/base_magnification replace the file's own resolution
+    mpp_source: str = "auto"          # which metadata field sets the resolution (wsi.slide.MPP_SOURCES)
     tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD
     no_tissue_seg: bool = False
     tissue: TissueParams = field(default_factory=TissueParams)
@@ -268,7 +269,7 @@ def extract_slide(path: Path, encoder: Any, opts: ExtractOptions, device: Any, w
         with Slide(path) as slide:
             stage = "resolution"
             res = resolve_resolution(slide, opts.base_mpp, opts.base_magnification,
-                                     override=opts.override_metadata)
+                                     override=opts.override_metadata, mpp_source=opts.mpp_source)
             t1 = time.perf_counter()
             tm["open_s"] = t1 - t0
             stage = "tissue"
@@ -351,26 +352,84 @@ def slide_error(e: StageError, path: Path) -> SlideChatError:
 # one slide's output files
 
 
-def output_paths(out_dir: PathLike, sid: str) -> Dict[str, Path]:
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a slide's H5, CSV and QC picture go, as folders relative to ``--out``.
+
+    The default is slidechat's own (``h5_files/``, ``csv/``, ``qc/``). ``trident`` follows TRIDENT's
+    job folder, ``<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5`` (mahmoodlab/TRIDENT,
+    run_batch_of_slides.py: ``f"{float(args.mag):g}x_{patch_size}px_{overlap}px_overlap"``; trident/
+    wsi_objects/WSI.py ``extract_patch_features``: ``features_<encoder>/<slide>.h5``), so its files and
+    ours move between the two tools; the CSV and QC picture go next to it (``csv_<encoder>/``, ``qc/``).
+    """
+
+    h5: str = "h5_files"
+    csv: str = "csv"
+    qc: str = "qc"
+    kind: str = "slidechat"
+
+    @classmethod
+    def trident(cls, encoder_name: str, magnification: float, patch_size: int, overlap: int = 0
+                ) -> "OutputLayout":
+        grid = f"{float(magnification):g}x_{int(patch_size)}px_{int(overlap)}px_overlap"
+        name = _folder_safe(encoder_name)
+        return cls(f"{grid}/features_{name}", f"{grid}/csv_{name}", f"{grid}/qc", "trident")
+
+    @property
+    def folders(self) -> Tuple[str, ...]:
+        return (self.h5, self.csv, self.qc)
+
+    @property
+    def top_level(self) -> Tuple[str, ...]:
+        """The entries directly under ``--out`` (what an earlier run of this layout leaves there)."""
+        return tuple(dict.fromkeys(f.split("/")[0] for f in self.folders))
+
+    def paths(self, out_dir: PathLike, sid: str) -> Dict[str, Path]:
+        out = Path(out_dir)
+        return {"h5": out / self.h5 / f"{sid}.h5", "csv": out / self.csv / f"{sid}.csv",
+                "qc": out / self.qc / f"{sid}.png"}
+
+
+DEFAULT_LAYOUT = OutputLayout()
+#: the default layout's output folders under ``--out``, one file per slide in each
+OUTPUT_FOLDERS = DEFAULT_LAYOUT.folders
+
+
+def _folder_safe(name: str) -> str:
+    """An encoder name as a folder name (``timm:vit_small`` -> ``timm_vit_small``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def encoder_folder_name(encoder: Any) -> str:
+    """TRIDENT's name for the encoder (the preset's ``trident_name``), else its own name."""
+    if isinstance(encoder, PatchEncoder):
+        preset = encoder.preset
+        return (preset.trident_name if preset is not None else None) or encoder.name
+    preset, _ = get_preset(str(encoder))
+    return preset.trident_name or str(encoder)
+
+
+def output_layout(kind: str, encoder: Any, opts: "ExtractOptions") -> OutputLayout:
+    """The layout of a run: ``kind`` one of :data:`LAYOUTS`; ``encoder`` a name or a built encoder."""
+    if kind not in LAYOUTS:
+        raise SlideChatError(f"--layout must be one of {', '.join(LAYOUTS)}, got {kind!r}")
+    if kind == "slidechat":
+        return DEFAULT_LAYOUT
+    mag = 10.0 / opts.target_mpp if opts.target_mpp else (opts.target_magnification or DEFAULT_MAGNIFICATION)
+    return OutputLayout.trident(encoder_folder_name(encoder), mag, opts.patch_size)
+
+
+def output_paths(out_dir: PathLike, sid: str, layout: OutputLayout = DEFAULT_LAYOUT) -> Dict[str, Path]:
     """The H5, CSV and QC paths of slide ``sid`` under an extraction's ``out_dir``."""
-    out = Path(out_dir)
-    return {"h5": out / "h5_files" / f"{sid}.h5", "csv": out / "csv" / f"{sid}.csv",
-            "qc": out / "qc" / f"{sid}.png"}
+    return layout.paths(out_dir, sid)
 
 
-def write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save_qc: bool) -> None:
+def write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save_qc: bool,
+                  layout: OutputLayout = DEFAULT_LAYOUT) -> None:
     """All of a slide's outputs, or none: each is written to a temporary file, then all are renamed,
     the H5 (the "done" marker that resume looks for) last. Any failure removes what this call made."""
     t0 = time.perf_counter()
-    paths = output_paths(out_dir, r.slide)
-    file_attrs = {"slide_id": r.slide, "slide_path": str(r.path), "slidechat_version": __version__,
-                  "n_patches": int(len(r.coords)), "level0_width": int(r.dimensions[0]),
-                  "level0_height": int(r.dimensions[1]), "tissue_method": r.mask.method,
-                  "tissue_threshold": r.mask.threshold, **enc.provenance(),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    coords_attrs = r.grid.coords_attrs()
-    coords_attrs["name"] = r.slide
-    coords_attrs["level0_dim"] = np.array(r.dimensions, np.int64)
+    paths = output_paths(out_dir, r.slide, layout)
     temps: Dict[str, Path] = {}
     renamed: List[Path] = []
     try:
@@ -382,11 +441,14 @@ def write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save_
             write_qc_png(temps["qc"], r.thumbnail, r.dimensions, r.mask, r.grid, atomic=False,
                          slide_name=r.slide)
         temps["h5"] = temp_path_for(paths["h5"])
+        coords_attrs, file_attrs = _h5_attrs(r, enc, paths["h5"], layout)
         write_feature_h5(temps["h5"], r.features, r.coords, coords_attrs, file_attrs, atomic=False)
         r.timings["write_s"] = time.perf_counter() - t0
         r.timings["total_s"] = r.timings.get("total_s", 0.0) + r.timings["write_s"]
         r.timings["patches_per_s"] = len(r.coords) / max(r.timings["total_s"], 1e-9)
-        _add_timing_attrs(temps["h5"], r.timings)
+        # TRIDENT's feature-dataset attributes (trident/wsi_objects/WSI.py extract_patch_features)
+        _add_h5_attrs(temps["h5"], _timing_attrs(r.timings),
+                      {"name": r.slide, "savetodir": str(paths["h5"].parent)})
         for key in ("csv", "qc", "h5"):
             if key in temps:
                 os.replace(temps[key], paths[key])
@@ -398,15 +460,43 @@ def write_outputs(r: SlideResult, out_dir: Path, enc: Any, save_csv: bool, save_
         raise
 
 
-def _add_timing_attrs(h5_path: Path, timings: Dict[str, float]) -> None:
-    """Per-slide timing breakdown in the H5 provenance: ``timing_<key>`` root attributes (seconds) and
+def _h5_attrs(r: SlideResult, enc: Any, h5_path: Path, layout: OutputLayout
+              ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(coords attributes, root attributes)`` of a slide's H5: the grid in CLAM's and TRIDENT's words
+    (TRIDENT's coords writer, trident/IO.py ``coords_to_h5``: ``patch_size``, ``patch_size_level0``,
+    ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
+    ``level0_width``, ``level0_height``), and the provenance: the encoder's preset, version,
+    preprocessing, output rule and weights, and how the slide's resolution was settled."""
+    coords_attrs = r.grid.coords_attrs()
+    coords_attrs.update({"name": r.slide, "level0_dim": np.array(r.dimensions, np.int64),
+                         "level0_width": int(r.dimensions[0]), "level0_height": int(r.dimensions[1]),
+                         "savetodir": str(h5_path.parent.parent)})
+    file_attrs = {"slide_id": r.slide, "slide_path": str(r.path), "slidechat_version": __version__,
+                  "n_patches": int(len(r.coords)), "level0_width": int(r.dimensions[0]),
+                  "level0_height": int(r.dimensions[1]), "tissue_method": r.mask.method,
+                  "tissue_threshold": r.mask.threshold, **enc.provenance(),
+                  "resolution_source": r.grid.mpp_source, "resolution_note": r.grid.resolution_note,
+                  "output_layout": layout.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return coords_attrs, file_attrs
+
+
+def _timing_attrs(timings: Dict[str, float]) -> Dict[str, Any]:
+    """Per-slide timing breakdown for the H5 provenance: ``timing_<key>`` root attributes (seconds) and
     ``timings`` (the same as JSON), so users see where extraction time went."""
+    out: Dict[str, Any] = {f"timing_{k}": float(v) for k, v in timings.items()}
+    out["timings"] = json.dumps({k: round(float(v), 6) for k, v in timings.items()})
+    return out
+
+
+def _add_h5_attrs(h5_path: Path, root: Dict[str, Any], features: Dict[str, Any]) -> None:
+    """Attributes known only once the H5 is written: on the root, and on the ``features`` dataset."""
     import h5py
 
     with h5py.File(h5_path, "a") as f:
-        for k, v in timings.items():
-            f.attrs[f"timing_{k}"] = float(v)
-        f.attrs["timings"] = json.dumps({k: round(float(v), 6) for k, v in timings.items()})
+        for k, v in root.items():
+            f.attrs[k] = v
+        for k, v in features.items():
+            f["features"].attrs[k] = v
 
 
 def write_qc_png(path: PathLike, thumb: np.ndarray, dims: Tuple[int, int], mask: TissueMask,

@@ -31,6 +31,17 @@ DEFAULT_MAGNIFICATION = 20.0
 DEFAULT_PATCH_SIZE = 224
 DEFAULT_TISSUE_THRESHOLD = 0.5
 
+#: Every flag that can leave a slide without a tissue patch: the mask (threshold, method, region and
+#: hole areas, its resolution), the share of a patch that must be tissue, and the patch's footprint
+#: (patch size at the target resolution, on the level-0 scale the slide's resolution gives).
+NO_TISSUE_HINT = ("blank slide? Otherwise: lower --tissue-threshold (tissue share a patch needs); "
+                  "for the mask, lower --seg-threshold or --seg-min-tissue-area, raise "
+                  "--seg-min-hole-area (fills more holes), or a finer --seg-downsample; a smaller "
+                  "--patch-size or a higher --magnification / finer --mpp (smaller patches fit small "
+                  "tissue); check the slide's scale "
+                  "(--base-mpp, --base-magnification, --override-metadata, --mpp-source); or "
+                  "--no-tissue-seg")
+
 
 @dataclass
 class PatchGrid:
@@ -49,12 +60,20 @@ class PatchGrid:
     target_magnification: float
     mpp_source: str
     n_grid: int                     # candidate positions before the tissue filter
+    overlap: int = 0                # pixels at the target resolution shared by neighbouring patches
+    resolution_note: str = ""       # why the level-0 resolution needed a choice (``Resolution.note``)
 
     def __len__(self) -> int:
         return int(len(self.coords))
 
     def coords_attrs(self) -> Dict[str, Any]:
-        """CLAM/TRIDENT-style attributes for the H5 ``coords`` dataset."""
+        """CLAM/TRIDENT-style attributes for the H5 ``coords`` dataset.
+
+        TRIDENT re-reads a patch as ``patch_size * level0_magnification / target_magnification``
+        level-0 pixels (mahmoodlab/TRIDENT, trident/wsi_objects/WSI.py ``extract_patch_features``), so
+        ``level0_magnification`` is the one this grid implies (``patch_size_level0`` exactly), not the
+        metadata's rounded objective.
+        """
         return {
             "patch_size": self.patch_size,
             "patch_level": self.read_level,
@@ -67,6 +86,8 @@ class PatchGrid:
             "base_mpp": self.base_mpp,
             "base_magnification": self.base_magnification,
             "mpp_source": self.mpp_source,
+            "level0_magnification": self.target_magnification * self.patch_size_level0 / self.patch_size,
+            "overlap": self.overlap,
         }
 
     def summary(self) -> Dict[str, Any]:
@@ -136,14 +157,14 @@ def plan_patches(slide: Slide, mask: TissueMask, resolution: Resolution,
     keep = frac >= tissue_threshold - 1e-9
     if not keep.any():
         raise SlideChatError(
-            f"no tissue patch found ({len(coords)} candidate patches, tissue covers "
+            f"no tissue patch found ({len(coords)} candidate patches of {ps0} level-0 px, tissue covers "
             f"{100 * mask.tissue_fraction:.1f}% of the mask, tissue threshold {tissue_threshold:g})",
-            slide.path, hint="blank slide? try --tissue-threshold lower, --seg-threshold, or "
-                             "--no-tissue-seg")
+            slide.path, hint=NO_TISSUE_HINT)
     return PatchGrid(coords[keep], frac[keep].astype(np.float32), int(patch_size), ps0, step0, level,
                      read_size, float(lds), tuple(int(v) for v in slide.level_dimensions[level]),
                      float(resolution.mpp), float(resolution.magnification), float(target_mpp),
-                     float(target_mag), resolution.source, int(len(coords)))
+                     float(target_mag), resolution.source, int(len(coords)), int(overlap),
+                     resolution.note)
 
 
 def _tissue_fractions(mask: TissueMask, coords: np.ndarray, ps0: int, W: int, H: int,

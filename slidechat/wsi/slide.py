@@ -312,21 +312,59 @@ def _positive_float(v: Optional[str]) -> Optional[float]:
 
 @dataclass(frozen=True)
 class Resolution:
-    """Level-0 scale of a slide and where it came from (``metadata-mpp``, ``objective`` or ``user``)."""
+    """Level-0 scale of a slide and where it came from (``metadata-mpp``, ``objective``, ``user`` or
+    ``user-override``); ``note`` says why it needed a choice (metadata that disagree), else empty."""
 
     mpp: float
     magnification: float
     source: str
+    note: str = ""
+
+
+#: ``--mpp-source``: which metadata field sets the level-0 resolution. ``auto``: ``openslide.mpp-x``
+#: when it agrees with the objective power, and the slide is refused when they disagree; ``mpp`` /
+#: ``objective``: that field whenever the file states it (the other only when it is missing).
+MPP_SOURCES = ("auto", "mpp", "objective")
+
+#: Objective power and MPP agree when 10 / mpp is within this factor of the stated objective power.
+#: The rule objective ~ 10 / mpp ("a 20x objective maps 0.5 microns to a pixel", microscopesinternational
+#: .com/blog/20180420-magnification_vs_resolution.aspx) holds only roughly, as scanners' camera pixels
+#: differ: TRIDENT calls every scan from 0.2 to 0.3 µm/px "40x" (mahmoodlab/TRIDENT,
+#: trident/wsi_objects/WSI.py ``_fetch_magnification``), 10 / mpp from 33x to 50x, within 1.25 of 40.
+#: A wrong field is off by a whole objective step, a factor of 2 (40x stated with a 20x scan's
+#: 0.5 µm/px). 1.5 lies between the two (near sqrt(2), the geometric midpoint of one step): the
+#: first is accepted, the second always caught.
+METADATA_AGREEMENT_FACTOR = 1.5
+
+
+def check_mpp_source(mpp_source: str) -> None:
+    if mpp_source not in MPP_SOURCES:
+        raise SlideChatError(f"--mpp-source must be one of {', '.join(MPP_SOURCES)}, got {mpp_source!r}")
+
+
+def metadata_disagreement(mpp: Optional[float], objective: Optional[float]) -> Optional[str]:
+    """The words for an objective power and an MPP that cannot both be right, or None."""
+    if mpp is None or objective is None:
+        return None
+    implied = 10.0 / mpp
+    if max(implied / objective, objective / implied) <= METADATA_AGREEMENT_FACTOR:
+        return None
+    return (f"metadata disagree: objective power {objective:g}x (= {10.0 / objective:.4g} µm/px) but MPP "
+            f"{mpp:.4g} µm/px (= {implied:.3g}x)")
 
 
 def resolve_resolution(slide: Slide, base_mpp: Optional[float] = None,
                        base_magnification: Optional[float] = None,
-                       override: bool = False) -> Resolution:
-    """Level-0 MPP: ``openslide.mpp-x``, else objective power (10/mag µm/px), else the user's values.
+                       override: bool = False, mpp_source: str = "mpp") -> Resolution:
+    """Level-0 MPP from the file's metadata (see :data:`MPP_SOURCES`), else the user's values.
 
     User values fill in for slides without (trustworthy) metadata; with ``override`` they replace the
     file's metadata explicitly (``--override-metadata``), e.g. for a scanner known to write a wrong MPP.
+    A file whose objective power and MPP disagree is refused under ``mpp_source="auto"`` (one error
+    naming both values and the flags that settle it: features at the wrong scale look like any
+    others); otherwise the chosen field is used, the disagreement logged and kept in ``note``.
     """
+    check_mpp_source(mpp_source)
     if base_mpp is not None and base_mpp <= 0:
         raise SlideChatError(f"--base-mpp must be > 0, got {base_mpp}", slide.path)
     if base_magnification is not None and base_magnification <= 0:
@@ -336,17 +374,12 @@ def resolve_resolution(slide: Slide, base_mpp: Optional[float] = None,
         user = Resolution(float(base_mpp), 10.0 / float(base_mpp), "user")
     elif base_magnification is not None:
         user = Resolution(10.0 / float(base_magnification), float(base_magnification), "user")
-    meta: Optional[Resolution] = None
-    if slide.mpp is not None:
-        mag = slide.objective if slide.objective is not None else 10.0 / slide.mpp
-        meta = Resolution(slide.mpp, mag, "metadata-mpp")
-    elif slide.objective is not None:
-        meta = Resolution(10.0 / slide.objective, slide.objective, "objective")
     if override and user is not None:
-        if meta is not None:
-            logger.info("%s: metadata says %.4g µm/px; using %.4g µm/px as asked (--override-metadata)",
-                        slide.name, meta.mpp, user.mpp)
+        if slide.mpp is not None or slide.objective is not None:
+            logger.info("%s: metadata says %s µm/px, objective %s; using %.4g µm/px as asked "
+                        "(--override-metadata)", slide.name, slide.mpp, slide.objective, user.mpp)
         return Resolution(user.mpp, user.magnification, "user-override")
+    meta = _metadata_resolution(slide, mpp_source)
     if meta is not None:
         if user is not None and abs(user.mpp - meta.mpp) > 0.03 * meta.mpp:
             logger.warning("%s: metadata says %.4g µm/px, --base-mpp/--base-magnification say %.4g; "
@@ -358,6 +391,28 @@ def resolve_resolution(slide: Slide, base_mpp: Optional[float] = None,
     why = f"; {slide.mpp_rejected}" if getattr(slide, "mpp_rejected", None) else ""
     raise SlideChatError("slide has no resolution metadata (no openslide.mpp-x, no objective power"
                          f"{why})", slide.path, hint=MPP_FLAG_HINT)
+
+
+def _metadata_resolution(slide: Slide, mpp_source: str) -> Optional[Resolution]:
+    """The file's own level-0 resolution under ``mpp_source``, or None when it states none."""
+    mpp, objective = slide.mpp, slide.objective
+    clash = metadata_disagreement(mpp, objective)
+    if clash and mpp_source == "auto":
+        raise SlideChatError(clash, slide.path,
+                             hint="say which to trust with --mpp-source mpp or --mpp-source objective, "
+                                  "or give the true value: --base-mpp X --override-metadata")
+    use_objective = objective is not None and (mpp is None or mpp_source == "objective")
+    if clash:
+        logger.warning("%s: %s; using the %s as --mpp-source says", slide.name, clash,
+                       "objective power" if use_objective else "MPP")
+    note = f"{clash}; --mpp-source {mpp_source}" if clash else ""
+    if use_objective:
+        return Resolution(10.0 / objective, objective, "objective", note)  # type: ignore[operator]
+    if mpp is None:
+        return None
+    # agreeing fields: the stated objective names the magnification; a chosen MPP names its own
+    mag = objective if objective is not None and not clash else 10.0 / mpp
+    return Resolution(mpp, mag, "metadata-mpp", note)
 
 
 #: Coarser than this at level 0 is not a slide scanner's resolution (a 1.25x scan is ~8 µm/px).

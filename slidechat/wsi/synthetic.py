@@ -62,7 +62,11 @@ _STYLES: Dict[str, _Style] = {
 
 @dataclass
 class SlideSpec:
-    """What to draw. ``base_mpp`` sets the physical scale even when ``write_metadata`` is False."""
+    """What to draw. ``base_mpp`` sets the physical scale even when ``write_metadata`` is False.
+
+    ``stated_magnification`` writes an ``AppMag`` other than 10 / ``base_mpp`` (a slide whose objective
+    power and MPP disagree, as some converted or mislabelled files do); None: the consistent value.
+    """
 
     name: str
     label: str = "tumor"
@@ -75,9 +79,13 @@ class SlideSpec:
     tile: int = 256
     quality: int = 85
     variant: str = field(default="slide")
+    stated_magnification: Optional[float] = None
 
     @property
     def magnification(self) -> float:
+        """The objective power the metadata states."""
+        if self.stated_magnification is not None:
+            return float(self.stated_magnification)
         return round(10.0 / self.base_mpp, 3)
 
 
