@@ -114,16 +114,17 @@ def hub_layout(sd: Dict[str, torch.Tensor], vit: bool) -> Dict[str, torch.Tensor
     return out
 
 
-def write_hub_checkpoint(tmp: Path, kind: str, seed: int = 0) -> Path:
-    """A folder holding config.json + model.safetensors the way the hub repo does (random weights)."""
+def write_hub_checkpoint(tmp: Path, kind: str, seed: int = 0, depth: int = DEPTH) -> Path:
+    """A folder holding config.json + model.safetensors the way the hub repo does (random weights, ``depth``
+    blocks)."""
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
     tmp.mkdir(parents=True, exist_ok=True)
     if kind == "phikon":
         # saved from a plain ViTModel: its pooler comes along (the card drops it when loading)
-        model = ViTModel(ViTConfig(**{**PHIKON_CONFIG, "num_hidden_layers": DEPTH}))
+        model = ViTModel(ViTConfig(**{**PHIKON_CONFIG, "num_hidden_layers": depth}))
     else:
-        model = Dinov2Model(Dinov2Config(**{**PHIKON_V2_CONFIG, "num_hidden_layers": DEPTH}))
+        model = Dinov2Model(Dinov2Config(**{**PHIKON_V2_CONFIG, "num_hidden_layers": depth}))
     randomize_(model, seed)
     model.config.save_pretrained(tmp)
     save_file(hub_layout(model.state_dict(), vit=kind == "phikon"), str(tmp / "model.safetensors"))
