@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the test module's reference builders (one copy of them)
@@ -69,7 +69,7 @@ def check_conch_v1_5(tmp: Path) -> Dict[str, object]:
             "patches": len(patches)}
 
 
-def main(argv: List[str] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--names", default="phikon,phikon_v2,conch_v1_5")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

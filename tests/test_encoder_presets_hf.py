@@ -114,17 +114,17 @@ def hub_layout(sd: Dict[str, torch.Tensor], vit: bool) -> Dict[str, torch.Tensor
     return out
 
 
-def write_hub_checkpoint(tmp: Path, kind: str, seed: int = 0, depth: int = DEPTH) -> Path:
+def write_hub_checkpoint(tmp: Path, kind: str, seed: int = 0, depth: int = DEPTH, **config) -> Path:
     """A folder holding config.json + model.safetensors the way the hub repo does (random weights, ``depth``
-    blocks)."""
+    blocks; ``config`` overrides card values)."""
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
     tmp.mkdir(parents=True, exist_ok=True)
     if kind == "phikon":
         # saved from a plain ViTModel: its pooler comes along (the card drops it when loading)
-        model = ViTModel(ViTConfig(**{**PHIKON_CONFIG, "num_hidden_layers": depth}))
+        model = ViTModel(ViTConfig(**{**PHIKON_CONFIG, "num_hidden_layers": depth, **config}))
     else:
-        model = Dinov2Model(Dinov2Config(**{**PHIKON_V2_CONFIG, "num_hidden_layers": depth}))
+        model = Dinov2Model(Dinov2Config(**{**PHIKON_V2_CONFIG, "num_hidden_layers": depth, **config}))
     randomize_(model, seed)
     model.config.save_pretrained(tmp)
     save_file(hub_layout(model.state_dict(), vit=kind == "phikon"), str(tmp / "model.safetensors"))
@@ -175,6 +175,16 @@ def test_transformers_presets_equal_card_pipeline(tmp_path, kind, dim):
         assert min(cos) >= MIN_COS, (kind, backend, cos)
     # the bound means something: the patches' features are far from one another
     assert max(cosines(ours, torch.roll(refs["pil"], 1, 0))) < 0.99
+
+
+def test_phikon_v2_position_grid_comes_from_the_file(tmp_path):
+    """A file whose position embeddings hold another grid (here 448 px = 28 x 28) loads, and the model
+    interpolates them to the 224-px input exactly as transformers does with that config."""
+    weights = write_hub_checkpoint(tmp_path / "grid", "phikon_v2", image_size=448)
+    patches = tissue_patches((224,))
+    ours = run_ours("phikon_v2", weights, patches, DEPTH)
+    # float32, same module and pixels: cosine 1 - O(1e-12)
+    assert min(cosines(ours, hf_reference("phikon_v2", weights, patches)["pil"])) >= MIN_COS
 
 
 def test_transformers_presets_accept_both_layouts_and_refuse_others(tmp_path):
