@@ -264,7 +264,7 @@ def check_feature_provenance(paths: Iterable[Optional[PathLike]], feature_dim: O
         if feature_dim is not None and prov.embed_dim is not None and prov.embed_dim != feature_dim:
             raise SlideChatError(f"features of encoder {prov.encoder} are {prov.embed_dim}-d, the config's "
                                  f"feature_dim is {feature_dim}", path,
-                                 hint=f"set feature_dim = {prov.embed_dim} in the config (docs/training.md)")
+                                 hint=f"set feature_dim = {prov.embed_dim} in the config; see docs/training.md")
     if not first:
         return None
     path, prov = next(iter(first.values()))
