@@ -87,19 +87,31 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _expected_stage_2(stage_1: Dict[str, Any], change: Dict[str, Any]) -> Dict[str, Any]:
-    """Stage 1's keys with stage 2's changes written where the config copies each value."""
-    exp = _flat(stage_1)
-    places = {"data_path": ["data_path", "train_dataset.data_path", "train_dataloader.dataset.data_path"],
-              "lr": ["lr", "optim_wrapper.optimizer.lr"],
-              "max_epochs": ["max_epochs", "train_cfg.max_epochs"],
-              "max_length": ["max_length", "train_dataset.max_length", "train_dataloader.dataset.max_length"],
-              "pretrained_pth": ["pretrained_pth", "model.pretrained_pth"],
-              "freeze_llm": ["model.freeze_llm"]}
+#: every key of a config that holds a copy of each setting (mmengine copies variables into the dicts)
+PLACES = {"data_path": ["data_path", "train_dataset.data_path", "train_dataloader.dataset.data_path"],
+          "lr": ["lr", "optim_wrapper.optimizer.lr"],
+          "max_epochs": ["max_epochs", "train_cfg.max_epochs"],
+          "max_length": ["max_length", "train_dataset.max_length", "train_dataloader.dataset.max_length"],
+          "pretrained_pth": ["pretrained_pth", "model.pretrained_pth"],
+          "freeze_llm": ["model.freeze_llm"],
+          "feature_dim": ["feature_dim", "model.slidechat_config.feature_dim", "train_dataset.feature_dim",
+                          "train_dataloader.dataset.feature_dim"],
+          "feature_root": ["feature_root", "train_dataset.feature_root", "train_dataloader.dataset.feature_root"]}
+
+
+def _changed(base: Dict[str, Any], change: Dict[str, Any]) -> Dict[str, Any]:
+    """``base``'s flattened keys with each change written at every place the config copies it to."""
+    exp = _flat(base)
     for name, value in change.items():
-        for key in places[name]:
+        for key in PLACES[name]:
             assert key in exp, key
             exp[key] = value
+    return exp
+
+
+def _expected_stage_2(stage_1: Dict[str, Any], change: Dict[str, Any]) -> Dict[str, Any]:
+    """Stage 1's keys with stage 2's changes written where the config copies each value."""
+    exp = _changed(stage_1, change)
     exp["model.train_stage"] = "2"
     sched = [dict(s) for s in stage_1["param_scheduler"]]
     if stage_1.get("warmup_ratio") is not None:  # warmup is a share of the (new) epochs
@@ -119,3 +131,43 @@ def test_stage_2_extends_stage_1_changing_only_stage_2s_settings(folder):
     assert list(two) == list(one)
     assert _flat(two) == _expected_stage_2(one, STAGE_2_CHANGES[folder])
     assert "read_base" in (REPO / "configs" / folder / "stage_2.py").read_text(encoding="utf-8")
+
+
+#: the encoder configs: (file, the CONCH config it extends, the features' width, their folder). Widths
+#: from the model cards: UNI2-h's class token, 1,536-d (https://huggingface.co/MahmoodLab/UNI2-h);
+#: Virchow2's class token + mean patch token, 2 x 1,280 = 2,560-d (https://huggingface.co/paige-ai/Virchow2)
+ENCODER_CONFIGS = [("stage_1_uni2_h.py", "stage_1.py", 1536, "dataset/features_uni2_h"),
+                   ("stage_2_uni2_h.py", "stage_2.py", 1536, "dataset/features_uni2_h"),
+                   ("stage_1_virchow2.py", "stage_1.py", 2560, "dataset/features_virchow2"),
+                   ("stage_2_virchow2.py", "stage_2.py", 2560, "dataset/features_virchow2")]
+
+
+@pytest.mark.parametrize("name,base,dim,root", ENCODER_CONFIGS)
+def test_encoder_configs_change_only_the_features(name, base, dim, root):
+    """A new patch encoder changes ``feature_dim`` and nothing else (its feature folder, and in stage 2 the
+    stage-1 run it starts from, being paths): the LongNet keeps its released size, the model adds the
+    input projection itself."""
+    conch, new = _cfg(base).to_dict(), _cfg(name).to_dict()
+    change = {"feature_dim": dim, "feature_root": root}
+    if base == "stage_2.py":
+        change["pretrained_pth"] = "work_dirs/stage1_" + name[len("stage_2_"):-len(".py")]
+    assert list(new) == list(conch)
+    assert _flat(new) == _changed(conch, change)
+    assert "read_base" in (REPO / "configs" / "slidechat" / name).read_text(encoding="utf-8")
+
+
+def test_encoder_config_widths_are_the_presets():
+    """Each encoder config's width is its registered preset's dimension (those registered on this tree)."""
+    from slidechat.features.encoders import get_preset
+    from slidechat.utils.errors import SlideChatError
+
+    checked = []
+    for name, _, dim, root in ENCODER_CONFIGS:
+        encoder = root.rsplit("features_", 1)[1]
+        try:
+            preset, _ = get_preset(encoder)
+        except SlideChatError:  # a preset another branch adds
+            continue
+        assert preset.dim == dim, (name, preset.dim)
+        checked.append(encoder)
+    assert "uni2_h" in checked

@@ -268,3 +268,46 @@ def test_compat_model_and_released_checkpoint(tiny_dir):
     a = m.encode_slides([feats])[0]
     b = m.encode_slides([feats[:3]])[0]
     assert_close_rel(a[:3], b, FP32_RTOL, what="6 vs 3 patches")  # no cross-patch interaction (kernel noise only)
+
+
+def test_input_projection_follows_the_features(tiny_dir, tokenizer, tmp_path):
+    """48-d features into a 32-wide LongNet: a trained Linear in front of it, saved, required and exported
+    like the other slide modules; equal widths keep the released layout (no ``input_proj`` key)."""
+    from torch import nn
+
+    assert isinstance(SlideChatModel(load_llm(tiny_dir), small_config()).input_proj, nn.Identity)
+    cfg = small_config()
+    cfg.feature_dim = 48
+    torch.manual_seed(4)
+    m = SlideChatModel(load_llm(tiny_dir), cfg, tokenizer=tokenizer).eval()
+    sd = m.slide_state_dict()
+    assert tuple(sd["input_proj.weight"].shape) == (32, 48) and tuple(sd["input_proj.bias"].shape) == (32,)
+    assert {"input_proj.weight", "input_proj.bias"} <= set(m.required_keys())
+    # the reference: the encoder applied to x @ W.T + b, written out here (not through input_proj)
+    x = torch.randn(9, 48)
+    w, b = sd["input_proj.weight"], sd["input_proj.bias"]
+    with torch.no_grad():
+        ref = m.projector(m.LongNet_encoder((x @ w.T + b)[None]))[0]
+        got = m.encode_slides([x])[0]
+    # same ops on the same values, the Linear as addmm vs matmul + add: float32 summation order only
+    # (FP32_RTOL); a projection skipped, transposed or applied twice changes the tokens by O(1)
+    assert_close_rel(got, ref, FP32_RTOL, what="encode_slides vs LongNet(x W^T + b)")
+    with pytest.raises(SlideChatError, match=r"expected features \[N>0, 48\], got \(9, 32\)"):
+        m.encode_slides([torch.randn(9, 32)])
+    # a checkpoint of the 512-d layout (no input_proj) is refused, naming the missing module
+    without = {k: v for k, v in sd.items() if not k.startswith("input_proj.")}
+    with pytest.raises(SlideChatError, match="input_proj"):
+        m.load_slidechat_state_dict(without)
+    # export and reload: same config, same logits
+    again = SlideChatModel.from_pretrained(m.save_pretrained(tmp_path / "export", tokenizer=tokenizer))
+    assert again.config.feature_dim == 48 and torch.equal(again.input_proj.weight, w)
+    ids = prompt_ids(tokenizer, "What is the diagnosis?")[None]
+    with torch.no_grad():
+        assert torch.equal(m(ids, torch.ones_like(ids), [x]).logits, again(ids, torch.ones_like(ids), [x]).logits)
+
+
+def test_feature_dim_must_be_a_width(tiny_dir):
+    cfg = small_config()
+    cfg.feature_dim = "auto"
+    with pytest.raises(SlideChatError, match="feature_dim must be a positive integer.*'auto'"):
+        SlideChatModel(load_llm(tiny_dir), cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -21,26 +21,29 @@ MCQ_QUESTION = ("Please answer the multiple-choice question based on the image [
                 "best option from the following options [A.None, B.One, C.Two]. Just answer the option.")
 
 
-def slide_train_demo(root: Path, **tiny_llm: Any) -> Dict[str, Any]:
+def slide_train_demo(root: Path, feature_dim: int = 512, file_attrs: Optional[Dict[str, Any]] = None,
+                     llm: Optional[Path] = None, **tiny_llm: Any) -> Dict[str, Any]:
     """Features, tiny LLM and SlideChat training data under ``root`` (keys: root, llm, features, stage1, ...).
-    ``tiny_llm``: ``make_tiny_llm`` options (``arch``, ``official_template``; default: the demo's Qwen2)."""
+    ``feature_dim``/``file_attrs``: the features' width and H5 root attributes (an encoder's provenance);
+    ``llm``: an existing tiny LLM folder to reuse; ``tiny_llm``: ``make_tiny_llm`` options (``arch``,
+    ``official_template``; default: the demo's Qwen2)."""
     from slidechat.data.synthetic import write_synthetic_dataset
     from slidechat.features.io import write_feature_h5
     from slidechat.model.tiny_llm import make_tiny_llm
 
-    llm = make_tiny_llm(root / "tiny_llm", **tiny_llm)
+    llm = llm or make_tiny_llm(root / "tiny_llm", **tiny_llm)
     feats_dir = root / "features" / "h5_files"
     feats_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    centers = rng.normal(size=(4, 512)).astype(np.float32)
+    centers = rng.normal(size=(4, feature_dim)).astype(np.float32)
     with open(root / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["slide", "path", "label"])
         for i in range(8):
             n = int(rng.integers(40, 70))
-            x = centers[i % 4] + 0.5 * rng.normal(size=(n, 512)).astype(np.float32)
+            x = centers[i % 4] + 0.5 * rng.normal(size=(n, feature_dim)).astype(np.float32)
             xy = np.stack([np.arange(n) * 224, np.zeros(n)], 1).astype(np.int64)
-            write_feature_h5(feats_dir / f"demo_{i}.h5", x, xy)
+            write_feature_h5(feats_dir / f"demo_{i}.h5", x, xy, file_attrs=file_attrs)
             w.writerow([f"demo_{i}", f"slides/demo_{i}.tiff", LABELS[i % 4]])
     paths = write_synthetic_dataset(root / "manifest.csv", root / "data", seed=0)
     return {"root": root, "llm": llm, "features": feats_dir, **paths}

@@ -71,8 +71,8 @@ model = dict(
              pretrained_model_name_or_path=llm_name_or_path, torch_dtype=torch.float32),
     slidechat_config=dict(
         feature_dim=feature_dim,
-        # the encoder works on the 512-d patch features directly (no input projection), so
-        # embed_dim stays 512; depth/width are cut instead
+        # embed_dim stays the released 512 (512-d features enter the encoder directly; features of
+        # another width, set by feature_dim alone, get a trained input projection); depth/width are cut
         encoder=dict(embed_dim=512, ffn_dim=256, num_heads=8, num_layers=1,
                      segment_lengths=[64, 128, 256], dilated_ratios=[1, 2, 4],
                      dropout=0.0, drop_path=0.0),

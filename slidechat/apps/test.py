@@ -19,6 +19,7 @@ from slidechat.data.slidebench import (SlideBenchTable, check_template, default_
                                        resolve_feature_path)
 from slidechat.engine.builder import build_runner, checkpoint_overrides, load_config
 from slidechat.engine.testing import TestReport, TestSettings, score_output
+from slidechat.features.io import check_feature_provenance
 from slidechat.model.checkpoint import ResolvedCheckpoint
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.logging import route_mmengine_logs_to_stderr
@@ -79,7 +80,8 @@ class TestInputs:
 def check_test_inputs(cfg: Mapping[str, Any]) -> TestInputs:
     """The test's inputs and output, checked before the model is built (minutes at 7B): the question
     CSV (readable, its task's columns), the feature folder and template (and that some row's features
-    are there: a wrong ``feature_root`` is one line now, not N error rows later), the output path."""
+    are there: a wrong ``feature_root`` is one line now, not N error rows later; that they come from one
+    encoder, of the model's ``feature_dim``), the output path."""
     s = TestSettings.from_cfg(cfg)
     table = read_slidebench(s.test_slide_csv, kind=s.task)
     require_file_path(s.test_output_csv, "--test_output_csv")
@@ -89,12 +91,20 @@ def check_test_inputs(cfg: Mapping[str, Any]) -> TestInputs:
                                  hint="--feature_root: the folder of the slides' feature files")
         template = s.feature_template or default_template(table.columns)
         check_template(template, table.columns, table.path)
-        if len(table) and not any(resolve_feature_path(table.row(i), template, s.feature_root)[0]
-                                  for i in range(len(table))):
+        found = [resolve_feature_path(table.row(i), template, s.feature_root)[0] for i in range(len(table))]
+        if len(table) and not any(found):
             raise SlideChatError(f"none of the {len(table)} rows' feature files is there (template "
                                  f"{template!r})", s.feature_root,
                                  hint="check --feature_root / --feature_template")
+        check_feature_provenance(found, _model_feature_dim(cfg))
     return TestInputs(s, table)
+
+
+def _model_feature_dim(cfg: Mapping[str, Any]) -> Optional[int]:
+    """The config's (or the exported folder's, merged in by then) ``slidechat_config.feature_dim``."""
+    slide_cfg = (cfg.get("model") or {}).get("slidechat_config") or {}
+    dim = slide_cfg.get("feature_dim")
+    return dim if isinstance(dim, int) else None
 
 
 def _test_config(options: TestOptions) -> Any:

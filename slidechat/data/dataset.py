@@ -1,7 +1,8 @@
 """SlideInstruction-style training data: JSON/JSONL rows -> token ids, labels and slide features.
 
-Cheap checks (JSON structure, roles, ``<image>``, empty answers, feature file present) run at
-construction so a bad file fails before any GPU time is spent; NaN/Inf features are only seen when a
+Cheap checks (JSON structure, roles, ``<image>``, empty answers, feature file present, and the feature
+files' provenance: one encoder, of the width ``feature_dim`` says) run at construction so a bad file
+fails before any GPU time is spent; NaN/Inf features are only seen when a
 slide is loaded. Either way the error names the file and the row (``id`` or index). With
 ``skip_bad=True`` such rows are skipped and counted instead.
 
@@ -31,7 +32,7 @@ from torch.utils.data import Dataset
 from slidechat.data.llamafactory import DATA_CONFIG, load_dataset_info, read_llamafactory, read_raw_rows
 from slidechat.data.template import (ConversationError, describe_template, encode_conversation,
                                      normalize_conversation, resolve_template)
-from slidechat.features.io import FEATURE_SUFFIXES, find_feature_file, load_features
+from slidechat.features.io import FEATURE_SUFFIXES, check_feature_provenance, find_feature_file, load_features
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
@@ -169,6 +170,9 @@ class SlideInstructionDataset(Dataset):
                            self.num_skipped + len(self.rows))
         if not self.rows:
             raise SlideChatError("no usable rows", self.data_path)
+        self.provenance = check_feature_provenance((r["path"] for r in self.rows), self.feature_dim)
+        if self.provenance is not None:
+            _print_log(f"{self.data_path.name}: features of {self.provenance.describe()}")
 
     def _row_name(self, index: int, row: Any) -> str:
         rid = row.get("id") if isinstance(row, dict) else None

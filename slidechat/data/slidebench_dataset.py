@@ -14,7 +14,7 @@ from slidechat.data.dataset import build_object, uniform_indices
 from slidechat.data.limits import PromptLimit, check_prompt_length
 from slidechat.data.slidebench import SlideBenchItem
 from slidechat.data.template import encode_prompt
-from slidechat.features.io import load_features
+from slidechat.features.io import check_feature_provenance, load_features
 from slidechat.model.constants import IMAGE_TOKEN_INDEX
 from slidechat.utils.errors import SlideChatError
 
@@ -38,6 +38,8 @@ class SlideBenchTestDataset(Dataset):
         self.prompt_limit = prompt_limit or PromptLimit(None)  # no cap unless the loop sets one
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        # features of two encoders, or of a width the model was not built for, refuse the whole run
+        self.provenance = check_feature_provenance((it.feature_path for it in self.items), self.feature_dim)
 
     def __len__(self) -> int:
         return len(self.items)

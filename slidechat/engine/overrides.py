@@ -19,17 +19,22 @@ LLM_KEYS = ("llm_name_or_path", "tokenizer.pretrained_model_name_or_path",
 DATA_KEYS = ("data_path", "train_dataloader.dataset.data_path")
 FEATURE_KEYS = ("feature_root", "train_dataloader.dataset.feature_root")
 PRETRAINED_KEYS = ("pretrained_pth", "model.pretrained_pth")
+#: the features' width: the model's input and the training data's check (the test loop reads the model's)
+FEATURE_DIM_KEYS = ("feature_dim", "model.slidechat_config.feature_dim", "train_dataloader.dataset.feature_dim")
 
 
 def path_overrides(llm_name_or_path: Optional[PathLike] = None, data_path: Optional[PathLike] = None,
-                   feature_root: Optional[PathLike] = None,
-                   pretrained_pth: Optional[PathLike] = None) -> List[str]:
-    """``['key=value', ...]`` to pass after ``--cfg-options`` (only for the paths given)."""
+                   feature_root: Optional[PathLike] = None, pretrained_pth: Optional[PathLike] = None,
+                   feature_dim: Optional[int] = None) -> List[str]:
+    """``['key=value', ...]`` to pass after ``--cfg-options`` (only for the paths given; ``feature_dim``:
+    the width of another encoder's features, the one setting a new encoder changes)."""
     out: List[str] = []
     for value, keys in ((llm_name_or_path, LLM_KEYS), (data_path, DATA_KEYS),
-                        (feature_root, FEATURE_KEYS), (pretrained_pth, PRETRAINED_KEYS)):
+                        (feature_root, FEATURE_KEYS), (pretrained_pth, PRETRAINED_KEYS),
+                        (feature_dim, FEATURE_DIM_KEYS)):
         if value is not None:
-            out += [f"{k}={os.fspath(value)}" for k in keys]
+            text = str(value) if isinstance(value, int) else os.fspath(value)
+            out += [f"{k}={text}" for k in keys]
     return out
 
 

@@ -1,10 +1,11 @@
 """mmengine wrapper around :class:`SlideChatModel` so stock ``xtuner train`` can run both stages.
 
-The core's three children are registered directly on this module (``llm``, ``LongNet_encoder``,
-``projector``), so ``state_dict()`` keys are the released checkpoint's names and a file saved here
-loads into ``SlideChatModel.load_slidechat_state_dict`` unchanged. ``state_dict()`` keeps what is
-trained: encoder + projector always, ``llm.*`` only when the LLM is trained (only the LoRA tensors
-when LoRA is used).
+The core's children are registered directly on this module (``llm``, ``input_proj``,
+``LongNet_encoder``, ``projector``), so ``state_dict()`` keys are the released checkpoint's names and a
+file saved here loads into ``SlideChatModel.load_slidechat_state_dict`` unchanged. ``state_dict()`` keeps
+what is trained: the slide modules always (input projection when the features are wider or narrower than
+the encoder, encoder, projector), ``llm.*`` only when the LLM is trained (only the LoRA tensors when LoRA
+is used).
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from slidechat.model.checkpoint import (CheckpointKind, KeyReport, ResolvedCheck
                                         read_checkpoint, resolve_checkpoint)
 from slidechat.model.lora import apply_lora
 from slidechat.model.recompute import enable_activation_checkpointing
-from slidechat.model.slidechat_model import OPTIONAL_SLIDE_KEYS, SlideChatConfig, SlideChatModel
+from slidechat.model.slidechat_model import (CORE_CHILDREN, OPTIONAL_SLIDE_KEYS, SLIDE_PREFIXES, SlideChatConfig,
+                                             SlideChatModel)
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-CORE_CHILDREN = ("llm", "LongNet_encoder", "projector")
 
 
 def history_buffer_getattr(obj: Any, name: str) -> Any:
@@ -528,7 +528,7 @@ class SlideChatTrainModel(BaseModel):
         out = OrderedDict()
         for k, v in sd.items():
             name = k[len(prefix):] if prefix and k.startswith(prefix) else k
-            if name.startswith(("LongNet_encoder.", "projector.")):
+            if name.startswith(SLIDE_PREFIXES):
                 out[k] = v
             elif name.startswith("llm."):
                 if self.use_lora:

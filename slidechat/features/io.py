@@ -1,15 +1,20 @@
 """Per-slide feature files: CLAM/TRIDENT-style H5 and SlideChat-style CSV.
 
 ``load_features`` is the single entry point every later stage (datasets, tests, chat) uses to read
-features, whatever format they were written in.
+features, whatever format they were written in. ``read_feature_provenance`` reads which encoder wrote a
+file (H5 root attributes only) and ``check_feature_provenance`` refuses a set of files from two encoders,
+or of another width than the model's ``feature_dim``, before any training or testing time is spent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -160,3 +165,110 @@ def find_feature_file(stem: PathLike) -> Optional[Path]:
         if cand.is_file():
             return cand
     return None
+
+
+# --------------------------------------------------------------------------- provenance
+
+#: ``encoder`` of a file without provenance (SlideChat CSV, CLAM ``.pt``, CLAM/TRIDENT H5)
+UNKNOWN_ENCODER = "unknown"
+
+
+@dataclass(frozen=True)
+class FeatureProvenance:
+    """Which encoder wrote a feature file: the H5 root attributes ``PatchEncoder.provenance`` writes."""
+
+    encoder: str
+    embed_dim: Optional[int] = None
+    preset: str = "none"
+    preset_version: str = "none"
+    checkpoint_sha256: str = "none"
+
+    @property
+    def known(self) -> bool:
+        return self.encoder != UNKNOWN_ENCODER
+
+    @property
+    def identity(self) -> Tuple[str, str, str]:
+        """Files whose identities differ hold different features, even under one encoder name."""
+        return self.encoder, self.preset_version, self.checkpoint_sha256
+
+    def describe(self) -> str:
+        sha = self.checkpoint_sha256
+        weights = "random/unrecorded weights" if sha == "none" else f"weights sha256 {sha[:12]}"
+        return f"{self.encoder} ({self.embed_dim}-d, preset version {self.preset_version}, {weights})"
+
+
+def read_feature_provenance(path: PathLike) -> FeatureProvenance:
+    """The provenance of one feature file, from the H5 root attributes only (no dataset is read).
+
+    Files without it (CSV, ``.pt``, H5 from CLAM/TRIDENT) are ``UNKNOWN_ENCODER``. Cached per file
+    version (path, size, modification time): the input check and the dataset ask for the same files.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise SlideChatError("feature file not found", p) from None
+    return _read_provenance(os.fspath(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _read_provenance(path: str, size: int, mtime_ns: int) -> FeatureProvenance:  # noqa: ARG001 - cache key
+    if Path(path).suffix.lower() not in (".h5", ".hdf5"):
+        return FeatureProvenance(UNKNOWN_ENCODER)
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _attr_text(f.attrs[k]) for k in ("encoder", "encoder_embed_dim", "encoder_preset",
+                                                          "encoder_preset_version", "encoder_checkpoint_sha256")
+                     if k in f.attrs}
+    except Exception as e:  # h5py raises many types; name the file either way
+        raise SlideChatError(f"cannot read feature file: {type(e).__name__}: {e}", path) from e
+    if "encoder" not in attrs:
+        return FeatureProvenance(UNKNOWN_ENCODER)
+    dim = attrs.get("encoder_embed_dim")
+    if dim is not None and not dim.isdigit():
+        raise SlideChatError(f"provenance attribute encoder_embed_dim is {dim!r}, not a width", path)
+    return FeatureProvenance(attrs["encoder"], None if dim is None else int(dim),
+                             attrs.get("encoder_preset", "none"), attrs.get("encoder_preset_version", "none"),
+                             attrs.get("encoder_checkpoint_sha256", "none"))
+
+
+def _attr_text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def check_feature_provenance(paths: Iterable[Optional[PathLike]], feature_dim: Optional[int]
+                             ) -> Optional[FeatureProvenance]:
+    """The one encoder behind ``paths`` (None when no file records one), checked against ``feature_dim``.
+
+    Refused, in one line naming the files: files from two encoders (name, preset version or weights
+    differ: features of different spaces would train or test one model), and recorded widths other than
+    ``feature_dim``. Files without provenance pass when all are such, else with a warning (they are
+    taken for the recorded encoder's; ``load_features`` still checks their width).
+    """
+    first: Dict[Tuple[str, str, str], Tuple[Path, FeatureProvenance]] = {}
+    unknown: List[Path] = []
+    for path in dict.fromkeys(Path(p) for p in paths if p is not None):
+        prov = read_feature_provenance(path)
+        if not prov.known:
+            unknown.append(path)
+            continue
+        first.setdefault(prov.identity, (path, prov))
+        if len(first) > 1:
+            (p1, a), (p2, b) = first.values()
+            raise SlideChatError(f"feature files from two encoders: {p1} is {a.describe()}, this file is "
+                                 f"{b.describe()}", p2, hint="one feature folder per encoder: point "
+                                 "feature_root at one encoder's features (or re-extract the others)")
+        if feature_dim is not None and prov.embed_dim is not None and prov.embed_dim != feature_dim:
+            raise SlideChatError(f"features of encoder {prov.encoder} are {prov.embed_dim}-d, the config's "
+                                 f"feature_dim is {feature_dim}", path,
+                                 hint=f"set feature_dim = {prov.embed_dim} in the config; see docs/training.md")
+    if not first:
+        return None
+    path, prov = next(iter(first.values()))
+    if unknown:
+        logger.warning("%d feature file(s) record no encoder (e.g. %s) beside files of %s (e.g. %s): taken for "
+                       "%s features", len(unknown), unknown[0], prov.encoder, path, prov.encoder)
+    return prov

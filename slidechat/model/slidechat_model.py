@@ -3,6 +3,13 @@
 Attribute names (``llm``, ``LongNet_encoder``, ``projector``) give ``state_dict()`` the released
 checkpoint's key names, so one loader serves released weights and ours. The slide contributes one visual
 token per patch, spliced in at the single ``IMAGE_TOKEN_INDEX`` placeholder of each prompt.
+
+Features of another width than the LongNet encoder's (1,536-d UNI2-h or H-optimus, 2,560-d Virchow2) go
+through ``input_proj``, a Linear ``feature_dim -> embed_dim`` in front of the encoder, as Prov-GigaPath's
+slide encoder takes its 1,536-d tile features (``PatchEmbed``: ``nn.Linear(in_chans=1536, embed_dim)``,
+https://github.com/prov-gigapath/prov-gigapath/blob/main/gigapath/slide_encoder.py). When the widths are
+equal (the released SlideChat, CONCH's 512) ``input_proj`` is an identity with no parameters: the
+released key names and the strict key check are unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ logger = logging.getLogger(__name__)
 SLIDE_MODULES_FILE = EXPORTED_WEIGHTS_FILE
 CONFIG_FILE = EXPORTED_CONFIG_FILE
 LLM_DIR = "llm"
-SLIDE_PREFIXES = ("LongNet_encoder.", "projector.")
+#: the slide modules' key prefixes (``input_proj.`` only exists when feature_dim != the encoder's embed_dim)
+SLIDE_PREFIXES = ("input_proj.", "LongNet_encoder.", "projector.")
+#: the core's children (``engine.train_model`` registers them on its wrapper)
+CORE_CHILDREN = ("llm", "input_proj", "LongNet_encoder", "projector")
 # parameters our encoder may add on top of the released layout: absent from released checkpoints by design
 OPTIONAL_SLIDE_KEYS = ("LongNet_encoder.coord_pos_embed.",)
 FORMAT_VERSION = 1
@@ -83,6 +93,22 @@ class SlideChatConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def input_projection(feature_dim: int, embed_dim: int) -> nn.Module:
+    """``feature_dim -> embed_dim`` in front of the slide encoder: a Linear when the widths differ
+    (initialised as Prov-GigaPath's ``patch_embed.proj``: xavier-uniform weight, zero bias;
+    gigapath/slide_encoder.py ``initialize_vit_weights`` / ``_init_weights``), else an identity without
+    parameters, so 512-d CONCH features keep the released model's exact layout."""
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+        raise SlideChatError(f"feature_dim must be a positive integer (the patch features' width), got "
+                             f"{feature_dim!r}", hint="set feature_dim = N in the config (see docs/training.md)")
+    if feature_dim == embed_dim:
+        return nn.Identity()
+    proj = nn.Linear(feature_dim, embed_dim)
+    nn.init.xavier_uniform_(proj.weight)
+    nn.init.zeros_(proj.bias)
+    return proj
+
+
 #: the report of every SlideChat load (former name; one report format: ``checkpoint.KeyReport``)
 LoadReport = KeyReport
 
@@ -108,11 +134,9 @@ class SlideChatModel(nn.Module):
         config = config or SlideChatConfig()
         if isinstance(config, dict):
             config = SlideChatConfig.from_dict(config)
-        if config.feature_dim != config.encoder.embed_dim:
-            raise SlideChatError(f"feature_dim {config.feature_dim} must equal the encoder embed_dim "
-                                 f"{config.encoder.embed_dim} (the released model has no input projection)")
         self.config = config
         self.llm = llm
+        self.input_proj = input_projection(config.feature_dim, config.encoder.embed_dim)
         self.LongNet_encoder = LongNetEncoder(config.encoder)
         self.projector = Projector(config.encoder.embed_dim, self._llm_hidden_size())
         self.tokenizer = tokenizer  # optional, for default stop tokens and save_pretrained
@@ -169,7 +193,7 @@ class SlideChatModel(nn.Module):
                     if cc.shape != (lens[i], 2):
                         raise SlideChatError(f"slide {i}: coords shape {tuple(cc.shape)} != {(lens[i], 2)}")
                     c[i, : lens[i]] = cc.to(device=dev, dtype=torch.float32)
-        y = self.LongNet_encoder(x, pad if pad.any() else None, c)
+        y = self.LongNet_encoder(self.input_proj(x), pad if pad.any() else None, c)
         proj_w = self.projector.model[0].weight
         y = self.projector(y.to(proj_w.dtype))
         llm_dt, llm_dev = self._llm_dtype_device()
@@ -467,7 +491,7 @@ class SlideChatModel(nn.Module):
         model.load_slidechat_state_dict(sd, source=slide_file)
         _, dev = model._llm_dtype_device()
         dt = torch_dtype if torch_dtype is not None else next(iter(sd.values())).dtype
-        model.LongNet_encoder.to(device=dev, dtype=dt)
-        model.projector.to(device=dev, dtype=dt)
+        for name in SLIDE_PREFIXES:
+            getattr(model, name.rstrip(".")).to(device=dev, dtype=dt)
         model.eval()
         return model
