@@ -213,14 +213,15 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def tissue_patches(size: int, n: int, seed: int = 0) -> np.ndarray:
-    """uint8 (n, size, size, 3) from the project's synthetic slides: one class per patch, centred on the
-    tissue (nuclei, stroma texture, stain mottling), not flat colour or noise."""
+def tissue_patches(size: int, n: int, seed: int = 0, first_class: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3) from the project's synthetic slides: one class per patch (the classes in
+    turn from ``first_class``), centred on the tissue (nuclei, stroma texture, stain mottling), not flat
+    colour or noise."""
     from slidechat.wsi.synthetic import LABELS, MASK_DOWNSAMPLE, SlideSpec, render_region, tissue_field
 
     out = []
     for i in range(n):
-        spec = SlideSpec(name=f"ref{i}", label=LABELS[i % len(LABELS)], width=1536, height=1536, seed=seed + i)
+        spec = SlideSpec(name=f"ref{i}", label=LABELS[(first_class + i) % len(LABELS)], width=1536, height=1536, seed=seed + i)
         fld = tissue_field(spec)
         cy, cx = np.unravel_index(int(np.argmax(fld)), fld.shape)
         x0 = max(0, (cx + 0.5) * MASK_DOWNSAMPLE - size / 2)

@@ -29,8 +29,9 @@ MIN_COSINE = 0.99999
 
 @pytest.fixture(scope="module")
 def patches():
-    """Two synthetic tissue patches at each size: the authors' tile size and one that is resized."""
-    return {size: tissue_patches(size, 2, seed=3) for size in (224, 256)}
+    """Two synthetic tissue patches at each size (the four classes): the authors' tile size and one that
+    the card's transform resizes."""
+    return {224: tissue_patches(224, 2, seed=3), 256: tissue_patches(256, 2, seed=3, first_class=2)}
 
 
 def _card_weights(name: str, tmp_path, seed: int = 0):
