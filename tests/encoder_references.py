@@ -221,7 +221,8 @@ def tissue_patches(size: int, n: int, seed: int = 0, first_class: int = 0) -> np
 
     out = []
     for i in range(n):
-        spec = SlideSpec(name=f"ref{i}", label=LABELS[(first_class + i) % len(LABELS)], width=1536, height=1536, seed=seed + i)
+        spec = SlideSpec(name=f"ref{i}", label=LABELS[(first_class + i) % len(LABELS)], width=1536, height=1536,
+                         seed=seed + i)
         fld = tissue_field(spec)
         cy, cx = np.unravel_index(int(np.argmax(fld)), fld.shape)
         x0 = max(0, (cx + 0.5) * MASK_DOWNSAMPLE - size / 2)
