@@ -2,7 +2,12 @@
 
 Facts from the model cards (hf.co/MahmoodLab/UNI, hf.co/MahmoodLab/UNI2-h, "Using timm" snippets) and
 FACTS.md; both cards preprocess with ``Resize(224)`` (torchvision's default, bilinear), ``ToTensor`` and
-ImageNet mean/std.
+ImageNet mean/std. Checked again for issue 15 against the cards' local-weights snippets
+(``timm.create_model("vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+dynamic_img_size=True)``; UNI2-h's ``timm_kwargs`` on ``vit_giant_patch14_224``), the UNI repository's
+``get_encoder`` (``Resize(224)``, default interpolation) and TRIDENT's load.py ``uni_v1`` / ``uni_v2`` (same
+arguments, plus a ``CenterCrop(224)`` that is a no-op on square patches): no change. Tiles: 256 px at 20x
+(Mass-100K), resized to 224.
 """
 
 from __future__ import annotations

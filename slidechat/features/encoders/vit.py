@@ -5,9 +5,11 @@ output rule applied to what the model's own ``forward`` returns:
 
 * ``"pooled"``: the model's output as is (with ``num_classes=0`` and ``global_pool="token"`` that is the
   class token after the final norm: UNI, UNI2-h, H-optimus, GigaPath);
+* ``"cls"``: the model returns all tokens (``global_pool=""``); the feature is the class token
+  (``out[:, 0]``; H0-mini as TRIDENT extracts it);
 * ``"cls_mean_patch"``: the model returns all tokens (``global_pool=""``); the feature is the class
   token concatenated with the mean of the patch tokens, register tokens excluded (Virchow, Virchow2,
-  H0-mini).
+  H0-mini's card).
 
 Weights come only from a local file, by timm's key names, strictly: a missing or unexpected key is a
 one-line error naming the file.
@@ -16,6 +18,7 @@ one-line error naming the file.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping
 
 import timm
@@ -33,12 +36,25 @@ def _pooled(out: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     return out
 
 
+def _cls(out: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    return out[:, 0]
+
+
 def _cls_mean_patch(out: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    # timm's num_prefix_tokens = class token + register tokens: the patch tokens come after all of them
     return torch.cat([out[:, 0], out[:, num_prefix_tokens:].mean(1)], dim=-1)
 
 
-OUTPUT_RULES: Dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "pooled": _pooled, "cls_mean_patch": _cls_mean_patch}
+@dataclass(frozen=True)
+class OutputRule:
+    """``apply(model_output, num_prefix_tokens)`` and the feature width in units of ``embed_dim``."""
+
+    apply: Callable[[torch.Tensor, int], torch.Tensor]
+    widths: int = 1
+
+
+OUTPUT_RULES: Dict[str, OutputRule] = {
+    "pooled": OutputRule(_pooled), "cls": OutputRule(_cls), "cls_mean_patch": OutputRule(_cls_mean_patch, 2)}
 
 
 class TimmViTEncoder(PatchEncoder):
@@ -47,7 +63,7 @@ class TimmViTEncoder(PatchEncoder):
     def __init__(self, preset: EncoderPreset, request: BuildRequest, arch: str,
                  kwargs: Mapping[str, Any], output_rule: str) -> None:
         super().__init__(preset)
-        self.rule = OUTPUT_RULES[output_rule]
+        self.rule = OUTPUT_RULES[output_rule].apply
         path = require_checkpoint(request.checkpoint, preset.name) if request.load_weights else None
         args = dict(kwargs)
         if request.depth is not None:
@@ -57,7 +73,7 @@ class TimmViTEncoder(PatchEncoder):
             load_checked(self.model, load_state_dict_file(path), str(path), preset.name,
                          allow_unexpected=False)
             self.record_checkpoint(path)
-        width = int(self.model.embed_dim) * (2 if output_rule == "cls_mean_patch" else 1)
+        width = int(self.model.embed_dim) * OUTPUT_RULES[output_rule].widths
         if width != preset.dim:
             raise SlideChatError(f"encoder '{preset.name}' gives {width}-d features, its preset says "
                                  f"{preset.dim}")
