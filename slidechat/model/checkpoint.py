@@ -479,7 +479,8 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], *,
     if mismatched:
         raise SlideChatError(f"{len(mismatched)} checkpoint tensor(s) do not fit the model: "
                              f"{report.mismatch_text()}", path=src or None,
-                             hint="check that the config matches the checkpoint: encoder size, feature_dim, LLM")
+                             hint=hint or "check that the config matches the checkpoint: encoder size, "
+                                          "feature_dim, LLM")
     if (missing or (unexpected and not allow_unexpected)) and not allow_partial:
         raise SlideChatError(_refusal(report, len(req)), path=src or None,
                              hint=PARTIAL_HINT if hint is None else hint)
