@@ -28,11 +28,14 @@ TINY2 = REPO / "configs/tiny/stage_2.py"
 
 @pytest.fixture(scope="module")
 def uni2_h_attrs():
-    """The root attributes ``extract-features --encoder uni2_h`` writes, from the encoder itself (one block,
-    random weights: the provenance does not depend on either)."""
+    """The root attributes ``extract-features --encoder uni2_h`` writes, from the encoder itself (random
+    weights; one block, whose marks -- ``encoder_depth`` and the name's ``@depth1`` -- are taken off, as
+    the full model has none)."""
     from slidechat.features.encoders import build_encoder
 
-    return build_encoder("uni2_h", load_weights=False, depth=1).provenance()
+    attrs = build_encoder("uni2_h", load_weights=False, depth=1).provenance()
+    assert attrs.pop("encoder_depth") == "1" and attrs["encoder"] == "uni2_h@depth1"
+    return dict(attrs, encoder="uni2_h")
 
 
 @pytest.fixture(scope="module")
