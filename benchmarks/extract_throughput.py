@@ -221,16 +221,21 @@ def reader_cpu_pipeline(path: str, out: Path) -> Tuple[float, float, int, int]:
     return children, main, readers, n - 16 if readers else 0
 
 
-def run_ratio(path: Path, work: Path, repeats: int) -> Dict[str, list]:
-    """Per repeat, interleaved: bare decode, r1, rN; seconds per patch and ratios to the decode."""
+def run_ratio(path: Path, work: Path, repeats: int, procs: int) -> Dict[str, list]:
+    """Per repeat, interleaved: bare decode in 1 and in ``procs`` processes, r1, rN; CPU seconds per
+    patch. rN is compared with the decode split over as many processes as the pipeline's readers, so
+    both run under the same concurrency (2 busy processes on 2 cores cost more CPU per tile than 1)."""
     grid = plan(path)
     n = len(grid)
-    rows: Dict[str, list] = {"dec": [], "r1": [], "rN": [], "main": [], "readers": [], "tiles": []}
+    rows: Dict[str, list] = {k: [] for k in ("dec", "decN", "r1", "rN", "main", "readers", "tiles")}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         for _ in range(repeats):
             dec, ntiles = decode_cpu(str(path), grid)
             rows["dec"].append(dec / n)
             rows["tiles"].append(ntiles)
+            c0 = _children_cpu()
+            decode_limit(str(path), grid, procs)
+            rows["decN"].append((_children_cpu() - c0) / n)
             rows["r1"].append(reader_cpu_in_process(str(path), grid) / n)
             children, main, readers, n_read = reader_cpu_pipeline(str(path), Path(tmp) / "free")
             rows["rN"].append(children / max(n_read, 1))
@@ -240,23 +245,24 @@ def run_ratio(path: Path, work: Path, repeats: int) -> Dict[str, list]:
     return rows
 
 
-def print_ratio(specs: Sequence[str], work: Path, repeats: int) -> None:
-    print("\n### Reader CPU time vs bare decode (CPU ms per patch; ratio = reader / decode, "
-          f"min / median of {repeats})")
-    print("| slide | patches | tiles | decode | (r1) one reader, in process | r1 / decode | "
-          "(rN) reader processes, pipeline, free encoder | rN / decode | main process |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+def print_ratio(specs: Sequence[str], work: Path, repeats: int, procs: int) -> None:
+    print("\n### Reader CPU time vs bare decode (CPU ms per patch; ratios: min / median of "
+          f"{repeats}, each repeat against its own decode)")
+    print(f"| slide | patches | tiles | decode, 1 process | (r1) one reader, in process | r1 / decode | "
+          f"decode, {procs} processes | (rN) reader processes, pipeline, free encoder | rN / decode {procs}p | "
+          "main process |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for spec in specs:
         w, h, mag = _parse_slide(spec)
-        r = run_ratio(make_slide(work, w, h, mag), work, repeats)
+        r = run_ratio(make_slide(work, w, h, mag), work, repeats, procs)
         q1 = [a / d for a, d in zip(r["r1"], r["dec"])]
-        qN = [a / d for a, d in zip(r["rN"], r["dec"])]
+        qN = [a / d for a, d in zip(r["rN"], r["decN"])]
         ms = lambda v: f"{1e3 * _med(v):.2f}"  # noqa: E731
         print(f"| {w}x{h} @{mag:g}x | {r['n'][0]} | {r['tiles'][0]} | {ms(r['dec'])} | {ms(r['r1'])} | "
-              f"{min(q1):.2f}x / {_med(q1):.2f}x | {ms(r['rN'])} ({r['readers'][0]} readers) | "
+              f"{min(q1):.2f}x / {_med(q1):.2f}x | {ms(r['decN'])} | {ms(r['rN'])} ({r['readers'][0]} readers) | "
               f"{min(qN):.2f}x / {_med(qN):.2f}x | {ms(r['main'])} |", flush=True)
-        print(f"  per repeat: r1/decode={[round(v, 2) for v in q1]} rN/decode={[round(v, 2) for v in qN]}",
-              flush=True)
+        print(f"  per repeat: r1/decode={[round(v, 2) for v in q1]} rN/decodeN={[round(v, 2) for v in qN]} "
+              f"rN/decode1={[round(a / d, 2) for a, d in zip(r['rN'], r['dec'])]}", flush=True)
 
 
 def print_large(spec: str, name: str, work: Path) -> None:
@@ -410,7 +416,7 @@ def main() -> None:
     if "throughput" in a.part:
         print_throughput(a, work)
     if "ratio" in a.part:
-        print_ratio(a.slides, work, a.repeats)
+        print_ratio(a.slides, work, a.repeats, a.workers)
     if "large" in a.part:
         print_large(a.large_slide, a.large_encoder, work)
     print(f"load average at end {os.getloadavg()[0]:.1f}")

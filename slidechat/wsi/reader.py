@@ -89,10 +89,16 @@ class PatchReader:
             (self.patch_size, self.patch_size)
 
     def _handle(self) -> Slide:
-        if self._slide is None or self._pid != os.getpid():  # one handle per process
+        """This process's handle: the one given or opened here, or in a forked reader process the
+        parent's, made safe for this process (``Slide.forked``: no reopening, no second self-check)."""
+        if self._slide is None:
             self._slide = self._prepare(Slide(self.path))
-            self._pid = os.getpid()
-            self._owned = True
+        elif self._pid != os.getpid():
+            self._slide = self._slide.forked()
+        else:
+            return self._slide
+        self._pid = os.getpid()
+        self._owned = True
         return self._slide
 
     def _prepare(self, slide: Slide) -> Slide:
@@ -122,10 +128,18 @@ class PatchReader:
         oh, ow = self.out_size
         if out is None:
             out = np.empty((len(idx), oh, ow, 3), np.uint8)
+        integer = r == P or (r > P and r % P == 0)  # native, or integer downsample (the 40x -> 20x case)
+        if integer and self.host_resize is None and s.reads_directly(self.level):
+            # each patch composed from the cached tiles straight into its slot of ``out``: no region
+            # buffer, no second copy (tiles shared by neighbours are still decoded once)
+            for j, row in enumerate(idx):
+                x, y = self.coords[row]
+                s.read_region_reduced((int(x), int(y)), self.level, (r, r), r // P, out[j])
+            return out
         runs = self._runs(idx) if self.run_reads else [[j] for j in range(len(idx))]
         for run in runs:
             x, y = self.coords[idx[run[0]]]
-            if r == P or (r > P and r % P == 0):  # native, or integer downsample (the 40x -> 20x case)
+            if integer:
                 arr = s.read_region_reduced((int(x), int(y)), self.level, (r * len(run), r), r // P)
                 if self.host_resize is None:
                     for k, j in enumerate(run):
