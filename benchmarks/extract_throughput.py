@@ -177,9 +177,9 @@ def _free_encoder():
     return FreeEncoder()
 
 
-def slidechat_pipeline(path: str, encoder, out: Path) -> Tuple[float, Dict[str, float]]:
+def slidechat_pipeline(path: str, encoder, out: Path, **options) -> Tuple[float, Dict[str, float]]:
     t = time.perf_counter()
-    s = extract_slides([path], out, encoder=encoder, overwrite=True, progress=False, save_qc=True)
+    s = extract_slides([path], out, encoder=encoder, overwrite=True, progress=False, save_qc=True, **options)
     dt = time.perf_counter() - t
     if s["failed"]:
         raise SystemExit(f"pipeline failed: {s['failed']}")
@@ -277,12 +277,14 @@ def print_large(spec: str, name: str, work: Path) -> None:
     enc = build_encoder(name, load_weights=False)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         dt_a, _ = decode_limit(str(path), grid, os.cpu_count() or 1)
-        dt_free, _ = slidechat_pipeline(str(path), _free_encoder(), Path(tmp) / "free")
-        dt_large, tm = slidechat_pipeline(str(path), enc, Path(tmp) / "large")
+        # reading in the main process leaves every core to the encoder's threads (the probe would
+        # otherwise time the large encoder on one thread, on most of these few patches)
+        dt_free, _ = slidechat_pipeline(str(path), _free_encoder(), Path(tmp) / "free", num_workers=0)
+        dt_large, tm = slidechat_pipeline(str(path), enc, Path(tmp) / "large", num_workers=0)
     print(f"\n### Large encoder on CPU: {name} (random weights, {sum(p.numel() for p in enc.parameters()) / 1e6:.0f} M "
           f"parameters, torch {torch.get_num_threads()} threads)")
     print("| slide | patches | (a) tile-decode limit | (c0) slidechat, free encoder | (c) slidechat, "
-          f"{name} | c/c0 | encode CPU-s per patch |")
+          f"{name} | c/c0 | encode s per patch |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| {w}x{h} @{mag:g}x | {n} | {_f(n / dt_a)} | {_f(n / dt_free)} | {_f(n / dt_large)} | "
           f"{dt_free / dt_large:.1%} | {tm['encode_s'] / n:.2f} |")
@@ -401,8 +403,9 @@ def main() -> None:
     ap.add_argument("--resnet-repeats", type=int, default=1)
     ap.add_argument("--encoders", nargs="+", default=["tiny_test", "resnet50_trunc"])
     ap.add_argument("--large-encoder", default="uni2_h", help="for --part large (random weights)")
-    ap.add_argument("--large-slide", default="3000x2200@40",
-                    help="small slide for --part large (a ViT-H/14 costs seconds per patch on CPU)")
+    ap.add_argument("--large-slide", default="2400x1800@40",
+                    help="small slide for --part large (6 tissue patches: a ViT-H/14 costs ~15-25 s per "
+                         "patch on 2 shared CPU cores)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="processes for (a) and DataLoader workers for (b) (default: all cores)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -411,8 +414,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
+    import slidechat
+
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start, "
-          f"torch {torch.__version__} threads {torch.get_num_threads()}, no GPU used")
+          f"torch {torch.__version__} threads {torch.get_num_threads()}, no GPU used; "
+          f"slidechat from {Path(slidechat.__file__).parent}")
     if "throughput" in a.part:
         print_throughput(a, work)
     if "ratio" in a.part:

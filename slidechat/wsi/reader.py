@@ -187,8 +187,8 @@ def read_batch(reader: PatchReader, idx: np.ndarray, out: Optional[np.ndarray] =
     return res, time.perf_counter() - t
 
 
-#: batches each reader process may have read ahead (slots in flight per reader)
-SLOTS_PER_READER = 3
+#: shared-memory slots per reader process: one being filled while the last one waits or is encoded
+SLOTS_PER_READER = 2
 #: seconds between checks that the reader processes are still alive while waiting on them
 _LIVENESS_S = 1.0
 
