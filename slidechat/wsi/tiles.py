@@ -197,8 +197,10 @@ def reduce_blocks(img: np.ndarray, factor: int, fast: bool = True) -> np.ndarray
     if fast and f == 2 and h % 2 == 0 and w % 2 == 0 and img.ndim == 3 and img.shape[2] == 3:
         import cv2  # lazy: only readers that reduce need OpenCV loaded
 
-        out = np.empty((h // 2, w // 2, 3), np.uint8)
         rows = max(1, _CV_SERIAL_PIXELS // max(1, w // 2))
+        if rows >= h // 2:  # one stripe (tiles up to 512 px): OpenCV's own output, no copy
+            return cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        out = np.empty((h // 2, w // 2, 3), np.uint8)
         for r0 in range(0, h // 2, rows):
             r1 = min(h // 2, r0 + rows)
             out[r0:r1] = cv2.resize(img[2 * r0:2 * r1], (w // 2, r1 - r0), interpolation=cv2.INTER_AREA)
