@@ -226,25 +226,31 @@ class _ReaderPool:
 
         self.reader, self.batches = reader, batches
         self.workers = max(1, min(int(workers), len(batches)))
-        n_slots = min(len(batches), SLOTS_PER_READER * self.workers)
+        n_slots = SLOTS_PER_READER * self.workers
         rows = max((len(b) for b in batches), default=1)
         oh, ow = reader.out_size
-        self._mem = mmap.mmap(-1, max(1, n_slots * rows * oh * ow * 3))  # anonymous, MAP_SHARED
+        # anonymous MAP_SHARED memory, inherited by the forked readers; populated here once, so no
+        # process pays a first-touch fault per page of a fresh shared page
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self._mem = mmap.mmap(-1, max(1, n_slots * rows * oh * ow * 3), flags=flags)
         self.slots = np.frombuffer(self._mem, np.uint8).reshape(n_slots, rows, oh, ow, 3)
-        self.free, self.done = ctx.Queue(), ctx.Queue()
+        # each reader has its own slots (its page tables map them once), returned to it after use
+        self.free = [ctx.Queue() for _ in range(self.workers)]
+        self.done = ctx.Queue()
         for k in range(n_slots):
-            self.free.put(k)
+            self.free[k // SLOTS_PER_READER].put(k)
         n = len(batches)
         shares = [range((w * n) // self.workers, ((w + 1) * n) // self.workers) for w in range(self.workers)]
-        self.procs = [ctx.Process(target=self._work, args=(share,), daemon=True) for share in shares]
+        self.procs = [ctx.Process(target=self._work, args=(w, share), daemon=True)
+                      for w, share in enumerate(shares)]
 
-    def _work(self, share: range) -> None:
-        """One reader process: its share of the batches, each into a free slot."""
+    def _work(self, w: int, share: range) -> None:
+        """Reader process ``w``: its share of the batches, each into one of its free slots."""
         worker_init(0)
         try:
             for i in share:
                 b = self.batches[i]
-                k = self.free.get()
+                k = self.free[w].get()
                 res, secs = read_batch(self.reader, b, self.slots[k, :len(b)])
                 if isinstance(res, ReadFailure):
                     self.done.put(res)
@@ -265,7 +271,7 @@ class _ReaderPool:
                 k, i, secs = item
                 b = self.batches[i]
                 yield self.slots[k, :len(b)], b, secs
-                self.free.put(k)  # the consumer is done with slot k
+                self.free[k // SLOTS_PER_READER].put(k)  # the consumer is done with slot k
         finally:
             self._stop()
 
@@ -287,7 +293,7 @@ class _ReaderPool:
                 p.terminate()
         for p in self.procs:
             p.join()
-        for q in (self.free, self.done):
+        for q in self.free + [self.done]:
             q.close()
             q.cancel_join_thread()
         del self.slots
