@@ -10,7 +10,9 @@ cores between reader processes and the encoder from a probe batch's measured cos
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +209,8 @@ def stream_batches(reader: PatchReader, batches: Sequence[np.ndarray], workers: 
     """
     batches = list(batches)
     ctx = mp_context()
+    if not batches:
+        return
     if workers <= 0 or ctx is None:
         for b in batches:
             arr, secs = read_batch(reader, b)
@@ -222,8 +226,6 @@ class _ReaderPool:
     """Forked reader processes and the shared-memory slots they fill (see :func:`stream_batches`)."""
 
     def __init__(self, reader: PatchReader, batches: List[np.ndarray], workers: int, ctx: Any) -> None:
-        import mmap
-
         self.reader, self.batches = reader, batches
         self.workers = max(1, min(int(workers), len(batches)))
         n_slots = SLOTS_PER_READER * self.workers
@@ -276,8 +278,6 @@ class _ReaderPool:
             self._stop()
 
     def _next(self) -> Any:
-        import queue
-
         while True:
             try:
                 return self.done.get(timeout=_LIVENESS_S)
