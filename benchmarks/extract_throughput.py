@@ -412,9 +412,9 @@ def main() -> None:
     ap.add_argument("--resnet-repeats", type=int, default=1)
     ap.add_argument("--encoders", nargs="+", default=["tiny_test", "resnet50_trunc"])
     ap.add_argument("--large-encoder", default="uni2_h", help="for --part large (random weights)")
-    ap.add_argument("--large-slide", default="2400x1800@40",
-                    help="small slide for --part large (6 tissue patches: a ViT-H/14 costs ~15-25 s per "
-                         "patch on 2 shared CPU cores)")
+    ap.add_argument("--large-slide", default="5600x4200@40",
+                    help="small slide for --part large (32 tissue patches: a ViT-H/14 costs 2-3 s per patch "
+                         "on 2 CPU cores, ~75 s in all)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="processes for (a) and DataLoader workers for (b) (default: all cores)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of (a)-(c) and of the CPU ratio")
