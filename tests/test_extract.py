@@ -463,3 +463,33 @@ def test_a_slide_is_opened_once_per_extraction(synthetic_slides, monkeypatch):
                                          progress=False)
     assert len(feats) > 16  # more than the probe batch: the rest was read too
     assert len(opened) == 1
+
+
+def test_patches_reach_the_encoder_unchanged_through_reader_processes(synthetic_slides):
+    """The pixels the encoder sees (40x slide, 2x2-reduced to 20x) are OpenSlide's region + PIL's
+    ``reduce`` (the reference, read here independently), whether read in this process or by 2 forked
+    readers handing batches over in recycled shared-memory slots."""
+    import openslide
+    import torch
+
+    from slidechat.features.encoders.base import PatchEncoder
+
+    class PixelEncoder(PatchEncoder):  # the "features" are the patch's own pixels, exactly
+        name = "pixels"
+        embed_dim = 112 * 112 * 3
+
+        def forward(self, patches: torch.Tensor) -> torch.Tensor:
+            return patches.reshape(len(patches), -1).float()
+
+    path = synthetic_slides["tumor40"]
+    got = {}
+    for nw in (0, 2):
+        feats, coords, info = extract_slide_features(path, PixelEncoder(), patch_size=112, batch_size=4,
+                                                     num_workers=nw, progress=False)
+        got[nw] = feats.reshape(-1, 112, 112, 3)
+    assert len(coords) > 4 * 6 and info["timings"]["readers"] == 2.0  # several batches per slot
+    o = openslide.OpenSlide(str(path))
+    ref = np.stack([np.asarray(o.read_region((int(x), int(y)), 0, (224, 224)).convert("RGB").reduce(2))
+                    for x, y in coords])
+    o.close()
+    assert np.array_equal(got[0], ref) and np.array_equal(got[2], ref)

@@ -231,3 +231,115 @@ def test_read_downsampled_fills_every_output_pixel(tmp_path):
             out = slide.read_downsampled(ds, chunk=256)
             assert out.shape == (math.ceil(999 / ds), math.ceil(1001 / ds), 3)
             assert (out == np.array(colour, np.uint8)).all(), ds
+
+
+# -- issue 15: readers near the decode limit ---------------------------------------------------------
+
+
+def _pil_reduce(img, f):
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).reduce(f))
+
+
+def test_fast_2x2_reduce_is_pils_reduce_bit_for_bit():
+    """The reference is PIL's own ``reduce`` (what the readers produced before): random pixels cover
+    every remainder of the 2x2 sum mod 4, so any rounding difference shows; odd sizes and other
+    factors take PIL itself; a tile wider than OpenCV's single-stripe limit is done in strips."""
+    from slidechat.wsi.tiles import reduce_blocks
+
+    rng = np.random.default_rng(0)
+    for h, w in ((256, 256), (240, 512), (1024, 1024), (6, 10)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(reduce_blocks(img, 2), _pil_reduce(img, 2)), (h, w)
+    odd = rng.integers(0, 256, (255, 257, 3), dtype=np.uint8)
+    assert np.array_equal(reduce_blocks(odd, 2), _pil_reduce(odd, 2))
+    assert np.array_equal(reduce_blocks(odd[:252, :252], 4), _pil_reduce(odd[:252, :252], 4))
+
+
+def _reduce_in_child(q):
+    from slidechat.wsi.tiles import reduce_blocks
+
+    img = np.random.default_rng(1).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
+    q.put(bool(np.array_equal(reduce_blocks(img, 2), _pil_reduce(img, 2))))
+
+
+def test_fast_reduce_runs_in_a_forked_reader_after_the_parent_used_opencv_threads():
+    """Readers are forked after segmentation ran OpenCV on many threads; the reduce must neither hang
+    nor differ there (a hang fails this test by its timeout)."""
+    import multiprocessing as mp
+
+    import cv2
+
+    big = np.zeros((4096, 4096, 3), np.uint8)
+    cv2.resize(big, (2048, 2048), interpolation=cv2.INTER_AREA)  # the parent's thread pool is in use
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_reduce_in_child, args=(q,))
+    p.start()
+    p.join(60)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive and p.exitcode == 0 and q.get(timeout=5)
+
+
+def _grid(path, **kw):
+    with Slide(path) as s:
+        return plan_patches(s, segment_tissue(s), resolve_resolution(s), tissue_threshold=0.5,
+                            **(kw or dict(target_magnification=20, patch_size=224)))
+
+
+def test_reader_processes_hand_over_the_same_pixels_through_recycled_slots(synthetic_slides):
+    """Batches read by 2 forked readers into shared-memory slots (fewer slots than batches, so each is
+    reused) equal the in-process reads; the forked readers reuse the parent's checked handle."""
+    from slidechat.wsi.reader import SLOTS_PER_READER, PatchReader, ReadFailure, stream_batches
+
+    path = synthetic_slides["tumor40"]
+    grid = _grid(path, target_magnification=20, patch_size=112)  # 224 px at 40x, reduced 2x2
+    with Slide(path) as slide:
+        reader = PatchReader(path, grid, batch_size=2, slide=slide)
+        assert slide.reads_directly(grid.read_level)
+        ref = reader.read(np.arange(len(grid)))
+        assert len(reader.batches) > 2 * SLOTS_PER_READER + 2  # every slot is reused at least once
+        got = np.zeros_like(ref)
+        seen = []
+        for item in stream_batches(reader, reader.batches, 2):
+            assert not isinstance(item, ReadFailure), item
+            patches, idx, _ = item
+            got[idx] = patches  # copied before the next batch may reuse the slot
+            seen.extend(idx.tolist())
+        assert sorted(seen) == list(range(len(grid)))
+        assert np.array_equal(got, ref)
+        out = np.zeros((3,) + ref.shape[1:], np.uint8)
+        assert reader.read(np.arange(3), out) is out and np.array_equal(out, ref[:3])
+        reader.close()
+
+
+def test_a_reader_process_that_dies_ends_the_stream_with_a_failure(synthetic_slides, monkeypatch):
+    import os
+
+    from slidechat.wsi.reader import PatchReader, ReadFailure, stream_batches
+
+    path = synthetic_slides["tumor20"]
+    reader = PatchReader(path, _grid(path, target_magnification=20, patch_size=112), batch_size=4)
+    monkeypatch.setattr(PatchReader, "read", lambda self, idx, out=None: os._exit(3))
+    items = list(stream_batches(reader, reader.batches, 2))
+    assert isinstance(items[-1], ReadFailure) and "exit code 3" in items[-1].reason
+    assert items[-1].path == str(path)
+
+
+def test_forked_slide_reads_like_its_parent_without_reopening(synthetic_slides):
+    """``Slide.forked`` shares the checked direct tile reader (its own descriptor and cache) and opens
+    OpenSlide only when a read needs it (a region off the level's pixel grid)."""
+    path = synthetic_slides["tumor40"]
+    with Slide(path) as s:
+        assert s.enable_direct_tiles()
+        ref = s.read_region((512, 512), 0, (300, 200))
+        twin = s.forked()
+        assert twin._osr is None and twin._tiles is not s._tiles
+        assert np.array_equal(twin.read_region((512, 512), 0, (300, 200)), ref)
+        assert twin._osr is None  # read directly
+        off = s.read_region((513, 515), 1, (64, 64))  # level 1 is 4x: (513, 515) is off its grid
+        assert np.array_equal(twin.read_region((513, 515), 1, (64, 64)), off)
+        assert twin._osr is not None
+        twin.close()
+        assert np.array_equal(s.read_region((512, 512), 0, (300, 200)), ref)  # the parent is untouched

@@ -32,8 +32,7 @@ from slidechat.utils.paths import PathLike
 from slidechat.utils.version import __version__
 from slidechat.wsi.patching import (DEFAULT_MAGNIFICATION, DEFAULT_PATCH_SIZE, DEFAULT_TISSUE_THRESHOLD,
                                     PatchGrid, plan_patches)
-from slidechat.wsi.reader import (PatchReader, ReadFailure, balance_workers, batch_stream, cpu_cores,
-                                  mp_context, read_batch, worker_init)
+from slidechat.wsi.reader import PatchReader, ReadFailure, balance_workers, cpu_cores, read_batch, stream_batches
 from slidechat.wsi.slide import Slide, resolve_resolution, slide_id
 from slidechat.wsi.tissue import TissueMask, TissueParams, auto_downsample, segment_rgb, whole_slide_mask
 
@@ -236,23 +235,19 @@ def _probe(reader: PatchReader, encode: _BatchEncoder, opts: ExtractOptions, des
 def _encode_from_readers(reader: PatchReader, batches: List[np.ndarray], nw: int,
                          encode: _BatchEncoder) -> None:
     """Encode ``batches`` as ``nw`` reader processes deliver them (0: read in this process), timing
-    the reads and the waits on the readers."""
-    from torch.utils.data import DataLoader
+    the reads and the waits on the readers. Each batch is encoded before the next is asked for: its
+    shared-memory slot is then reused (see ``stream_batches``)."""
+    import torch
 
     t = encode.timings
-    loader = DataLoader(batch_stream(reader, batches), batch_size=None, num_workers=nw,
-                        pin_memory=encode.device.type == "cuda",
-                        worker_init_fn=worker_init if nw else None,
-                        multiprocessing_context=mp_context() if nw else None,
-                        prefetch_factor=4 if nw else None, persistent_workers=False)
     t_wait = time.perf_counter()
-    for item in loader:
+    for item in stream_batches(reader, batches, nw):
         t["read_wait_s"] += time.perf_counter() - t_wait
         if isinstance(item, ReadFailure):
             raise StageError("read", item.error())
         patches, idx, secs = item
         t["read_s"] += float(secs)
-        encode(patches, idx.numpy())
+        encode(torch.from_numpy(patches), idx)
         t_wait = time.perf_counter()
     if nw == 0:  # reads happened inside the loop: not waiting on other processes
         t["read_wait_s"] = 0.0

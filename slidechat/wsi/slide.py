@@ -6,6 +6,7 @@ only, so a plain field-of-view PNG and a 100k-pixel SVS go through the same code
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from slidechat.utils.errors import SlideChatError
+from slidechat.utils.errors import SlideChatError, exception_text
 from slidechat.utils.paths import PathLike
 from slidechat.wsi.imageio import (ImageTooLargeError, limit_hint, read_image, rgba_to_rgb,
                                    sniff_format)
@@ -57,6 +58,8 @@ class Slide:
         self._img: Optional[np.ndarray] = None
         self.mpp_rejected: Optional[str] = None  # why a resolution found in the file was not trusted
         self._tiles: Any = None  # direct tile reader (wsi.tiles), when enabled
+        self._reopen = False  # a forked twin: open its own OpenSlide handle on first use
+        self._cache_mb = 0.0
         if not self.path.is_file():
             raise SlideChatError("slide file not found", self.path)
         plain_name = self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES
@@ -151,7 +154,7 @@ class Slide:
         if direct is not None:
             return direct
         try:
-            rgba = np.asarray(self._osr.read_region((x, y), level, (w, h)))
+            rgba = np.asarray(self._openslide().read_region((x, y), level, (w, h)))
         except Exception as e:
             raise self._read_error(x, y, w, h, level, e) from e
         return rgba_to_rgb(rgba)
@@ -172,7 +175,7 @@ class Slide:
         if direct is not None:
             return Image.fromarray(direct)
         try:
-            rgba = self._osr.read_region((x, y), level, (w, h))
+            rgba = self._openslide().read_region((x, y), level, (w, h))
         except Exception as e:
             raise self._read_error(x, y, w, h, level, e) from e
         if rgba.getextrema()[3][0] == 255:  # fully opaque: the usual case inside the scan
@@ -180,12 +183,14 @@ class Slide:
         return Image.fromarray(rgba_to_rgb(np.asarray(rgba)))
 
     def read_region_reduced(self, location: Tuple[int, int], level: int, size: Tuple[int, int],
-                            factor: int = 1) -> np.ndarray:
+                            factor: int = 1, out: Optional[np.ndarray] = None) -> np.ndarray:
         """RGB uint8 ``(h // factor, w // factor, 3)``: the region read at ``level`` and block-averaged by
-        an integer ``factor`` (PIL ``reduce``), e.g. 448-px level-0 reads of a 40x slide -> 224 px at 20x.
+        an integer ``factor`` (PIL ``reduce``), e.g. 448-px level-0 reads of a 40x slide -> 224 px at 20x;
+        written into ``out`` when given.
 
         With direct tiles each tile is reduced once when decoded (and cached reduced), so the full-size
-        region never exists; otherwise the OpenSlide region is reduced in PIL. Same pixels either way.
+        region never exists, and the result is composed straight into ``out``; otherwise the OpenSlide
+        region is reduced in PIL. Same pixels either way.
         """
         f = max(1, int(factor))
         x, y = int(location[0]), int(location[1])
@@ -196,11 +201,19 @@ class Slide:
             lx, ly = int(x // ds), int(y // ds)
             if not (lx % f or ly % f or w % f or h % f):
                 try:
-                    return tiles.read(x, y, level, w, h, ds, f)
+                    return tiles.read(x, y, level, w, h, ds, f, out)
                 except Exception as e:
                     raise self._read_error(x, y, w, h, level, e) from e
         img = self.read_region_image((x, y), level, (w, h))
-        return np.asarray(img.reduce(f) if f > 1 else img)
+        arr = np.asarray(img.reduce(f) if f > 1 else img)
+        if out is None:
+            return arr
+        out[...] = arr
+        return out
+
+    def reads_directly(self, level: int) -> bool:
+        """Whether ``level`` is read by the direct tile reader (cheap per region: no need to batch reads)."""
+        return self._tiles is not None and self._tiles.has_level(level)
 
     def _direct_region(self, x: int, y: int, level: int, w: int, h: int) -> Optional[np.ndarray]:
         """The region from the direct tile reader when it covers ``level`` and (x, y) falls on a whole
@@ -222,6 +235,30 @@ class Slide:
         ds = self.level_downsamples[level]
         return float(x / ds).is_integer() and float(y / ds).is_integer()
 
+    def _openslide(self) -> Any:
+        """The OpenSlide handle; a forked twin opens its own here, on its first OpenSlide read."""
+        if self._reopen:
+            import openslide
+
+            self._reopen = False
+            try:
+                self._osr = openslide.OpenSlide(str(self.path))
+            except Exception as e:
+                raise SlideChatError(f"cannot open slide: {exception_text(e)}", self.path) from e
+            self.set_cache_size(self._cache_mb)
+        return self._osr
+
+    def forked(self) -> "Slide":
+        """This handle for use in a forked process, at no cost: same geometry and metadata, the direct
+        tile reader without a re-check (it reads with ``pread``, so the inherited descriptor is safe to
+        share), and an OpenSlide handle of its own opened only if a read needs one (an OpenSlide handle
+        does not survive a fork). Opening and self-checking the slide again cost ~50 ms per reader."""
+        twin = copy.copy(self)
+        twin._reopen = self._osr is not None
+        twin._osr = None
+        twin._tiles = self._tiles.forked() if self._tiles is not None else None
+        return twin
+
     def enable_direct_tiles(self, cache_mb: float = 128, probe: Optional[Tuple[int, int]] = None) -> bool:
         """Read tiled-TIFF levels by decoding their JPEG tiles directly (``wsi.tiles``), ~6x cheaper than
         OpenSlide's ``read_region`` per tile, after a pixel-identity self-check; False if not possible."""
@@ -235,6 +272,7 @@ class Slide:
         Adjacent patches share tiles; with a cache larger than a band of tiles across the tissue, each
         tile is decoded once per reader process. No-op for plain images or old OpenSlide builds.
         """
+        self._cache_mb = float(megabytes)
         if self._osr is None or megabytes <= 0:
             return
         try:
