@@ -37,7 +37,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -67,6 +67,52 @@ class GenerationFamily(Protocol):
     def prepare(self, item: Any) -> None: ...
 
     def generate(self, items: Sequence[Any]) -> List[str]: ...
+
+
+def group_key(family: Any, item: Any) -> Optional[Hashable]:
+    """What ``item`` shares its prompt prefix with (its slide, its images) when ``family`` reuses prefixes;
+    ``None``: the row is batched as it comes."""
+    if not getattr(family, "prefix_reuse", False):
+        return None
+    key = getattr(family, "group_key", None)
+    return key(item) if key is not None else None
+
+
+def group_batches(keys: Sequence[Optional[Hashable]], batch_size: int) -> List[List[int]]:
+    """Row indices, in order, in batches of at most ``batch_size`` rows where a run of consecutive rows
+    with one key (the questions of one slide or image) is never split: a longer run is a batch of its
+    own, answered ``batch_size`` questions at a time from one prefill. Rows with key ``None`` and single
+    rows pack as today. The order of the rows, and so of the output, is unchanged."""
+    runs: List[List[int]] = []
+    for i, k in enumerate(keys):
+        if runs and k is not None and keys[runs[-1][-1]] == k:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    batches: List[List[int]] = []
+    for run in runs:
+        if batches and len(batches[-1]) + len(run) <= batch_size:
+            batches[-1].extend(run)
+        else:
+            batches.append(list(run))
+    return batches
+
+
+def split_groups(items: Sequence[Any], key: Callable[[Any], Optional[Hashable]]
+                 ) -> "tuple[List[int], List[List[int]]]":
+    """Positions of ``items`` answered alone (a key seen once, or ``None``) and the groups of positions
+    sharing a key (two rows or more): what a family answers with and without a shared prefill."""
+    by_key: Dict[Hashable, List[int]] = {}
+    singles: List[int] = []
+    for j, it in enumerate(items):
+        k = key(it)
+        if k is None:
+            singles.append(j)
+        else:
+            by_key.setdefault(k, []).append(j)
+    groups = [g for g in by_key.values() if len(g) > 1]
+    singles += [g[0] for g in by_key.values() if len(g) == 1]
+    return sorted(singles), groups
 
 
 @dataclass
@@ -132,6 +178,8 @@ def run_inference(items: Sequence[Any], writer: ResultWriter, family: Generation
 
     ``items`` is the WHOLE input (``items[i].position == i``); the first ``writer.done`` are skipped.
     Each batch is written before the next starts, so a killed run loses at most the batch in flight.
+    A family that reuses prefixes gets the questions of one image or slide in one batch
+    (:func:`group_batches`).
     """
     if batch_size < 1:
         raise SlideChatError(f"batch_size must be >= 1 (got {batch_size})")
@@ -145,8 +193,8 @@ def run_inference(items: Sequence[Any], writer: ResultWriter, family: Generation
     if progress and pending:
         bar = tqdm(total=total, initial=writer.done, desc=desc, unit="row", dynamic_ncols=True)
     try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+        for rows in group_batches([group_key(family, it) for it in pending], batch_size):
+            batch = [pending[j] for j in rows]
             prepare_items(batch, family)
             t0 = time.perf_counter()
             stats.generated += generate_into(batch, family.generate)
@@ -467,11 +515,15 @@ class SlideFamily:
     them over with :meth:`hold`; both drivers then answer through :func:`generate_into`."""
 
     def __init__(self, model: Any, dataset: Any, *, max_new_tokens: int = 500, fp16: bool = False,
-                 generation_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+                 generation_kwargs: Optional[Mapping[str, Any]] = None, prefix_reuse: bool = True,
+                 batch_size: int = 8) -> None:
         self.model = model  # SlideChatTrainModel (mmengine) - it has data_preprocessor + predict
         self.dataset = dataset  # SlideBenchTestDataset: its prepare_item reads features, encodes the prompt
         self.tokenizer = dataset.tokenizer
         self.max_new_tokens = int(max_new_tokens)
+        # the questions of one slide: one encode + one prefill of their common prefix (issue 14)
+        self.prefix_reuse = bool(prefix_reuse)
+        self.batch_size = int(batch_size)  # questions per generate call from one prefill
         self.fp16 = fp16
         self.generation_kwargs = dict(generation_kwargs or {})
         self.generation_kwargs.setdefault("use_cache", True)
@@ -489,10 +541,17 @@ class SlideFamily:
             if item.error is None:
                 self._prepared[id(item)] = inst
 
+    @staticmethod
+    def group_key(item: Any) -> Optional[Hashable]:
+        """Rows reading the same feature file ask about the same slide (the same tokens: the patch
+        subsample is deterministic)."""
+        path = getattr(item, "feature_path", None)
+        return None if path is None else os.fspath(path)
+
     def generate(self, items: Sequence[Any]) -> List[str]:
         insts = [self._prepared[id(it)] for it in items]
         try:
-            texts = self._predict(slidebench_collate_fn(insts)["data"])
+            texts = self._answer(insts)
         except SlideChatError:
             if len(items) == 1:  # no retry follows (generate_into retries batches row by row)
                 self._prepared.pop(id(items[0]), None)
@@ -501,20 +560,55 @@ class SlideFamily:
             self._prepared.pop(id(it), None)
         return texts
 
-    @torch.no_grad()
-    def _predict(self, data: Mapping[str, Any]) -> List[str]:
-        """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
-        model = self.model
-        data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]
+    def _answer(self, insts: Sequence[Mapping[str, Any]]) -> List[str]:
+        """Texts for prepared rows: the questions of one slide through :meth:`_predict_shared`, the other
+        rows together through today's batched ``predict``."""
+        if not self.prefix_reuse:
+            return self._predict(slidebench_collate_fn(insts)["data"])
+        singles, groups = split_groups([inst["item"] for inst in insts], self.group_key)
+        texts: List[str] = [""] * len(insts)
+        if singles:
+            for j, t in zip(singles, self._predict(slidebench_collate_fn([insts[j] for j in singles])["data"])):
+                texts[j] = t
+        for g in groups:  # one slide's cache at a time
+            for j, t in zip(g, self._predict_shared([insts[j] for j in g])):
+                texts[j] = t
+        return texts
+
+    def _autocast(self) -> Any:
         try:
-            device_type = next(model.parameters()).device.type
+            device_type = next(self.model.parameters()).device.type
         except StopIteration:
             device_type = "cpu"
-        t0 = time.perf_counter()
-        with torch.autocast(device_type=device_type, enabled=self.fp16):
-            new_tokens = model.predict(data, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+        return torch.autocast(device_type=device_type, enabled=self.fp16)
+
+    def _decoded(self, new_tokens: Sequence[torch.Tensor], t0: float) -> List[str]:
         self.timings["generate_s"] += time.perf_counter() - t0
         self.timings["new_tokens"] += sum(len(t) for t in new_tokens)
         self.timings["rows_generated"] += len(new_tokens)
         texts = self.tokenizer.batch_decode([t.tolist() for t in new_tokens], skip_special_tokens=True)
         return [clean_output(t) for t in texts]
+
+    @torch.no_grad()
+    def _predict(self, data: Mapping[str, Any]) -> List[str]:
+        """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
+        model = self.model
+        data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]
+        t0 = time.perf_counter()
+        with self._autocast():
+            new_tokens = model.predict(data, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+        return self._decoded(new_tokens, t0)
+
+    @torch.no_grad()
+    def _predict_shared(self, insts: Sequence[Mapping[str, Any]]) -> List[str]:
+        """Texts for several questions about ONE slide: the slide encoded once, the common prompt prefix
+        prefilled once (``SlideChatModel.generate_shared``)."""
+        core = getattr(self.model, "core", self.model)  # SlideChatTrainModel wraps the SlideChatModel
+        coords = insts[0].get("coords")
+        t0 = time.perf_counter()
+        with self._autocast():
+            vis = core.encode_slides([insts[0]["features"]], None if coords is None else [coords])[0]
+            new_tokens, _ = core.generate_shared([inst["input_ids"] for inst in insts], vis,
+                                                 max_batch=self.batch_size, max_new_tokens=self.max_new_tokens,
+                                                 **self.generation_kwargs)
+        return self._decoded(new_tokens, t0)
