@@ -518,16 +518,18 @@ class SlideChatModel(nn.Module):
 
     @torch.no_grad()
     def generate_shared(self, input_ids: Sequence[Tensor], visual_tokens: Tensor, *, max_batch: int = 8,
-                        state: Optional[PrefixCache] = None, max_new_tokens: int = 500, do_sample: bool = False,
+                        state: Optional[PrefixCache] = None, keep: bool = False, max_new_tokens: int = 500,
+                        do_sample: bool = False,
                         eos_token_id: Optional[Union[int, List[int]]] = None, pad_token_id: Optional[int] = None,
                         **gen_kwargs: Any) -> Tuple[List[Tensor], Optional[PrefixCache]]:
         """Answer several prompts about ONE slide (``visual_tokens``, :meth:`encode_slides` of it) with one
         prefill of their longest common token prefix, ``max_batch`` rows per ``generate`` from a fork of
         its cache (:mod:`slidechat.model.prefix_cache`); the answers are :meth:`generate`'s.
 
-        ``state`` (one prompt: a chat's next turn): the cache kept from the previous turn; it is cropped to
-        what this prompt shares with it, extended to the prompt, and returned for the next turn.
-        Returns each prompt's new tokens (cut before the first stop token) and the state.
+        ``keep`` (one prompt: a chat turn) returns the cache, holding the prompt and its answer, for the
+        next turn; ``state`` is the one the previous turn kept: it is cropped to what this prompt shares
+        with it and extended to the prompt, so a turn prefills only its own new tokens.
+        Returns each prompt's new tokens (cut before the first stop token) and the kept cache (or None).
         """
         rows = [ids.reshape(-1).tolist() for ids in input_ids]
         if not rows:
@@ -536,10 +538,10 @@ class SlideChatModel(nn.Module):
         gen_kwargs["max_new_tokens"] = max_new_tokens
         n_vis = int(visual_tokens.shape[0])
         embeds = self.prompt_embeddings(input_ids, visual_tokens)
-        if state is not None and len(rows) != 1:
+        if (keep or state is not None) and len(rows) != 1:
             raise SlideChatError(f"a kept prefix cache continues one prompt, not {len(rows)}")
         shared = common_prefix_len(rows)
-        if state is None and shared == 0:  # nothing in common: today's batched path
+        if state is None and shared == 0 and not keep:  # nothing in common: today's batched path
             return self.generate(input_ids, [visual_tokens] * len(rows), visual_tokens=[visual_tokens] * len(rows),
                                  **gen_kwargs), None
         start = 0
@@ -557,9 +559,9 @@ class SlideChatModel(nn.Module):
         for lo in range(0, len(rows), max(1, int(max_batch))):
             chunk = embeds[lo:lo + max_batch]
             new = generate_from_prefix(self.llm, cache, prefix, [e[p_pos:] for e in chunk], embeds=True,
-                                       fork=state is None, **gen_kwargs)
+                                       fork=not keep, **gen_kwargs)
             results += [self._cut_at_stop(new[i], eos) for i in range(len(chunk))]
-        if state is None:
+        if not keep:
             return results, None
         held = rows[0] + new[0].tolist()
         n_held = cache.get_seq_length() - (n_vis - 1 if IMAGE_TOKEN_INDEX in rows[0] else 0)
