@@ -50,6 +50,7 @@ from slidechat.data.template import (encode_qwen2vl_prompt, get_vision_template,
                                      template_stop_token_ids)
 from slidechat.inference.writers import make_id
 from slidechat.model.hf_folder import load_tokenizer
+from slidechat.model.prefix_cache import common_prefix_len, generate_from_prefix, prefill
 from slidechat.model.qwen2vl import family_of, per_image_vision, read_family
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
@@ -409,9 +410,17 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> List[int]:
 
 
 class Qwen2VLFamily(_Qwen2VLText):
-    """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
+    """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``.
 
-    def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, **kw: Any) -> None:
+    With ``prefix_reuse`` (the default) the questions of one image (rows with the same image list) share
+    one run of the vision tower and one prefill of their common prefix (:meth:`_generate_shared`),
+    ``max_batch`` questions per ``generate``.
+    """
+
+    def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, *, prefix_reuse: bool = True,
+                 max_batch: int = 8, **kw: Any) -> None:
+        self.prefix_reuse = bool(prefix_reuse)
+        self.max_batch = int(max_batch)
         kw.setdefault("generation_config", getattr(model, "generation_config", None))
         if kw.get("template") is None:  # the model's family's LLaMA-Factory template
             kw["template"] = family_of(model).lf_template
@@ -425,22 +434,74 @@ class Qwen2VLFamily(_Qwen2VLText):
         self.new_tokens = 0  # answer tokens generated (through the stop token)
         self.token_slots = 0  # rows x decoding steps: a batch runs until its longest answer ends
 
+    @staticmethod
+    def group_key(item: CytologyItem) -> Optional[Hashable]:
+        """Rows asking about the same image files share the image's tokens."""
+        return tuple(item.images) if item.images else None
+
     @torch.no_grad()
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
+        if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
+            torch.manual_seed(int(self.sampling.seed) + items[0].position)
+        if not self.prefix_reuse:
+            return self._generate_batch(items)
+        singles, groups = split_groups(items, self.group_key)
+        texts: List[str] = [""] * len(items)
+        for idx in ([singles] if singles else []) + groups:
+            run = self._generate_batch if len(idx) == 1 or idx is singles else self._generate_shared
+            for j, t in zip(idx, run([items[j] for j in idx])):
+                texts[j] = t
+        return texts
+
+    def _inputs(self, items: Sequence[CytologyItem]) -> Dict[str, Any]:
+        """The left-padded batch on the model's device (pixels in its dtype)."""
         batch = prepare_generation_batch(self.processor, [it.prompt_ids for it in items],
                                          [it.prepared_images for it in items])
         param = next(self.model.parameters())
-        inputs = {k: (v.to(param.device, dtype=param.dtype) if k in ("pixel_values",) else v.to(param.device))
-                  if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
-            torch.manual_seed(int(self.sampling.seed) + items[0].position)
-        with per_image_vision(self.model):
-            out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                      **self.gen_kwargs)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        return {k: (v.to(param.device, dtype=param.dtype) if k in ("pixel_values",) else v.to(param.device))
+                if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _texts(self, new: List[List[int]]) -> List[str]:
         self.token_slots += sum(len(row) for row in new)
         self.new_tokens += sum(self.answer_length(row) for row in new)
         return [self.decode_new(row) for row in new]
+
+    def _generate_batch(self, items: Sequence[CytologyItem]) -> List[str]:
+        """Today's path: one left-padded ``generate`` over the full prompts."""
+        inputs = self._inputs(items)
+        with per_image_vision(self.model):
+            out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                      **self.gen_kwargs)
+        return self._texts(out[:, inputs["input_ids"].shape[1]:].tolist())
+
+    def _generate_shared(self, items: Sequence[CytologyItem]) -> List[str]:
+        """Questions about one image: the vision tower and the common prefix (which must hold every image
+        token, else there is nothing worth sharing and today's path answers) run once; the rest from forks
+        of the prefix cache. M-RoPE: the prefill sets the model's ``rope_deltas`` for the prefix, and
+        ``generate`` continues with text positions (mask cumulative sum) + that delta, which is exactly
+        ``get_rope_index`` of each full prompt for text after the image
+        (``Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation``)."""
+        inputs = self._inputs(items)
+        mask = inputs["attention_mask"].bool()
+        rows = [ids[m] for ids, m in zip(inputs["input_ids"], mask)]
+        shared = common_prefix_len([r.tolist() for r in rows])
+        vision = inputs["mm_token_type_ids"][0][mask[0]].nonzero() if "mm_token_type_ids" in inputs else None
+        if vision is None or vision.numel() == 0 or int(vision.max()) >= shared:
+            return self._generate_batch(items)
+        grid = inputs["image_grid_thw"][:len(items[0].prepared_images)]
+        with per_image_vision(self.model):
+            cache = prefill(self.model, input_ids=rows[0][None, :shared],
+                            attention_mask=torch.ones_like(rows[0][None, :shared]),
+                            pixel_values=inputs["pixel_values"][:int(grid.prod(-1).sum())], image_grid_thw=grid,
+                            mm_token_type_ids=inputs["mm_token_type_ids"][0][mask[0]][None, :shared])
+        texts: List[str] = []
+        for lo in range(0, len(rows), max(1, self.max_batch)):
+            new = generate_from_prefix(self.model, cache, rows[0][:shared],
+                                       [r[shared:] for r in rows[lo:lo + self.max_batch]], embeds=False,
+                                       pad=self.pad_id, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                       **self.gen_kwargs)
+            texts += self._texts(new.tolist())
+        return texts
 
 
 class VllmQwen2VLFamily(_Qwen2VLText):
