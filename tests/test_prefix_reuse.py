@@ -87,6 +87,8 @@ def test_group_batches_keeps_order_and_never_splits_a_group():
     # runs: a a a | b | None | None | c*5; packed into <= 4 rows; the run of five is a batch of its own
     assert group_batches(keys, 4) == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
     assert group_batches([None] * 5, 2) == [[0, 1], [2, 3], [4]]  # no keys: today's fixed batches
+    # a very long run is cut at GROUP_BATCHES (4) batches' worth: 9 rows at batch 2 -> 8 + 1
+    assert group_batches(["x"] * 9, 2) == [list(range(8)), [8]]
 
 
 def test_common_prefix_is_computed_never_assumed():

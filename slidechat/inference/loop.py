@@ -79,14 +79,21 @@ def group_key(family: Any, item: Any) -> Optional[Hashable]:
     return key(item) if key is not None else None
 
 
+#: a slide's questions in one batch: at most this many batches' worth (each prepared row holds its own
+#: copy of the slide's features until its batch is answered, so this bounds host memory)
+GROUP_BATCHES = 4
+
+
 def group_batches(keys: Sequence[Optional[Hashable]], batch_size: int) -> List[List[int]]:
     """Row indices, in order, in batches of at most ``batch_size`` rows where a run of consecutive rows
-    with one key (the questions of one slide or image) is never split: a longer run is a batch of its
-    own, answered ``batch_size`` questions at a time from one prefill. Rows with key ``None`` and single
-    rows pack as today. The order of the rows, and so of the output, is unchanged."""
+    with one key (the questions of one slide or image) is kept together: a longer run is a batch of its
+    own (up to ``GROUP_BATCHES * batch_size`` rows, then split), answered ``batch_size`` questions at a
+    time from one prefill. Rows with key ``None`` and single rows pack as today. The order of the rows,
+    and so of the output, is unchanged."""
+    cap = GROUP_BATCHES * batch_size
     runs: List[List[int]] = []
     for i, k in enumerate(keys):
-        if runs and k is not None and keys[runs[-1][-1]] == k:
+        if runs and k is not None and keys[runs[-1][-1]] == k and len(runs[-1]) < cap:
             runs[-1].append(i)
         else:
             runs.append([i])
