@@ -21,6 +21,12 @@ Two drivers feed it batches, and they differ only in who owns the iteration:
 
 So a SlideBench row is answered one way whichever command runs it, and the CSVs are the same bytes.
 
+One prefill per slide or image (issue 14): a family with ``prefix_reuse`` and a ``group_key`` (the
+slide's feature file, the row's images) gets the questions of one slide or image in one batch
+(:func:`group_batches`, by both drivers) and answers each such group from one encode and one prefill of
+the group's longest common token prefix (:mod:`slidechat.model.prefix_cache`); rows alone in their batch
+take today's batched path. Greedy answers, output files, row order and resume are unchanged.
+
 A family is anything with ``prepare(item)`` and ``generate(items) -> List[str]``
 (:class:`GenerationFamily`): :class:`Qwen2VLFamily` (cytology, ``slidechat infer``, transformers
 engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is installed) and
@@ -455,7 +461,7 @@ class Qwen2VLFamily(_Qwen2VLText):
         singles, groups = split_groups(items, self.group_key)
         texts: List[str] = [""] * len(items)
         for idx in ([singles] if singles else []) + groups:
-            run = self._generate_batch if len(idx) == 1 or idx is singles else self._generate_shared
+            run = self._generate_batch if idx is singles else self._generate_shared
             for j, t in zip(idx, run([items[j] for j in idx])):
                 texts[j] = t
         return texts
