@@ -279,3 +279,34 @@ def test_qwen2vl_questions_of_one_image_same_tokens(tmp_path, arch):
     # images through the vision tower: today one per row (7); with reuse image 0 once, image 1 per row (its
     # prompts differ before the image) and image 2 once: 1 + 2 + 1
     assert seen[False] == 7 and seen[True] == 4
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_image_chat_keeps_the_cache_across_turns(tmp_path, arch):
+    """``chat --image``: later turns neither run the vision tower again nor prefill the image; the answers
+    are those of a full prefill every turn."""
+    from PIL import Image
+
+    from slidechat.apps.chat import ImageChatSession
+    from slidechat.model.qwen2vl import load_qwen2vl
+
+    model, proc = load_qwen2vl(_tiny_vl(tmp_path, arch))
+    img = tmp_path / "f.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (70, 84, 3), dtype=np.uint8)).save(img)
+    visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
+    answers, vision_runs = {}, {}
+    for reuse in (True, False):
+        calls = {"n": 0}
+        hook = visual.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+        try:
+            chat = ImageChatSession(model, proc, img, max_new_tokens=MAX_NEW, prefix_reuse=reuse)
+            answers[reuse] = [chat.ask(q) for q in QUESTIONS[:3]]
+            chat.reset()
+            answers[reuse].append(chat.ask(QUESTIONS[3]))
+        finally:
+            hook.remove()
+        vision_runs[reuse] = calls["n"]
+    assert answers[True] == answers[False]
+    # today every turn runs the vision tower (4); with reuse only the first turn: even after reset the new
+    # prompt starts with the same system, user header and image, so the kept cache is cropped after them
+    assert vision_runs[False] == 4 and vision_runs[True] == 1

@@ -24,7 +24,7 @@ from slidechat.data.template import config_template, encode_prompt
 from slidechat.engine.builder import build_model_from_config
 from slidechat.features.extract import extract_slide_features
 from slidechat.features.io import load_features
-from slidechat.inference.loop import CytologyItem, Qwen2VLFamily, SamplingSettings
+from slidechat.inference.loop import CytologyItem, KeptImageCache, Qwen2VLFamily, SamplingSettings
 from slidechat.model.checkpoint import is_exported_folder, resolve_checkpoint
 from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from slidechat.model.qwen2vl import load_qwen2vl
@@ -162,7 +162,7 @@ class ImageChatSession:
 
     def __init__(self, model: Any, processor: Any, image: PathLike, max_new_tokens: int = 500,
                  system: Optional[str] = None, image_max_pixels: int = 768 * 768,
-                 image_min_pixels: int = 32 * 32) -> None:
+                 image_min_pixels: int = 32 * 32, prefix_reuse: bool = True) -> None:
         self.image_path = Path(image)
         self.image = prepare_image(self.image_path, image_max_pixels, image_min_pixels)  # read + scaled once
         limit = llm_context_length(model) or 32768
@@ -172,6 +172,8 @@ class ImageChatSession:
                                     image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels)
         self.system = system or None
         self.history: List[Tuple[str, str]] = []
+        self.prefix_reuse = bool(prefix_reuse)  # keep the cache across turns: the image is encoded once
+        self._kept: Optional[KeptImageCache] = None
 
     def _item(self, question: str) -> CytologyItem:
         msgs = []
@@ -194,7 +196,12 @@ class ImageChatSession:
         question = question.strip()
         if not question:
             raise ValueError("empty question")
-        answer = self.family.generate([self._item(question)])[0].strip()
+        item = self._item(question)
+        if self.prefix_reuse:
+            text, self._kept = self.family.answer_kept(item, self._kept)
+        else:
+            text = self.family.generate([item])[0]
+        answer = text.strip()
         self.history.append((question, answer))
         return answer
 

@@ -70,7 +70,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=500)
     g.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
-                   help="slides: prefill every turn's whole prompt again instead of keeping the LLM cache "
+                   help="prefill every turn's whole prompt (slide or image) again instead of keeping the LLM cache "
                         "across turns (same greedy answers; for A/B runs)")
     g.add_argument("--max-patches", type=int, default=None,
                    help="patch cap (uniform subsample; default: the model's max_patches_test)")
@@ -164,7 +164,8 @@ def _session(args: argparse.Namespace) -> Tuple[Any, str]:
             device=args.device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, allow_partial=args.allow_partial,
             max_new_tokens=args.max_new_tokens, system=args.system or None,
-            image_max_pixels=args.image_max_pixels, image_min_pixels=args.image_min_pixels)
+            image_max_pixels=args.image_max_pixels, image_min_pixels=args.image_min_pixels,
+            prefix_reuse=args.prefix_reuse)
         width, height = session.image.size
         return session, f"Image loaded ({width}x{height})."
     if not (args.checkpoint or args.model_name_or_path):

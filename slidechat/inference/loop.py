@@ -56,7 +56,8 @@ from slidechat.data.template import (encode_qwen2vl_prompt, get_vision_template,
                                      template_stop_token_ids)
 from slidechat.inference.writers import make_id
 from slidechat.model.hf_folder import load_tokenizer
-from slidechat.model.prefix_cache import common_prefix_len, generate_from_prefix, prefill
+from slidechat.model.prefix_cache import (PrefixCache, common_prefix_len, crop_cache, generate_from_prefix, prefill,
+                                          shared_len)
 from slidechat.model.qwen2vl import family_of, per_image_vision, read_family
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
@@ -422,6 +423,15 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> List[int]:
     return ids
 
 
+@dataclass
+class KeptImageCache:
+    """A chat's cache between turns on a Qwen VL model: the cache, the ids it holds and the M-RoPE
+    ``rope_deltas`` of its image prefix (the model keeps only the last call's)."""
+
+    prefix: PrefixCache
+    rope_deltas: Any
+
+
 class Qwen2VLFamily(_Qwen2VLText):
     """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``.
 
@@ -501,12 +511,7 @@ class Qwen2VLFamily(_Qwen2VLText):
         vision = inputs["mm_token_type_ids"][0][mask[0]].nonzero() if "mm_token_type_ids" in inputs else None
         if vision is None or vision.numel() == 0 or int(vision.max()) >= shared:
             return self._generate_batch(items)
-        grid = inputs["image_grid_thw"][:len(items[0].prepared_images)]
-        with per_image_vision(self.model):
-            cache = prefill(self.model, input_ids=rows[0][None, :shared],
-                            attention_mask=torch.ones_like(rows[0][None, :shared]),
-                            pixel_values=inputs["pixel_values"][:int(grid.prod(-1).sum())], image_grid_thw=grid,
-                            mm_token_type_ids=inputs["mm_token_type_ids"][0][mask[0]][None, :shared])
+        cache = self._image_prefill(inputs, rows[0], shared, len(items[0].prepared_images))
         texts: List[str] = []
         for lo in range(0, len(rows), max(1, self.max_batch)):
             new = generate_from_prefix(self.model, cache, rows[0][:shared],
@@ -515,6 +520,42 @@ class Qwen2VLFamily(_Qwen2VLText):
                                        **self.gen_kwargs)
             texts += self._texts(new.tolist())
         return texts
+
+    def _image_prefill(self, inputs: Mapping[str, Any], row: torch.Tensor, upto: int, n_images: int) -> Any:
+        """A new cache of ``row[:upto]`` (row 0 of ``inputs``, holding its ``n_images`` images): the vision
+        tower runs here, and the model's ``rope_deltas`` become the prefix's."""
+        grid = inputs["image_grid_thw"][:n_images]
+        types = inputs["mm_token_type_ids"][0][inputs["attention_mask"][0].bool()]
+        with per_image_vision(self.model):
+            return prefill(self.model, input_ids=row[None, :upto], attention_mask=torch.ones_like(row[None, :upto]),
+                           pixel_values=inputs["pixel_values"][:int(grid.prod(-1).sum())], image_grid_thw=grid,
+                           mm_token_type_ids=types[None, :upto])
+
+    @torch.no_grad()
+    def answer_kept(self, item: CytologyItem, kept: Optional[KeptImageCache]) -> "tuple[str, KeptImageCache]":
+        """One chat turn from the cache the previous turn kept (``chat --image``): when the kept cache
+        still holds this prompt's image, it is cropped to what the prompt shares with it and only the
+        new text is prefilled (positions: the image prefix's ``rope_deltas``, kept with it); otherwise
+        the prompt is prefilled with its image. Returns the answer and the cache to keep."""
+        inputs = self._inputs([item])
+        row = inputs["input_ids"][0]  # one row: no padding
+        n = int(row.shape[0])
+        rope_model = getattr(self.model, "model", self.model)
+        last_image = int(inputs["mm_token_type_ids"][0].nonzero().max())
+        start = shared_len(kept.prefix.ids, row.tolist()) if kept is not None else 0
+        if kept is not None and start > last_image:
+            cache = kept.prefix.cache
+            crop_cache(cache, start)
+            rope_model.rope_deltas = kept.rope_deltas
+            if start < n - 1:
+                cache = prefill(self.model, cache, input_ids=row[None, start:n - 1])
+        else:
+            cache = self._image_prefill(inputs, row, n - 1, len(item.prepared_images))
+        new = generate_from_prefix(self.model, cache, row[:n - 1], [row[n - 1:]], embeds=False, fork=False,
+                                   pad=self.pad_id, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                   **self.gen_kwargs)
+        held = (row.tolist() + new[0].tolist())[:cache.get_seq_length()]
+        return self._texts(new.tolist())[0], KeptImageCache(PrefixCache(cache, held), rope_model.rope_deltas)
 
 
 class VllmQwen2VLFamily(_Qwen2VLText):
