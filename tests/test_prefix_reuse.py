@@ -2,7 +2,7 @@
 
 The reference is today's path: every row answered from its own full prompt (``--no-prefix-reuse``). With
 reuse, the greedy answers must be the same tokens, for the slide family (our encoder and the released
-checkpoint's ``--compat slidechat_v1`` encoder), Qwen2-VL and Qwen2.5-VL, with groups of several
+checkpoint's ``--compat slidechat_v1`` encoder), Qwen2-VL, Qwen2.5-VL and Qwen3-VL, with groups of several
 questions of different lengths; the slide encoder must run once per slide (counted); a chat turn must
 neither re-run the encoder nor prefill the slide again; a killed run resumes row by row.
 Everything runs on the tiny random models the suite already builds (CPU, seconds).
