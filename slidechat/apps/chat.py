@@ -157,7 +157,8 @@ class ImageChatSession:
     terminal loop serves both families. Prompts follow LLaMA-Factory's ``qwen2_vl`` template with the
     image as ``<image>`` at the start of the first question (as in CytoChat's data); decoding is greedy
     and keeps special tokens other than the stop token, so boxes (``<region>...</region>`` or Qwen2-VL's
-    ``<|box_start|>...<|box_end|>``) are printed exactly as generated.
+    ``<|box_start|>...<|box_end|>``) are printed exactly as generated. With ``prefix_reuse`` (default)
+    the LLM cache is kept across turns (``Qwen2VLFamily.answer_kept``): the vision tower runs once.
     """
 
     def __init__(self, model: Any, processor: Any, image: PathLike, max_new_tokens: int = 500,
