@@ -481,3 +481,36 @@ def test_slidebench_through_the_shared_loop_equals_the_mmengine_loop(tmp_path_fa
         stats = run_inference(items, w, family, batch_size=BATCH, progress=False)
     assert (stats.written, stats.errors) == (len(items), 1)  # the row without features
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_prefix_reuse_gives_the_same_predictions_file(cyto, tmp_path):
+    """Four questions of one field, two of another, one alone: ``slidechat infer`` writes the same bytes
+    with prefix reuse (default) as with ``--no-prefix-reuse`` (every row its own full prompt)."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(84, 56), (56, 84), (70, 70)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / "imgs" / f"f{i}.png")
+    questions = ["Locate all dark.", "Is this field normal?", "Classify the most abnormal cell in this field.",
+                 "Count the cells."]
+    with open(data / "multi.jsonl", "w", encoding="utf-8") as f:
+        for img, n in ((0, 4), (1, 2), (2, 1)):
+            for q in questions[:n]:
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"<image>{q}"},
+                                                 {"role": "assistant", "content": "None."}],
+                                    "images": [f"imgs/f{img}.png"]}) + "\n")
+    info = {"multi": {"file_name": "multi.jsonl", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "images": "images"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                               "assistant_tag": "assistant"}}}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    outs = []
+    for extra in ([], ["--no-prefix-reuse"]):
+        out = tmp_path / f"pred{len(extra)}.jsonl"
+        assert run_infer(cyto, out, "--dataset", "multi", "--dataset_dir", str(data), "--batch_size", "3",
+                         "--max_new_tokens", "8", *extra) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert len(read_lines(tmp_path / "pred0.jsonl")) == 7

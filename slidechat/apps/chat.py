@@ -3,6 +3,9 @@
 The conversation is kept as ``[(question, answer), ...]`` and every turn's prompt is the whole
 history in the training template (``encode_prompt``), so the model sees what it said before.
 The slide is encoded once (slide encoder + projector) and its visual tokens are reused every turn.
+With ``prefix_reuse`` (the default) the LLM's KV cache is kept across turns too: a turn's prompt starts
+with the previous prompt and answer, so only the tokens after what the cache holds are prefilled
+(``SlideChatModel.generate_shared``); turn N costs its own tokens, not the slide again.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from slidechat.data.template import config_template, encode_prompt
 from slidechat.engine.builder import build_model_from_config
 from slidechat.features.extract import extract_slide_features
 from slidechat.features.io import load_features
-from slidechat.inference.loop import CytologyItem, Qwen2VLFamily, SamplingSettings
+from slidechat.inference.loop import CytologyItem, KeptImageCache, Qwen2VLFamily, SamplingSettings
 from slidechat.model.checkpoint import is_exported_folder, resolve_checkpoint
 from slidechat.model.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from slidechat.model.qwen2vl import load_qwen2vl
+from slidechat.model.prefix_cache import PrefixCache
 from slidechat.model.slidechat_model import CONFIG_FILE, SlideChatModel
 from slidechat.utils.devices import resolve_device_dtype
 from slidechat.utils.errors import SlideChatError
@@ -64,7 +68,8 @@ class ChatSession:
     def __init__(self, model: Any, tokenizer: Any, features: np.ndarray,
                  coords: Optional[np.ndarray] = None, max_new_tokens: int = 500,
                  max_patches: Optional[int] = None, template: Any = None, system: str = "",
-                 max_prompt_tokens: Optional[int] = None, **generation_kwargs: Any) -> None:
+                 max_prompt_tokens: Optional[int] = None, prefix_reuse: bool = True,
+                 **generation_kwargs: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
         feats = np.asarray(features, dtype=np.float32)
@@ -89,6 +94,8 @@ class ChatSession:
         self.generation_kwargs.setdefault("use_cache", True)
         self.history: List[Tuple[str, str]] = []
         self._visual_tokens: Optional[List[torch.Tensor]] = None
+        self.prefix_reuse = bool(prefix_reuse)
+        self._kept: Optional[PrefixCache] = None  # the LLM cache of the last turn's prompt + answer
 
     def prompt_ids(self, question: str) -> List[int]:
         return encode_prompt(self.tokenizer, self.history, question, self.template, self.system)
@@ -116,8 +123,14 @@ class ChatSession:
         if self._visual_tokens is None:
             self._visual_tokens = self.model.encode_slides(
                 [self.features], None if self.coords is None else [self.coords])
-        out = self.model.generate([ids], [self.features], visual_tokens=self._visual_tokens,
-                                  max_new_tokens=self.max_new_tokens, **self.generation_kwargs)[0]
+        if self.prefix_reuse:
+            new, self._kept = self.model.generate_shared(
+                [ids], self._visual_tokens[0], state=self._kept, keep=True, max_new_tokens=self.max_new_tokens,
+                **self.generation_kwargs)
+            out = new[0]
+        else:
+            out = self.model.generate([ids], [self.features], visual_tokens=self._visual_tokens,
+                                      max_new_tokens=self.max_new_tokens, **self.generation_kwargs)[0]
         answer = self.tokenizer.decode(out.tolist(), skip_special_tokens=True).strip()
         self.history.append((question, answer))
         return answer
@@ -133,6 +146,7 @@ class ChatSession:
         return ids
 
     def reset(self) -> None:
+        """Forget the conversation (the kept cache stays: the next prompt still shares the slide with it)."""
         self.history.clear()
 
 
@@ -143,12 +157,13 @@ class ImageChatSession:
     terminal loop serves both families. Prompts follow LLaMA-Factory's ``qwen2_vl`` template with the
     image as ``<image>`` at the start of the first question (as in CytoChat's data); decoding is greedy
     and keeps special tokens other than the stop token, so boxes (``<region>...</region>`` or Qwen2-VL's
-    ``<|box_start|>...<|box_end|>``) are printed exactly as generated.
+    ``<|box_start|>...<|box_end|>``) are printed exactly as generated. With ``prefix_reuse`` (default)
+    the LLM cache is kept across turns (``Qwen2VLFamily.answer_kept``): the vision tower runs once.
     """
 
     def __init__(self, model: Any, processor: Any, image: PathLike, max_new_tokens: int = 500,
                  system: Optional[str] = None, image_max_pixels: int = 768 * 768,
-                 image_min_pixels: int = 32 * 32) -> None:
+                 image_min_pixels: int = 32 * 32, prefix_reuse: bool = True) -> None:
         self.image_path = Path(image)
         self.image = prepare_image(self.image_path, image_max_pixels, image_min_pixels)  # read + scaled once
         limit = llm_context_length(model) or 32768
@@ -158,6 +173,8 @@ class ImageChatSession:
                                     image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels)
         self.system = system or None
         self.history: List[Tuple[str, str]] = []
+        self.prefix_reuse = bool(prefix_reuse)  # keep the cache across turns: the image is encoded once
+        self._kept: Optional[KeptImageCache] = None
 
     def _item(self, question: str) -> CytologyItem:
         msgs = []
@@ -180,7 +197,12 @@ class ImageChatSession:
         question = question.strip()
         if not question:
             raise ValueError("empty question")
-        answer = self.family.generate([self._item(question)])[0].strip()
+        item = self._item(question)
+        if self.prefix_reuse:
+            text, self._kept = self.family.answer_kept(item, self._kept)
+        else:
+            text = self.family.generate([item])[0]
+        answer = text.strip()
         self.history.append((question, answer))
         return answer
 

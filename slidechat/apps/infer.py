@@ -65,6 +65,7 @@ class InferSettings:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     batch_size: Optional[int] = None  # None: DEFAULT_BATCH of the engine (see check_settings)
+    prefix_reuse: bool = True  # transformers engine: one image's questions share one prefill (issue 14)
     seed: Optional[int] = None
     vllm_config: str = "{}"
     pipeline_parallel_size: int = 1
@@ -195,7 +196,8 @@ def build_family(s: InferSettings) -> GenerationFamily:
     model, processor = load_qwen2vl(s.model_name_or_path, s.adapter_name_or_path, torch_dtype=dtype,
                                     device=device, trust_remote_code=s.trust_remote_code,
                                     allow_partial=s.allow_partial)
-    return Qwen2VLFamily(model, processor, sampling, **s.text_options())
+    return Qwen2VLFamily(model, processor, sampling, prefix_reuse=s.prefix_reuse, max_batch=int(s.batch_size or 8),
+                         **s.text_options())
 
 
 def run_infer(settings: InferSettings) -> Optional[InferenceStats]:
@@ -213,9 +215,10 @@ def run_infer(settings: InferSettings) -> Optional[InferenceStats]:
             return None
         family = build_family(s)
         sampling = s.sampling()
-        logger.info("%s: %d rows, %d done, %d to run (batch %d, %s engine, %s)", s.save_name,
+        logger.info("%s: %d rows, %d done, %d to run (batch %d, %s engine, %s, prefix reuse %s)", s.save_name,
                     len(items), writer.done, writer.num_pending, s.batch_size, s.engine,
-                    "greedy" if sampling.greedy else f"temperature {sampling.temperature}")
+                    "greedy" if sampling.greedy else f"temperature {sampling.temperature}",
+                    "on" if getattr(family, "prefix_reuse", False) else "off")
         return run_inference(items, writer, family, batch_size=s.batch_size, progress=s.progress,
                              desc="slidechat infer")
     finally:

@@ -43,6 +43,7 @@ class TestOptions:
     task: Optional[str] = None
     max_prompt_tokens: Optional[int] = None
     compat: Optional[str] = None
+    prefix_reuse: Optional[bool] = None  # None: the config's prefix_reuse (default on)
     cfg_options: Mapping[str, Any] = field(default_factory=dict)
     work_dir: Optional[Path] = None
     launcher: str = "none"
@@ -57,7 +58,8 @@ class TestOptions:
                 "feature_root": None if self.feature_root is None else os.fspath(self.feature_root),
                 "feature_template": self.feature_template, "test_batch_size": self.batch_size,
                 "max_new_tokens": self.max_new_tokens, "overwrite": True if self.overwrite else None,
-                "test_task": self.task, "max_prompt_tokens": self.max_prompt_tokens}
+                "test_task": self.task, "max_prompt_tokens": self.max_prompt_tokens,
+                "prefix_reuse": self.prefix_reuse}
         return {k: v for k, v in keys.items() if v is not None}
 
     def config_options(self) -> Dict[str, Any]:

@@ -69,6 +69,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     help="device for the patch encoder (slides) or the Qwen2-VL model (--image)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=500)
+    g.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                   help="prefill every turn's whole prompt (slide or image) again instead of keeping the LLM cache "
+                        "across turns (same greedy answers; for A/B runs)")
     g.add_argument("--max-patches", type=int, default=None,
                    help="patch cap (uniform subsample; default: the model's max_patches_test)")
     g.add_argument("--system", default="", help="system prompt (default: slides empty, as in training; "
@@ -161,7 +164,8 @@ def _session(args: argparse.Namespace) -> Tuple[Any, str]:
             device=args.device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, allow_partial=args.allow_partial,
             max_new_tokens=args.max_new_tokens, system=args.system or None,
-            image_max_pixels=args.image_max_pixels, image_min_pixels=args.image_min_pixels)
+            image_max_pixels=args.image_max_pixels, image_min_pixels=args.image_min_pixels,
+            prefix_reuse=args.prefix_reuse)
         width, height = session.image.size
         return session, f"Image loaded ({width}x{height})."
     if not (args.checkpoint or args.model_name_or_path):
@@ -179,7 +183,7 @@ def _session(args: argparse.Namespace) -> Tuple[Any, str]:
                              args.features or args.slide)
     session = app.ChatSession(model, tok, feats, coords, max_new_tokens=args.max_new_tokens,
                               max_patches=args.max_patches, system=args.system,
-                              max_prompt_tokens=args.max_prompt_tokens)
+                              max_prompt_tokens=args.max_prompt_tokens, prefix_reuse=args.prefix_reuse)
     return session, f"Slide loaded ({len(session.features)} patches)."
 
 

@@ -97,6 +97,10 @@ def _generation_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch_size", type=int, default=None,
                    help="rows per generate call (default: 1024 with vllm as vllm_infer, 8 with "
                         "transformers, whose padded batches grow with the longest row)")
+    g.add_argument("--no-prefix-reuse", "--no_prefix_reuse", dest="prefix_reuse", action="store_false",
+                   help="transformers engine: answer every row with its own full prefill (today's path, for "
+                        "A/B runs); by default the questions of one image share one vision-tower run and one "
+                        "prefill of their common prompt prefix (same greedy answers)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (per batch, so resumes reproduce)")
     g.add_argument("--vllm_config", default="{}", help="JSON dict of extra vLLM engine arguments")
     g.add_argument("--pipeline_parallel_size", type=int, default=1,

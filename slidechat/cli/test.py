@@ -48,6 +48,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--max-prompt-tokens", "--max_prompt_tokens", type=int, default=None,
                    help="cap on a prompt's text tokens; longer rows get an Error entry (default: the "
                         "config's max_prompt_tokens, else the LLM's context length - max_new_tokens)")
+    p.add_argument("--no-prefix-reuse", "--no_prefix_reuse", dest="prefix_reuse", action="store_false",
+                   default=None,
+                   help="answer every row with its own full prefill (today's path, for A/B runs); by default "
+                        "the questions of one slide share one slide encoding and one prefill of their common "
+                        "prompt prefix (same greedy answers, much faster)")
     p.add_argument("--compat", default=None, choices=["slidechat_v1"],
                    help="released-SlideChat encoder behaviour (for the released weights)")
     p.add_argument("--work-dir", "--work_dir", default=None,
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         feature_root=None if args.feature_root is None else Path(args.feature_root),
         feature_template=args.feature_template, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, overwrite=args.overwrite, task=args.task,
-        max_prompt_tokens=args.max_prompt_tokens, compat=args.compat,
+        max_prompt_tokens=args.max_prompt_tokens, compat=args.compat, prefix_reuse=args.prefix_reuse,
         cfg_options=parse_cfg_options(args.cfg_options) or {},
         work_dir=None if args.work_dir is None else Path(args.work_dir), launcher=args.launcher,
         allow_partial=args.allow_partial, trust_remote_code=args.trust_remote_code)

@@ -15,6 +15,8 @@ copied into nested dicts), so the test set-up is read from top-level keys by
                     ``max_new_tokens``; see :mod:`slidechat.data.limits`). An over-long row gets
                     an ``Error`` entry, the rest of its batch is answered, a resume moves past it.
 ``test_task``       ``mcq`` or ``caption`` to force the task (default: from the CSV's columns)
+``prefix_reuse``    the questions of one slide share one encode and one prefill (default True;
+                    ``slidechat test --no-prefix-reuse`` sets False: today's path, for A/B runs)
 ``overwrite``       start the output afresh instead of resuming (default False)
 ==================  ==========================================================================
 
@@ -55,7 +57,7 @@ from slidechat.data.template import config_template, describe_template
 from slidechat.evaluation.captions import caption_metrics
 from slidechat.evaluation.mcq import score_mcq
 from slidechat.evaluation.tables import caption_markdown, write_reports
-from slidechat.inference.loop import SlideFamily, generate_into
+from slidechat.inference.loop import SlideFamily, generate_into, group_batches
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
@@ -73,6 +75,7 @@ TEST_KEYS: Dict[str, Any] = {
     "test_caption_prompt": None,
     "max_prompt_tokens": None,
     "test_task": None,
+    "prefix_reuse": True,
 }
 
 
@@ -100,6 +103,7 @@ class TestSettings:
     caption_prompt: Optional[str] = None
     max_prompt_tokens: Optional[int] = None
     task: Optional[str] = None
+    prefix_reuse: bool = True
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any], defaults: Optional[Mapping[str, Any]] = None
@@ -128,7 +132,7 @@ class TestSettings:
                    feature_root=None if root in (None, "") else Path(root),
                    feature_template=vals["feature_template"] or None, batch_size=bs, max_new_tokens=mnt,
                    overwrite=_as_bool(vals["overwrite"]), caption_prompt=vals["test_caption_prompt"],
-                   max_prompt_tokens=mpt, task=task)
+                   max_prompt_tokens=mpt, task=task, prefix_reuse=_as_bool(vals["prefix_reuse"]))
 
 
 def _as_bool(v: Any) -> bool:
@@ -332,6 +336,9 @@ class SlideBenchTestLoop(TestLoop):
         dl.pop("shuffle")
         dl.setdefault("num_workers", 0)
         dl.pop("batch_sampler", None)
+        if s.prefix_reuse:  # one slide's questions in one batch (inference.loop.group_batches)
+            dl.update(batch_sampler=group_batches([SlideFamily.group_key(it) for it in items], s.batch_size))
+            dl.pop("batch_size")  # mmengine still wants a sampler; the batch sampler replaces it
         super().__init__(runner, dl, evaluator, fp16)
         self.tokenizer = dataset.tokenizer
         metrics = [m for m in self.evaluator.metrics if isinstance(m, SlideBenchMetric)]
@@ -341,14 +348,16 @@ class SlideBenchTestLoop(TestLoop):
         self.metric = metrics[0]
         self.metric.bind(self.writer, world)
         self.family = SlideFamily(model, dataset, max_new_tokens=s.max_new_tokens, fp16=fp16,
-                                  generation_kwargs=generation_kwargs)
+                                  generation_kwargs=generation_kwargs, prefix_reuse=s.prefix_reuse,
+                                  batch_size=s.batch_size)
         self.generation_kwargs = self.family.generation_kwargs
         self.report: Optional[TestReport] = None
         self.timings: Dict[str, float] = self.family.timings
         self.timings["total_s"] = 0.0
         _log(f"SlideBench test: {table.path} ({table.kind}, {len(table)} rows) -> {self.writer.path}: "
              f"{self.writer.done} done, {len(items)} to run, batch {s.batch_size}, "
-             f"max_new_tokens {s.max_new_tokens}, max_patches {core_cfg.max_patches_test}")
+             f"max_new_tokens {s.max_new_tokens}, max_patches {core_cfg.max_patches_test}, "
+             f"prefix reuse {'on' if s.prefix_reuse else 'off'}")
 
     def run(self) -> Dict[str, float]:
         t0 = time.perf_counter()

@@ -21,6 +21,12 @@ Two drivers feed it batches, and they differ only in who owns the iteration:
 
 So a SlideBench row is answered one way whichever command runs it, and the CSVs are the same bytes.
 
+One prefill per slide or image (issue 14): a family with ``prefix_reuse`` and a ``group_key`` (the
+slide's feature file, the row's images) gets the questions of one slide or image in one batch
+(:func:`group_batches`, by both drivers) and answers each such group from one encode and one prefill of
+the group's longest common token prefix (:mod:`slidechat.model.prefix_cache`); rows alone in their batch
+take today's batched path. Greedy answers, output files, row order and resume are unchanged.
+
 A family is anything with ``prepare(item)`` and ``generate(items) -> List[str]``
 (:class:`GenerationFamily`): :class:`Qwen2VLFamily` (cytology, ``slidechat infer``, transformers
 engine), :class:`VllmQwen2VLFamily` (the same with vLLM, only when vLLM is installed) and
@@ -37,7 +43,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -50,6 +56,8 @@ from slidechat.data.template import (encode_qwen2vl_prompt, get_vision_template,
                                      template_stop_token_ids)
 from slidechat.inference.writers import make_id
 from slidechat.model.hf_folder import load_tokenizer
+from slidechat.model.prefix_cache import (PrefixCache, common_prefix_len, crop_cache, generate_from_prefix, prefill,
+                                          shared_len)
 from slidechat.model.qwen2vl import family_of, per_image_vision, read_family
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
@@ -67,6 +75,59 @@ class GenerationFamily(Protocol):
     def prepare(self, item: Any) -> None: ...
 
     def generate(self, items: Sequence[Any]) -> List[str]: ...
+
+
+def group_key(family: Any, item: Any) -> Optional[Hashable]:
+    """What ``item`` shares its prompt prefix with (its slide, its images) when ``family`` reuses prefixes;
+    ``None``: the row is batched as it comes."""
+    if not getattr(family, "prefix_reuse", False):
+        return None
+    key = getattr(family, "group_key", None)
+    return key(item) if key is not None else None
+
+
+#: a slide's questions in one batch: at most this many batches' worth (each prepared row holds its own
+#: copy of the slide's features until its batch is answered, so this bounds host memory)
+GROUP_BATCHES = 4
+
+
+def group_batches(keys: Sequence[Optional[Hashable]], batch_size: int) -> List[List[int]]:
+    """Row indices, in order, in batches of at most ``batch_size`` rows where a run of consecutive rows
+    with one key (the questions of one slide or image) is kept together: a longer run is a batch of its
+    own (up to ``GROUP_BATCHES * batch_size`` rows, then split), answered ``batch_size`` questions at a
+    time from one prefill. Rows with key ``None`` and single rows pack as today. The order of the rows,
+    and so of the output, is unchanged."""
+    cap = GROUP_BATCHES * batch_size
+    runs: List[List[int]] = []
+    for i, k in enumerate(keys):
+        if runs and k is not None and keys[runs[-1][-1]] == k and len(runs[-1]) < cap:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    batches: List[List[int]] = []
+    for run in runs:
+        if batches and len(batches[-1]) + len(run) <= batch_size:
+            batches[-1].extend(run)
+        else:
+            batches.append(list(run))
+    return batches
+
+
+def split_groups(items: Sequence[Any], key: Callable[[Any], Optional[Hashable]]
+                 ) -> "tuple[List[int], List[List[int]]]":
+    """Positions of ``items`` answered alone (a key seen once, or ``None``) and the groups of positions
+    sharing a key (two rows or more): what a family answers with and without a shared prefill."""
+    by_key: Dict[Hashable, List[int]] = {}
+    singles: List[int] = []
+    for j, it in enumerate(items):
+        k = key(it)
+        if k is None:
+            singles.append(j)
+        else:
+            by_key.setdefault(k, []).append(j)
+    groups = [g for g in by_key.values() if len(g) > 1]
+    singles += [g[0] for g in by_key.values() if len(g) == 1]
+    return sorted(singles), groups
 
 
 @dataclass
@@ -132,6 +193,8 @@ def run_inference(items: Sequence[Any], writer: ResultWriter, family: Generation
 
     ``items`` is the WHOLE input (``items[i].position == i``); the first ``writer.done`` are skipped.
     Each batch is written before the next starts, so a killed run loses at most the batch in flight.
+    A family that reuses prefixes gets the questions of one image or slide in one batch
+    (:func:`group_batches`).
     """
     if batch_size < 1:
         raise SlideChatError(f"batch_size must be >= 1 (got {batch_size})")
@@ -145,8 +208,8 @@ def run_inference(items: Sequence[Any], writer: ResultWriter, family: Generation
     if progress and pending:
         bar = tqdm(total=total, initial=writer.done, desc=desc, unit="row", dynamic_ncols=True)
     try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+        for rows in group_batches([group_key(family, it) for it in pending], batch_size):
+            batch = [pending[j] for j in rows]
             prepare_items(batch, family)
             t0 = time.perf_counter()
             stats.generated += generate_into(batch, family.generate)
@@ -360,10 +423,27 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> List[int]:
     return ids
 
 
-class Qwen2VLFamily(_Qwen2VLText):
-    """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``."""
+@dataclass
+class KeptImageCache:
+    """A chat's cache between turns on a Qwen VL model: the cache, the ids it holds and the M-RoPE
+    ``rope_deltas`` of its image prefix (the model keeps only the last call's)."""
 
-    def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, **kw: Any) -> None:
+    prefix: PrefixCache
+    rope_deltas: Any
+
+
+class Qwen2VLFamily(_Qwen2VLText):
+    """Qwen2-VL on the transformers engine: batched, left-padded ``model.generate``.
+
+    With ``prefix_reuse`` (the default) the questions of one image (rows with the same image list) share
+    one run of the vision tower and one prefill of their common prefix (:meth:`_generate_shared`),
+    ``max_batch`` questions per ``generate``.
+    """
+
+    def __init__(self, model: Any, processor: Any, sampling: SamplingSettings, *, prefix_reuse: bool = True,
+                 max_batch: int = 8, **kw: Any) -> None:
+        self.prefix_reuse = bool(prefix_reuse)
+        self.max_batch = int(max_batch)
         kw.setdefault("generation_config", getattr(model, "generation_config", None))
         if kw.get("template") is None:  # the model's family's LLaMA-Factory template
             kw["template"] = family_of(model).lf_template
@@ -377,22 +457,105 @@ class Qwen2VLFamily(_Qwen2VLText):
         self.new_tokens = 0  # answer tokens generated (through the stop token)
         self.token_slots = 0  # rows x decoding steps: a batch runs until its longest answer ends
 
+    @staticmethod
+    def group_key(item: CytologyItem) -> Optional[Hashable]:
+        """Rows asking about the same image files share the image's tokens."""
+        return tuple(item.images) if item.images else None
+
     @torch.no_grad()
     def generate(self, items: Sequence[CytologyItem]) -> List[str]:
+        if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
+            torch.manual_seed(int(self.sampling.seed) + items[0].position)
+        if not self.prefix_reuse:
+            return self._generate_batch(items)
+        singles, groups = split_groups(items, self.group_key)
+        texts: List[str] = [""] * len(items)
+        for idx in ([singles] if singles else []) + groups:
+            run = self._generate_batch if idx is singles else self._generate_shared
+            for j, t in zip(idx, run([items[j] for j in idx])):
+                texts[j] = t
+        return texts
+
+    def _inputs(self, items: Sequence[CytologyItem]) -> Dict[str, Any]:
+        """The left-padded batch on the model's device (pixels in its dtype)."""
         batch = prepare_generation_batch(self.processor, [it.prompt_ids for it in items],
                                          [it.prepared_images for it in items])
         param = next(self.model.parameters())
-        inputs = {k: (v.to(param.device, dtype=param.dtype) if k in ("pixel_values",) else v.to(param.device))
-                  if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.sampling.seed is not None:  # reproducible per batch, whatever ran before (resume)
-            torch.manual_seed(int(self.sampling.seed) + items[0].position)
-        with per_image_vision(self.model):
-            out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                      **self.gen_kwargs)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        return {k: (v.to(param.device, dtype=param.dtype) if k in ("pixel_values",) else v.to(param.device))
+                if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _texts(self, new: List[List[int]]) -> List[str]:
         self.token_slots += sum(len(row) for row in new)
         self.new_tokens += sum(self.answer_length(row) for row in new)
         return [self.decode_new(row) for row in new]
+
+    def _generate_batch(self, items: Sequence[CytologyItem]) -> List[str]:
+        """Today's path: one left-padded ``generate`` over the full prompts."""
+        inputs = self._inputs(items)
+        with per_image_vision(self.model):
+            out = self.model.generate(**inputs, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                      **self.gen_kwargs)
+        return self._texts(out[:, inputs["input_ids"].shape[1]:].tolist())
+
+    def _generate_shared(self, items: Sequence[CytologyItem]) -> List[str]:
+        """Questions about one image: the vision tower and the common prefix (which must hold every image
+        token, else there is nothing worth sharing and today's path answers) run once; the rest from forks
+        of the prefix cache. M-RoPE: the prefill sets the model's ``rope_deltas`` for the prefix, and
+        ``generate`` continues with text positions (mask cumulative sum) + that delta, which is exactly
+        ``get_rope_index`` of each full prompt for text after the image
+        (``Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation``)."""
+        inputs = self._inputs(items)
+        mask = inputs["attention_mask"].bool()
+        rows = [ids[m] for ids, m in zip(inputs["input_ids"], mask)]
+        shared = common_prefix_len([r.tolist() for r in rows])
+        vision = inputs["mm_token_type_ids"][0][mask[0]].nonzero() if "mm_token_type_ids" in inputs else None
+        if vision is None or vision.numel() == 0 or int(vision.max()) >= shared:
+            return self._generate_batch(items)
+        cache = self._image_prefill(inputs, rows[0], shared, len(items[0].prepared_images))
+        texts: List[str] = []
+        for lo in range(0, len(rows), max(1, self.max_batch)):
+            new = generate_from_prefix(self.model, cache, rows[0][:shared],
+                                       [r[shared:] for r in rows[lo:lo + self.max_batch]], embeds=False,
+                                       pad=self.pad_id, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                       **self.gen_kwargs)
+            texts += self._texts(new.tolist())
+        return texts
+
+    def _image_prefill(self, inputs: Mapping[str, Any], row: torch.Tensor, upto: int, n_images: int) -> Any:
+        """A new cache of ``row[:upto]`` (row 0 of ``inputs``, holding its ``n_images`` images): the vision
+        tower runs here, and the model's ``rope_deltas`` become the prefix's."""
+        grid = inputs["image_grid_thw"][:n_images]
+        types = inputs["mm_token_type_ids"][0][inputs["attention_mask"][0].bool()]
+        with per_image_vision(self.model):
+            return prefill(self.model, input_ids=row[None, :upto], attention_mask=torch.ones_like(row[None, :upto]),
+                           pixel_values=inputs["pixel_values"][:int(grid.prod(-1).sum())], image_grid_thw=grid,
+                           mm_token_type_ids=types[None, :upto])
+
+    @torch.no_grad()
+    def answer_kept(self, item: CytologyItem, kept: Optional[KeptImageCache]) -> "tuple[str, KeptImageCache]":
+        """One chat turn from the cache the previous turn kept (``chat --image``): when the kept cache
+        still holds this prompt's image, it is cropped to what the prompt shares with it and only the
+        new text is prefilled (positions: the image prefix's ``rope_deltas``, kept with it); otherwise
+        the prompt is prefilled with its image. Returns the answer and the cache to keep."""
+        inputs = self._inputs([item])
+        row = inputs["input_ids"][0]  # one row: no padding
+        n = int(row.shape[0])
+        rope_model = getattr(self.model, "model", self.model)
+        last_image = int(inputs["mm_token_type_ids"][0].nonzero().max())
+        start = shared_len(kept.prefix.ids, row.tolist()) if kept is not None else 0
+        if kept is not None and start > last_image:
+            cache = kept.prefix.cache
+            crop_cache(cache, start)
+            rope_model.rope_deltas = kept.rope_deltas
+            if start < n - 1:
+                cache = prefill(self.model, cache, input_ids=row[None, start:n - 1])
+        else:
+            cache = self._image_prefill(inputs, row, n - 1, len(item.prepared_images))
+        new = generate_from_prefix(self.model, cache, row[:n - 1], [row[n - 1:]], embeds=False, fork=False,
+                                   pad=self.pad_id, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                   **self.gen_kwargs)
+        held = (row.tolist() + new[0].tolist())[:cache.get_seq_length()]
+        return self._texts(new.tolist())[0], KeptImageCache(PrefixCache(cache, held), rope_model.rope_deltas)
 
 
 class VllmQwen2VLFamily(_Qwen2VLText):
@@ -467,11 +630,15 @@ class SlideFamily:
     them over with :meth:`hold`; both drivers then answer through :func:`generate_into`."""
 
     def __init__(self, model: Any, dataset: Any, *, max_new_tokens: int = 500, fp16: bool = False,
-                 generation_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+                 generation_kwargs: Optional[Mapping[str, Any]] = None, prefix_reuse: bool = True,
+                 batch_size: int = 8) -> None:
         self.model = model  # SlideChatTrainModel (mmengine) - it has data_preprocessor + predict
         self.dataset = dataset  # SlideBenchTestDataset: its prepare_item reads features, encodes the prompt
         self.tokenizer = dataset.tokenizer
         self.max_new_tokens = int(max_new_tokens)
+        # the questions of one slide: one encode + one prefill of their common prefix (issue 14)
+        self.prefix_reuse = bool(prefix_reuse)
+        self.batch_size = int(batch_size)  # questions per generate call from one prefill
         self.fp16 = fp16
         self.generation_kwargs = dict(generation_kwargs or {})
         self.generation_kwargs.setdefault("use_cache", True)
@@ -489,10 +656,17 @@ class SlideFamily:
             if item.error is None:
                 self._prepared[id(item)] = inst
 
+    @staticmethod
+    def group_key(item: Any) -> Optional[Hashable]:
+        """Rows reading the same feature file ask about the same slide (the same tokens: the patch
+        subsample is deterministic)."""
+        path = getattr(item, "feature_path", None)
+        return None if path is None else os.fspath(path)
+
     def generate(self, items: Sequence[Any]) -> List[str]:
         insts = [self._prepared[id(it)] for it in items]
         try:
-            texts = self._predict(slidebench_collate_fn(insts)["data"])
+            texts = self._answer(insts)
         except SlideChatError:
             if len(items) == 1:  # no retry follows (generate_into retries batches row by row)
                 self._prepared.pop(id(items[0]), None)
@@ -501,20 +675,55 @@ class SlideFamily:
             self._prepared.pop(id(it), None)
         return texts
 
-    @torch.no_grad()
-    def _predict(self, data: Mapping[str, Any]) -> List[str]:
-        """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
-        model = self.model
-        data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]
+    def _answer(self, insts: Sequence[Mapping[str, Any]]) -> List[str]:
+        """Texts for prepared rows: the questions of one slide through :meth:`_predict_shared`, the other
+        rows together through today's batched ``predict``."""
+        if not self.prefix_reuse:
+            return self._predict(slidebench_collate_fn(insts)["data"])
+        singles, groups = split_groups([inst["item"] for inst in insts], self.group_key)
+        texts: List[str] = [""] * len(insts)
+        if singles:
+            for j, t in zip(singles, self._predict(slidebench_collate_fn([insts[j] for j in singles])["data"])):
+                texts[j] = t
+        for g in groups:  # one slide's cache at a time
+            for j, t in zip(g, self._predict_shared([insts[j] for j in g])):
+                texts[j] = t
+        return texts
+
+    def _autocast(self) -> Any:
         try:
-            device_type = next(model.parameters()).device.type
+            device_type = next(self.model.parameters()).device.type
         except StopIteration:
             device_type = "cpu"
-        t0 = time.perf_counter()
-        with torch.autocast(device_type=device_type, enabled=self.fp16):
-            new_tokens = model.predict(data, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+        return torch.autocast(device_type=device_type, enabled=self.fp16)
+
+    def _decoded(self, new_tokens: Sequence[torch.Tensor], t0: float) -> List[str]:
         self.timings["generate_s"] += time.perf_counter() - t0
         self.timings["new_tokens"] += sum(len(t) for t in new_tokens)
         self.timings["rows_generated"] += len(new_tokens)
         texts = self.tokenizer.batch_decode([t.tolist() for t in new_tokens], skip_special_tokens=True)
         return [clean_output(t) for t in texts]
+
+    @torch.no_grad()
+    def _predict(self, data: Mapping[str, Any]) -> List[str]:
+        """Texts for the runnable rows of a collated SlideBench batch (``data['rows']`` order)."""
+        model = self.model
+        data = model.data_preprocessor({"data": dict(data), "data_samples": None}, False)["data"]
+        t0 = time.perf_counter()
+        with self._autocast():
+            new_tokens = model.predict(data, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+        return self._decoded(new_tokens, t0)
+
+    @torch.no_grad()
+    def _predict_shared(self, insts: Sequence[Mapping[str, Any]]) -> List[str]:
+        """Texts for several questions about ONE slide: the slide encoded once, the common prompt prefix
+        prefilled once (``SlideChatModel.generate_shared``)."""
+        core = getattr(self.model, "core", self.model)  # SlideChatTrainModel wraps the SlideChatModel
+        coords = insts[0].get("coords")
+        t0 = time.perf_counter()
+        with self._autocast():
+            vis = core.encode_slides([insts[0]["features"]], None if coords is None else [coords])[0]
+            new_tokens, _ = core.generate_shared([inst["input_ids"] for inst in insts], vis,
+                                                 max_batch=self.batch_size, max_new_tokens=self.max_new_tokens,
+                                                 **self.generation_kwargs)
+        return self._decoded(new_tokens, t0)

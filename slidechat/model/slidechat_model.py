@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,8 @@ from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_F
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.model.hf_folder import load_model, load_tokenizer as hf_load_tokenizer
 from slidechat.model.label_logits import causal_lm_parts, loss_at_labels
+from slidechat.model.prefix_cache import (PrefixCache, common_prefix_len, crop_cache, generate_from_prefix, prefill,
+                                          shared_len)
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
 from slidechat.utils.errors import SlideChatError
@@ -495,3 +497,96 @@ class SlideChatModel(nn.Module):
             getattr(model, name.rstrip(".")).to(device=dev, dtype=dt)
         model.eval()
         return model
+
+    # ---------------------------------------------------------------------------------------------------
+    # one prefill per slide (issue 14): the questions of one slide share the prefill of their common prefix
+
+    def prompt_embeddings(self, input_ids: Sequence[Tensor], visual_tokens: Tensor) -> List[Tensor]:
+        """Each prompt's input embeddings ``[L_i, H]``: its text tokens with the ONE slide's visual tokens
+        spliced in at its placeholder (the rows :meth:`generate` builds)."""
+        _, dev = self._llm_dtype_device()
+        embed = self._embed_tokens()
+        rows = []
+        for i, ids in enumerate(input_ids):
+            ids = ids.reshape(-1).to(dev)
+            p = self._placeholder_index(ids, i)
+            t = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
+            rows.append(torch.cat([t[:p], visual_tokens.to(t.dtype), t[p + 1:]]))
+        return rows
+
+    @staticmethod
+    def _positions_of(ids: Sequence[int], n: int, n_visual: int) -> int:
+        """Sequence positions of the first ``n`` prompt ids (the placeholder stands for the slide)."""
+        return n + (n_visual - 1 if IMAGE_TOKEN_INDEX in ids[:n] else 0)
+
+    def _generation_defaults(self, do_sample: bool, eos_token_id: Any, pad_token_id: Optional[int],
+                             gen_kwargs: Dict[str, Any]) -> List[int]:
+        """Fill ``gen_kwargs`` as :meth:`generate` does (stop and pad ids, greedy without sampling knobs);
+        returns the stop ids."""
+        eos = self.default_eos_token_ids() if eos_token_id is None else (
+            list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)])
+        gen_kwargs.update(do_sample=do_sample, eos_token_id=eos or None,
+                          pad_token_id=self._default_pad_id(eos) if pad_token_id is None else int(pad_token_id))
+        if not do_sample:
+            for k in ("temperature", "top_p", "top_k"):
+                gen_kwargs.setdefault(k, None)
+        return eos
+
+    @staticmethod
+    def _cut_at_stop(seq: Tensor, eos: List[int]) -> Tensor:
+        if eos:
+            hits = torch.isin(seq, torch.tensor(eos, device=seq.device)).nonzero(as_tuple=True)[0]
+            if hits.numel():
+                seq = seq[: int(hits[0])]
+        return seq.detach().cpu()
+
+    @torch.no_grad()
+    def generate_shared(self, input_ids: Sequence[Tensor], visual_tokens: Tensor, *, max_batch: int = 8,
+                        state: Optional[PrefixCache] = None, keep: bool = False, max_new_tokens: int = 500,
+                        do_sample: bool = False,
+                        eos_token_id: Optional[Union[int, List[int]]] = None, pad_token_id: Optional[int] = None,
+                        **gen_kwargs: Any) -> Tuple[List[Tensor], Optional[PrefixCache]]:
+        """Answer several prompts about ONE slide (``visual_tokens``, :meth:`encode_slides` of it) with one
+        prefill of their longest common token prefix, ``max_batch`` rows per ``generate`` from a fork of
+        its cache (:mod:`slidechat.model.prefix_cache`); the answers are :meth:`generate`'s.
+
+        ``keep`` (one prompt: a chat turn) returns the cache, holding the prompt and its answer, for the
+        next turn; ``state`` is the one the previous turn kept: it is cropped to what this prompt shares
+        with it and extended to the prompt, so a turn prefills only its own new tokens.
+        Returns each prompt's new tokens (cut before the first stop token) and the kept cache (or None).
+        """
+        rows = [ids.reshape(-1).tolist() for ids in input_ids]
+        if not rows:
+            return [], state
+        eos = self._generation_defaults(do_sample, eos_token_id, pad_token_id, gen_kwargs)
+        gen_kwargs["max_new_tokens"] = max_new_tokens
+        n_vis = int(visual_tokens.shape[0])
+        embeds = self.prompt_embeddings(input_ids, visual_tokens)
+        if (keep or state is not None) and len(rows) != 1:
+            raise SlideChatError(f"a kept prefix cache continues one prompt, not {len(rows)}")
+        shared = common_prefix_len(rows)
+        if state is None and shared == 0 and not keep:  # nothing in common: today's batched path
+            return self.generate(input_ids, [visual_tokens] * len(rows), visual_tokens=[visual_tokens] * len(rows),
+                                 **gen_kwargs), None
+        start = 0
+        if state is not None:  # keep what the previous turn computed and this prompt still reads
+            start = shared_len(state.ids, rows[0])
+            crop_cache(state.cache, self._positions_of(rows[0], start, n_vis))
+        p_pos = self._positions_of(rows[0], shared, n_vis)
+        s_pos = self._positions_of(rows[0], start, n_vis)
+        cache = state.cache if state is not None else None
+        if p_pos > s_pos or cache is None:
+            cache = prefill(self.llm, cache, inputs_embeds=embeds[0][s_pos:p_pos][None])
+        prefix = embeds[0][:p_pos]
+        results: List[Tensor] = []
+        new = None
+        for lo in range(0, len(rows), max(1, int(max_batch))):
+            chunk = embeds[lo:lo + max_batch]
+            new = generate_from_prefix(self.llm, cache, prefix, [e[p_pos:] for e in chunk], embeds=True,
+                                       fork=not keep, **gen_kwargs)
+            results += [self._cut_at_stop(new[i], eos) for i in range(len(chunk))]
+        if not keep:
+            return results, None
+        held = rows[0] + new[0].tolist()
+        n_held = cache.get_seq_length() - (n_vis - 1 if IMAGE_TOKEN_INDEX in rows[0] else 0)
+        return results, PrefixCache(cache, held[:n_held])
