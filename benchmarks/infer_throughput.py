@@ -34,6 +34,9 @@ import torch
 #: LLM shapes (``--shape``): hidden, layers, heads, KV heads, FFN (Qwen2.5-0.5B's config.json,
 #: https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json; the same as test_throughput.py's)
 SHAPES = {"qwen2.5-0.5b": (896, 24, 14, 2, 4864)}
+#: vision towers of real shape: Qwen2-VL-7B's ViT (config.json vision_config: depth 32, embed_dim 1280,
+#: num_heads 16, mlp_ratio 4, patch 14; ~0.6 B parameters), random weights
+VISION_SHAPES = {"qwen2-vl": (32, 1280, 16)}
 #: CytoChat-style tasks asked of one field (``--questions-per-image``), of different lengths
 QUESTIONS = ["Locate all dark.", "Is this field normal or abnormal?",
              "Classify the most abnormal cell in this field of view according to the Bethesda system.",
@@ -94,6 +97,8 @@ def main() -> int:
                     help="today's path vs prefix reuse at the first batch size (instead of batch sizes)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="the built model's LLM in a real model's shape (its vision tower stays tiny)")
+    ap.add_argument("--vision-shape", choices=sorted(VISION_SHAPES), default=None,
+                    help="vision tower of a real model's shape (default: the tiny one)")
     ap.add_argument("--model", default=None, help="Qwen2-VL folder (default: build the tiny one)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -107,6 +112,8 @@ def main() -> int:
         root = Path(tmp)
         sizes = dict(zip(("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"),
                          SHAPES[args.shape])) if args.shape else {}
+        if args.vision_shape:
+            sizes.update(zip(("vision_depth", "vision_embed_dim", "vision_heads"), VISION_SHAPES[args.vision_shape]))
         model_dir = Path(args.model) if args.model else make_tiny_qwen2vl(root / "tiny_qwen2vl", **sizes)
         data = make_dataset(root, args.rows, args.image_size, questions=args.questions_per_image)
         device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -122,7 +129,8 @@ def main() -> int:
             outputs.append(out.read_bytes())
     same = all(o == outputs[0] for o in outputs)
     base = results[0]["examples_per_s"]
-    print(f"slidechat infer throughput: Qwen2-VL, LLM {args.shape or 'tiny'}, {args.rows} images x "
+    print(f"slidechat infer throughput: Qwen2-VL, LLM {args.shape or 'tiny'}, vision tower "
+          f"{args.vision_shape or 'tiny'}, {args.rows} images x "
           f"{args.questions_per_image} question(s), {args.image_size}px fields, "
           f"max_new_tokens {args.max_new_tokens}, greedy, {args.threads} torch thread(s), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
