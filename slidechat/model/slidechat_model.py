@@ -29,8 +29,8 @@ from slidechat.model.checkpoint import (EXPORTED_CONFIG_FILE, EXPORTED_WEIGHTS_F
 from slidechat.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from slidechat.model.hf_folder import load_model, load_tokenizer as hf_load_tokenizer
 from slidechat.model.label_logits import causal_lm_parts, loss_at_labels
-from slidechat.model.prefix_cache import (PrefixCache, common_prefix_len, crop_cache, generate_from_prefix, prefill,
-                                          shared_len)
+from slidechat.model.prefix_cache import (PrefixCache, common_prefix_len, crop_cache, generate_from_prefix,
+                                          middle_padded, prefill, shared_len)
 from slidechat.model.projector import Projector
 from slidechat.model.slide_encoder import LongNetEncoder, SlideEncoderConfig, saved_encoder_dict
 from slidechat.utils.errors import SlideChatError
@@ -329,45 +329,17 @@ class SlideChatModel(nn.Module):
             raise SlideChatError(f"{len(input_ids)} prompts but {len(features)} slides")
         if len(input_ids) == 0:
             return []
-        b = len(input_ids)
         places = [self._placeholder_index(ids.reshape(-1), i) for i, ids in enumerate(input_ids)]
         vis = list(visual_tokens) if visual_tokens is not None else self.encode_slides(features, coords)
-        _, dev = self._llm_dtype_device()
-        embed = self._embed_tokens()
-        rows = []
-        for i in range(b):
-            ids = input_ids[i].reshape(-1).to(dev)
-            t = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
-            p = places[i]
-            rows.append(torch.cat([t[:p], vis[i].to(t.dtype), t[p + 1:]]))
-        new_len = max(r.shape[0] for r in rows)
-        emb = rows[0].new_zeros(b, new_len, rows[0].shape[-1])
-        mask = torch.zeros(b, new_len, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):  # left padding: every prompt ends where generation starts
-            emb[i, new_len - r.shape[0]:] = r
-            mask[i, new_len - r.shape[0]:] = 1
-        eos = self.default_eos_token_ids() if eos_token_id is None else (
-            list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)])
-        pad_id = self._default_pad_id(eos) if pad_token_id is None else int(pad_token_id)
-        if not do_sample:
-            gen_kwargs.setdefault("temperature", None)
-            gen_kwargs.setdefault("top_p", None)
-            gen_kwargs.setdefault("top_k", None)
+        rows = self.prompt_embeddings(input_ids, vis, places)
+        # left padding (an empty shared prefix): every prompt ends where generation starts
+        emb, mask = middle_padded(rows[0][:0], rows, 0)
+        eos = self._generation_defaults(do_sample, eos_token_id, pad_token_id, gen_kwargs)
         out = self.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, eos_token_id=eos or None, pad_token_id=pad_id,
                                 **gen_kwargs)
         if out.shape[1] > max_new_tokens:  # a model that echoed prompt ids (not the case for embeds-only)
             out = out[:, -max_new_tokens:]
-        stop = torch.tensor(eos, device=out.device) if eos else None
-        results = []
-        for i in range(b):
-            seq = out[i]
-            if stop is not None:
-                hits = torch.isin(seq, stop).nonzero(as_tuple=True)[0]
-                if hits.numel():
-                    seq = seq[: int(hits[0])]
-            results.append(seq.detach().cpu())
-        return results
+        return [self._cut_at_stop(seq, eos) for seq in out]
 
     # ---------------------------------------------------------------------------------------------------
     # checkpoints
@@ -501,17 +473,18 @@ class SlideChatModel(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     # one prefill per slide (issue 14): the questions of one slide share the prefill of their common prefix
 
-    def prompt_embeddings(self, input_ids: Sequence[Tensor], visual_tokens: Tensor) -> List[Tensor]:
-        """Each prompt's input embeddings ``[L_i, H]``: its text tokens with the ONE slide's visual tokens
-        spliced in at its placeholder (the rows :meth:`generate` builds)."""
+    def prompt_embeddings(self, input_ids: Sequence[Tensor], visual_tokens: Sequence[Tensor],
+                          places: Optional[Sequence[int]] = None) -> List[Tensor]:
+        """Each prompt's input embeddings ``[L_i, H]``: its text tokens with its slide's visual tokens
+        spliced in at its placeholder (``places``: the placeholders' indices, when already found)."""
         _, dev = self._llm_dtype_device()
         embed = self._embed_tokens()
         rows = []
         for i, ids in enumerate(input_ids):
             ids = ids.reshape(-1).to(dev)
-            p = self._placeholder_index(ids, i)
+            p = self._placeholder_index(ids, i) if places is None else places[i]
             t = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
-            rows.append(torch.cat([t[:p], visual_tokens.to(t.dtype), t[p + 1:]]))
+            rows.append(torch.cat([t[:p], visual_tokens[i].to(t.dtype), t[p + 1:]]))
         return rows
 
     @staticmethod
@@ -561,7 +534,7 @@ class SlideChatModel(nn.Module):
         eos = self._generation_defaults(do_sample, eos_token_id, pad_token_id, gen_kwargs)
         gen_kwargs["max_new_tokens"] = max_new_tokens
         n_vis = int(visual_tokens.shape[0])
-        embeds = self.prompt_embeddings(input_ids, visual_tokens)
+        embeds = self.prompt_embeddings(input_ids, [visual_tokens] * len(rows))
         if (keep or state is not None) and len(rows) != 1:
             raise SlideChatError(f"a kept prefix cache continues one prompt, not {len(rows)}")
         shared = common_prefix_len(rows)
