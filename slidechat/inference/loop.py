@@ -130,6 +130,18 @@ def split_groups(items: Sequence[Any], key: Callable[[Any], Optional[Hashable]]
     return sorted(singles), groups
 
 
+def answer_in_groups(items: Sequence[Any], key: Callable[[Any], Optional[Hashable]],
+                     alone: Callable[[List[Any]], List[str]], shared: Callable[[List[Any]], List[str]]) -> List[str]:
+    """Texts for ``items`` in their order: the rows sharing a key through ``shared`` (one call per group,
+    so one slide's or image's cache at a time), the others together through ``alone`` (:func:`split_groups`)."""
+    singles, groups = split_groups(items, key)
+    texts: List[str] = [""] * len(items)
+    for idx, answer in ([(singles, alone)] if singles else []) + [(g, shared) for g in groups]:
+        for j, t in zip(idx, answer([items[j] for j in idx])):
+            texts[j] = t
+    return texts
+
+
 @dataclass
 class InferenceStats:
     """What one :func:`run_inference` call did."""
@@ -468,13 +480,7 @@ class Qwen2VLFamily(_Qwen2VLText):
             torch.manual_seed(int(self.sampling.seed) + items[0].position)
         if not self.prefix_reuse:
             return self._generate_batch(items)
-        singles, groups = split_groups(items, self.group_key)
-        texts: List[str] = [""] * len(items)
-        for idx in ([singles] if singles else []) + groups:
-            run = self._generate_batch if idx is singles else self._generate_shared
-            for j, t in zip(idx, run([items[j] for j in idx])):
-                texts[j] = t
-        return texts
+        return answer_in_groups(items, self.group_key, self._generate_batch, self._generate_shared)
 
     def _inputs(self, items: Sequence[CytologyItem]) -> Dict[str, Any]:
         """The left-padded batch on the model's device (pixels in its dtype)."""
@@ -678,17 +684,12 @@ class SlideFamily:
     def _answer(self, insts: Sequence[Mapping[str, Any]]) -> List[str]:
         """Texts for prepared rows: the questions of one slide through :meth:`_predict_shared`, the other
         rows together through today's batched ``predict``."""
+        def batched(rows: List[Mapping[str, Any]]) -> List[str]:
+            return self._predict(slidebench_collate_fn(rows)["data"])
+
         if not self.prefix_reuse:
-            return self._predict(slidebench_collate_fn(insts)["data"])
-        singles, groups = split_groups([inst["item"] for inst in insts], self.group_key)
-        texts: List[str] = [""] * len(insts)
-        if singles:
-            for j, t in zip(singles, self._predict(slidebench_collate_fn([insts[j] for j in singles])["data"])):
-                texts[j] = t
-        for g in groups:  # one slide's cache at a time
-            for j, t in zip(g, self._predict_shared([insts[j] for j in g])):
-                texts[j] = t
-        return texts
+            return batched(list(insts))
+        return answer_in_groups(insts, lambda inst: self.group_key(inst["item"]), batched, self._predict_shared)
 
     def _autocast(self) -> Any:
         try:
