@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slidechat.features.encoders import build_encoder
-from slidechat.features.encoders.base import CLIP_MEAN, CLIP_STD
+from slidechat.features.encoders.registry import CLIP_MEAN, CLIP_STD
 from slidechat.utils.errors import SlideChatError
 from tolerances import FP32_RTOL, assert_close_rel
 

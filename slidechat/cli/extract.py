@@ -61,7 +61,7 @@ class _EncoderHelp(str):
         # lazy: the registry imports torch and timm, needed only when this help is printed
         from slidechat.features.encoders import list_encoders
 
-        names = ", ".join(n + ("<model_name>" if n.endswith(":") else "") for n in list_encoders())
+        names = ", ".join(list_encoders())
         return (f"one of: {names} (default: {params['default']}; table: --list-encoders). Every "
                 "encoder but tiny_test loads local --checkpoint weights")
 

@@ -21,8 +21,8 @@ from slidechat.utils.paths import PathLike
 
 
 def list_encoders() -> List[str]:
-    """The registered names (``timm:`` stands for ``timm:<model_name>``)."""
-    return [p.name for p in registered_presets()]
+    """The registered names as a user types them (``timm:<model_name>`` for any timm model)."""
+    return [p.display_name for p in registered_presets()]
 
 
 def build_encoder(name: str, checkpoint: Optional[PathLike] = None, *, depth: Optional[int] = None,

@@ -14,18 +14,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from slidechat.features.encoders.registry import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderPreset,
-                                                  Preprocessing)
+from slidechat.features.encoders.registry import EncoderPreset, Preprocessing
 from slidechat.features.resample import pil_resize_uint8, torchvision_resize_size
 from slidechat.model import checkpoint as model_checkpoint
 from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "PatchEncoder", "load_checked",
-           "require_checkpoint", "sha256_file"]
-
 
 class PatchEncoder(nn.Module):
     """Base class. Subclasses pass their :class:`EncoderPreset` (which sets the attributes below) and
@@ -55,6 +50,12 @@ class PatchEncoder(nn.Module):
             self.preset, self.name, self.embed_dim = preset, preset.name, preset.dim
             self.resize_to, self.crop, self.interpolation = p.resize_to, p.crop, p.interpolation
             self.mean, self.std = p.mean, p.std
+
+    def check_width(self, width: int) -> None:
+        """Refuse a built model whose feature width is not its preset's (a preset typed wrong)."""
+        if self.preset is not None and width != self.preset.dim:
+            raise SlideChatError(f"encoder '{self.preset.name}' gives {width}-d features, its preset says "
+                                 f"{self.preset.dim}")
 
     def record_checkpoint(self, path: Path) -> None:
         """Remember the weights file and its SHA-256 for the H5 provenance."""

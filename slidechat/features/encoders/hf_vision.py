@@ -137,10 +137,7 @@ class TransformersVisionEncoder(PatchEncoder):
         if path is not None and sd is not None:
             load_checked(self.model, sd, str(path), preset.name, allow_unexpected=False)
             self.record_checkpoint(path)
-        width = int(self.model.config.hidden_size)
-        if width != preset.dim:
-            raise SlideChatError(f"encoder '{preset.name}' gives {width}-d features, its preset says "
-                                 f"{preset.dim}")
+        self.check_width(int(self.model.config.hidden_size))
         self.requires_grad_(False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

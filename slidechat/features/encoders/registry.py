@@ -13,8 +13,7 @@ unnoticed.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -94,6 +93,11 @@ class EncoderPreset:
     aliases: Tuple[str, ...] = ()
     parametric: bool = False  # the name is a prefix ("timm:"); the rest is passed as ``argument``
 
+    @property
+    def display_name(self) -> str:
+        """The name as a user types it (``timm:<model_name>`` for the parametric entry)."""
+        return self.name + ("<model_name>" if self.parametric else "")
+
     def provenance(self) -> Dict[str, str]:
         """What the H5 root attributes record about the preset (on top of the checkpoint's hash)."""
         return {"encoder_preset": self.name, "encoder_preset_version": str(self.version),
@@ -104,7 +108,7 @@ class EncoderPreset:
         """The row of ``slidechat extract-features --list-encoders``."""
         size = self.preprocessing.input_size
         mag = f"{self.magnification:g}x" if self.magnification else "-"
-        return {"name": self.name + ("<model_name>" if self.parametric else ""),
+        return {"name": self.display_name,
                 "dim": str(self.dim) if self.dim else "model's", "input": f"{size}px" if size else "patch",
                 "magnification": mag if self.patch_px is None else f"{mag}, {self.patch_px}px",
                 "licence": self.licence or "-"}
@@ -140,7 +144,7 @@ def get_preset(name: str) -> Tuple[EncoderPreset, Optional[str]]:
     if sep and preset is not None and preset.parametric and argument:
         return preset, argument
     raise SlideChatError(f"unknown encoder '{name}'",
-                         hint="choose one of " + ", ".join(r["name"] for r in preset_table())
+                         hint="choose one of " + ", ".join(p.display_name for p in _PRESETS.values())
                          + " (slidechat extract-features --list-encoders)")
 
 
@@ -155,7 +159,3 @@ def format_preset_table(rows: Sequence[Dict[str, str]]) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in cols).rstrip() for r in rows]
     return "\n".join(lines)
-
-
-def preprocessing_json(p: Preprocessing) -> str:
-    return json.dumps(asdict(p))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidechat.features.encoders.base import PatchEncoder
-from slidechat.features.encoders.registry import BuildRequest, EncoderPreset, Preprocessing, register_encoder
+from slidechat.features.encoders.registry import EncoderPreset, Preprocessing, register_encoder
 
 _N_STATS = 36  # 3 mean + 3 std + 1 saturation + 3 dark fractions + 2 edge energies + 24 histogram
 _THRESH = torch.arange(1, 8, dtype=torch.float32) / 8  # histogram bin edges

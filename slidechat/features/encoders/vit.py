@@ -27,7 +27,6 @@ import torch
 from slidechat.features.encoders.base import PatchEncoder, load_checked, require_checkpoint
 from slidechat.features.encoders.registry import BuildRequest, EncoderPreset, Factory
 from slidechat.model.checkpoint import load_state_dict_file
-from slidechat.utils.errors import SlideChatError
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +72,7 @@ class TimmViTEncoder(PatchEncoder):
             load_checked(self.model, load_state_dict_file(path), str(path), preset.name,
                          allow_unexpected=False)
             self.record_checkpoint(path)
-        width = int(self.model.embed_dim) * OUTPUT_RULES[output_rule].widths
-        if width != preset.dim:
-            raise SlideChatError(f"encoder '{preset.name}' gives {width}-d features, its preset says "
-                                 f"{preset.dim}")
+        self.check_width(int(self.model.embed_dim) * OUTPUT_RULES[output_rule].widths)
         self.requires_grad_(False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
