@@ -96,7 +96,7 @@ def off_preset_setting(encoder: Any, opts: ExtractOptions) -> Optional[str]:
     preset = getattr(encoder, "preset", None)
     if preset is None or (preset.magnification is None and preset.patch_px is None):
         return None
-    mag = 10.0 / opts.target_mpp if opts.target_mpp else float(opts.target_magnification or 0)
+    mag = opts.magnification
     # 3 %: the tolerance within which patching snaps a scale to the authors' integer one (wsi.patching)
     mag_off = preset.magnification is not None and abs(mag - preset.magnification) > 0.03 * preset.magnification
     size_off = preset.patch_px is not None and int(opts.patch_size) != int(preset.patch_px)
@@ -144,7 +144,7 @@ def check_run(out_dir: PathLike, encoder: Any = "conch_v1", checkpoint: Optional
     """Everything that can be checked before any work (options, encoder name and weights file, output
     layout, ``--out``), so a bad flag fails in a second: ``(out, options, layout)``."""
     opts = ExtractOptions.from_kwargs(**options)
-    check_mpp_source(opts.mpp_source)  # once here, not once per slide
+    check_mpp_source(opts.mpp_source)  # before any slide, not as every slide's failure
     where = output_layout(layout, encoder, opts)
     out = check_output_dir(out_dir, where)  # first of the files' checks: nothing else is worth doing without
     check_encoder_arguments(encoder, checkpoint)

@@ -65,6 +65,14 @@ class ExtractOptions:
     cache_mb: float = 128    # OpenSlide tile cache per reader process
     host_resize: Optional[bool] = None  # encoder resize in the readers (PIL); None = on CPU only
 
+    @property
+    def magnification(self) -> float:
+        """The target magnification as patching resolves it (``wsi.patching.plan_patches``): 10 / MPP when
+        an MPP is asked for, else the magnification, else the default."""
+        if self.target_mpp:
+            return 10.0 / self.target_mpp
+        return float(self.target_magnification or DEFAULT_MAGNIFICATION)
+
     @classmethod
     def from_kwargs(cls, **kw: Any) -> "ExtractOptions":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -410,8 +418,7 @@ def output_layout(kind: str, encoder: Any, opts: "ExtractOptions") -> OutputLayo
         raise SlideChatError(f"--layout must be one of {', '.join(LAYOUTS)}, got {kind!r}")
     if kind == "slidechat":
         return DEFAULT_LAYOUT
-    mag = 10.0 / opts.target_mpp if opts.target_mpp else (opts.target_magnification or DEFAULT_MAGNIFICATION)
-    return OutputLayout.trident(encoder_folder_name(encoder), mag, opts.patch_size)
+    return OutputLayout.trident(encoder_folder_name(encoder), opts.magnification, opts.patch_size)
 
 
 def output_paths(out_dir: PathLike, sid: str, layout: OutputLayout = DEFAULT_LAYOUT) -> Dict[str, Path]:
