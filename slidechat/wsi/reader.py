@@ -112,6 +112,13 @@ class PatchReader:
             direct = slide.enable_direct_tiles(self.cache_mb, probe)
         if not direct:
             slide.set_cache_size(self.cache_mb)
+        elif len(self.coords) and slide.reads_directly(self.level):
+            # patches are read row by row: the cache holds the band of tiles they share, not cache_mb
+            ds = slide.level_downsamples[self.level]
+            xs = self.coords[:, 0]
+            integer = self.read_size == self.patch_size or self.read_size % self.patch_size == 0
+            slide.fit_tile_cache(self.level, int(xs.min() // ds), int(xs.max() // ds) + self.read_size,
+                                 self.read_size, self.read_size // self.patch_size if integer else 1)
         return slide
 
     def close(self) -> None:

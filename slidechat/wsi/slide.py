@@ -266,6 +266,12 @@ class Slide:
             self._tiles = open_tile_reader(self, cache_mb, probe)
         return self._tiles is not None
 
+    def fit_tile_cache(self, level: int, x0: int, x1: int, rows: int, factor: int = 1) -> None:
+        """Size the direct tile cache to a row-major scan of ``rows``-px regions over level columns
+        ``[x0, x1)`` (``TiffTileReader.fit_cache``); no-op without direct tiles at ``level``."""
+        if self._tiles is not None and self._tiles.has_level(level):
+            self._tiles.fit_cache(level, x0, x1, rows, factor)
+
     def set_cache_size(self, megabytes: float) -> None:
         """Give this handle its own OpenSlide tile cache (decoded tiles shared by neighbouring reads).
 

@@ -90,6 +90,23 @@ class TiffTileReader:
         twin._clear_cache()
         return twin
 
+    def fit_cache(self, level: int, x0: int, x1: int, rows: int, factor: int = 1) -> int:
+        """Cap the cache at what a row-major scan of regions ``rows`` px tall spanning level columns
+        ``[x0, x1)`` reuses: the tile rows one row of regions covers, plus one (the row the next row of
+        regions shares), across those columns. Returns the cap in bytes.
+
+        Why not simply a big cache: every tile the cache holds is fresh memory, and a fresh page costs a
+        fault (measured here ~4 us per 4 KB page, so ~0.2 ms per 256-px tile, as much as decoding it),
+        while a cache that only holds the band recycles freed tiles' memory. Reader processes start
+        empty, so a 128 MB cache made them fault in every tile they decoded."""
+        lv = self.levels[level]
+        f = max(1, int(factor))
+        tiles_across = (min(x1, lv.width) - 1) // lv.tile_w - max(x0, 0) // lv.tile_w + 1
+        band_rows = -(-int(rows) // lv.tile_h) + 2
+        need = max(1, tiles_across) * band_rows * (lv.tile_h // f) * (lv.tile_w // f) * 3
+        self._cache_limit = min(self._cache_limit, need) if self._cache_limit > 0 else 0
+        return self._cache_limit
+
     def has_level(self, level: int) -> bool:
         return level in self.levels
 
