@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE_CONFIG = REPO / "configs" / "tiny" / "stage_2.py"
@@ -63,7 +63,7 @@ def build_serve_setup(root: Path) -> Dict[str, object]:
     return info
 
 
-def write_screening_output(out_dir: Path, slide: str, fields: "list[tuple[int, int, int, float]]") -> Path:
+def write_screening_output(out_dir: Path, slide: str, fields: Sequence[Tuple[int, int, int, float]]) -> Path:
     """A ``slidechat screen`` output folder holding one field table, ``fields/<slide>.csv``, written by the
     screening writer itself; ``fields`` are ``(x, y, size_level0, score)`` in level-0 px. Returns the CSV."""
     from slidechat.evaluation.screening import FieldRow, write_field_table

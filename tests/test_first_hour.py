@@ -221,7 +221,8 @@ def _demo_results(root: Path) -> None:
     for rel in ("features/qc/demo_000.png", "features/qc/demo_002.png", "screen/roc.png",
                 "screen/heatmaps/c0.png", "screen/galleries/c0.png", "screen/galleries/c1.png",
                 f"export/{EXPORTED_CONFIG_FILE}", "cytochat_screen_hf/config.json", "cytology/images/test/f_0007.png",
-                "features/h5_files/demo_000.h5", "features/h5_files/demo_002.h5"):
+                "features/h5_files/demo_000.h5", "features/h5_files/demo_002.h5", "slides/slides/demo_000.svs",
+                "cyto_slides/slides/cyto_000.svs"):
         write(rel)
     write("data/test_vqa.csv", "ID,Slide,Question,A,B,Answer\n0,demo_002,Q?,x,y,A\n")
 
@@ -241,17 +242,26 @@ def test_demo_summary_block_reads_the_figures_and_names_the_next_commands(tmp_pa
     assert f"{root / 'features' / 'qc'}/ (2 PNG)" in text and f"{root / 'screen' / 'galleries'}/ (2 PNG)" in text
     assert str(root / "screen" / "roc.png") in text and str(root / "demo.log") in text
     nxt = lines[lines.index("Next, try") + 1:-1]
-    assert len(nxt) == 3
+    assert len(nxt) == 5
     assert nxt[0].split() == ["slidechat", "chat", "--checkpoint", str(root / "export"), "--features",
                               str(root / "features" / "h5_files" / "demo_002.h5")]  # a held-out slide
     assert nxt[1].split() == ["slidechat", "chat", "--model_name_or_path", str(root / "cytochat_screen_hf"),
                               "--image", str(root / "cytology" / "images" / "test" / "f_0007.png")]
-    # the chat commands' flags are chat's own
+    # the browser app on the demo's own outputs: slides with their features and the exported slide model,
+    # and the cytology slides with the screening outputs and the exported cytology model
+    assert nxt[2].split() == ["slidechat", "serve", "--slides", str(root / "slides" / "slides"), "--features",
+                              str(root / "features"), "--checkpoint", str(root / "export")]
+    assert nxt[3].split() == ["slidechat", "serve", "--slides", str(root / "cyto_slides" / "slides"),
+                              "--screening", str(root / "screen"), "--model_name_or_path",
+                              str(root / "cytochat_screen_hf")]
+    # the chat and serve commands' flags are their own
     flags = _help_flags("chat")
     assert {"--checkpoint", "--features", "--model_name_or_path", "--image"} <= flags
+    assert {"--slides", "--features", "--screening", "--checkpoint", "--model_name_or_path"} <= _help_flags("serve")
 
     empty = summary_block(tmp_path / "nothing")
     assert empty.count("not run") == 3 and "slidechat chat" not in empty and "not made" in empty
+    assert "slidechat serve" not in empty
 
 
 def test_demo_steps_print_one_line_each_and_log_the_rest(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bash "$repo/tools/setup_env.sh"
+bash "$repo/tools/setup_browser.sh"  # Chromium for tests/test_serve_browser.py (apt-get as root)
 venv=${SLIDECHAT_VENV:-$repo/.venv}
 cd "$repo"
 # two pytest workers (pytest-xdist), one test file each at a time: most tests wait on child processes

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Collection, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from slidechat.data.dataset import uniform_indices
 from slidechat.data.images import check_image_header, prepare_image
@@ -35,6 +37,56 @@ from slidechat.utils.errors import SlideChatError
 from slidechat.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
+
+#: what ``on_token`` of :meth:`ChatSession.ask` / :meth:`ImageChatSession.ask` receives: each new piece of text
+TokenCallback = Callable[[str], None]
+
+
+class TextDeltaStreamer(BaseStreamer):
+    """Hands ``generate``'s new tokens to ``on_token`` as text pieces while they are made (one row only).
+
+    The whole answer so far is decoded each step and only the new characters are sent, so tokens that
+    decode together (multi-byte characters, merged spaces) arrive as readable text; a trailing U+FFFD (an
+    unfinished character) waits for the next token. The first ``put`` is the prompt and is skipped, as
+    ``generate`` sends it first; nothing after a stop token is sent.
+    """
+
+    def __init__(self, decode: Callable[[List[int]], str], on_token: TokenCallback,
+                 stop_ids: Collection[int] = ()) -> None:
+        self.decode = decode
+        self.on_token = on_token
+        self.stop_ids = {int(t) for t in stop_ids}
+        self.ids: List[int] = []
+        self.sent = ""
+        self._prompt_seen = False
+        self._stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if self._stopped:
+            return
+        for t in value.reshape(-1).tolist():
+            if int(t) in self.stop_ids:
+                self._stopped = True
+                break
+            self.ids.append(int(t))
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.decode(self.ids)
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece = text[len(self.sent):]
+            self.sent = text
+            self.on_token(piece)
+        elif not text.startswith(self.sent):  # decoding changed earlier text (rare): send what is new
+            self.sent = text
 
 
 def load_chat_model(checkpoint: PathLike, config: Optional[PathLike] = None,
@@ -96,6 +148,9 @@ class ChatSession:
         self._visual_tokens: Optional[List[torch.Tensor]] = None
         self.prefix_reuse = bool(prefix_reuse)
         self._kept: Optional[PrefixCache] = None  # the LLM cache of the last turn's prompt + answer
+        # the last answered turn, token by token (for answer evidence: log p(answer | prompt, slide))
+        self.last_prompt_ids: List[int] = []
+        self.last_answer_ids: List[int] = []
 
     def prompt_ids(self, question: str) -> List[int]:
         return encode_prompt(self.tokenizer, self.history, question, self.template, self.system)
@@ -115,24 +170,32 @@ class ChatSession:
         return "".join(parts)
 
     @torch.no_grad()
-    def ask(self, question: str) -> str:
+    def ask(self, question: str, on_token: Optional[TokenCallback] = None) -> str:
+        """The answer to ``question`` given the conversation so far; ``on_token`` (optional) receives
+        the answer's text piece by piece while it is generated (a browser shows it as it comes)."""
         question = question.strip()
         if not question:
             raise ValueError("empty question")
         ids = torch.tensor(self.checked_prompt_ids(question), dtype=torch.long)
+        gen_kwargs = dict(self.generation_kwargs)
+        if on_token is not None:
+            gen_kwargs["streamer"] = TextDeltaStreamer(
+                lambda t: self.tokenizer.decode(t, skip_special_tokens=True), on_token,
+                self.model.default_eos_token_ids())
         if self._visual_tokens is None:
             self._visual_tokens = self.model.encode_slides(
                 [self.features], None if self.coords is None else [self.coords])
         if self.prefix_reuse:
             new, self._kept = self.model.generate_shared(
                 [ids], self._visual_tokens[0], state=self._kept, keep=True, max_new_tokens=self.max_new_tokens,
-                **self.generation_kwargs)
+                **gen_kwargs)
             out = new[0]
         else:
             out = self.model.generate([ids], [self.features], visual_tokens=self._visual_tokens,
-                                      max_new_tokens=self.max_new_tokens, **self.generation_kwargs)[0]
+                                      max_new_tokens=self.max_new_tokens, **gen_kwargs)[0]
         answer = self.tokenizer.decode(out.tolist(), skip_special_tokens=True).strip()
         self.history.append((question, answer))
+        self.last_prompt_ids, self.last_answer_ids = ids.tolist(), [int(t) for t in out.tolist()]
         return answer
 
     def checked_prompt_ids(self, question: str) -> List[int]:
@@ -149,6 +212,10 @@ class ChatSession:
         """Forget the conversation (the kept cache stays: the next prompt still shares the slide with it)."""
         self.history.clear()
 
+    def drop_kept_cache(self) -> None:
+        """Forget the kept LLM cache (after an interrupted turn it may hold tokens no history has)."""
+        self._kept = None
+
 
 class ImageChatSession:
     """One field-of-view image, many turns, on a Qwen2-VL model (cytology; ``chat --image``).
@@ -161,11 +228,20 @@ class ImageChatSession:
     the LLM cache is kept across turns (``Qwen2VLFamily.answer_kept``): the vision tower runs once.
     """
 
-    def __init__(self, model: Any, processor: Any, image: PathLike, max_new_tokens: int = 500,
-                 system: Optional[str] = None, image_max_pixels: int = 768 * 768,
+    def __init__(self, model: Any, processor: Any, image: Union[PathLike, Image.Image, np.ndarray],
+                 max_new_tokens: int = 500, system: Optional[str] = None, image_max_pixels: int = 768 * 768,
                  image_min_pixels: int = 32 * 32, prefix_reuse: bool = True) -> None:
-        self.image_path = Path(image)
-        self.image = prepare_image(self.image_path, image_max_pixels, image_min_pixels)  # read + scaled once
+        # a file, or pixels already in memory (``slidechat serve`` asks about a field read from a slide)
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+        if isinstance(image, Image.Image):
+            self.image_path: Optional[Path] = None
+            self.source = "<image in memory>"
+        else:
+            self.image_path = Path(image)
+            self.source = str(self.image_path)
+        self.image = prepare_image(image if self.image_path is None else self.image_path, image_max_pixels,
+                                   image_min_pixels)  # read + scaled once
         limit = llm_context_length(model) or 32768
         self.family = Qwen2VLFamily(model, processor,
                                     SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=0.0),
@@ -182,8 +258,8 @@ class ImageChatSession:
             msgs.append({"role": "user", "content": ("<image>" if k == 0 else "") + q})
             if k < len(self.history):
                 msgs.append({"role": "assistant", "content": a})
-        item = CytologyItem(position=0, key={}, images=[str(self.image_path)], messages=msgs,
-                            system=self.system, label_content=None, source=str(self.image_path))
+        item = CytologyItem(position=0, key={}, images=[self.source], messages=msgs,
+                            system=self.system, label_content=None, source=self.source)
         self.family.render(item)
         item.prepared_images = [self.image]
         return item
@@ -193,21 +269,36 @@ class ImageChatSession:
         return self._item(question.strip()).prompt_text
 
     @torch.no_grad()
-    def ask(self, question: str) -> str:
+    def ask(self, question: str, on_token: Optional[TokenCallback] = None) -> str:
+        """The answer to ``question`` about the image; ``on_token`` (optional) receives the answer's text
+        piece by piece while it is generated (special tokens kept, as in the answer)."""
         question = question.strip()
         if not question:
             raise ValueError("empty question")
         item = self._item(question)
-        if self.prefix_reuse:
-            text, self._kept = self.family.answer_kept(item, self._kept)
-        else:
-            text = self.family.generate([item])[0]
+        fam = self.family
+        saved = dict(fam.gen_kwargs)
+        if on_token is not None:
+            fam.gen_kwargs["streamer"] = TextDeltaStreamer(
+                lambda t: fam.tokenizer.decode(t, skip_special_tokens=fam.skip_special_tokens), on_token,
+                fam.stop_ids)
+        try:
+            if self.prefix_reuse:
+                text, self._kept = fam.answer_kept(item, self._kept)
+            else:
+                text = fam.generate([item])[0]
+        finally:
+            fam.gen_kwargs = saved
         answer = text.strip()
         self.history.append((question, answer))
         return answer
 
     def reset(self) -> None:
         self.history.clear()
+
+    def drop_kept_cache(self) -> None:
+        """Forget the kept LLM cache (after an interrupted turn it may hold tokens no history has)."""
+        self._kept = None
 
 
 def load_image_chat_model(model_name_or_path: PathLike, adapter_name_or_path: Optional[PathLike] = None,

@@ -63,6 +63,8 @@ def demo_paths(root: Path) -> Dict[str, Path]:
         "slide_test": root / "test" / "test_vqa_output.csv",
         "slide_report": root / "test" / "test_vqa_output.csv.report.json",
         "export": root / "export",
+        "slides": root / "slides" / "slides",
+        "features": root / "features",
         "h5": root / "features" / "h5_files",
         "qc": root / "features" / "qc",
         "fields": root / "cytology",
@@ -72,6 +74,7 @@ def demo_paths(root: Path) -> Dict[str, Path]:
         "screen": root / "screen",
         "screen_metrics": root / "screen" / "metrics.json",
         "cyto_slides": root / "cyto_slides",
+        "cyto_slide_files": root / "cyto_slides" / "slides",
     }
 
 

@@ -270,6 +270,12 @@ def summary_block(root: Path, log_path: Optional[Path] = None, minutes: Optional
     field = _first(paths["fields"] / "images" / "test", "*.png")
     if (paths["cyto_model"] / "config.json").is_file() and field is not None:
         lines.append(f"  slidechat chat --model_name_or_path {paths['cyto_model']} --image {field}")
+    if exported(paths["export"]) and paths["h5"].is_dir():  # the browser app on the demo's own outputs
+        lines.append(f"  slidechat serve --slides {paths['slides']} --features {paths['features']} "
+                     f"--checkpoint {paths['export']}")
+    if (paths["cyto_model"] / "config.json").is_file() and paths["cyto_slide_files"].is_dir():
+        lines.append(f"  slidechat serve --slides {paths['cyto_slide_files']} --screening {paths['screen']} "
+                     f"--model_name_or_path {paths['cyto_model']}")
     lines.append("  slidechat extract-features YOUR_SLIDES/ --out work_dirs/features   "
                  "(then: docs/ for training and testing)")
     lines.append("=" * 78)

@@ -19,7 +19,7 @@ from slidechat.utils.logging import setup_cli_logging
 from slidechat.utils.version import __version__
 
 # Order = order in --help. A module listed here that does not exist yet is skipped.
-SUBCOMMAND_MODULES = ["extract", "train", "export", "test", "infer", "eval", "screen", "chat", "demo"]
+SUBCOMMAND_MODULES = ["extract", "train", "export", "test", "infer", "eval", "screen", "chat", "serve", "demo"]
 
 logger = logging.getLogger("slidechat")
 

@@ -1,0 +1,27 @@
+"""The settings of one ``slidechat serve`` run, as one frozen bundle passed to every part of the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+#: File suffixes listed as slides (a plain image is one field of view).
+SERVE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide",
+                  ".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where the slides and their side files are, how the server listens and its limits."""
+
+    slides: Path                      # root folder of slides (searched recursively)
+    features: Optional[Path] = None   # folder of <slide_id>.h5 (extract-features' h5_files/ or the folder above)
+    screening: Optional[Path] = None  # `slidechat screen` output folder (fields/<slide_id>.csv, ...)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None       # required when host is not loopback
+    cache_dir: Optional[Path] = None  # unused: tiles are cached in memory
+    tile_cache_mb: int = 256
+    max_body_bytes: int = 64 * 1024
+    max_question_chars: int = 4000
