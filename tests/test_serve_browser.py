@@ -102,6 +102,16 @@ class Server:
         self._fh.close()
 
 
+def _serving(work: Path, args: List[str]) -> Iterator[Server]:
+    """``slidechat serve ARGS`` until the fixture using it ends (its log in ``work/serve.log``)."""
+    server = Server(args, work / "serve.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def slide_server(serve_setup: Dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     work = tmp_path_factory.mktemp("serve_slide")
@@ -109,15 +119,9 @@ def slide_server(serve_setup: Dict[str, Any], tmp_path_factory: pytest.TempPathF
     shutil.copytree(serve_setup["slides"], slides)
     (slides / "unreadable.svs").write_bytes(b"this is not a slide\n" * 64)
     write_screening_output(work / "screening", SLIDE, [(0, 0, 1024, 0.9), (1024, 0, 1024, 0.2), (0, 1024, 1024, 0.5)])
-    log = work / "serve.log"
-    server = Server(["--slides", str(slides), "--features", str(serve_setup["features"]),
-                     "--screening", str(work / "screening"),
-                     "--checkpoint", str(serve_setup["slide_model"]), "--device", "cpu"], log)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(work, ["--slides", str(slides), "--features", str(serve_setup["features"]),
+                               "--screening", str(work / "screening"),
+                               "--checkpoint", str(serve_setup["slide_model"]), "--device", "cpu"])
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +138,7 @@ def cyto_server(serve_setup: Dict[str, Any], box_model: Path,
     write_cytology_slides(work / "big", n_slides=1, seed=3, width=BIG_CYTO[0], height=BIG_CYTO[1],
                           prefix="cyto_big")
     shutil.copy(work / "big" / "slides" / "cyto_big_000.svs", slides)
-    log = work / "serve.log"
-    server = Server(["--slides", str(slides), "--model_name_or_path", str(box_model),
-                     "--device", "cpu"], log)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(work, ["--slides", str(slides), "--model_name_or_path", str(box_model), "--device", "cpu"])
 
 
 @pytest.fixture(scope="module")

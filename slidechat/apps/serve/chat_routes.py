@@ -122,14 +122,21 @@ def chat_router(engine: Optional[ChatEngine], catalog: Catalog) -> APIRouter:
             return {"family": None, "model_line": NO_MODEL}
         return {"family": engine.family, "model_line": engine.model_line}
 
-    @router.post("/api/chat")
-    async def chat(request: Request) -> Response:
+    async def question_of(request: Request) -> "_Question | Response":
+        """The request's checked question, or the JSON error to answer with (no model: 503)."""
         if engine is None:
             return _error(503, NO_MODEL)
         try:
-            q = await _parse(request, catalog, max_chars)
+            return await _parse(request, catalog, max_chars)
         except _Refused as r:
             return _error(r.status, str(r))
+
+    @router.post("/api/chat")
+    async def chat(request: Request) -> Response:
+        q = await question_of(request)
+        if isinstance(q, Response):
+            return q
+        assert engine is not None
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(engine.executor, lambda: engine.ask(
@@ -141,12 +148,10 @@ def chat_router(engine: Optional[ChatEngine], catalog: Catalog) -> APIRouter:
 
     @router.post("/api/chat/stream")
     async def chat_stream(request: Request) -> Response:
-        if engine is None:
-            return _error(503, NO_MODEL)
-        try:
-            q = await _parse(request, catalog, max_chars)
-        except _Refused as r:
-            return _error(r.status, str(r))
+        q = await question_of(request)
+        if isinstance(q, Response):
+            return q
+        assert engine is not None
         lines: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
         gone = threading.Event()
 
