@@ -45,6 +45,9 @@ SVG_NS = "{http://www.w3.org/2000/svg}"
 SCREENED = "demo_000_tumor"
 SCREEN_FIELDS = [(0, 0, 512, 0.25), (1024, 512, 512, 0.9), (2048, 1536, 512, 0.6)]
 
+#: the Host TestClient sends: an app bound to loopback answers loopback names only (DNS rebinding)
+LOCAL = "http://127.0.0.1"
+
 
 # -- fixtures ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def config(roots: Dict[str, Path]) -> ServeConfig:
 
 @pytest.fixture(scope="module")
 def client(config: ServeConfig) -> Iterator[TestClient]:
-    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+    with TestClient(base_url=LOCAL, app=create_app(config), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -196,7 +199,7 @@ def test_a_slide_added_later_is_listed(roots: Dict[str, Path], tmp_path: Path) -
     root = tmp_path / "slides"
     root.mkdir()
     shutil.copy(roots["root"] / "field_tumor.png", root / "a.png")
-    with TestClient(create_app(ServeConfig(slides=root))) as c:
+    with TestClient(base_url=LOCAL, app=create_app(ServeConfig(slides=root))) as c:
         assert [r["id"] for r in c.get("/api/slides").json()] == ["a"]
         assert_json_error(c.get("/api/slides/b"), 404)
         time.sleep(0.01)
@@ -489,13 +492,27 @@ def test_security_headers(client: TestClient) -> None:
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
 
 
+def test_loopback_server_refuses_other_host_names(config: ServeConfig) -> None:
+    """Bound to loopback, the app answers only requests that name a loopback host: a page on another site
+    that points its own DNS name at 127.0.0.1 (DNS rebinding) gets a 403, not the slides."""
+    with TestClient(base_url=LOCAL, app=create_app(config)) as c:
+        for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "127.0.0.2"):
+            assert c.get("/api/slides", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example", "0.0.0.0:8000", ""):
+            assert_json_error(c.get("/api/slides", headers={"host": host}), 403)
+    # bound elsewhere (with its token), any host name may reach it: the token guards it
+    app = create_app(ServeConfig(slides=config.slides, host="0.0.0.0", token="t0ken"))
+    with TestClient(app) as c:
+        assert c.get("/api/slides", headers={"authorization": "Bearer t0ken"}).status_code == 200
+
+
 def test_token_required_off_loopback(config: ServeConfig) -> None:
     with pytest.raises(SlideChatError):
         create_app(ServeConfig(slides=config.slides, host="0.0.0.0"))  # no token: refused
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
     app = create_app(ServeConfig(slides=config.slides, host="0.0.0.0", token="s3cret-token"))
-    with TestClient(app) as c:
+    with TestClient(base_url=LOCAL, app=app) as c:
         for url in ("/api/slides", "/", "/api/slides/demo_000_tumor.dzi", "/vendor/osd/openseadragon.min.js"):
             assert_json_error(c.get(url), 401)
         assert_json_error(c.get("/api/slides", headers={"Authorization": "Bearer wrong"}), 401)
@@ -506,9 +523,9 @@ def test_token_required_off_loopback(config: ServeConfig) -> None:
         cookie = r.headers["set-cookie"]
         assert "HttpOnly" in cookie and "slidechat_token=s3cret-token" in cookie
         assert c.get("/api/slides/demo_000_tumor.dzi").status_code == 200  # the cookie alone now
-    with TestClient(app, cookies={"slidechat_token": "s3cret-token"}) as fresh:
+    with TestClient(base_url=LOCAL, app=app, cookies={"slidechat_token": "s3cret-token"}) as fresh:
         assert fresh.get("/api/slides").status_code == 200
-    with TestClient(app, cookies={"slidechat_token": "nope"}) as wrong:
+    with TestClient(base_url=LOCAL, app=app, cookies={"slidechat_token": "nope"}) as wrong:
         assert_json_error(wrong.get("/api/slides"), 401)
 
 

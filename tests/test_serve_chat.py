@@ -35,6 +35,9 @@ SLIDE = "demo_000_tumor"
 OTHER = "demo_001_normal"
 MAX_NEW = 8
 
+#: the Host TestClient sends: an app bound to loopback answers loopback names only (DNS rebinding)
+LOCAL = "http://127.0.0.1"
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -49,7 +52,7 @@ def slide_engine(setup):
 @pytest.fixture(scope="module")
 def client(setup, slide_engine):
     app = create_app(ServeConfig(slides=setup["slides"], features=setup["features"]), slide_engine)
-    with TestClient(app) as c:
+    with TestClient(base_url=LOCAL, app=app) as c:
         yield c
 
 
@@ -57,7 +60,7 @@ def client(setup, slide_engine):
 def cyto_client(setup, tmp_path_factory):
     box_dir = teach_box_model(setup["qwen2vl"], tmp_path_factory.getbasetemp() / "serve_box_model")
     engine = load_engine(model_name_or_path=str(box_dir), max_new_tokens=40)
-    with TestClient(create_app(ServeConfig(slides=setup["cyto_slides"]), engine)) as c:
+    with TestClient(base_url=LOCAL, app=create_app(ServeConfig(slides=setup["cyto_slides"]), engine)) as c:
         yield c, engine
 
 
@@ -239,7 +242,7 @@ def test_features_extracted_on_demand_with_progress(setup, slide_engine, tmp_pat
     engine = sessions_mod.ChatEngine("slide", slide_engine.model, slide_engine.tokenizer, "slide_model",
                                      max_new_tokens=MAX_NEW, encoder="tiny_test",
                                      feature_cache=tmp_path / "cache", extract_options={"num_workers": 0})
-    with TestClient(create_app(ServeConfig(slides=slides), engine)) as c:
+    with TestClient(base_url=LOCAL, app=create_app(ServeConfig(slides=slides), engine)) as c:
         r = c.post("/api/chat/stream", json={"slide": SLIDE, "question": "What is this?"})
         lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
         assert "progress" in lines[0] and "tiny_test" in lines[0]["progress"], lines[:2]
@@ -297,7 +300,8 @@ def test_features_of_another_width_are_a_clear_422(setup, slide_engine, tmp_path
     feats, _ = load_features(path)
     write_feature_h5(tmp_path / "h5_files" / f"{SLIDE}.h5", feats[:, :256], coords,
                      coords_attrs={"patch_size_level0": patch})
-    with TestClient(create_app(ServeConfig(slides=setup["slides"], features=tmp_path), slide_engine)) as c:
+    app = create_app(ServeConfig(slides=setup["slides"], features=tmp_path), slide_engine)
+    with TestClient(base_url=LOCAL, app=app) as c:
         r = c.post("/api/chat", json={"slide": SLIDE, "question": "What is this?"})
         assert r.status_code == 422
         err = r.json()["error"]

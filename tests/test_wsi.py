@@ -233,8 +233,7 @@ def test_band_sized_tile_cache_still_decodes_each_tile_once(synthetic_slides, ke
         grid = plan_patches(s, segment_tissue(s), resolve_resolution(s), target_magnification=mag,
                             patch_size=224, tissue_threshold=0.5)
     reader = PatchReader(path, grid, batch_size=8, cache_mb=512)
-    for b in reader.batches:
-        reader.read(b)
+    got = np.concatenate([reader.read(b) for b in reader.batches])
     tiles = reader._slide._tiles
     lv = tiles.levels[grid.read_level]
     ds = grid.read_downsample
@@ -252,6 +251,34 @@ def test_band_sized_tile_cache_still_decodes_each_tile_once(synthetic_slides, ke
     band = across * (-(-grid.read_size // lv.tile_h) + 2) * (lv.tile_h // f) * (lv.tile_w // f) * 3
     assert tiles._cache_limit == min(band, 512 * 2 ** 20) < 512 * 2 ** 20
     assert tiles._cache_bytes <= tiles._cache_limit
+    reader.close()
+    # the tiles under the grid outnumber what the band holds, so evicted tiles' buffers were decoded into
+    # again (and at 40x every tile went through the one scratch buffer before its 2x2 reduce): the
+    # pixels must still be OpenSlide's
+    assert len(needed) * (lv.tile_h // f) * (lv.tile_w // f) * 3 > tiles._cache_limit
+    ref = _reference_patches(path, grid, np.arange(len(grid)), "reduce")
+    assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("key,mag", [("tumor20", 20), ("tumor40", 40)])
+def test_recycled_tile_buffers_never_alias_a_cached_tile(synthetic_slides, key, mag):
+    """Full-size tiles are decoded into the buffers of tiles the cache evicted: with a cache of a few
+    tiles (most tiles evicted and decoded again, in row order and in a shuffled order) every patch must
+    still be OpenSlide's pixels; a buffer handed out while its tile is still cached would show here."""
+    from slidechat.wsi.reader import PatchReader
+
+    path = synthetic_slides[key]
+    with Slide(path) as s:
+        grid = plan_patches(s, segment_tissue(s), resolve_resolution(s), target_magnification=mag,
+                            patch_size=224, tissue_threshold=0.1)
+    ref = _reference_patches(path, grid, np.arange(len(grid)), "reduce")
+    order = np.random.default_rng(0).permutation(len(grid))
+    reader = PatchReader(path, grid, batch_size=8, cache_mb=4 * 256 * 256 * 3 / 2 ** 20)  # 4 tiles
+    assert np.array_equal(np.concatenate([reader.read(b) for b in reader.batches]), ref)
+    assert np.array_equal(reader.read(order), ref[order])
+    tiles = reader._slide._tiles
+    assert tiles.levels[grid.read_level].jpeg is not None  # the decode-into-a-buffer path ran
+    assert tiles.tiles_decoded > 2 * len(tiles._cache)      # and tiles were evicted and decoded again
     reader.close()
 
 

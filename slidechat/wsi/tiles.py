@@ -16,7 +16,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class _Level:
     never touches tifffile's file handle (whose file offset its parent and siblings share)."""
 
     decode: Callable[..., Any]   # tifffile's decoder for this page (imagecodecs/libjpeg-turbo)
+    jpeg: Optional[Dict[str, Any]]  # for 8-bit RGB JPEG tiles: imagecodecs.jpeg_decode's arguments, as
+    #                                 tifffile passes them, so a tile can be decoded into a reused buffer
     jpegtables: Optional[bytes]
     offsets: np.ndarray
     counts: np.ndarray
@@ -69,7 +71,7 @@ class TiffTileReader:
                 page = next((p for p in tf.pages if _usable_page(p, w, h)), None)
                 if page is not None:
                     self.levels[level] = _Level(
-                        page.decode, page.jpegtables, np.asarray(page.dataoffsets, np.int64),
+                        page.decode, _jpeg_arguments(page), page.jpegtables, np.asarray(page.dataoffsets, np.int64),
                         np.asarray(page.databytecounts, np.int64), int(page.tilelength), int(page.tilewidth),
                         int(page.imagewidth), int(page.imagelength))
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -81,6 +83,11 @@ class TiffTileReader:
         self._cache: "OrderedDict[Tuple[int, int, int, int], np.ndarray]" = OrderedDict()
         self._cache_bytes = 0
         self.tiles_decoded = 0
+        # decoded-tile buffers to decode into again: the ones the cache evicted (full-size tiles), and one
+        # scratch tile per shape for tiles that are reduced before caching. Fresh memory costs a page fault
+        # per 4 KB; a reused buffer is already mapped (and often still in the CPU's cache).
+        self._free: Dict[Tuple[int, int], List[np.ndarray]] = {}
+        self._scratch: Dict[Tuple[int, int], np.ndarray] = {}
 
     def forked(self) -> "TiffTileReader":
         """This reader for a forked process: the parsed levels, a duplicate of the (inherited) descriptor,
@@ -127,6 +134,18 @@ class TiffTileReader:
         count = int(lv.counts[i])
         if count == 0:  # a tile the scanner never wrote: glass
             tile = np.full((lv.tile_h, lv.tile_w, 3), 255, np.uint8)
+        elif lv.jpeg is not None:
+            import imagecodecs  # lazy: loaded with tifffile's decoders, only when tiles are read directly
+
+            data = os.pread(self._fd, count, int(lv.offsets[i]))
+            shape = (lv.tile_h, lv.tile_w)
+            buf = self._scratch.get(shape) if factor > 1 else self._take_free(shape)
+            if buf is None:
+                buf = np.empty((*shape, 3), np.uint8)
+                if factor > 1:
+                    self._scratch[shape] = buf
+            tile = imagecodecs.jpeg_decode(data, out=buf, **lv.jpeg)
+            self.tiles_decoded += 1
         else:
             data = os.pread(self._fd, count, int(lv.offsets[i]))
             seg = lv.decode(data, i, jpegtables=lv.jpegtables)[0]
@@ -142,7 +161,15 @@ class TiffTileReader:
             while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
+                if old.ndim == 3 and old.shape[2] == 3 and old.flags.owndata:  # decoded here: reuse it
+                    self._free.setdefault(old.shape[:2], []).append(old)
+        elif factor == 1 and tile is not None and lv.jpeg is not None and count:
+            self._free.setdefault(tile.shape[:2], []).append(tile)  # no cache: the caller copies it out now
         return tile
+
+    def _take_free(self, shape: Tuple[int, int]) -> Optional[np.ndarray]:
+        free = self._free.get(shape)
+        return free.pop() if free else None
 
     def can_reduce(self, level: int, factor: int) -> bool:
         lv = self.levels[level]
@@ -180,6 +207,25 @@ class TiffTileReader:
                 out[(ay1 - ly) // f:(ay2 - ly) // f, (ax1 - lx) // f:(ax2 - lx) // f] = \
                     tile[(ay1 - ty * th) // f:(ay2 - ty * th) // f, (ax1 - tx * tw) // f:(ax2 - tx * tw) // f]
         return out
+
+
+def _jpeg_arguments(page: Any) -> Optional[Dict[str, Any]]:
+    """``imagecodecs.jpeg_decode``'s arguments for the page's tiles, exactly as tifffile's own decoder passes
+    them (tables, colorspace and output colorspace from the photometric tags), for 8-bit 3-sample JPEG
+    tiles without a separate header; None otherwise (tifffile's decoder is used)."""
+    import importlib
+
+    if int(page.compression) != 7 or page.samplesperpixel != 3 or page.bitspersample != 8:
+        return None
+    if getattr(page, "jpegheader", None):
+        return None
+    # tifffile's own rule (not exported at its top level); without it, tifffile's decoder is used
+    rule = getattr(importlib.import_module("tifffile.tifffile"), "jpeg_decode_colorspace", None)
+    if rule is None:
+        return None
+    colorspace, outcolorspace = rule(page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
+    return {"tables": page.jpegtables, "colorspace": colorspace, "outcolorspace": outcolorspace,
+            "shape": (int(page.tilelength), int(page.tilewidth))}
 
 
 def _usable_page(page: Any, w: int, h: int) -> bool:

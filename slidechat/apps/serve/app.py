@@ -259,6 +259,7 @@ def create_app(config: ServeConfig, engine: Optional[ChatEngine] = None) -> Fast
         return [{"x": r.x, "y": r.y, "size": r.size_level0, "score": r.score} for r in layers.screening(entry)]
 
     app.include_router(chat_router(engine, catalog))
-    app.add_middleware(GuardMiddleware, token=config.token, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, token=config.token, max_body_bytes=config.max_body_bytes,
+                       loopback_only=is_loopback(config.host))
     logger.debug("serve app: %d slides under %s", len(catalog.entries()), config.slides)
     return app

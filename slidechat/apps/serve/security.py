@@ -68,6 +68,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _names_loopback(host_header: Optional[str]) -> bool:
+    """Whether a Host header (``name[:port]``, ``[v6]:port``) names this machine's loopback."""
+    if not host_header:
+        return False
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.lower() == "localhost" or is_loopback(host)
+
+
 def new_token() -> str:
     """A random access token for a server bound to a non-loopback address."""
     return secrets.token_urlsafe(24)
@@ -107,10 +119,13 @@ class GuardMiddleware:
     the query form sets the cookie (HttpOnly) so the page's own requests carry it.
     """
 
-    def __init__(self, app: Any, token: Optional[str], max_body_bytes: int) -> None:
+    def __init__(self, app: Any, token: Optional[str], max_body_bytes: int, loopback_only: bool = False) -> None:
         self.app = app
         self.token = token
         self.max_body_bytes = int(max_body_bytes)
+        # bound to loopback: a request must also name a loopback host, or a web page the user visits could
+        # point a DNS name of its own at 127.0.0.1 and read the slides through the browser (DNS rebinding)
+        self.loopback_only = bool(loopback_only)
 
     def _token_ok(self, scope: Scope) -> Tuple[bool, bool]:
         """(accepted, came from the query string)."""
@@ -133,6 +148,11 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         set_cookie = False
+        if self.loopback_only and not _names_loopback(_header(scope, b"host")):
+            for m in _json_response(403, "this server answers requests for 127.0.0.1 / localhost only "
+                                         "(the Host header names another host)"):
+                await send(m)
+            return
         if self.token is not None:
             ok, set_cookie = self._token_ok(scope)
             if not ok:
