@@ -193,7 +193,7 @@ class ChatEngine:
             parts = ["cytology image model", type(self.model).__name__]
         parts.append(_params_text(self.n_params))
         if self.n_params < TINY_PARAMS:
-            parts.append("TINY TEST MODEL: its answers mean nothing")
+            parts.append("TINY TEST MODEL: for tests and demos, not a pathology model")
         if self.partial:
             parts.append("PARTIAL CHECKPOINT ALLOWED: missing weights are random")
         return f"model: {self.name} ({', '.join(parts)})"
