@@ -159,9 +159,11 @@ class TiffTileReader:
             self._cache[key] = tile
             self._cache_bytes += tile.nbytes
             while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
+                (old_level, _, _, old_factor), old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
-                if old.ndim == 3 and old.shape[2] == 3 and old.flags.owndata:  # decoded here: reuse it
+                if old_factor == 1 and self.levels[old_level].jpeg is not None and old.flags.owndata:
+                    # a full-size tile decoded into a buffer of ours: the next full-size decode reuses it
+                    # (reduced tiles are not: nothing decodes into their shape, so they would pile up)
                     self._free.setdefault(old.shape[:2], []).append(old)
         elif factor == 1 and tile is not None and lv.jpeg is not None and count:
             self._free.setdefault(tile.shape[:2], []).append(tile)  # no cache: the caller copies it out now
