@@ -470,6 +470,15 @@ def test_question_streams_answer_and_evidence_centres_viewer(browser: Browser, s
     top = done["evidence"][0]
     assert top["score"] == max(e["score"] for e in done["evidence"]), "evidence must come best first"
     assert 0 <= top["x"] < info["width"] and 0 <= top["y"] < info["height"]
+    # each item shows its score to 3 significant digits, whatever its scale (gradient x input scores of a
+    # trained model can be 1e-5: a fixed number of decimals showed them all as 0.0000)
+    for k, ev in enumerate(done["evidence"]):
+        shown = items.nth(k).locator(".ev-score").inner_text()
+        value = float(shown.split()[-1])
+        assert value == ev["score"] == 0 or abs(value - ev["score"]) <= 5e-3 * abs(ev["score"]), (shown, ev)
+    for v in (1.6875e-05, -0.0876, 123.456, -4.2e-9):  # the rule on the scales scores come in
+        shown = page.evaluate("(v) => window.slidechat.fmtScore(v)", v)
+        assert abs(float(shown) - v) <= 5e-3 * abs(v) and shown.startswith("+" if v > 0 else "-"), (v, shown)
     shot(page, "07_evidence_layer")
 
     # clicking the top item centres the viewer on that patch and outlines it

@@ -23,6 +23,9 @@ from slidechat.wsi.slide import Slide
 
 logger = logging.getLogger(__name__)
 
+#: outline of the top patches on the report's evidence picture: green, apart from the map's red and blue
+TOP_BOX_RGBA = (0, 170, 70, 255)
+
 THUMB_SIDE = 640
 CROP_SIDE = 192
 TOP_CROPS = 3
@@ -87,8 +90,8 @@ class _SlidePictures:
         f = self.scale()
         for i, e in enumerate(turn.evidence[:TOP_CROPS], 1):
             box = (e.x * f, e.y * f, (e.x + e.w) * f, (e.y + e.h) * f)
-            draw.rectangle(box, outline=(0, 90, 255, 255), width=2)
-            draw.text((box[0] + 2, box[1] + 1), str(i), fill=(0, 90, 255, 255))
+            draw.rectangle(box, outline=TOP_BOX_RGBA, width=2)
+            draw.text((box[0] + 2, box[1] + 1), str(i), fill=TOP_BOX_RGBA)
         return out.convert("RGB")
 
     def crop(self, e: Evidence) -> Optional[Image.Image]:
@@ -137,8 +140,9 @@ def _turn_html(s: ServeSession, pics: _SlidePictures, k: int, turn: Turn) -> str
     heat = pics.heat_over_thumb(turn)
     if heat is not None:
         parts.append(_img(heat, f"evidence map of answer {k}",
-                          f"Evidence of answer {k} ({METHOD}); lighter colour: higher score "
-                          f"(the patch raised the answer's likelihood more); blue boxes: top "
+                          f"Evidence of answer {k} ({METHOD}); red: the patch raised the answer's "
+                          f"likelihood (for it), blue: lowered it (against), pale: little effect, each "
+                          f"scaled by the largest |score|; green boxes: the top "
                           f"{min(TOP_CROPS, len(turn.evidence))} patches.", "JPEG"))
     for i, e in enumerate(turn.evidence[:TOP_CROPS], 1):
         crop = pics.crop(e)

@@ -65,8 +65,10 @@
     return resp.json();
   }
 
-  function fmtNumber(v, digits) {
-    return (typeof v === "number" && isFinite(v)) ? v.toFixed(digits) : "—";
+  /** A signed evidence score with 3 significant digits: gradient x input scores can be 1e-5 or 1e+2. */
+  function fmtScore(v) {
+    if (!(typeof v === "number" && isFinite(v))) return "—";
+    return (v > 0 ? "+" : "") + (v === 0 ? "0" : v.toPrecision(3));
   }
 
   function fmtSize(w, h) {
@@ -551,7 +553,7 @@
         const b = el("button", {type: "button", class: "evidence-item", "data-testid": "evidence-item",
                                 "data-rank": rank, "data-x": ev.x, "data-y": ev.y, "data-w": ev.w, "data-h": ev.h},
                      el("span", {class: "ev-rank", text: `#${rank}`}),
-                     el("span", {class: "ev-score", text: `score ${fmtNumber(ev.score, 4)}`}),
+                     el("span", {class: "ev-score", text: `score ${fmtScore(ev.score)}`}),
                      el("span", {class: "ev-pos", text: `x ${ev.x}, y ${ev.y} · ${ev.w}×${ev.h} px`}));
         b.addEventListener("click", () => focusPatch(ev, rank));
         list.append(el("li", {}, b));
@@ -717,6 +719,7 @@
     layerItem: (name) => (state.layers[name] ? state.layers[name].item : null),
     selectSlide,
     niceScale,
+    fmtScore,
   };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
