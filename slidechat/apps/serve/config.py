@@ -6,9 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-#: File suffixes listed as slides (a plain image is one field of view).
-SERVE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide",
-                  ".png", ".jpg", ".jpeg")
+from slidechat.wsi.slide import SLIDE_SUFFIXES
+
+#: Slide suffixes the viewer does not list: a DICOM slide is a folder of ``.dcm`` files (each would be listed
+#: as a slide of its own); ``.czi``, ``.bmp`` and ``.webp`` have not been tried through the DeepZoom path.
+SERVE_UNLISTED = (".dcm", ".czi", ".bmp", ".webp")
+#: File suffixes listed as slides (a plain image is one field of view): the project's slide suffixes, less
+#: those above.
+SERVE_SUFFIXES = tuple(s for s in SLIDE_SUFFIXES if s not in SERVE_UNLISTED)
 
 
 @dataclass(frozen=True)

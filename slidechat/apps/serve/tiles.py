@@ -7,12 +7,13 @@ to share between threads; PIL-backed plain images are read under a per-slide loc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable, Optional, Tuple
+from typing import Any, ContextManager, Hashable, Optional, Tuple
 
 from slidechat.apps.serve.catalog import SlideEntry
 from slidechat.utils.errors import SlideChatError, exception_text
@@ -72,7 +73,7 @@ class ByteLRU:
 class _Opened:
     slide: Any          # openslide.OpenSlide or ImageSlide
     dz: Any             # DeepZoomGenerator
-    lock: Optional[threading.Lock]  # plain images: PIL is not safe to crop from several threads
+    lock: ContextManager[Any]  # plain images: a Lock (PIL is not safe to crop from several threads); else none
 
 
 def _private(e: BaseException, entry: SlideEntry) -> str:
@@ -121,7 +122,7 @@ class TileServer:
         except Exception as e:  # OpenSlideError, PIL errors: the file is unreadable
             raise SlideChatError(f"cannot read slide: {_private(e, entry)}", entry.name) from e
         plain = not isinstance(slide, openslide.OpenSlide)
-        opened = _Opened(slide, dz, threading.Lock() if plain else None)
+        opened = _Opened(slide, dz, threading.Lock() if plain else contextlib.nullcontext())
         with self._lock:
             self._open[key] = opened
             while len(self._open) > self.max_open:
@@ -149,10 +150,7 @@ class TileServer:
         if not (0 <= col < cols and 0 <= row < rows):
             raise TileNotFound(f"tile {col}_{row} outside level {level} ({cols} x {rows} tiles)", entry.id)
         try:
-            if op.lock is not None:
-                with op.lock:
-                    img = dz.get_tile(level, (col, row))
-            else:
+            with op.lock:
                 img = dz.get_tile(level, (col, row))
         except Exception as e:  # a damaged region of the file
             raise SlideChatError(f"cannot read tile {level}/{col}_{row}: {_private(e, entry)}", entry.id) from e
@@ -168,10 +166,7 @@ class TileServer:
             return cached
         op = self._opened(entry)
         try:
-            if op.lock is not None:
-                with op.lock:
-                    img = op.slide.get_thumbnail((max_side, max_side))
-            else:
+            with op.lock:
                 img = op.slide.get_thumbnail((max_side, max_side))
         except Exception as e:
             raise SlideChatError(f"cannot read thumbnail: {_private(e, entry)}", entry.id) from e
