@@ -1,14 +1,16 @@
-"""Each timm ViT preset at full size against its model card (issue 15, "one full-size check per family").
+"""Each timm ViT preset, and MUSK, at full size against its model card (issue 15, "one full-size check per
+family").
 
 The reference is the card's own definition from ``tests/encoder_references.py`` (the card's
-``timm.create_model`` arguments at full depth, its torchvision transform on PIL images, its output rule),
+``timm.create_model`` arguments at full depth, or for MUSK torchscale's ``BEiT3`` in MUSK's wrapper; its
+torchvision transform on PIL images, its output rule),
 with random weights (every block counts: see ``randomize_``) saved to a safetensors file by the
 reference's key names; then ``build_encoder(name, file)`` runs on the same uint8 patches. Printed per
 preset: parameters, feature dimension, the smallest per-patch cosine (target >= 0.99999) and the seconds
 the whole check took. One model lives at a time (the reference is freed before the preset is built), so the
 peak is about twice the largest model (H-optimus / GigaPath: 1.1 B parameters, ~9 GB).
 
-    python benchmarks/encoder_fidelity.py                       # every timm ViT preset, markdown table
+    python benchmarks/encoder_fidelity.py                       # every preset above, markdown table
     python benchmarks/encoder_fidelity.py --presets h0_mini uni --patches 1
 """
 

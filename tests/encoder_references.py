@@ -13,7 +13,10 @@ Sources (read for facts):
   models/h-optimus/v0/README.md (the architecture written out as ``VisionTransformer(**params)``);
 * H-optimus-1: hf.co/bioptimus/H-optimus-1 card + hub config (``vit_giant_patch14_reg4_dinov2``);
 * H0-mini: hf.co/bioptimus/H0-mini card + hub config (``vit_base_patch14_reg4_dinov2``);
-* Prov-GigaPath: hf.co/prov-gigapath/prov-gigapath card + hub config.json.
+* Prov-GigaPath: hf.co/prov-gigapath/prov-gigapath card + hub config.json;
+* MUSK: github.com/lilab-stanford/MUSK ``musk/modeling.py`` (``musk_large_patch16_384``, ``MUSK.forward``),
+  ``musk/utils.py`` (``MultiScaleForward``) and README (transform, feature-extraction call), on torchscale's
+  own ``BEiT3`` (PyPI torchscale 0.3.0; the MUSK repo vendors the same code with relative imports).
 """
 
 from __future__ import annotations
@@ -97,6 +100,76 @@ def gigapath_model(depth: Optional[int] = None) -> nn.Module:
     return timm.create_model("vit_giant_patch14_dinov2", pretrained=False, **_with_depth(model_args, depth))
 
 
+def _import_torchscale():
+    """torchscale's BEiT3 and EncoderConfig. torchscale imports ``fairscale.nn`` (``checkpoint_wrapper``,
+    ``wrap``) at module level but calls them only for activation checkpointing / FSDP, which MUSK's config
+    leaves off; fairscale is not installed (an sdist that builds against torch), so identity stand-ins fill
+    that import when it is missing."""
+    import importlib.util
+    import sys
+    import types
+    if "fairscale" not in sys.modules and importlib.util.find_spec("fairscale") is None:
+        fairscale, fairscale_nn = types.ModuleType("fairscale"), types.ModuleType("fairscale.nn")
+        fairscale_nn.checkpoint_wrapper = lambda module, *a, **k: module
+        fairscale_nn.wrap = lambda module, *a, **k: module
+        fairscale.nn = fairscale_nn
+        sys.modules.update({"fairscale": fairscale, "fairscale.nn": fairscale_nn})
+    from torchscale.architecture.config import EncoderConfig
+    from torchscale.model.BEiT3 import BEiT3
+    return BEiT3, EncoderConfig
+
+
+def musk_model(depth: Optional[int] = None) -> nn.Module:
+    """``musk_large_patch16_384``: ``MUSK(_get_large_config(img_size=384))`` of musk/modeling.py, typed out:
+    torchscale BEiT3 plus the two zero-shot heads and the contrastive temperature."""
+    BEiT3, EncoderConfig = _import_torchscale()
+    args = EncoderConfig(img_size=384, patch_size=16, vocab_size=64010, multiway=True, layernorm_embedding=False,
+                         normalize_output=True, no_output_layer=True, drop_path_rate=0, encoder_embed_dim=1024,
+                         encoder_attention_heads=16, encoder_ffn_embed_dim=int(1024 * 4),
+                         encoder_layers=24 if depth is None else depth, checkpoint_activations=None)
+
+    class MUSK(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.beit3 = BEiT3(args)
+            self.language_head = nn.Linear(1024, 1024, bias=False)
+            self.vision_head = nn.Linear(1024, 1024, bias=False)
+            self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
+
+        def forward(self, image: torch.Tensor, with_head: bool = True, out_norm: bool = True,
+                    ms_aug: bool = False, return_global: bool = True) -> torch.Tensor:
+            # MUSK.forward's image branch (the text branch is not used by patch features)
+            if ms_aug:
+                vision_cls = _musk_multiscale_forward(self, image, scales=[1, 2])
+                if with_head:
+                    vision_cls = self.vision_head(vision_cls[:, :1024])
+            else:
+                x = self.beit3(visual_tokens=image)["encoder_out"]
+                vision_cls = x[:, 0, :] if return_global else x
+                if with_head:
+                    vision_cls = self.vision_head(vision_cls)
+            if out_norm:
+                vision_cls = torch.nn.functional.normalize(vision_cls, dim=-1)
+            return vision_cls
+
+    return MUSK()
+
+
+def _musk_multiscale_forward(model: nn.Module, image: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
+    """musk/utils.py ``MultiScaleForward`` (max_split_size = the input size): ``split_chessboard`` lays the
+    s x s sub-squares out as ``(nh nw b)``, ``batched_forward`` runs chunks of b without heads or norm."""
+    from einops import rearrange
+    b, _, size, _ = image.shape
+    outs = []
+    for s in scales:
+        x = torch.nn.functional.interpolate(image.to(torch.float32), size=int(size * s), mode="bicubic")
+        x = rearrange(x.to(image.dtype), "b c (nh h) (nw w) -> (nh nw b) c h w", nh=s, nw=s)
+        outs.append(torch.cat([model(image=chunk, out_norm=False, with_head=False, return_global=True,
+                                     ms_aug=False) for chunk in x.split(b)], dim=0))
+    up_scale = rearrange(outs[1], "(n b) c -> b n c", b=outs[0].shape[0])
+    return torch.cat([outs[0], up_scale.mean(1)], dim=-1)
+
+
 # --------------------------------------------------------------------------------- the cards' transforms
 
 def local_resize_transform(norm: dict, resize: Optional[int] = 224) -> Callable:
@@ -122,6 +195,14 @@ H0_MINI_PRETRAINED_CFG = {"input_size": [3, 224, 224], "interpolation": "bicubic
 def gigapath_transform() -> Callable:
     return T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                       T.ToTensor(), T.Normalize(**IMAGENET)])
+
+
+def musk_transform() -> Callable:
+    """The MUSK README's transform (``interpolation=3`` is bicubic; timm's IMAGENET_INCEPTION mean/std)."""
+    from timm.data.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+    return T.Compose([T.Resize(384, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop((384, 384)), T.ToTensor(),
+                      T.Normalize(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD)])
 
 
 def hoptimus_transform(size: int) -> Callable:
@@ -158,6 +239,16 @@ def _h0_mini_cls(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)[:, 0]
 
 
+def _musk_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # the README's image encoding for linear probes and MIL
+    return model(image=x, with_head=False, out_norm=False, ms_aug=True, return_global=True)
+
+
+def _musk_class_token(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # TRIDENT's MuskInferenceEncoder defaults: inference_aug=False, with_proj=False, out_norm=False
+    return model(image=x, with_head=False, out_norm=False, ms_aug=False, return_global=True)
+
+
 @dataclass(frozen=True)
 class CardReference:
     """One preset's reference: ``model(depth)``, ``transform(patch_size)``, ``output(model, x)``."""
@@ -187,6 +278,8 @@ REFERENCES: Dict[str, CardReference] = {r.preset: r for r in [
     CardReference("h0_mini_cls", 768, h0_mini_model,
                   lambda s: timm_pretrained_cfg_transform(H0_MINI_PRETRAINED_CFG), _h0_mini_cls, (224, 256)),
     CardReference("gigapath", 1536, gigapath_model, lambda s: gigapath_transform(), _pooled, (256, 224)),
+    CardReference("musk", 2048, musk_model, lambda s: musk_transform(), _musk_features, (384, 256)),
+    CardReference("musk_cls", 1024, musk_model, lambda s: musk_transform(), _musk_class_token, (384, 256)),
 ]}
 
 

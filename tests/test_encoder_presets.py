@@ -31,7 +31,8 @@ MIN_COSINE = 0.99999
 def patches():
     """Two synthetic tissue patches at each size (the four classes): the authors' tile size and one that
     the card's transform resizes."""
-    return {224: tissue_patches(224, 2, seed=3), 256: tissue_patches(256, 2, seed=3, first_class=2)}
+    return {224: tissue_patches(224, 2, seed=3), 256: tissue_patches(256, 2, seed=3, first_class=2),
+            384: tissue_patches(384, 2, seed=3, first_class=1)}
 
 
 def _card_weights(name: str, tmp_path, seed: int = 0):
@@ -44,7 +45,7 @@ def _card_weights(name: str, tmp_path, seed: int = 0):
 
 # presets that read the same card model (H0-mini's two output rules) share one reference and one file
 CASES = [("uni",), ("uni2_h",), ("virchow",), ("virchow2",), ("h_optimus_0",), ("h_optimus_1",),
-         ("h0_mini", "h0_mini_cls"), ("gigapath",)]
+         ("h0_mini", "h0_mini_cls"), ("gigapath",), ("musk", "musk_cls")]
 
 
 def test_cases_cover_every_reference():
@@ -105,6 +106,40 @@ def test_checkpoint_must_hold_exactly_the_cards_keys(change, tmp_path):
     text = _one_line_error_naming(bad, lambda: build_encoder(encoder, bad, depth=DEPTH))
     # missing/unexpected keys name the flag to fix; a shape mismatch names the shapes
     assert f"--encoder {encoder}" in text if change != "another_model" else "(768,) vs model (1536,)" in text
+
+
+def test_musk_tokens_equal_torchscales_elementwise(tmp_path):
+    """Every output token of the image tower, not just the cosine of the feature: a cosine bound cannot see
+    the tanh approximation of GELU (0.99999993 at full size), an element-wise one can. Tolerance: both sides
+    run the same float32 operations in possibly different summation orders (~1e-6 relative after one block
+    of 1024-wide matmuls); tanh-GELU moves tokens by ~1e-4."""
+    model = randomize_(REFERENCES["musk_cls"].model(DEPTH), seed=2)
+    path = tmp_path / "musk.safetensors"
+    save_file({k: v for k, v in model.state_dict().items() if k != "beit3.text_embed.weight"}, str(path))
+    encoder = build_encoder("musk_cls", path, depth=DEPTH)
+    x = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model.beit3(visual_tokens=x)["encoder_out"]
+        got = encoder.beit3.encoder(encoder.beit3.vision_embed(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["no_text_side", "missing", "unexpected"])
+def test_musk_loads_the_image_side_strictly(change, tmp_path):
+    """MUSK's file is the whole vision-language model: the text side (multiway branch B, the text embedding,
+    the heads) is left unused by name, so a file without it loads too; the image side is strict."""
+    model = randomize_(REFERENCES["musk"].model(DEPTH), seed=0)
+    sd = {k: v for k, v in model.state_dict().items() if k != "beit3.text_embed.weight"}  # 262 MB, unused
+    if change == "missing":
+        sd.pop("beit3.encoder.layers.0.self_attn.inner_attn_ln.A.weight")
+    elif change == "unexpected":
+        sd["beit3.encoder.layers.0.self_attn.rel_pos_bias.A.weight"] = torch.zeros(3)
+    path = tmp_path / f"{change}.safetensors"
+    save_file(sd, str(path))
+    if change == "no_text_side":
+        assert build_encoder("musk_cls", path, depth=DEPTH).checkpoint_sha256 != "none"
+    else:
+        assert "--encoder musk" in _one_line_error_naming(path, lambda: build_encoder("musk", path, depth=DEPTH))
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):

@@ -18,11 +18,14 @@ echo "[setup] creating environment in $venv (first run downloads ~5 GB of PyTorc
 # installed without its dependencies, which setup.py's [train] extra lists instead. pip then reports
 # that one pin as a conflict; nothing else may conflict (tests/test_stack.py runs `pip check`).
 "$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt" --no-deps xtuner==0.2.0
+# torchscale (the tests' reference for MUSK's BEiT-3, never imported by slidechat) pins timm==0.6.13 and
+# fairscale==0.4.0, which it needs only for activation checkpointing and FSDP: also installed alone.
+"$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt" --no-deps torchscale==0.3.0
 log=$(mktemp)
 if ! "$venv/bin/python" -m pip install -q -c "$repo/requirements/constraints.txt" -e "$repo[train,dev]" >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"; exit 1
 fi
-grep -v -e "xtuner 0.2.0 requires transformers==4.48.0" -e "dependency resolver does not currently" \
+grep -v -e "xtuner 0.2.0 requires transformers==4.48.0" -e "torchscale 0.3.0 requires" -e "dependency resolver does not currently" \
   -e "is ignored: it is neither a file nor a directory" "$log" >&2 || true
 if ! "$venv/bin/python" -c "import slidechat_compat, xtuner.tools.train" >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"

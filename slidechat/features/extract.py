@@ -127,12 +127,17 @@ TIMING_KEYS = ("open_s", "segment_s", "plan_s", "read_s", "encode_s", "write_s",
 
 def format_timings(t: Dict[str, float], n: int) -> str:
     """One line: where the slide's time went."""
-    return (f"{n} patches in {t.get('total_s', 0):.2f} s ({t.get('patches_per_s', 0):.0f} patches/s end "
+    return (f"{n} patches in {t.get('total_s', 0):.2f} s ({_rate(t.get('patches_per_s', 0))} patches/s end "
             f"to end): open {t.get('open_s', 0):.2f} s, segment {t.get('segment_s', 0):.2f} s, patch plan "
             f"{t.get('plan_s', 0):.2f} s, read {t.get('read_s', 0):.2f} s in "
             f"{_readers_text(int(t.get('readers', 0)))}, encode {t.get('encode_s', 0):.2f} s on "
             f"{int(t.get('encoder_threads', 0))} thread(s), write {t.get('write_s', 0):.2f} s; waited {t.get('read_wait_s', 0):.2f} s on "
             "the readers")
+
+
+def _rate(per_s: float) -> str:
+    """Whole patches per second, or 3 significant digits below 100 (a large encoder on CPU: 0.223, not 0)."""
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.3g}"
 
 
 def _readers_text(n: int) -> str:

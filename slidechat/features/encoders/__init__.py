@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import List, Optional
 
 # the family modules: importing one registers its presets
-from slidechat.features.encoders import (conch, gigapath, hoptimus, phikon, resnet, timm_model, tiny,  # noqa: F401
-                                          uni, virchow)
+from slidechat.features.encoders import (conch, gigapath, hoptimus, musk, phikon, resnet, timm_model,  # noqa: F401
+                                          tiny, uni, virchow)
 from slidechat.features.encoders.base import PatchEncoder
 from slidechat.features.encoders.registry import (BuildRequest, EncoderPreset, format_preset_table, get_preset,
                                                   preset_table, registered_presets)
