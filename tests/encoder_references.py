@@ -278,8 +278,8 @@ REFERENCES: Dict[str, CardReference] = {r.preset: r for r in [
     CardReference("h0_mini_cls", 768, h0_mini_model,
                   lambda s: timm_pretrained_cfg_transform(H0_MINI_PRETRAINED_CFG), _h0_mini_cls, (224, 256)),
     CardReference("gigapath", 1536, gigapath_model, lambda s: gigapath_transform(), _pooled, (256, 224)),
-    CardReference("musk", 2048, musk_model, lambda s: musk_transform(), _musk_features, (384, 256)),
-    CardReference("musk_cls", 1024, musk_model, lambda s: musk_transform(), _musk_class_token, (384, 256)),
+    CardReference("musk_ms", 2048, musk_model, lambda s: musk_transform(), _musk_features, (384, 256)),
+    CardReference("musk", 1024, musk_model, lambda s: musk_transform(), _musk_class_token, (384, 256)),
 ]}
 
 

@@ -17,7 +17,8 @@ from encoder_references import (IMAGENET, REFERENCES, min_cosine, randomize_, re
 from safetensors.torch import save_file
 from torchvision import transforms as T
 
-from slidechat.features.encoders import build_encoder, format_preset_table, get_preset, preset_table
+from slidechat.features.encoders import (build_encoder, format_preset_table, get_preset, preset_table,
+                                         registered_presets)
 from slidechat.utils.errors import SlideChatError
 
 DEPTH = 1
@@ -45,7 +46,7 @@ def _card_weights(name: str, tmp_path, seed: int = 0):
 
 # presets that read the same card model (H0-mini's two output rules) share one reference and one file
 CASES = [("uni",), ("uni2_h",), ("virchow",), ("virchow2",), ("h_optimus_0",), ("h_optimus_1",),
-         ("h0_mini", "h0_mini_cls"), ("gigapath",), ("musk", "musk_cls")]
+         ("h0_mini", "h0_mini_cls"), ("gigapath",), ("musk", "musk_ms")]
 
 
 def test_cases_cover_every_reference():
@@ -113,10 +114,10 @@ def test_musk_tokens_equal_torchscales_elementwise(tmp_path):
     the tanh approximation of GELU (0.99999993 at full size), an element-wise one can. Tolerance: both sides
     run the same float32 operations in possibly different summation orders (~1e-6 relative after one block
     of 1024-wide matmuls); tanh-GELU moves tokens by ~1e-4."""
-    model = randomize_(REFERENCES["musk_cls"].model(DEPTH), seed=2)
+    model = randomize_(REFERENCES["musk"].model(DEPTH), seed=2)
     path = tmp_path / "musk.safetensors"
     save_file({k: v for k, v in model.state_dict().items() if k != "beit3.text_embed.weight"}, str(path))
-    encoder = build_encoder("musk_cls", path, depth=DEPTH)
+    encoder = build_encoder("musk", path, depth=DEPTH)
     x = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = model.beit3(visual_tokens=x)["encoder_out"]
@@ -128,7 +129,7 @@ def test_musk_tokens_equal_torchscales_elementwise(tmp_path):
 def test_musk_loads_the_image_side_strictly(change, tmp_path):
     """MUSK's file is the whole vision-language model: the text side (multiway branch B, the text embedding,
     the heads) is left unused by name, so a file without it loads too; the image side is strict."""
-    model = randomize_(REFERENCES["musk"].model(DEPTH), seed=0)
+    model = randomize_(REFERENCES["musk_ms"].model(DEPTH), seed=0)
     sd = {k: v for k, v in model.state_dict().items() if k != "beit3.text_embed.weight"}  # 262 MB, unused
     if change == "missing":
         sd.pop("beit3.encoder.layers.0.self_attn.inner_attn_ln.A.weight")
@@ -137,9 +138,23 @@ def test_musk_loads_the_image_side_strictly(change, tmp_path):
     path = tmp_path / f"{change}.safetensors"
     save_file(sd, str(path))
     if change == "no_text_side":
-        assert build_encoder("musk_cls", path, depth=DEPTH).checkpoint_sha256 != "none"
+        assert build_encoder("musk", path, depth=DEPTH).checkpoint_sha256 != "none"
     else:
-        assert "--encoder musk" in _one_line_error_naming(path, lambda: build_encoder("musk", path, depth=DEPTH))
+        assert "--encoder musk_ms" in _one_line_error_naming(path, lambda: build_encoder("musk_ms", path,
+                                                                                          depth=DEPTH))
+
+
+def test_no_two_presets_write_to_one_trident_folder():
+    """TRIDENT's ``musk`` is the class token: the multi-scale features must not land in ``features_musk`` too."""
+    from slidechat.features.encoders.registry import register_encoder
+    folders = [p.trident_name or p.name for p in registered_presets()]
+    assert len(folders) == len(set(folders)) and get_preset("musk")[0].trident_name == "musk"
+    musk = get_preset("musk")[0]
+    with pytest.raises(ValueError, match="features_musk"):  # another preset claiming TRIDENT's musk
+        register_encoder(lambda: dataclasses.replace(musk, name="musk_other", trident_name="musk", aliases=()))
+    with pytest.raises(ValueError, match="features_musk_ms"):  # a TRIDENT name equal to another preset's name
+        register_encoder(lambda: dataclasses.replace(musk, name="musk_again", trident_name="musk_ms", aliases=()))
+    assert not {"musk_other", "musk_again"} & {p.name for p in registered_presets()}
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):

@@ -21,9 +21,9 @@ Facts, each read from the source named:
   with_head=False, out_norm=False, ms_aug=True, return_global=True)[0]``; ``ms_aug`` is ``MultiScaleForward``
   (``musk/utils.py``) with scales [1, 2]: the class token (after the final norm) of the image, concatenated
   with the mean class token of the four 384 px quarters of the image upsampled to 768 px
-  (``F.interpolate(mode="bicubic")``, align_corners False, no antialias) = 2048-d: ``musk``.
-  TRIDENT's ``musk`` (``load.py`` ``MuskInferenceEncoder``, ``inference_aug=False``) is the class token
-  alone, 1024-d: ``musk_cls``;
+  (``F.interpolate(mode="bicubic")``, align_corners False, no antialias) = 2048-d: ``musk_ms``.
+  The class token alone, 1024-d, is ``musk``: TRIDENT's ``musk`` (``load.py`` ``MuskInferenceEncoder``,
+  ``inference_aug=False``), same name and features, so TRIDENT-layout folders mean the same in both tools;
 * preprocessing (README): ``Resize(384, bicubic, antialias)``, ``CenterCrop(384)``, ``ToTensor``,
   ``Normalize(IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)`` = 0.5 / 0.5;
 * weights: hf.co/xiangjx/musk ``model.safetensors``, the whole vision-language model by ``MUSK``'s names;
@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidechat.features.encoders.base import PatchEncoder, load_checked, require_checkpoint
-from slidechat.features.encoders.registry import BuildRequest, EncoderPreset, Preprocessing, register_encoder
+from slidechat.features.encoders.registry import (BuildRequest, EncoderPreset, Factory, Preprocessing,
+                                                  register_encoder)
 from slidechat.model.checkpoint import load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def multiscale_class_tokens(tower: nn.Module, x: torch.Tensor, scales: Tuple[int
 
 
 class MuskEncoder(PatchEncoder):
-    """MUSK's image features: the class token (``musk_cls``) or its multi-scale form (``musk``)."""
+    """MUSK's image features: the class token (``musk``) or its multi-scale form (``musk_ms``)."""
 
     def __init__(self, preset: EncoderPreset, request: BuildRequest, multiscale: bool) -> None:
         super().__init__(preset)
@@ -196,7 +197,7 @@ class MuskEncoder(PatchEncoder):
                 dropped += 1
             else:
                 kept[key[len("beit3."):] if key.startswith("beit3.") else key] = value
-        logger.info("musk: %d image-side tensors from %s, %d text-side ones left unused", len(kept), source, dropped)
+        logger.info("MUSK: %d image-side tensors from %s, %d text-side ones left unused", len(kept), source, dropped)
         return kept
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,11 +207,11 @@ class MuskEncoder(PatchEncoder):
 _MUSK_TRANSFORM = Preprocessing(resize_to=IMG_SIZE, crop=IMG_SIZE, interpolation="bicubic", mean=(0.5, 0.5, 0.5),
                                 std=(0.5, 0.5, 0.5))
 _SOURCE = ("github.com/lilab-stanford/MUSK (musk/modeling.py, musk/utils.py, README); torchscale 0.3.0 BEiT3; "
-           "TRIDENT load.py MuskInferenceEncoder (musk_cls)")
+           "TRIDENT load.py MuskInferenceEncoder (musk)")
 _LICENCE = "CC-BY-NC-ND-4.0 (gated, non-commercial)"
 
 
-def _factory(multiscale: bool):
+def _factory(multiscale: bool) -> Factory:
     def build(preset: EncoderPreset, request: BuildRequest) -> PatchEncoder:
         return MuskEncoder(preset, request, multiscale)
     return build
@@ -219,16 +220,15 @@ def _factory(multiscale: bool):
 @register_encoder
 def musk() -> EncoderPreset:
     return EncoderPreset(
-        name="musk", dim=EMBED_DIM * len(SCALES), preprocessing=_MUSK_TRANSFORM,
-        output="concat(class token at 384 px, mean class token of the 4 quarters of the 2x bicubic upsampling), "
-               "final norm, no head: the README's ms_aug=True for linear probes and MIL",
-        factory=_factory(True), licence=_LICENCE, source=_SOURCE)
-
-
-@register_encoder
-def musk_cls() -> EncoderPreset:
-    return EncoderPreset(
-        name="musk_cls", dim=EMBED_DIM, trident_name="musk", preprocessing=_MUSK_TRANSFORM,
+        name="musk", dim=EMBED_DIM, trident_name="musk", preprocessing=_MUSK_TRANSFORM,
         output="class token after the final norm, no head (ms_aug=False, TRIDENT's default)",
         factory=_factory(False), licence=_LICENCE, source=_SOURCE)
 
+
+@register_encoder
+def musk_ms() -> EncoderPreset:
+    return EncoderPreset(
+        name="musk_ms", dim=EMBED_DIM * len(SCALES), preprocessing=_MUSK_TRANSFORM,
+        output="concat(class token at 384 px, mean class token of the 4 quarters of the 2x bicubic upsampling), "
+               "final norm, no head: the README's ms_aug=True for linear probes and MIL",
+        factory=_factory(True), licence=_LICENCE, source=_SOURCE)

@@ -119,11 +119,18 @@ _ALIASES: Dict[str, str] = {}
 
 
 def register_encoder(fn: Callable[[], EncoderPreset]) -> Callable[[], EncoderPreset]:
-    """Decorator: register the preset ``fn()`` returns under its name (and aliases)."""
+    """Decorator: register the preset ``fn()`` returns under its name (and aliases).
+
+    Names, aliases and output folder names (``--layout trident``: the TRIDENT name, else the name) must all
+    be unique, so two different features never land in one folder."""
     preset = fn()
     for key in (preset.name, *preset.aliases):
         if key in _PRESETS or key in _ALIASES:
             raise ValueError(f"encoder name '{key}' registered twice")
+    folder = preset.trident_name or preset.name
+    for other in _PRESETS.values():
+        if folder == (other.trident_name or other.name):
+            raise ValueError(f"encoders '{preset.name}' and '{other.name}' would share the folder features_{folder}")
     _PRESETS[preset.name] = preset
     for alias in preset.aliases:
         _ALIASES[alias] = preset.name
