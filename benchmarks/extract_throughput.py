@@ -20,7 +20,9 @@ repeats and the per-repeat ratios are printed. No timing assertions live in test
 the bare decode of the needed tiles in this process (``time.process_time``) against (r1) one
 ``PatchReader`` reading every patch in this process and (rN) the reader processes of the whole pipeline
 with a free encoder (``getrusage(RUSAGE_CHILDREN)``: user + sys of every reader process, fork, slide
-open, self-check and hand-over included). ``--part large`` runs one large encoder (``uni2_h``, random
+open, self-check and hand-over included). The reader processes' CPU is also split into a steady cost per
+patch and a fixed cost per reader process and slide (fork, exit, first touch of its memory), from a short
+and a full run of the same readers: on a small slide the fixed cost weighs on rN. ``--part large`` runs one large encoder (``uni2_h``, random
 weights, CPU) end to end on a small slide beside the free encoder, to show where compute takes over.
 """
 
@@ -42,7 +44,7 @@ from slidechat.apps.extract import extract_slides
 from slidechat.features.encoders import build_encoder
 from slidechat.features.encoders.base import PatchEncoder
 from slidechat.wsi.patching import plan_patches
-from slidechat.wsi.reader import PatchReader
+from slidechat.wsi.reader import SLOTS_PER_READER, PatchReader, stream_batches
 from slidechat.wsi.slide import Slide, resolve_resolution
 from slidechat.wsi.synthetic import SlideSpec, write_slide
 from slidechat.wsi.tissue import segment_tissue
@@ -221,13 +223,34 @@ def reader_cpu_pipeline(path: str, out: Path) -> Tuple[float, float, int, int]:
     return children, main, readers, n - 16 if readers else 0
 
 
+def reader_cpu_split(path: str, grid, readers: int) -> Tuple[float, float]:
+    """``(CPU seconds per patch after the start, CPU seconds per reader process to start)`` of the reader
+    processes the pipeline runs (``stream_batches`` over a reader of the opened, checked slide, as the
+    pipeline hands it over), from two runs: the first ``SLOTS_PER_READER`` batches of each reader, then
+    every batch. The difference per patch is the steady cost; what the short run costs beyond it is the
+    fixed cost of a reader (fork, exit, first touch of its slots and tile buffers), paid once per slide."""
+    with Slide(path) as slide:
+        reader = PatchReader(path, grid, batch_size=64, cache_mb=128, slide=slide)
+        head = reader.batches[:SLOTS_PER_READER * readers]
+        cpu = []
+        for batches in (head, reader.batches):
+            c0 = _children_cpu()
+            for _ in stream_batches(reader, batches, readers):
+                pass
+            cpu.append(_children_cpu() - c0)
+    n_head, n_all = sum(len(b) for b in head), len(grid)
+    marginal = (cpu[1] - cpu[0]) / max(n_all - n_head, 1)
+    return marginal, (cpu[0] - marginal * n_head) / readers
+
+
 def run_ratio(path: Path, work: Path, repeats: int, procs: int) -> Dict[str, list]:
     """Per repeat, interleaved: bare decode in 1 and in ``procs`` processes, r1, rN; CPU seconds per
     patch. rN is compared with the decode split over as many processes as the pipeline's readers, so
     both run under the same concurrency (2 busy processes on 2 cores cost more CPU per tile than 1)."""
     grid = plan(path)
     n = len(grid)
-    rows: Dict[str, list] = {k: [] for k in ("dec", "decN", "r1", "rN", "main", "readers", "tiles")}
+    rows: Dict[str, list] = {k: [] for k in ("dec", "decN", "r1", "rN", "main", "readers", "tiles", "rNm",
+                                             "fixed")}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         for _ in range(repeats):
             dec, ntiles = decode_cpu(str(path), grid)
@@ -241,6 +264,9 @@ def run_ratio(path: Path, work: Path, repeats: int, procs: int) -> Dict[str, lis
             rows["rN"].append(children / max(n_read, 1))
             rows["main"].append(main / n)
             rows["readers"].append(readers)
+            marginal, fixed = reader_cpu_split(str(path), grid, max(readers, 1))
+            rows["rNm"].append(marginal)
+            rows["fixed"].append(fixed)
     rows["n"] = [n]
     return rows
 
@@ -254,8 +280,8 @@ def print_ratio(specs: Sequence[str], work: Path, repeats: int, procs: int) -> N
           f"{repeats} interleaved repeats; ratios: of the minima, then min / median of the per-repeat ratios)")
     print(f"| slide | patches | tiles | decode, 1 process | (r1) one reader, in process | r1 / decode | "
           f"decode, {procs} processes | (rN) reader processes, pipeline, free encoder | rN / decode | "
-          "main process |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "main process | rN after the start (steady) | steady / decode | start, ms per reader process |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for spec in specs:
         w, h, mag = _parse_slide(spec)
         r = run_ratio(make_slide(work, w, h, mag), work, repeats, procs)
@@ -265,9 +291,11 @@ def print_ratio(specs: Sequence[str], work: Path, repeats: int, procs: int) -> N
         print(f"| {w}x{h} @{mag:g}x | {r['n'][0]} | {r['tiles'][0]} | {ms(r['dec'])} | {ms(r['r1'])} | "
               f"**{min(r['r1']) / min(r['dec']):.2f}x** ({min(q1):.2f}x / {_med(q1):.2f}x) | {ms(r['decN'])} | "
               f"{ms(r['rN'])} ({r['readers'][0]} readers) | **{min(r['rN']) / min(r['decN']):.2f}x** "
-              f"({min(qN):.2f}x / {_med(qN):.2f}x) | {ms(r['main'])} |", flush=True)
+              f"({min(qN):.2f}x / {_med(qN):.2f}x) | {ms(r['main'])} | {ms(r['rNm'])} | "
+              f"**{min(r['rNm']) / min(r['decN']):.2f}x** | {_med(r['fixed']) * 1e3:.0f} (median) |", flush=True)
         print(f"  per repeat (ms/patch): decode={_ms_list(r['dec'])} r1={_ms_list(r['r1'])} "
-              f"decodeN={_ms_list(r['decN'])} rN={_ms_list(r['rN'])}", flush=True)
+              f"decodeN={_ms_list(r['decN'])} rN={_ms_list(r['rN'])} steady={_ms_list(r['rNm'])} "
+              f"start ms/reader={_ms_list(r['fixed'])}", flush=True)
 
 
 def _ms_list(v: Sequence[float]) -> List[float]:
