@@ -80,8 +80,9 @@ class MultiwayAttention(nn.Module):
         q = self.q_proj["A"](x) * self.scaling
         k, v = self.k_proj["A"](x), self.v_proj["A"](x)
         q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1, dtype=torch.float32).type_as(q)
-        out = (weights @ v).transpose(1, 2).reshape(b, n, d)
+        # torchscale's softmax(q k^T) v with q already scaled, through PyTorch's fused kernels (on a GPU
+        # the 577 x 577 weights of every head are then never held in memory)
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(b, n, d)
         return self.out_proj["A"](self.inner_attn_ln["A"](out))
 
 
