@@ -22,8 +22,9 @@ the bare decode of the needed tiles in this process (``time.process_time``) agai
 with a free encoder (``getrusage(RUSAGE_CHILDREN)``: user + sys of every reader process, fork, slide
 open, self-check and hand-over included). The reader processes' CPU is also split into a steady cost per
 patch and a fixed cost per reader process and slide (fork, exit, first touch of its memory), from a short
-and a full run of the same readers: on a small slide the fixed cost weighs on rN. ``--part large`` runs one large encoder (``uni2_h``, random
-weights, CPU) end to end on a small slide beside the free encoder, to show where compute takes over.
+and a full run of the same readers: on a small slide the fixed cost weighs on rN. ``--part large`` runs
+one large encoder (``uni2_h``, random weights, CPU) end to end on a small slide beside the free encoder,
+to show where compute takes over.
 """
 
 from __future__ import annotations

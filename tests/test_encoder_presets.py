@@ -147,7 +147,7 @@ def test_musk_loads_the_image_side_strictly(change, tmp_path):
 def test_no_two_presets_write_to_one_trident_folder():
     """TRIDENT's ``musk`` is the class token: the multi-scale features must not land in ``features_musk`` too."""
     from slidechat.features.encoders.registry import register_encoder
-    folders = [p.trident_name or p.name for p in registered_presets()]
+    folders = [p.trident_name or p.name for p in registered_presets()]  # the rule, written out
     assert len(folders) == len(set(folders)) and get_preset("musk")[0].trident_name == "musk"
     musk = get_preset("musk")[0]
     with pytest.raises(ValueError, match="features_musk"):  # another preset claiming TRIDENT's musk

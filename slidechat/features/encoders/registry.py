@@ -94,6 +94,11 @@ class EncoderPreset:
     parametric: bool = False  # the name is a prefix ("timm:"); the rest is passed as ``argument``
 
     @property
+    def folder_name(self) -> str:
+        """The name in ``--layout trident`` folders (``features_<folder_name>``): TRIDENT's, else our own."""
+        return self.trident_name or self.name
+
+    @property
     def display_name(self) -> str:
         """The name as a user types it (``timm:<model_name>`` for the parametric entry)."""
         return self.name + ("<model_name>" if self.parametric else "")
@@ -127,10 +132,10 @@ def register_encoder(fn: Callable[[], EncoderPreset]) -> Callable[[], EncoderPre
     for key in (preset.name, *preset.aliases):
         if key in _PRESETS or key in _ALIASES:
             raise ValueError(f"encoder name '{key}' registered twice")
-    folder = preset.trident_name or preset.name
     for other in _PRESETS.values():
-        if folder == (other.trident_name or other.name):
-            raise ValueError(f"encoders '{preset.name}' and '{other.name}' would share the folder features_{folder}")
+        if preset.folder_name == other.folder_name:
+            raise ValueError(f"encoders '{preset.name}' and '{other.name}' would share the folder "
+                             f"features_{preset.folder_name}")
     _PRESETS[preset.name] = preset
     for alias in preset.aliases:
         _ALIASES[alias] = preset.name
